@@ -1,0 +1,105 @@
+"""The av2ts command line (Typer). Thin: parse options, call the module that does the work, report.
+
+Heavy imports (torch, timm, the model) happen inside the commands so ``--help`` and ``--version`` stay instant.
+Every command runs under ``_reported``: a project error becomes one line on stderr and its exit code
+(design.md section 3); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from av2ts_cli import __version__
+from av2ts_cli.console import console
+from av2ts_cli.errors import EXIT_FAILURE, Av2tsError
+
+app = typer.Typer(
+    name="av2ts",
+    help="Segment the objects that make the sound in a video (AV2TS audio-visual segmentation).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Synthetic AVSBench-format data and dataset checks.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: speed as ratios against a baseline in the same run, peak memory.",
+                        no_args_is_help=True)
+app.add_typer(data_app, name="data", rich_help_panel="Data")
+app.add_typer(bench_app, name="bench", rich_help_panel="Diagnostics")
+
+_state = {"debug": False}
+
+
+def _reported(func):
+    """Turn project errors into one line and an exit code; ``--debug`` re-raises them with a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except Av2tsError as err:
+            if _state["debug"]:
+                raise
+            console.print(f"[red]error:[/red] {err.message}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as err:  # unexpected: still one line, the traceback behind --debug
+            if _state["debug"]:
+                raise
+            console.print(f"[red]error:[/red] {type(err).__name__}: {err} (run with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"av2ts {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+# --------------------------------------------------------------------------------------------------- diagnostics
+@app.command(rich_help_panel="Diagnostics")
+@_reported
+def info(
+    model: Annotated[str | None, typer.Option("--model", "-m",
+                                              help="A preset or checkpoint: print its parameters per part.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Versions, devices, ffmpeg, deformable-attention backend and caches (or a model's parameter counts)."""
+    from av2ts_cli import environment
+
+    if model is not None:
+        report = environment.model_report(model)
+        _print_json(report) if as_json else environment.print_model_report(report)
+        return
+    report = environment.environment_report()
+    _print_json(report) if as_json else environment.print_environment_report(report)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

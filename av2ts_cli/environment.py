@@ -1,0 +1,123 @@
+"""What ``av2ts info`` reports: versions, devices, ffmpeg, the deformable-attention backend, caches."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from av2ts_cli import __version__
+from av2ts_cli.console import console
+
+
+def _ffmpeg_report() -> dict:
+    from av2ts_cli import media
+    from av2ts_cli.errors import MediaError
+
+    try:
+        ffmpeg = media.find_ffmpeg()
+        ffmpeg_version = media.tool_version(ffmpeg)
+    except MediaError as err:
+        ffmpeg, ffmpeg_version = None, err.reason
+    ffprobe = media.find_ffprobe()
+    return {
+        "ffmpeg": ffmpeg,
+        "ffmpeg_version": ffmpeg_version,
+        "ffprobe": ffprobe,
+        "ffprobe_version": media.tool_version(ffprobe) if ffprobe else "absent (probing parses `ffmpeg -i`)",
+    }
+
+
+def _cuda_report() -> dict:
+    import torch
+
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            devices.append({"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                            "capability": f"{props.major}.{props.minor}"})
+    return {"cuda_available": torch.cuda.is_available(), "cuda_build": torch.version.cuda, "devices": devices,
+            "cpu_threads": torch.get_num_threads()}
+
+
+def _cache_report() -> dict:
+    from huggingface_hub import constants
+
+    from av2ts_cli.model import deform_attn
+
+    return {
+        "huggingface_hub_cache": str(constants.HF_HUB_CACHE),
+        "huggingface_offline": bool(constants.HF_HUB_OFFLINE),
+        "torch_extensions": str(getattr(deform_attn, "build_root", lambda: None)() or ""),
+    }
+
+
+def environment_report() -> dict:
+    import timm
+    import torch
+    import torchaudio
+
+    from av2ts_cli.model import deform_attn
+
+    report = {
+        "av2ts": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchaudio": torchaudio.__version__,
+        "timm": timm.__version__,
+    }
+    report.update(_cuda_report())
+    report.update(_ffmpeg_report())
+    report["deform_attn_backend"] = deform_attn.active_backend()
+    report.update(_cache_report())
+    report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("AV2TS_", "HF_HUB_", "TORCH_EXTENSIONS"))}
+    return report
+
+
+def print_environment_report(report: dict) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in report.items():
+        if key == "devices":
+            value = ", ".join(f"cuda:{d['index']} {d['name']} ({d['memory_gib']} GiB)" for d in value) or "none"
+        elif key == "env":
+            value = " ".join(f"{k}={v}" for k, v in value.items()) or "(no AV2TS_/HF_HUB_ variables set)"
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def model_report(name_or_path: str) -> dict:
+    """Parameters per part, trainable and frozen, of a preset name or a checkpoint."""
+    from av2ts_cli.weights import describe_parameters
+
+    return describe_parameters(name_or_path)
+
+
+def print_model_report(report: dict) -> None:
+    table = Table(title=f"{report['name']} ({report['preset']}, {report['subset']}, {report['num_classes']} classes)")
+    for column in ("part", "parameters", "trainable", "frozen"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for part in report["parts"]:
+        table.add_row(part["part"], f"{part['parameters']:,}", f"{part['trainable']:,}", f"{part['frozen']:,}")
+    total = report["total"]
+    table.add_row("[bold]total", f"[bold]{total['parameters']:,}", f"{total['trainable']:,}", f"{total['frozen']:,}")
+    console.print(table)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (MiB), for closing lines and benchmarks."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("AV2TS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "av2ts")
+    return Path(base).expanduser()

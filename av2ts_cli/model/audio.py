@@ -1,0 +1,77 @@
+"""Audio side of AV2TS: the VGGish log-mel front end.
+
+AV2TS feeds CED-Mini with VGGish log-mel examples, not with CED's own front end (model.md section 1.2):
+16 kHz mono, |STFT| with a 400-sample periodic Hann window, hop 160, 512-point FFT; 64 HTK mel bands from 125 to
+7500 Hz; log(mel + 0.01); non-overlapping examples of 96 frames (0.96 s). The CED encoder lives in this file too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SAMPLE_RATE = 16000
+WINDOW_LENGTH = 400  # 25 ms
+HOP_LENGTH = 160  # 10 ms
+FFT_LENGTH = 512
+NUM_MEL_BANDS = 64
+MEL_MIN_HZ = 125.0
+MEL_MAX_HZ = 7500.0
+LOG_OFFSET = 0.01
+EXAMPLE_FRAMES = 96  # 0.96 s per example, one example per video frame
+EXAMPLE_SECONDS = EXAMPLE_FRAMES * HOP_LENGTH / SAMPLE_RATE
+
+
+def _hertz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+    return 1127.0 * torch.log1p(hz / 700.0)  # HTK
+
+
+def mel_matrix(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """VGGish's mel weights [FFT_LENGTH // 2 + 1, NUM_MEL_BANDS] (triangles in HTK mel, DC bin zeroed)."""
+    bins = FFT_LENGTH // 2 + 1
+    bins_mel = _hertz_to_mel(torch.linspace(0.0, SAMPLE_RATE / 2, bins, dtype=torch.float64))
+    edges = torch.linspace(
+        float(_hertz_to_mel(torch.tensor(MEL_MIN_HZ, dtype=torch.float64))),
+        float(_hertz_to_mel(torch.tensor(MEL_MAX_HZ, dtype=torch.float64))),
+        NUM_MEL_BANDS + 2,
+        dtype=torch.float64,
+    )
+    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (bins_mel[:, None] - lower) / (center - lower)
+    falling = (upper - bins_mel[:, None]) / (upper - center)
+    weights = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    weights[0, :] = 0.0
+    return weights.to(dtype)
+
+
+def log_mel_spectrogram(wave: torch.Tensor) -> torch.Tensor:
+    """wave: [S] float, 16 kHz mono in [-1, 1] -> [F, 64] log-mel frames, F = 1 + (S - 400) // 160 (0 if S < 400)."""
+    wave = wave.to(torch.float32)
+    if wave.numel() < WINDOW_LENGTH:
+        return wave.new_zeros(0, NUM_MEL_BANDS)
+    frames = wave.unfold(0, WINDOW_LENGTH, HOP_LENGTH)  # [F, 400], no centring, as VGGish
+    window = torch.hann_window(WINDOW_LENGTH, periodic=True, dtype=wave.dtype, device=wave.device)
+    magnitude = torch.fft.rfft(frames * window, n=FFT_LENGTH).abs()  # [F, 257]
+    mel = magnitude @ mel_matrix(wave.dtype).to(wave.device)
+    return torch.log(mel + LOG_OFFSET)
+
+
+def waveform_to_examples(wave: torch.Tensor, num_examples: int | None = None) -> torch.Tensor:
+    """wave: [S] float 16 kHz mono -> [N, 96, 64] VGGish log-mel examples (non-overlapping, 0.96 s each).
+
+    With ``num_examples`` the result is cut or padded to exactly that many by repeating the last example, as the
+    AVSBench S4/MS3 preprocessing does (silence stands in when the wave is too short for even one example).
+    """
+    frames = log_mel_spectrogram(wave)
+    count = frames.shape[0] // EXAMPLE_FRAMES
+    examples = frames[: count * EXAMPLE_FRAMES].reshape(count, EXAMPLE_FRAMES, NUM_MEL_BANDS)
+    if num_examples is None:
+        return examples
+    if count == 0:
+        silence = torch.full((1, EXAMPLE_FRAMES, NUM_MEL_BANDS), math.log(LOG_OFFSET), dtype=frames.dtype)
+        examples = silence.to(frames.device)
+    if examples.shape[0] < num_examples:
+        pad = examples[-1:].expand(num_examples - examples.shape[0], -1, -1)
+        examples = torch.cat([examples, pad], dim=0)
+    return examples[:num_examples]
