@@ -1,0 +1,80 @@
+"""The CLI shell: version, help, the one-line error contract and exit codes, `av2ts info`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from av2ts_cli import __version__, cli
+from av2ts_cli.errors import EXIT_USAGE, MediaError, UsageError
+
+runner = CliRunner()
+
+
+def test_version_and_help():
+    result = runner.invoke(cli.app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"av2ts {__version__}"
+    result = runner.invoke(cli.app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("predict", "overlay", "train", "eval", "data", "bench", "info", "convert"):
+        assert command in result.output
+
+
+def _app_raising(error: Exception) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    @cli._reported
+    def boom() -> None:
+        raise error
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "text"),
+    [
+        (MediaError("my clip.mp4", "no video stream\n(ffmpeg said more)"), 1, "my clip.mp4: no video stream (ffmpeg"),
+        (UsageError("--half needs a CUDA device"), EXIT_USAGE, "--half needs a CUDA device"),
+        (ValueError("unexpected"), 1, "ValueError: unexpected"),
+    ],
+)
+def test_errors_become_one_line_and_exit_code(error, code, text):
+    cli._state["debug"] = False
+    result = runner.invoke(_app_raising(error), [])
+    assert result.exit_code == code
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert text in lines[0] and "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback():
+    cli._state["debug"] = True
+    try:
+        result = runner.invoke(_app_raising(MediaError("x.mp4", "broken")), [])
+    finally:
+        cli._state["debug"] = False
+    assert result.exit_code != 0
+    assert isinstance(result.exception, MediaError)
+
+
+def test_info_json_reports_the_environment():
+    result = runner.invoke(cli.app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in ("av2ts", "python", "torch", "torchaudio", "timm", "cuda_available", "ffmpeg", "ffprobe",
+                "deform_attn_backend", "huggingface_hub_cache", "torch_extensions"):
+        assert key in report
+    assert report["av2ts"] == __version__
+    assert report["ffmpeg"] and "ffmpeg version" in report["ffmpeg_version"]
+
+
+def test_real_subprocess_entry_points():
+    for argv in (["av2ts", "--version"], [sys.executable, "-m", "av2ts_cli", "--version"]):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == f"av2ts {__version__}"
