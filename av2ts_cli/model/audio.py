@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+
+from av2ts_cli.model.blocks import FrozenBatchNorm2d, TransformerBlock
 
 SAMPLE_RATE = 16000
 WINDOW_LENGTH = 400  # 25 ms
@@ -75,3 +78,40 @@ def waveform_to_examples(wave: torch.Tensor, num_examples: int | None = None) ->
         pad = examples[-1:].expand(num_examples - examples.shape[0], -1, -1)
         examples = torch.cat([examples, pad], dim=0)
     return examples[:num_examples]
+
+
+class CEDEncoder(nn.Module):
+    """CED audio transformer (CED-Mini in the reference: dim 256, depth 12, 4 heads), frozen, without its head.
+
+    One log-mel example [96 frames, 64 mels] -> frozen BatchNorm over the mel bins -> 16x16 patches (a 4 x 6 grid:
+    frequency x time) -> + time and frequency position embeddings -> ``depth`` pre-norm blocks -> LayerNorm ->
+    24 tokens, token index 6 * f + t (model.md section 4). Deliberately absent: CED's own front end (AV2TS feeds
+    VGGish log-mel) and its classification head ``outputlayer`` (never used by AV2TS).
+    """
+
+    def __init__(self, dim: int = 256, depth: int = 12, num_heads: int = 4, patch: int = 16,
+                 max_frames: int = 1012, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.dim = dim
+        self.init_bn = FrozenBatchNorm2d(NUM_MEL_BANDS)
+        self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
+        self.time_pos_embed = nn.Parameter(torch.randn(1, dim, 1, (max_frames - patch) // patch + 1) * 0.02)
+        self.freq_pos_embed = nn.Parameter(torch.randn(1, dim, (NUM_MEL_BANDS - patch) // patch + 1, 1) * 0.02)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, mlp_ratio, qkv_bias=True, eps=1e-6) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        for m in self.modules():  # CED's init
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, examples: torch.Tensor) -> torch.Tensor:
+        """examples: [N, 96, 64] log-mel (time, mel) -> tokens [N, 24, dim]."""
+        x = examples.transpose(1, 2).unsqueeze(2)  # [N, 64 mels, 1, 96]: the BatchNorm runs over mel bins
+        x = self.init_bn(x).transpose(1, 2)  # [N, 1, 64, 96]
+        x = self.patch_embed(x)  # [N, dim, 4, 6]
+        x = x + self.time_pos_embed[..., : x.shape[-1]] + self.freq_pos_embed
+        x = x.flatten(2).transpose(1, 2)  # [N, 24, dim]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)

@@ -1,0 +1,201 @@
+"""Model configuration: one dataclass, named presets, JSON round trip.
+
+A preset is a network (``av2ts-r50``, ``av2ts-pvt``, ``av2ts-tiny``) crossed with a subset (``s4`` and ``ms3``: 2
+classes, background and sounding object; ``avss``: 71 classes) and the Siam encoder on or off. The reference
+presets are the AV2TS configs of model.md section 10 (Siam encoder on); ``av2ts-tiny`` is the same architecture
+scaled down so that it trains from scratch on a CPU in minutes (tests, the demo model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from av2ts_cli.errors import UsageError
+
+SUBSET_CLASSES = {"s4": 2, "ms3": 2, "avss": 71}
+
+# The log-mel example fed to the audio encoder (VGGish recipe, see model/audio.py): 96 frames x 64 mel bands.
+EXAMPLE_FRAMES = 96
+MEL_BANDS = 64
+AUDIO_STAGES = 4  # CED tokens + the three temporal blocks: each stage gives one set of audio queries
+
+
+@dataclass
+class LossConfig:
+    """Weights and sampling of the training criterion (model.md section 9; the reference values by default)."""
+
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    cosine_weight: float = 10.0  # inter-frame consistency loss on the middle masks
+    no_object_weight: float = 0.1
+    num_points: int = 12544  # points sampled per mask for the matcher and the mask losses
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build an AV2TS network (``av2ts_cli.model.build_model``)."""
+
+    preset: str = "av2ts-r50"
+    subset: str = "s4"  # s4 | ms3 | avss
+    num_classes: int = 2  # K, background included (the no-object class is extra)
+    num_frames: int = 5  # T, frames per clip (the window); the network itself accepts any T
+    input_size: int = 224  # square side the frames are resized to, a multiple of 32
+    siam: bool = True  # Siam encoder: a second backbone on the maskiges, gated into the visual features
+
+    # visual backbone: a timm model with features at strides 4, 8, 16, 32
+    backbone: str = "resnet50"
+    backbone_out_indices: tuple[int, ...] = (1, 2, 3, 4)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments
+    frozen_bn: bool = True  # detectron2 FrozenBN (pretrained backbones); False trains BatchNorm as usual
+    drop_path_rate: float = 0.0  # stochastic depth, linear over the backbone's blocks
+    siam_gate_reduction: int = 16  # SE gate width C/r
+
+    # audio encoder: CED (frozen), fed with one log-mel example per frame
+    audio_dim: int = 256
+    audio_depth: int = 12
+    audio_heads: int = 4
+    audio_patch: int = 16
+    audio_max_frames: int = 1012  # CED's target length: the time position table has audio_max_frames // patch rows
+
+    # DSTA: temporal acoustic attention (three blocks) and temporal visual attention (shared map)
+    temporal_heads: int = 8
+
+    hidden_dim: int = 256  # width of everything after the backbones
+
+    # pixel decoder: multi-scale deformable attention encoder on strides 8/16/32, FPN on stride 4
+    encoder_layers: int = 6
+    encoder_heads: int = 8
+    encoder_points: int = 4
+    encoder_ffn_dim: int = 1024
+
+    # one-stream audio-visual attention (OSA) on the 4x4 space-to-depth mask features
+    fusion_blocks: int = 3
+    fusion_heads: int = 8
+    layer_scale_init: float = 1e-4
+
+    # masked-attention transformer decoder
+    decoder_layers: int = 12
+    decoder_heads: int = 8
+    decoder_ffn_dim: int = 2048
+
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        self.backbone_out_indices = tuple(int(i) for i in self.backbone_out_indices)
+        self.backbone_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.backbone_kwargs.items()}
+        if isinstance(self.loss, dict):
+            self.loss = _from_fields(LossConfig, self.loss, "loss")
+        problems = []
+        if self.subset not in SUBSET_CLASSES:
+            problems.append(f"subset {self.subset!r} is not one of {', '.join(SUBSET_CLASSES)}")
+        if self.num_classes < 1:
+            problems.append(f"num_classes must be at least 1 (got {self.num_classes})")
+        if self.num_frames < 1:
+            problems.append(f"num_frames must be at least 1 (got {self.num_frames})")
+        if self.input_size < 32 or self.input_size % 32:
+            problems.append(f"input_size must be a positive multiple of 32 (got {self.input_size})")
+        if len(self.backbone_out_indices) != 4:
+            problems.append("backbone_out_indices must name 4 feature levels (strides 4, 8, 16, 32)")
+        for name, heads, dim in (("temporal_heads", self.temporal_heads, self.audio_dim),
+                                 ("temporal_heads", self.temporal_heads, self.hidden_dim),
+                                 ("audio_heads", self.audio_heads, self.audio_dim),
+                                 ("encoder_heads", self.encoder_heads, self.hidden_dim),
+                                 ("fusion_heads", self.fusion_heads, self.hidden_dim),
+                                 ("decoder_heads", self.decoder_heads, self.hidden_dim)):
+            if heads < 1 or dim % heads:
+                problems.append(f"{name}={heads} does not divide the width {dim}")
+        if self.hidden_dim % 32:
+            problems.append(f"hidden_dim must be a multiple of 32 for GroupNorm(32) (got {self.hidden_dim})")
+        if MEL_BANDS % self.audio_patch or EXAMPLE_FRAMES % self.audio_patch:
+            problems.append(f"audio_patch {self.audio_patch} must divide the {EXAMPLE_FRAMES}x{MEL_BANDS} example")
+        if problems:
+            raise UsageError(f"model config {self.preset!r}: " + "; ".join(problems))
+
+    @property
+    def audio_tokens(self) -> int:
+        """CED tokens per log-mel example: (64 / patch) frequency rows x (96 / patch) time columns (24)."""
+        return (MEL_BANDS // self.audio_patch) * (EXAMPLE_FRAMES // self.audio_patch)
+
+    @property
+    def num_queries(self) -> int:
+        """One query per audio token of each of the 4 audio stages (96 in the reference)."""
+        return AUDIO_STAGES * self.audio_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); ``ModelConfig.from_dict`` inverts it exactly."""
+        d = dataclasses.asdict(self)
+        d["backbone_out_indices"] = list(self.backbone_out_indices)
+        d["backbone_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.backbone_kwargs.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Rebuild a config from ``to_dict`` output. Fields missing from ``d`` come from its named preset
+        (so a config written by an older av2ts still loads); unknown fields are an error."""
+        d = dict(d)
+        preset = d.get("preset")
+        if preset in PRESET_NAMES:
+            base = get_preset(preset, d.get("subset", "s4"), d.get("siam")).to_dict()
+            loss = {**base.pop("loss"), **(d.pop("loss", None) or {})}
+            d = {**base, **d, "loss": loss}
+        return _from_fields(cls, d, "model config")
+
+
+def _from_fields(cls, d: dict[str, Any], what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UsageError(f"{what}: unknown field(s) {', '.join(unknown)}")
+    return cls(**d)
+
+
+def _r50(subset: str, siam: bool) -> ModelConfig:
+    return ModelConfig(preset="av2ts-r50", subset=subset, num_classes=SUBSET_CLASSES[subset], siam=siam)
+
+
+def _pvt(subset: str, siam: bool) -> ModelConfig:
+    # PVT-v2-b5: embed dims 64/128/320/512, depths 3/6/40/3, drop path 0.1 (model.md section 2)
+    return ModelConfig(preset="av2ts-pvt", subset=subset, num_classes=SUBSET_CLASSES[subset], siam=siam,
+                       backbone="pvt_v2_b5", backbone_out_indices=(0, 1, 2, 3), frozen_bn=False, drop_path_rate=0.1)
+
+
+def _tiny(subset: str, siam: bool) -> ModelConfig:
+    """The reference architecture scaled down to ~3.6 M parameters (~5 M with the Siam encoder).
+
+    Same parts and wiring; smaller widths and fewer layers: a half-width ResNet-10 (timm ResNet, BasicBlock, one
+    block per stage, channels 32/64/128/256) with trainable BatchNorm, a 4-layer 64-wide CED of the same structure
+    (patch 16, 24 tokens per example, so still 96 queries), hidden width 64, 2 deformable encoder layers, 3 OSA
+    blocks, 4 decoder layers (one pass over the four memory levels) and a 128 px input.
+    """
+    return ModelConfig(
+        preset="av2ts-tiny", subset=subset, num_classes=SUBSET_CLASSES[subset], siam=siam, input_size=128,
+        backbone="resnet18", backbone_out_indices=(1, 2, 3, 4),
+        backbone_kwargs={"layers": (1, 1, 1, 1), "channels": (32, 64, 128, 256), "stem_width": 32},
+        frozen_bn=False, siam_gate_reduction=8,
+        audio_dim=64, audio_depth=4, audio_heads=4,
+        temporal_heads=8, hidden_dim=64,
+        encoder_layers=2, encoder_heads=8, encoder_points=4, encoder_ffn_dim=256,
+        fusion_blocks=3, fusion_heads=8,
+        decoder_layers=4, decoder_heads=8, decoder_ffn_dim=512,
+        loss=LossConfig(num_points=4096),
+    )
+
+
+_PRESETS = {"av2ts-r50": (_r50, True), "av2ts-pvt": (_pvt, True), "av2ts-tiny": (_tiny, False)}
+PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
+
+
+def get_preset(name: str, subset: str = "s4", siam: bool | None = None) -> ModelConfig:
+    """The named preset for a subset; ``siam=None`` keeps the preset's default (on for r50/pvt, off for tiny)."""
+    if name not in _PRESETS:
+        raise UsageError(f"unknown model preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+    if subset not in SUBSET_CLASSES:
+        raise UsageError(f"unknown subset {subset!r}; choose from {', '.join(SUBSET_CLASSES)}")
+    build, default_siam = _PRESETS[name]
+    return build(subset, default_siam if siam is None else bool(siam))

@@ -1,0 +1,116 @@
+"""Masked-attention transformer decoder with class and mask heads (Mask2Former's decoder as AV2TS modifies it,
+model.md section 8).
+
+Each query is a learnt embedding plus its own fused audio token. Layer i cross-attends to memory level i % 4:
+the pixel decoder's strides 32, 16, 8, then the OSA visual map, each with a sine position encoding and a level
+embedding. Cross-attention is masked by the previous prediction (pixels whose mask probability is below 0.5 are
+hidden; a query that would see nothing sees everything). Layers are post-norm: cross-attention, self-attention,
+FFN. The heads run on the initial queries and after every layer; masks are dot products with the (unfused)
+mask features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from av2ts_cli.model.blocks import sine_position_embedding
+
+
+class DecoderLayer(nn.Module):
+    """Masked cross-attention -> self-attention -> ReLU FFN, each followed by residual and LayerNorm."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int):
+        super().__init__()
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.cross_norm = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.self_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        for p in self.parameters():  # Mask2Former's init
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x, query_pos, memory, memory_pos, memory_mask):
+        """x, query_pos: [N, Q, C]; memory: [N, S, C]; memory_pos: [S, C]; memory_mask: bool [N*heads, Q, S],
+        True = hidden -> [N, Q, C]."""
+        attended = self.cross_attn(x + query_pos, memory + memory_pos, memory, attn_mask=memory_mask,
+                                   need_weights=False)[0]
+        x = self.cross_norm(x + attended)
+        q = x + query_pos
+        x = self.self_norm(x + self.self_attn(q, q, x, need_weights=False)[0])
+        return self.ffn_norm(x + self.fc2(F.relu(self.fc1(x))))
+
+
+class MaskMlp(nn.Module):
+    """Three linear layers with ReLU between them (the mask embedding head)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class MaskedAttentionDecoder(nn.Module):
+    """(memories [32, 16, 8 strides, OSA map], audio queries [N, Q, C], mask features [N, C, H/4, W/4]) ->
+    {"pred_logits" [N, Q, K+1], "pred_masks" [N, Q, H/4, W/4], "aux_outputs", "middle_masks"}."""
+
+    num_memory_levels = 4
+
+    def __init__(self, dim: int, num_classes: int, num_queries: int, num_layers: int = 12, num_heads: int = 8,
+                 ffn_dim: int = 2048):
+        super().__init__()
+        self.num_heads = num_heads
+        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, ffn_dim) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.query_feat = nn.Embedding(num_queries, dim)
+        self.query_embed = nn.Embedding(num_queries, dim)
+        self.level_embed = nn.Embedding(self.num_memory_levels, dim)
+        self.class_embed = nn.Linear(dim, num_classes + 1)
+        self.mask_embed = MaskMlp(dim)
+
+    def forward(self, memories: list[torch.Tensor], audio: torch.Tensor, mask_features: torch.Tensor) -> dict:
+        """memories: 4 maps [N, C, h_i, w_i]; audio: [N, Q, C]; mask_features: [N, C, H/4, W/4]."""
+        sizes = [tuple(m.shape[-2:]) for m in memories]
+        srcs = [m.flatten(2).transpose(1, 2) + self.level_embed.weight[i] for i, m in enumerate(memories)]
+        pos = [sine_position_embedding(h, w, m.shape[1], m.device).flatten(1).t().to(m.dtype)
+               for m, (h, w) in zip(memories, sizes, strict=True)]
+        query_pos = self.query_embed.weight.unsqueeze(0)
+        x = self.query_feat.weight.unsqueeze(0) + audio
+
+        classes, masks, middle = [], [], []
+        logits, mask, attn_mask = self._heads(x, mask_features, sizes[0])
+        classes.append(logits)
+        masks.append(mask)
+        for i, layer in enumerate(self.layers):
+            level = i % self.num_memory_levels
+            x = layer(x, query_pos, srcs[level], pos[level], attn_mask)
+            middle.append(mask)  # the masks that fed this layer: initial and layers 0 .. L-2
+            logits, mask, attn_mask = self._heads(x, mask_features, sizes[(i + 1) % self.num_memory_levels])
+            classes.append(logits)
+            masks.append(mask)
+        n, q = mask.shape[:2]
+        return {
+            "pred_logits": classes[-1],
+            "pred_masks": masks[-1],
+            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1], strict=True)],
+            "middle_masks": [m.reshape(n, q, -1) for m in middle],
+        }
+
+    def _heads(self, x: torch.Tensor, mask_features: torch.Tensor, attn_size: tuple[int, int]):
+        """x: [N, Q, C] -> (class logits [N, Q, K+1], mask logits [N, Q, H/4, W/4], attention mask for the next
+        layer: bool [N*heads, Q, h*w] at ``attn_size``, True = hidden)."""
+        x = self.norm(x)
+        logits = self.class_embed(x)
+        mask = torch.einsum("nqc,nchw->nqhw", self.mask_embed(x), mask_features)
+        small = F.interpolate(mask, size=attn_size, mode="bilinear", align_corners=False)
+        hidden = (small.sigmoid().flatten(2) < 0.5).detach()
+        hidden[hidden.all(dim=-1)] = False  # a query that would see nothing sees everything
+        return logits, mask, hidden.repeat_interleave(self.num_heads, dim=0)
