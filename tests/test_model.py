@@ -1,0 +1,242 @@
+"""The AV2TS network: builds, shapes, parameter counts against the reference checkpoint layout, gradients."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from av2ts_cli.config import get_preset
+from av2ts_cli.errors import UsageError
+from av2ts_cli.model import build_model, class_map, foreground_probability
+
+DATA = Path(__file__).parent / "data"
+
+# Our top-level parts and the reference state-dict prefixes they replace (model/av2ts.py docstring).
+REFERENCE_PARTS = {
+    "backbone": ("backbone.",),
+    "siam_backbone": ("pre_sam_backbone.",),
+    "siam_gates": ("scale_factor_module.",),
+    "audio_encoder": ("audio_backbone.",),
+    "acoustic_attention": ("time_attn_blocks_", "time_norm.", "audio_linear"),
+    "visual_attention": ("visual_project.", "time_visual_attn_blocks.", "time_visual_norm."),
+    "pixel_decoder": ("sem_seg_head.pixel_decoder.",),
+    "fusion": ("sem_seg_head.fusion_module.",),
+    "decoder": ("sem_seg_head.predictor.",),
+}
+# Built by the reference but never used in its forward; deliberately absent from ours.
+REFERENCE_UNUSED = ("sem_seg_head.pixel_decoder.input_proj.", "sem_seg_head.pixel_decoder.linear1.",
+                    "audio_backbone.outputlayer.")
+
+
+def reference_parameters(tsv: str) -> dict[str, list[tuple[int, ...]]]:
+    """Per part, the shapes of the reference's trainable-or-frozen *parameters*: buffers are left out (the
+    entries of every module with running statistics, i.e. detectron2 FrozenBN and CED's frozen init BatchNorm,
+    whose four tensors are all buffers, and ``criterion.empty_weight``), and so are the unused modules."""
+    rows = [line.rstrip("\n").split("\t") for line in (DATA / tsv).read_text().splitlines()[1:]]
+    with_stats = {key.rsplit(".", 1)[0] for key, _, _ in rows if key.endswith(".running_mean")}
+    parts = defaultdict(list)
+    for key, shape, _ in rows:
+        if key.rsplit(".", 1)[0] in with_stats or key.startswith("criterion.") or key.startswith(REFERENCE_UNUSED):
+            continue
+        part = next((p for p, prefixes in REFERENCE_PARTS.items() if key.startswith(prefixes)), None)
+        assert part is not None, f"reference key {key} belongs to no part"
+        parts[part].append(tuple(json_shape(shape)))
+    return parts
+
+
+def json_shape(text: str) -> list[int]:
+    return [int(x) for x in text.strip("[]").split(",") if x.strip()]
+
+
+def our_parameters(model) -> dict[str, list[tuple[int, ...]]]:
+    parts = defaultdict(list)
+    for name, p in model.named_parameters():
+        parts[name.split(".")[0]].append(tuple(p.shape))
+    return parts
+
+
+def clip(batch: int, frames: int, size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, frames, 3, size, size, generator=g) * 255,
+            torch.randn(batch, frames, 96, 64, generator=g) - 2.0,
+            torch.rand(batch, frames, 3, size, size, generator=g) * 255)
+
+
+@pytest.fixture(scope="module")
+def r50():
+    torch.manual_seed(0)
+    return build_model(get_preset("av2ts-r50", "s4")).eval()
+
+
+@pytest.fixture(scope="module")
+def pvt():
+    torch.manual_seed(0)
+    return build_model(get_preset("av2ts-pvt", "s4")).eval()
+
+
+def check_outputs(out: dict, frames: int, classes: int, side: int, layers: int, queries: int = 96):
+    assert out["pred_logits"].shape == (frames, queries, classes + 1)
+    assert out["pred_masks"].shape == (frames, queries, side // 4, side // 4)
+    assert len(out["aux_outputs"]) == layers and len(out["middle_masks"]) == layers
+    for aux in out["aux_outputs"]:
+        assert aux["pred_logits"].shape == out["pred_logits"].shape
+        assert aux["pred_masks"].shape == out["pred_masks"].shape
+    for middle in out["middle_masks"]:
+        assert middle.shape == (frames, queries, (side // 4) ** 2)
+    assert torch.isfinite(out["pred_masks"]).all() and torch.isfinite(out["pred_logits"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, tsv", [("r50", "reference-keys-r50-s4.tsv"), ("pvt", "reference-keys-pvt-s4.tsv")])
+def test_reference_forward_and_parameters(name, tsv, request):
+    model = request.getfixturevalue(name)
+    frames, audio, maskiges = clip(1, 5, 224)
+    captured = []
+    hook = model.decoder.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        with torch.inference_mode():
+            semseg = model.segment(frames, audio, maskiges)  # runs forward once; the hook keeps its raw outputs
+    finally:
+        hook.remove()
+    check_outputs(captured[0], frames=5, classes=2, side=224, layers=12)
+    check_semantic_map(semseg, classes=2)
+
+    reference, ours = reference_parameters(tsv), our_parameters(model)
+    assert set(ours) == set(reference)
+    for part in reference:
+        ref_count, our_count = sum(map(math.prod, reference[part])), sum(map(math.prod, ours[part]))
+        assert abs(our_count - ref_count) <= 0.02 * ref_count, (part, our_count, ref_count)
+        # stronger: one tensor of ours for one tensor of theirs, same shapes (the converter is a rename table)
+        assert sorted(ours[part]) == sorted(reference[part]), part
+    # and all of CED is frozen
+    assert not any(p.requires_grad for p in model.audio_encoder.parameters())
+
+
+def test_avss_reference_parameters():
+    model = build_model(get_preset("av2ts-r50", "avss"))
+    reference, ours = reference_parameters("reference-keys-r50-avss.tsv"), our_parameters(model)
+    assert sorted(ours["decoder"]) == sorted(reference["decoder"])
+    assert model.decoder.class_embed.weight.shape == (72, 256)
+
+
+def check_semantic_map(semseg: torch.Tensor, classes: int, queries: int = 96):
+    assert semseg.shape == (1, 5, classes, 224, 224)
+    assert semseg.min() >= 0 and semseg.max() <= queries  # sum over queries of probability x sigmoid
+    prob = foreground_probability(semseg)
+    assert prob.shape == (1, 5, 224, 224) and prob.min() >= 0 and prob.max() <= 1
+    labels = class_map(semseg)
+    assert labels.dtype == torch.int64 and labels.shape == (1, 5, 224, 224)
+    assert torch.equal(labels == 1, semseg[:, :, 1] > semseg[:, :, 0])
+
+
+@pytest.mark.parametrize("subset", ["s4", "ms3", "avss"])
+@pytest.mark.parametrize("siam", [False, True])
+def test_tiny_builds_per_subset(subset, siam):
+    cfg = get_preset("av2ts-tiny", subset, siam=siam)
+    model = build_model(cfg)
+    assert hasattr(model, "siam_backbone") == siam and hasattr(model, "siam_gates") == siam
+    params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    assert params * 4 <= 25e6  # the fp32 checkpoint stays under 25 MB, Siam encoder or not
+
+
+@pytest.mark.parametrize("frames_per_clip", [5, 10])
+def test_tiny_forward_shapes(frames_per_clip):
+    cfg = get_preset("av2ts-tiny", "avss")
+    model = build_model(cfg).eval()
+    frames, audio, _ = clip(1, frames_per_clip, cfg.input_size)
+    with torch.inference_mode():
+        out = model(frames, audio)
+    check_outputs(out, frames=frames_per_clip, classes=71, side=cfg.input_size, layers=cfg.decoder_layers)
+
+
+def test_clips_in_a_batch_do_not_mix():
+    """Frame-major reshapes in DSTA: clip 0 alone gives the same result as clip 0 batched with another clip."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("av2ts-tiny", siam=True)).eval()
+    frames, audio, maskiges = clip(2, 4, 96)
+    with torch.inference_mode():
+        both = model(frames, audio, maskiges)["pred_masks"]
+        alone = model(frames[:1], audio[:1], maskiges[:1])["pred_masks"]
+    torch.testing.assert_close(both[:4], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_audio_changes_the_prediction():
+    torch.manual_seed(0)
+    model = build_model(get_preset("av2ts-tiny")).eval()
+    frames, audio, _ = clip(1, 3, 64)
+    with torch.inference_mode():
+        a = model(frames, audio)["pred_masks"]
+        b = model(frames, audio.flip(1))["pred_masks"]  # same sounds, other order in time
+    assert not torch.allclose(a, b)
+
+
+def test_gradients_reach_every_trainable_parameter_and_never_ced():
+    """Checked on the second step: at initialisation some paths are closed on purpose (timm's zero-initialised
+    last BatchNorm of each residual branch; the zero-initialised offset and weight projections of deformable
+    attention make the pixel decoder's level embedding irrelevant), and one optimiser step opens them."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("av2ts-tiny", siam=True)).train()
+    grad_enabled_in_ced = []
+    model.audio_encoder.register_forward_hook(lambda *_: grad_enabled_in_ced.append(torch.is_grad_enabled()))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam([p for _, p in trainable], lr=1e-3)
+    frames, audio, maskiges = clip(2, 3, 64)
+    for _ in range(2):
+        optimiser.zero_grad()
+        out = model(frames, audio, maskiges)
+        loss = out["pred_logits"].logsumexp(-1).mean() + out["pred_masks"].sigmoid().mean()
+        loss = loss + sum(a["pred_masks"].sigmoid().mean() + a["pred_logits"].softmax(-1)[..., 0].mean()
+                          for a in out["aux_outputs"])
+        loss.backward()
+        optimiser.step()
+    assert grad_enabled_in_ced == [False, False]
+    assert len(trainable) > 100
+    missing = [n for n, p in trainable if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, missing
+    for name, p in model.audio_encoder.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+
+
+def test_frozen_bn_keeps_statistics_in_training(r50):
+    from av2ts_cli.model.blocks import FrozenBatchNorm2d
+
+    frozen = [m for m in r50.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert len(frozen) == 53  # every BatchNorm of ResNet-50
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in r50.modules())
+    tiny = build_model(get_preset("av2ts-tiny"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny.backbone.modules())
+
+
+def test_channels_last_and_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_model(get_preset("av2ts-tiny")).eval()
+    frames, audio, _ = clip(1, 3, 64)
+    with torch.inference_mode():
+        reference = model(frames, audio)["pred_masks"]
+        model.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(frames, audio)["pred_masks"], reference, atol=1e-4, rtol=1e-4)
+        dtypes = []
+        model.pixel_decoder.register_forward_hook(lambda m, i, o: dtypes.append(o[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(frames, audio)
+    assert dtypes == [torch.float32]  # the deformable-attention pixel decoder stays in fp32
+    assert torch.isfinite(out["pred_masks"].float()).all()
+
+
+def test_bad_inputs_raise_usage_errors():
+    model = build_model(get_preset("av2ts-tiny", siam=True))
+    frames, audio, maskiges = clip(1, 2, 64)
+    with pytest.raises(UsageError, match="maskiges are required"):
+        model(frames, audio)
+    with pytest.raises(UsageError, match="audio must be"):
+        model(frames, audio[:, :1], maskiges)
+    with pytest.raises(UsageError, match="multiple of 32"):
+        model(frames[..., :48, :48], audio, maskiges[..., :48, :48])
+    with pytest.raises(UsageError, match="frames must be"):
+        model(frames[0], audio, maskiges)
+    with pytest.raises(UsageError, match="2-class"):
+        foreground_probability(torch.zeros(1, 3, 4, 4))
