@@ -370,3 +370,26 @@ def test_adam_on_free_tensors_drives_the_loss_down(one_thread):
         optimiser.step()
         history.append(total.item())
     assert min(history[-5:]) < 0.1 * history[0], (history[0], history[-5:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_criterion_on_cuda_under_autocast():
+    # bf16 outputs as under AMP: the criterion computes in fp32 and matches on the CPU
+    criterion = SetCriterion(3, small_loss()).cuda()
+    masks = block_targets(2, 2, size=16, seed=6).cuda()
+    out = free_outputs(4, 6, 3, side=4, aux=1, middle=1)
+    with torch.no_grad():
+        out["pred_masks"].zero_()
+    def to_cuda(x):
+        return x.detach().cuda().bfloat16().requires_grad_()
+
+    cuda_out = {"pred_logits": to_cuda(out["pred_logits"]), "pred_masks": to_cuda(out["pred_masks"]),
+                "aux_outputs": [{k: to_cuda(v) for k, v in out["aux_outputs"][0].items()}],
+                "middle_masks": [to_cuda(out["middle_masks"][0])]}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = run(criterion, cuda_out, masks)
+    assert all(v.dtype == torch.float32 and v.device.type == "cuda" for v in losses.values())
+    assert losses["loss_mask"].item() == pytest.approx(5 * math.log(2), rel=1e-5)
+    sum(losses.values()).backward()
+    assert torch.isfinite(cuda_out["pred_logits"].grad.float()).all() and cuda_out["pred_logits"].grad.abs().sum() > 0
