@@ -1,0 +1,169 @@
+"""``av2ts bench model``: eval forward time per clip of the network, with the share of each part.
+
+Each case builds a randomly initialised preset, feeds one clip of T frames (random frames, maskiges when the preset
+uses the Siam encoder, random log-mel examples) and times ``repeats`` forwards under ``torch.inference_mode`` after
+one warm-up; the median is reported. Forward hooks on the top-level parts time them in the same runs (CPU ops are
+synchronous, so the hooks see the real cost). The baseline, measured in the same process, is a ResNet-50 trunk on
+the same T frames at 224 px (performance.md 4.1: 351-356 ms fp32 on this machine kind when it is idle), so figures
+taken on a busy machine still compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# Top-level modules of AV2TS grouped into the parts reported.
+PARTS = {
+    "backbone": ("backbone", "siam_backbone", "siam_gates"),
+    "audio": ("audio_encoder",),
+    "DSTA": ("acoustic_attention", "visual_attention"),
+    "pixel decoder": ("pixel_decoder",),
+    "OSA": ("fusion",),
+    "decoder": ("decoder",),
+}
+
+
+@dataclass
+class ModelTiming:
+    preset: str
+    input_size: int
+    frames: int
+    siam: bool
+    parameters: int
+    median_s: float
+    runs_s: list[float]
+    parts_s: dict[str, float] = field(default_factory=dict)  # median seconds per part
+    ratio_to_baseline: float = 0.0
+
+
+def _precision(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _time_calls(fn, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):  # first calls pay for fresh memory pages, oneDNN primitives, the kernel JIT
+        fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return runs
+
+
+def baseline_resnet50(frames: int = 5, repeats: int = 5, bf16: bool = False) -> float:
+    """Median seconds of a ResNet-50 trunk (timm, features only) on ``frames`` 224 px images."""
+    import timm
+
+    trunk = timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    images = torch.randn(frames, 3, 224, 224)
+    if bf16:
+        trunk = trunk.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), _precision(bf16):
+        return statistics.median(_time_calls(lambda: trunk(images), repeats))
+
+
+def time_model(preset: str, input_size: int | None = None, frames: int = 5, repeats: int = 5,
+               bf16: bool = False, seed: int = 0) -> ModelTiming:
+    """Median eval forward time of one clip of ``frames`` frames through ``preset`` (s4 head)."""
+    from av2ts_cli.config import get_preset
+    from av2ts_cli.model import build_model
+
+    cfg = get_preset(preset, "s4")
+    size = input_size or cfg.input_size
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    images = torch.rand(1, frames, 3, size, size) * 255
+    audio = torch.randn(1, frames, 96, 64) - 2.0
+    maskiges = torch.rand(1, frames, 3, size, size) * 255 if cfg.siam else None
+
+    spent: dict[str, list[float]] = {part: [] for part in PARTS}
+    current: dict[str, float] = {}
+
+    def start(name):
+        def hook(module, args):
+            current[name] = time.perf_counter()
+        return hook
+
+    def stop(part, name):
+        def hook(module, args, output):
+            spent[part][-1] += time.perf_counter() - current[name]
+        return hook
+
+    handles = []
+    for part, names in PARTS.items():
+        for name in names:
+            module = getattr(model, name, None)
+            if module is not None:
+                handles.append(module.register_forward_pre_hook(start(name)))
+                handles.append(module.register_forward_hook(stop(part, name)))
+
+    def forward():
+        for times in spent.values():
+            times.append(0.0)
+        model(images, audio, maskiges)
+
+    with torch.inference_mode(), _precision(bf16):
+        runs = _time_calls(forward, repeats)
+    for handle in handles:
+        handle.remove()
+    parts = {part: statistics.median(times[-repeats:]) for part, times in spent.items()}  # without the warm-up
+    return ModelTiming(preset, size, frames, cfg.siam, sum(p.numel() for p in model.parameters()),
+                       statistics.median(runs), runs, parts)
+
+
+def run(cases: list[tuple[str, int | None]], frames: int = 5, repeats: int = 5, bf16: bool = False,
+        threads: int | None = None) -> dict:
+    """Time every (preset, input size or None for the preset's own) case against the ResNet-50 baseline."""
+    from av2ts_cli.model.deform_attn import active_backend
+
+    if threads:
+        torch.set_num_threads(threads)
+    baseline = baseline_resnet50(frames, repeats, bf16)
+    timings = []
+    for preset, size in cases:
+        timing = time_model(preset, size, frames, repeats, bf16)
+        timing.ratio_to_baseline = timing.median_s / baseline
+        timings.append(timing)
+    return {
+        "deform_attn_backend": active_backend(),
+        "threads": torch.get_num_threads(),
+        "precision": "bf16 autocast + channels_last" if bf16 else "fp32",
+        "frames_per_clip": frames,
+        "repeats": repeats,
+        "baseline": {"name": f"resnet50 trunk, {frames} frames at 224 px", "median_s": baseline},
+        "results": [vars(t) for t in timings],
+    }
+
+
+def print_report(report: dict) -> None:
+    from rich.table import Table
+
+    from av2ts_cli.console import console
+
+    console.print(f"eval forward per clip of {report['frames_per_clip']} frames, {report['precision']}, "
+                  f"{report['threads']} threads, deform-attn backend: {report['deform_attn_backend']}")
+    times = Table(title="time per clip (median)")
+    for column in ("model", "input", "params", "ms", "x baseline"):
+        times.add_column(column, justify="left" if column == "model" else "right")
+    shares = Table(title="share of the parts")
+    for column in ("model", "input", *PARTS):
+        shares.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        name = r["preset"] + (" +siam" if r["siam"] else "")
+        times.add_row(name, f"{r['input_size']}", f"{r['parameters'] / 1e6:.1f} M", f"{r['median_s'] * 1000:.0f}",
+                      f"{r['ratio_to_baseline']:.2f}")
+        total = sum(r["parts_s"].values()) or 1.0
+        shares.add_row(name, f"{r['input_size']}", *(f"{100 * r['parts_s'][p] / total:.0f}%" for p in PARTS))
+    console.print(times)
+    console.print(shares)
+    base = report["baseline"]
+    console.print(f"baseline: {base['name']}: {base['median_s'] * 1000:.0f} ms (median of {report['repeats']})")
