@@ -97,6 +97,20 @@ def info(
     _print_json(report) if as_json else environment.print_environment_report(report)
 
 
+@bench_app.command("media")
+@_reported
+def bench_media(
+    quick: Annotated[bool, typer.Option("--quick", help="Small clips (2 s and 6 s at 640x360): a smoke run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Decode throughput and peak memory on 1080p clips of 10 s and 120 s (1 frame/s to 224x224), encode speed."""
+    from av2ts_cli.bench import media as bench
+
+    options = {"durations": (2, 6), "size": (640, 360), "encode_frames": 20} if quick else {}
+    report = bench.run(progress=not as_json, **options)
+    _print_json(report) if as_json else bench.print_report(report)
+
+
 def main() -> None:
     app()
 

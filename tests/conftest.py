@@ -1,0 +1,161 @@
+"""Shared pytest fixtures. SHARED FILE: append your fixtures below (with a docstring), don't rewrite others'.
+
+Media fixtures (media engineer):
+- ``make_clip(...)`` -> Path: small test clips made with ffmpeg (lavfi sources plus a sine), cached per session.
+- ``read_frame_index(frame, rotation=0)`` -> int: the index painted on a frame of a ``pattern="index"`` clip.
+- ``vfr_frame_times(count, fps)`` -> list[float]: the timestamps of a ``vfr=True`` clip.
+- ``bad_videos`` -> dict[str, Path]: files named like videos that no decoder can read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from av2ts_cli.media import find_ffmpeg, sum_expression
+
+INDEX_BITS = 10  # index clips carry the frame index in 10 vertical bars: bar b (from the left) is white iff bit b is 1
+VFR_OFFSETS = (0.0, 0.5, 2.0, 3.0)  # vfr clips: frame 4q+r is stamped at (4q + VFR_OFFSETS[r]) / fps
+
+
+def vfr_frame_times(count: int, fps: float) -> list[float]:
+    """Timestamps (s) of the frames of ``make_clip(..., vfr=True)``: intervals cycle 0.5, 1.5, 1, 1 frame periods,
+    so the average rate is ``fps`` but no two neighbouring intervals agree."""
+    return [(4 * (k // 4) + VFR_OFFSETS[k % 4]) / fps for k in range(count)]
+
+
+def read_frame_index(frame: np.ndarray, rotation: int = 0) -> int:
+    """The index painted on a frame of an index clip (RGB uint8 [H, W, 3], any size >= 10 px wide in the
+    original orientation). ``rotation``: clockwise degrees the frame was turned for display (Probe.rotation);
+    it is undone first."""
+    upright = np.rot90(frame, k=(rotation // 90) % 4)  # rot90 turns counter-clockwise
+    height, width = upright.shape[:2]
+    row = upright[height // 2].astype(np.int32).mean(axis=1)  # grey level along the middle row
+    centers = ((np.arange(INDEX_BITS) + 0.5) * width / INDEX_BITS).astype(int)
+    return sum(1 << b for b, x in enumerate(centers) if row[x] > 128)
+
+
+@pytest.fixture(scope="session", name="read_frame_index")
+def read_frame_index_fixture():
+    """``read_frame_index(frame, rotation=0) -> int`` (see the module function)."""
+    return read_frame_index
+
+
+@pytest.fixture(scope="session", name="vfr_frame_times")
+def vfr_frame_times_fixture():
+    """``vfr_frame_times(count, fps) -> list[float]`` (see the module function)."""
+    return vfr_frame_times
+
+
+def _run_ffmpeg(args: list[str]) -> None:
+    result = subprocess.run([find_ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed making a test clip: {result.stderr.strip()}")
+
+
+@pytest.fixture(scope="session")
+def make_clip(tmp_path_factory):
+    """Factory for small test clips, each made once per session for a given set of parameters::
+
+        make_clip(name="clip", *, duration=2.0, size=(64, 48), fps=25, audio=True, sample_rate=16000, channels=1,
+                  audio_duration=None, rotation=None, vfr=False, frame_times=None, pattern="index") -> Path
+
+    - ``name``: the file name without ".mp4" (spaces and non-ASCII letters are fine).
+    - ``duration``/``fps``: ``round(duration * fps)`` frames at a constant rate starting at 0 (H.264 in MP4;
+      yuv420p, or yuv444p when a side is odd, e.g. 1x1).
+    - ``size``: (width, height) as stored; ``rotation``: clockwise degrees (90, 180, 270) written as display-matrix
+      metadata, so players (and av2ts) show it turned; Probe reports the turned size.
+    - ``vfr=True``: variable frame rate, frame k stamped at ``vfr_frame_times(n, fps)[k]``.
+      ``frame_times``: explicit timestamps (s, increasing) for each frame instead; ``duration`` is then ignored.
+    - ``pattern="index"``: frame k shows k in binary as 10 vertical bars (``read_frame_index`` reads it back);
+      ``"testsrc"``: ffmpeg's colour test pattern.
+    - ``audio``: an AAC track, a 440 Hz sine (amplitude 1/8) in every channel, ``sample_rate`` Hz, ``channels``
+      channels, lasting ``audio_duration`` (default: the video's duration; shorter or longer is allowed).
+    """
+    root = tmp_path_factory.mktemp("clips")
+    cache: dict[str, Path] = {}
+
+    def make(name: str = "clip", *, duration: float = 2.0, size: tuple[int, int] = (64, 48), fps: float = 25,
+             audio: bool = True, sample_rate: int = 16000, channels: int = 1, audio_duration: float | None = None,
+             rotation: int | None = None, vfr: bool = False, frame_times: list[float] | None = None,
+             pattern: str = "index") -> Path:
+        params = dict(name=name, duration=duration, size=list(size), fps=fps, audio=audio, sample_rate=sample_rate,
+                      channels=channels, audio_duration=audio_duration, rotation=rotation, vfr=vfr,
+                      frame_times=frame_times, pattern=pattern)
+        key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+        if key in cache:
+            return cache[key]
+        folder = root / key
+        folder.mkdir()
+        out = folder / f"{name}.mp4"
+        width, height = size
+        if frame_times is None:
+            count = max(1, round(duration * fps))
+            frame_times = vfr_frame_times(count, fps) if vfr else None
+        else:
+            count = len(frame_times)
+        video_seconds = (frame_times[-1] + 1 / fps) if frame_times else count / fps
+        if pattern == "index":  # a 10x2 picture of the bits, blown up without smoothing
+            source = (f"color=black:size={INDEX_BITS}x2:rate={fps},format=yuv444p,"
+                      f"geq=lum='if(bitand(N,pow(2,X)),235,16)':cb=128:cr=128,"
+                      f"scale={width}:{height}:flags=neighbor,setsar=1")
+        elif pattern == "testsrc":
+            source = f"testsrc=size={width}x{height}:rate={fps}"
+        else:
+            raise ValueError(f"unknown pattern {pattern!r}")
+        source += f",trim=end_frame={count}"
+        if frame_times is not None:  # timestamps set frame by frame, on a fine clock so they stay exact
+            expression = sum_expression([f"eq(N,{k})*{t!r}" for k, t in enumerate(frame_times)])
+            source += f",settb=1/90000,setpts='({expression})/TB'"
+        args = ["-f", "lavfi", "-i", source]
+        if audio:
+            seconds = video_seconds if audio_duration is None else audio_duration
+            args += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={sample_rate}:duration={seconds}"]
+        pix_fmt = "yuv444p" if width % 2 or height % 2 else "yuv420p"
+        args += ["-map", "0:v", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", pix_fmt, "-fps_mode",
+                 "passthrough"]
+        if frame_times is not None:
+            # a fine clock keeps the stamps exact; no B-frames, or the MP4 muxer misjudges a VFR track's duration
+            args += ["-enc_time_base:v", "1/90000", "-video_track_timescale", "90000", "-bf", "0"]
+        if audio:
+            args += ["-map", "1:a", "-c:a", "aac"]
+            if channels > 1:  # the same samples in every channel (``-ac`` would scale them by 1/sqrt(2))
+                layout = "stereo" if channels == 2 else f"{channels}c"
+                args += ["-af", f"pan={layout}|" + "|".join(f"c{i}=c0" for i in range(channels))]
+        if rotation:
+            plain = folder / "plain.mp4"
+            _run_ffmpeg([*args, str(plain)])
+            _run_ffmpeg(["-display_rotation:v:0", str(-rotation), "-i", str(plain), "-c", "copy", str(out)])
+            plain.unlink()
+        else:
+            _run_ffmpeg([*args, str(out)])
+        cache[key] = out
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bad_videos(tmp_path_factory, make_clip) -> dict[str, Path]:
+    """Files named like videos that cannot be decoded: "empty" (0 bytes), "truncated" (an MP4 cut in half: no
+    index), "truncated_faststart" (index up front, data cut), "text" (a text file named .mp4), "directory"
+    (a folder named x.mp4)."""
+    root = tmp_path_factory.mktemp("bad")
+    good = make_clip("for-truncation", duration=2.0, size=(64, 48))
+    data = good.read_bytes()
+    bad = {name: root / f"{name}.mp4" for name in ("empty", "truncated", "truncated_faststart", "text")}
+    bad["empty"].write_bytes(b"")
+    bad["truncated"].write_bytes(data[: len(data) // 2])
+    faststart = root / "faststart-source.mp4"
+    _run_ffmpeg(["-i", str(good), "-c", "copy", "-movflags", "+faststart", str(faststart)])
+    bad["truncated_faststart"].write_bytes(faststart.read_bytes()[: len(data) // 2])
+    bad["text"].write_text("This is a text file, not a video.\n")
+    bad["directory"] = root / "x.mp4"
+    bad["directory"].mkdir()
+    return bad
