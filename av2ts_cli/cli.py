@@ -97,6 +97,34 @@ def info(
     _print_json(report) if as_json else environment.print_environment_report(report)
 
 
+@bench_app.command("model")
+@_reported
+def bench_model(
+    preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Preset to time, repeatable "
+                      "(default: av2ts-r50 at 224, av2ts-tiny at 224 and at its own input size).")] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Input side for every --preset (multiple of 32).")] = None,
+    frames: Annotated[int, typer.Option("--frames", "-t", min=1, help="Frames per clip (T).")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed runs per case (median).")] = 5,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast and channels_last.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Eval forward time per clip of the network on CPU, per part, against a ResNet-50 baseline."""
+    from av2ts_cli.bench import model as bench
+    from av2ts_cli.config import PRESET_NAMES
+    from av2ts_cli.errors import UsageError
+
+    if size is not None and size % 32:
+        raise UsageError(f"--size {size} is not a multiple of 32")
+    for name in preset or []:
+        if name not in PRESET_NAMES:
+            raise UsageError(f"unknown model preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+    cases = [(name, size) for name in preset] if preset else [("av2ts-r50", 224), ("av2ts-tiny", 224),
+                                                              ("av2ts-tiny", None)]
+    report = bench.run(cases, frames=frames, repeats=repeats, bf16=bf16, threads=threads)
+    _print_json(report) if as_json else bench.print_report(report)
+
+
 @bench_app.command("media")
 @_reported
 def bench_media(
