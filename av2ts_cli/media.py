@@ -22,12 +22,14 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
 import queue
 import re
 import secrets
+import select
 import shutil
 import subprocess
 import threading
@@ -54,6 +56,7 @@ RESIZE_FLAGS = "bilinear"
 _SELECT_INTERVALS = 3.0
 _SELECT_TERMS_PER_PASS = 256  # keeps ffmpeg's select expression small; more times continue in a new pass
 _SEEK_MARGIN = 2.0  # seconds before the needed frame where a follow-up pass starts decoding
+_STALL_CHECK_SECONDS = 5.0  # how often a frame pipe that waits for ffmpeg checks that it is not out of step
 
 
 # ------------------------------------------------------------------------------------------------------- binaries
@@ -389,17 +392,21 @@ def _make_probe(path, dump: dict, frame_count: int) -> Probe:
 
 
 # ---------------------------------------------------------------------------------------------- decoding frames
-_SHOWINFO_FRAME = re.compile(r"^\[(showinfo@\w+) @ [^\]]*\] n:\s*\d+ pts:\s*(-?\d+|NOPTS) .*? s:(\d+)x(\d+)")
-_SHOWINFO_TIMEBASE = re.compile(r"^\[(showinfo@\w+) @ [^\]]*\] config in time_base: (\d+)/(\d+)")
+# showinfo prints "n: pts: pts_time: ... s:WxH ... type:X " in one log call, so that part of a line is never split;
+# another thread's message may be appended to it before showinfo's newline (kept by _is_news).
+_SHOWINFO_FRAME = re.compile(
+    r"\[(showinfo@\w+) @ [^\]]*\] n:\s*\d+ pts:\s*(-?\d+|NOPTS)\s+pts_time:(\S+) .*? s:(\d+)x(\d+)")
+_SHOWINFO_TIMEBASE = re.compile(r"\[(showinfo@\w+) @ [^\]]*\] config in time_base: (\d+)/(\d+)")
 
 
 class _FramePipe:
     """A running ffmpeg that writes rgb24 frames to stdout and describes each one with showinfo on stderr.
 
-    A thread turns stderr into events: ("timebase", name, Fraction), ("frame", name, pts | None, width, height),
-    and None at the end. ffmpeg logs a frame before it writes the frame's bytes, so a consumer that reads one
-    frame per "frame" event of the output showinfo never blocks. Other stderr lines are kept (the last 200) for
-    error messages. Use as a context manager: leaving it early kills ffmpeg.
+    A thread turns stderr into events ("frame", showinfo instance, pts | None, seconds | None, width, height),
+    then None at the end. Seconds are the stored timestamp: pts times the time base showinfo reports when it is
+    configured (ffmpeg too old to report it: showinfo's rounded pts_time). ffmpeg logs a frame before it writes
+    the frame's bytes, so a consumer that reads one frame per event of the output showinfo never blocks. Other
+    stderr lines are kept (the last 200) for error messages. As a context manager, leaving early kills ffmpeg.
     """
 
     def __init__(self, args: list[str], path: str | os.PathLike):
@@ -407,27 +414,44 @@ class _FramePipe:
         self.events: queue.Queue = queue.Queue()
         self.log: collections.deque[str] = collections.deque(maxlen=200)
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE)
+                                        stderr=subprocess.PIPE, bufsize=0)  # unbuffered: select() sees all data
         self.reader = threading.Thread(target=self._read_stderr, daemon=True)
         self.reader.start()
 
     def _read_stderr(self) -> None:
+        timebases: dict[str, Fraction] = {}
         for raw in iter(self.process.stderr.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip()
-            match = _SHOWINFO_FRAME.match(line)
-            if match:
-                pts = None if match.group(2) == "NOPTS" else int(match.group(2))
-                self.events.put(("frame", match.group(1), pts, int(match.group(3)), int(match.group(4))))
-                continue
-            match = _SHOWINFO_TIMEBASE.match(line)
-            if match:
-                self.events.put(("timebase", match.group(1), Fraction(int(match.group(2)), int(match.group(3)))))
-            elif not line.startswith("[showinfo@"):
+            if not line.startswith("[showinfo@") or _is_news(line):
                 self.log.append(line)
+            match = _SHOWINFO_FRAME.search(line)
+            if match:
+                name, pts_text, pts_time, width, height = match.groups()
+                pts = None if pts_text == "NOPTS" else int(pts_text)
+                if pts is None:
+                    seconds = None
+                elif name in timebases:
+                    seconds = float(pts * timebases[name])
+                else:
+                    seconds = float(pts_time)
+                self.events.put(("frame", name, pts, seconds, int(width), int(height)))
+                continue
+            match = _SHOWINFO_TIMEBASE.search(line)
+            if match:
+                timebases[match.group(1)] = Fraction(int(match.group(2)), int(match.group(3)))
         self.events.put(None)
 
     def __iter__(self) -> Iterator[tuple]:
-        while (event := self.events.get()) is not None:
+        while True:
+            try:
+                event = self.events.get(timeout=_STALL_CHECK_SECONDS)
+            except queue.Empty:
+                # frame bytes waiting with no log line for them: the two streams disagree and ffmpeg would block
+                if select.select([self.process.stdout], [], [], 0)[0]:
+                    raise MediaError(self.path, "lost track of ffmpeg's frames (unexpected log output)") from None
+                continue
+            if event is None:
+                return
             yield event
 
     def read_frame(self, width: int, height: int) -> np.ndarray:
@@ -461,18 +485,36 @@ class _FramePipe:
         self.process.stderr.close()
 
 
+def _is_news(showinfo_line: str) -> bool:
+    """Whether a showinfo line also carries another component's message (an error, a truncated file)."""
+    return "rror" in showinfo_line or "partial file" in showinfo_line
+
+
 def _frame_graph(path, size: tuple[int, int] | None, select: str | None = None, seek: float = 0.0):
     """ffmpeg args: first video stream (rotation applied by ffmpeg) -> [showinfo@all -> select] -> resize ->
     showinfo@out -> rgb24 on stdout. Timestamps are kept as stored (-copyts), every frame passes (passthrough)."""
     input_options = {"ss": f"{seek:.6f}", "noaccurate_seek": None} if seek > 0 else {}
+    showinfo, passthrough = _ffmpeg_dialect(find_ffmpeg())
     stream = ffmpeg.input(_url(path), **input_options)["V:0"]
     if select is not None:
-        stream = stream.filter("showinfo@all", checksum=0).filter("select", select)
+        stream = stream.filter("showinfo@all", **showinfo).filter("select", select)
     if size is not None:
         stream = stream.filter("scale", int(size[0]), int(size[1]), flags=RESIZE_FLAGS)
-    stream = stream.filter("showinfo@out", checksum=0)
-    output = ffmpeg.output(stream, "pipe:", f="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
+    stream = stream.filter("showinfo@out", **showinfo)
+    output = ffmpeg.output(stream, "pipe:", f="rawvideo", pix_fmt="rgb24", **passthrough)
     return _command(output, "-copyts", "-loglevel", "info", "-nostats")
+
+
+@functools.cache
+def _ffmpeg_dialect(binary: str) -> tuple[dict, dict]:
+    """Options that depend on the ffmpeg version: showinfo's ``checksum`` switch (skip hashing every decoded
+    frame) where it exists, and ``-fps_mode`` (ffmpeg >= 5.1) or the older ``-vsync``."""
+    help_text = subprocess.run([binary, "-hide_banner", "-h", "filter=showinfo"], capture_output=True,
+                               text=True).stdout
+    showinfo = {"checksum": 0} if "checksum" in help_text else {}
+    match = re.search(r"version n?(\d+)\.(\d+)", tool_version(binary))
+    old = match is not None and (int(match.group(1)), int(match.group(2))) < (5, 1)
+    return showinfo, {"vsync": "passthrough"} if old else {"fps_mode": "passthrough"}
 
 
 def _check_size(size) -> tuple[int, int] | None:
@@ -492,17 +534,14 @@ def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None) ->
     """
     size = _check_size(size)
     info = _inspect(path, ffprobe=False)
-    timebase, last = None, None
+    last = None
     with _FramePipe(_frame_graph(path, size), path) as pipe:
-        for event in pipe:
-            if event[0] == "timebase":
-                timebase = event[2]
-                continue
-            _, _, pts, width, height = event
+        for _, _, _, seconds, width, height in pipe:
             frame = pipe.read_frame(width, height)
-            time = float(pts * timebase) - info.start_time if pts is not None and timebase else None
-            if time is None:  # a frame without a timestamp: one average interval after the previous one
+            if seconds is None:  # a frame without a timestamp: one average interval after the previous one
                 time = 0.0 if last is None else last + 1.0 / (info.fps or 25.0)
+            else:
+                time = seconds - info.start_time
             last = time
             yield time, frame
         pipe.finish()
@@ -616,43 +655,35 @@ class _FrameSelector:
                 forced, start = None, self.targets[self.next] - self.window - _SEEK_MARGIN
             seek = max(0.0, start) if can_seek else 0.0
 
-    def _seconds(self, pts: int, timebase: Fraction) -> float:
-        return float(pts * timebase) - self.info.start_time
-
     def _pass(self, seek: float, forced: int | None):
         """One ffmpeg run from ``seek``: yields (t, frame) as targets resolve; returns a _PassOutcome."""
         expression, count = _select_expression(self.targets[self.next:], self.info.start_time, self.window,
                                                forced, _SELECT_TERMS_PER_PASS)
         end = self.next + count  # targets [self.next, end) belong to this pass
         pending = self.next  # first target whose frame is not known yet
-        candidate: int | None = None  # pts of the last decoded frame stamped <= targets[pending]
-        resolved: collections.deque[tuple[int, int]] = collections.deque()  # (target index, pts of its frame)
+        candidate: tuple[int, float] | None = None  # (pts, time) of the last decoded frame stamped <= the target
+        resolved: collections.deque[tuple[int, int, float]] = collections.deque()  # (target, frame pts, time)
         selected: dict[int, np.ndarray] = {}  # pts -> frame that came through the selection, in time order
         last_selected: float | None = None
-        timebase: dict[str, Fraction] = {}
         first = True
         with _FramePipe(_frame_graph(self.path, self.size, expression, seek), self.path) as pipe:
-            for event in pipe:
-                if event[0] == "timebase":
-                    timebase[event[1]] = event[2]
-                    continue
-                _, name, pts, width, height = event
+            for _, name, pts, seconds, width, height in pipe:
                 if pts is None:
                     raise MediaError(self.path, "video frames without timestamps; cannot pick frames by time")
                 if name == "showinfo@out":
                     selected[pts] = pipe.read_frame(width, height)
                     last_selected = pts
                 else:  # showinfo@all: a decoded frame, selected or not
-                    time = self._seconds(pts, timebase[name])
+                    time = seconds - self.info.start_time
                     if first and seek > 0 and time > seek + TIME_TOLERANCE:
                         return _PassOutcome("seek-missed")
                     first = False
                     while pending < end and time > self.targets[pending] + TIME_TOLERANCE:
-                        resolved.append((pending, pts if candidate is None else candidate))
+                        resolved.append((pending, *(candidate or (pts, time))))
                         pending += 1
                     if pending < end:
-                        candidate = pts
-                outcome = yield from self._release(resolved, selected, last_selected, timebase)
+                        candidate = (pts, time)
+                outcome = yield from self._release(resolved, selected, last_selected)
                 if outcome is not None:
                     return outcome
                 if self.next >= end:
@@ -661,19 +692,19 @@ class _FrameSelector:
         if candidate is None:
             raise MediaError(self.path, "no decodable video frames")
         while pending < end:  # times at or after the last frame: the last frame is shown
-            resolved.append((pending, candidate))
+            resolved.append((pending, *candidate))
             pending += 1
-        outcome = yield from self._release(resolved, selected, math.inf, timebase)
+        outcome = yield from self._release(resolved, selected, math.inf)
         return outcome or _PassOutcome("continue")
 
-    def _release(self, resolved, selected, last_selected, timebase):
+    def _release(self, resolved, selected, last_selected):
         """Yield the resolved targets whose frame came through; a frame that can no longer come -> needs-frame."""
         while resolved:
-            index, pts = resolved[0]
+            index, pts, time = resolved[0]
             frame = selected.get(pts)
             if frame is None:
                 if last_selected is not None and last_selected > pts:  # selected frames arrive in time order
-                    return _PassOutcome("needs-frame", pts, self._seconds(pts, timebase["showinfo@all"]))
+                    return _PassOutcome("needs-frame", pts, time)
                 return None
             resolved.popleft()
             for older in [p for p in selected if p < pts]:
@@ -761,8 +792,11 @@ def _padded_audio(source: str | os.PathLike):
 
 
 def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float,
-                 audio_from: str | os.PathLike | None = None) -> Path:
+                 audio_from: str | os.PathLike | None = None, *, preset: str = X264_PRESET,
+                 crf: int = X264_CRF) -> Path:
     """Encode RGB uint8 frames [H, W, 3] (all the same size) to H.264 yuv420p MP4 with +faststart, atomically.
+    ``preset``/``crf``: x264's speed/quality trade-off (1080p at "veryfast" runs below real time on 2 cores;
+    "ultrafast" is several times faster, with larger files).
 
     ``audio_from``: a file whose first audio stream is muxed in (AAC); the output lasts as long as the video:
     shorter audio ends in silence, longer audio is cut, a file without audio gives a silent video. Odd widths or
@@ -784,11 +818,11 @@ def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: floa
             video = video.filter("pad", width + width % 2, height + height % 2).filter(
                 "fillborders", right=width % 2, bottom=height % 2, mode="smear")
         streams = [video, _padded_audio(audio_from)] if has_audio else [video]
-        args = _command(_encoder_output(streams, temp), "-y", "-loglevel", "error")
+        args = _command(_encoder_output(streams, temp, preset=preset, crf=crf), "-y", "-loglevel", "error")
         process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         errors = _StderrCollector(process)
         try:
-            for index, frame in enumerate(_chain_first(first, frames)):
+            for index, frame in enumerate(itertools.chain([first], frames)):
                 process.stdin.write(np.ascontiguousarray(_checked_frame(out, frame, index, shape)).data)
             process.stdin.close()
         except BrokenPipeError:  # ffmpeg died: its stderr says why
@@ -804,11 +838,6 @@ def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: floa
         if returncode != 0:
             raise MediaError(out, _reason(errors.lines, returncode))
     return out
-
-
-def _chain_first(first, rest):
-    yield first
-    yield from rest
 
 
 def _checked_frame(out, frame, index: int, expected: tuple | None) -> np.ndarray:

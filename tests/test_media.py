@@ -4,6 +4,7 @@ and how the binary is found. Clips come from conftest's ``make_clip`` (frames ca
 from __future__ import annotations
 
 import bisect
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -268,6 +269,14 @@ def test_stopping_iteration_early_stops_ffmpeg(make_clip, monkeypatch):
     next(frames)
     frames.close()
     assert pipes and pipes[0].process.poll() is not None
+
+
+def test_a_frame_pipe_out_of_step_raises_instead_of_hanging(make_clip, monkeypatch):
+    monkeypatch.setattr(media, "_STALL_CHECK_SECONDS", 0.2)
+    blind_to_frame_3 = media._SHOWINFO_FRAME.pattern.replace(r"n:\s*\d+", r"n:\s*(?!3 )\d+")
+    monkeypatch.setattr(media, "_SHOWINFO_FRAME", re.compile(blind_to_frame_3))  # as if a log line got mangled
+    with pytest.raises(MediaError, match="lost track"):
+        list(media.iter_frames(make_clip("plain"), size=(640, 480)))  # frames larger than the pipe's buffer
 
 
 # ---------------------------------------------------------------------------------------------------------- audio
@@ -541,3 +550,11 @@ def test_av2ts_ffmpeg_naming_no_file_is_a_media_error(fresh_binaries, tmp_path):
     fresh_binaries.setenv("AV2TS_FFMPEG", str(tmp_path / "missing-ffmpeg"))
     with pytest.raises(MediaError, match="AV2TS_FFMPEG"):
         media.find_ffmpeg()
+
+
+def test_older_ffmpeg_gets_vsync_and_no_showinfo_checksum_switch(tmp_path):
+    fake = tmp_path / "ffmpeg"  # answers like Ubuntu 22.04's ffmpeg 4.4 (no -fps_mode, no showinfo checksum)
+    fake.write_text('#!/bin/sh\ncase "$*" in\n  *-version*) echo "ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright";;\n'
+                    '  *) echo "Filter showinfo"; echo "  Show textual information for each video frame.";;\nesac\n')
+    fake.chmod(0o755)
+    assert media._ffmpeg_dialect(str(fake)) == ({}, {"vsync": "passthrough"})
