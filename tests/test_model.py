@@ -292,3 +292,21 @@ def test_tiny_overfits_one_synthetic_batch():
     truth = targets["masks"] == 1
     iou = (found & truth).sum((-2, -1)) / (found | truth).sum((-2, -1))
     assert iou.min() > 0.8, iou
+
+
+def test_decoder_attention_equals_torch_multihead_attention():
+    """Our SDPA-based attention is nn.MultiheadAttention (the reference's module) with the mask convention flipped
+    (visible instead of hidden) and broadcast over heads instead of repeated."""
+    from av2ts_cli.model.decoder import MultiHeadAttention
+
+    torch.manual_seed(0)
+    ours = MultiHeadAttention(32, 4)
+    theirs = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    query, memory = torch.randn(2, 6, 32), torch.randn(2, 10, 32)
+    hidden = torch.rand(2, 6, 10) > 0.6
+    hidden[:, :, 0] = False  # no query is blind
+    expected = theirs(query, memory, memory, attn_mask=hidden.repeat_interleave(4, dim=0), need_weights=False)[0]
+    torch.testing.assert_close(ours(query, memory, memory, ~hidden.unsqueeze(1)), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(query, query, query), theirs(query, query, query, need_weights=False)[0],
+                               atol=1e-5, rtol=1e-5)

@@ -3,9 +3,11 @@
 Each case builds a randomly initialised preset, feeds one clip of T frames (random frames, maskiges when the preset
 uses the Siam encoder, random log-mel examples) and times ``repeats`` forwards under ``torch.inference_mode`` after
 one warm-up; the median is reported. Forward hooks on the top-level parts time them in the same runs (CPU ops are
-synchronous, so the hooks see the real cost). The baseline, measured in the same process, is a ResNet-50 trunk on
-the same T frames at 224 px (performance.md 4.1: 351-356 ms fp32 on this machine kind when it is idle), so figures
-taken on a busy machine still compare.
+synchronous, so the hooks see the real cost). The baseline, measured in the same process before and after the
+cases, is a ResNet-50 trunk on the same T frames at 224 px (performance.md 4.1: 351-356 ms fp32 with 2 threads on
+this machine kind when it is idle), so figures taken on a busy machine still compare. On a machine shared with
+other jobs, ``--threads 1`` gives steadier figures: two threads spin at every op's barrier whenever the other
+core is taken.
 """
 
 from __future__ import annotations
@@ -45,9 +47,17 @@ def _precision(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def _time_calls(fn, repeats: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):  # first calls pay for fresh memory pages, oneDNN primitives, the kernel JIT
+def _time_calls(fn, repeats: int, max_warmup: int = 8) -> list[float]:
+    # The first calls pay for fresh memory pages (slow in this VM), oneDNN primitives and the kernel JIT: warm up
+    # until two consecutive calls agree within 15 %, or max_warmup calls.
+    previous = None
+    for _ in range(max_warmup):
+        start = time.perf_counter()
         fn()
+        elapsed = time.perf_counter() - start
+        if previous is not None and abs(elapsed - previous) <= 0.15 * min(elapsed, previous):
+            break
+        previous = elapsed
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -127,12 +137,13 @@ def run(cases: list[tuple[str, int | None]], frames: int = 5, repeats: int = 5, 
 
     if threads:
         torch.set_num_threads(threads)
-    baseline = baseline_resnet50(frames, repeats, bf16)
-    timings = []
-    for preset, size in cases:
-        timing = time_model(preset, size, frames, repeats, bf16)
+    before = baseline_resnet50(frames, repeats, bf16)
+    timings = [time_model(preset, size, frames, repeats, bf16) for preset, size in cases]
+    # measured again at the end: the first seconds of a process are slow here (fresh memory pages), so the
+    # faster of the two is the fair baseline
+    baseline = min(before, baseline_resnet50(frames, repeats, bf16))
+    for timing in timings:
         timing.ratio_to_baseline = timing.median_s / baseline
-        timings.append(timing)
     return {
         "deform_attn_backend": active_backend(),
         "threads": torch.get_num_threads(),
