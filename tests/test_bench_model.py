@@ -1,0 +1,35 @@
+"""``av2ts bench model`` end to end on a small case (the real figures come from running the bench itself)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from av2ts_cli import cli
+from av2ts_cli.bench import model as bench
+from av2ts_cli.bench.model import PARTS
+
+
+def test_bench_model_json_small_case(monkeypatch):
+    # the ResNet-50 baseline costs tens of seconds with its warm-up: a fixed stand-in keeps this test about wiring
+    monkeypatch.setattr(bench, "baseline_resnet50", lambda frames, repeats, bf16: 0.5)
+    args = ["bench", "model", "--preset", "av2ts-tiny", "--size", "64", "--frames", "2", "--repeats", "2", "--json"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["deform_attn_backend"] and report["frames_per_clip"] == 2 and report["precision"] == "fp32"
+    assert report["baseline"]["median_s"] == 0.5 and "resnet50" in report["baseline"]["name"]
+    (case,) = report["results"]
+    assert (case["preset"], case["input_size"], case["frames"], case["siam"]) == ("av2ts-tiny", 64, 2, False)
+    assert len(case["runs_s"]) == 2 and case["median_s"] > 0
+    assert case["ratio_to_baseline"] == case["median_s"] / report["baseline"]["median_s"]
+    assert set(case["parts_s"]) == set(PARTS) and all(t > 0 for t in case["parts_s"].values())
+    assert sum(case["parts_s"].values()) <= case["median_s"] * 1.5
+
+
+def test_bench_model_rejects_bad_options():
+    for args in (["--size", "100"], ["--preset", "av2ts-huge"]):
+        result = CliRunner().invoke(cli.app, ["bench", "model", *args])
+        assert result.exit_code == 2, result.output
+        assert "error:" in result.output
