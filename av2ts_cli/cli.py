@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -95,6 +96,33 @@ def info(
         return
     report = environment.environment_report()
     _print_json(report) if as_json else environment.print_environment_report(report)
+
+
+# -------------------------------------------------------------------------------------------------------- models
+@app.command(rich_help_panel="Models")
+@_reported
+def convert(
+    source: Annotated[str, typer.Argument(help="Upstream weights: a .pth/.pt/.pkl/.safetensors file or hf://owner/repo.")],
+    kind: Annotated[str, typer.Option("--kind", "-k", help="reference (full AV2TS checkpoint of the reference code), "
+                                      "detectron2 (R-50.pkl / d2_pvt_v2_b5.pkl), ced (CED-Mini .pt) or ced-hf "
+                                      "(hf://mispeech/ced-mini safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write (model.safetensors + "
+                                      "config.json).")],
+    preset: Annotated[str | None, typer.Option("--preset", "-p", help="Model preset for a partial import "
+                                               "(default: inferred from the file, else av2ts-r50).")] = None,
+    subset: Annotated[str | None, typer.Option("--subset", help="s4, ms3 or avss (default: from the file's classes, "
+                                               "else s4).")] = None,
+    siam: Annotated[bool | None, typer.Option("--siam/--no-siam", help="With or without the Siam encoder (default: "
+                                              "from the file, else the preset's).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Apply a partial import to this checkpoint instead of a "
+                                             "fresh model.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Import upstream weights into an av2ts checkpoint (torch weights_only / safetensors / numpy-only pickles)."""
+    from av2ts_cli import weights
+
+    report = weights.convert_to_checkpoint(source, kind, out, preset=preset, subset=subset, siam=siam, base=base)
+    _print_json(report) if as_json else weights.print_conversion_report(report)
 
 
 @bench_app.command("model")

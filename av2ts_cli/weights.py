@@ -679,7 +679,7 @@ class KeyMapping:
 
 def _timm_name_index(keys: Iterable[str]) -> dict[str, str]:
     """Canonical timm names (``stages.1.blocks...``) -> the names of a ``features_only`` model (``stages_1...``)."""
-    return {re.sub(r"^([A-Za-z]+)_(\d+)\.", r"\1.\2.", k): k for k in keys}
+    return {re.sub(r"(^|\.)([A-Za-z]+)_(\d+)\.", r"\1\2.\3.", k): k for k in keys}
 
 
 def map_state_dict(state: Mapping, groups: list[tuple[str, str, list[Rule]]], target: Mapping,
@@ -886,3 +886,21 @@ def convert_to_checkpoint(source: str, kind: str, out: str | os.PathLike, **opti
             "num_classes": cfg.num_classes, "siam": cfg.siam, "filled_tensors": len(mapping.tensors),
             "source_tensors_used": len(set(mapping.origin.values())), "filled_per_part": parts,
             "dropped": reasons}
+
+
+def print_conversion_report(report: dict) -> None:
+    from rich.table import Table
+
+    from av2ts_cli.console import console
+
+    table = Table(title=f"{report['source']} ({report['kind']}) -> {report['out']}: {report['preset']}, "
+                        f"{report['subset']}, {report['num_classes']} classes, Siam encoder "
+                        f"{'on' if report['siam'] else 'off'}")
+    table.add_column("filled part")
+    table.add_column("tensors", justify="right")
+    for part, count in report["filled_per_part"].items():
+        table.add_row(part, str(count))
+    console.print(table)
+    for reason, count in report["dropped"].items():
+        console.print(f"dropped {count} source tensors: {reason}")
+    console.print(f"Checkpoint saved to {report['out']}")
