@@ -116,6 +116,14 @@ def test_reference_forward_and_parameters(name, tsv, request):
     assert not any(p.requires_grad for p in model.audio_encoder.parameters())
 
 
+def test_pvt_stochastic_depth_rises_linearly_over_blocks(pvt):
+    from timm.layers import DropPath
+
+    rates = [m.drop_prob for m in pvt.backbone.modules() if isinstance(m, DropPath)]
+    assert len(rates) == 2 * (3 + 6 + 40 + 3 - 1)  # two per block, the first block's rate is 0
+    assert rates == sorted(rates) and abs(rates[-1] - 0.1) < 1e-6
+
+
 def test_avss_reference_parameters():
     model = build_model(get_preset("av2ts-r50", "avss"))
     reference, ours = reference_parameters("reference-keys-r50-avss.tsv"), our_parameters(model)
