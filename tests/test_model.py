@@ -318,3 +318,86 @@ def test_decoder_attention_equals_torch_multihead_attention():
     torch.testing.assert_close(ours(query, memory, memory, ~hidden.unsqueeze(1)), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours(query, query, query), theirs(query, query, query, need_weights=False)[0],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_dsta_follows_the_reference_data_flow():
+    """TAA and TVA against a step-by-step computation written from model.md section 5 (views, permutes and the
+    per-location repeat of the shared map exactly as described), reusing only the blocks' weights."""
+    from av2ts_cli.model.temporal import TemporalAcousticAttention, TemporalVisualAttention
+
+    torch.manual_seed(0)
+    b, t, p, c, heads = 2, 3, 24, 32, 8
+    taa, tva = TemporalAcousticAttention(c, c, heads), TemporalVisualAttention([16, 24], c, heads)
+    tokens = torch.randn(b * t, p, c)
+    maps = [torch.randn(b * t, 16, 4, 4), torch.randn(b * t, 24, 2, 2)]
+    with torch.no_grad():
+        queries, shared = taa(tokens, t)
+        visual = tva(maps, shared)
+
+        x = tokens.view(b, t, p, c).permute(0, 2, 1, 3).reshape(b * p, t, c)
+        x1 = taa.blocks[0](x)
+        n1 = taa.blocks[1].norm1(x1)
+        x2 = taa.blocks[1](x1)
+        n2 = taa.blocks[2].norm1(x2)
+        x3, logits = taa.blocks[2](x2, return_logits=True)
+        x3 = taa.norm(x3)
+
+        def frames(y):
+            return y.view(b, p, t, c).transpose(1, 2).reshape(b * t, p, c)
+
+        expected = torch.cat([taa.projections[0](tokens), taa.projections[1](frames(n1)),
+                              taa.projections[2](frames(n2)), taa.projections[3](frames(x3))], dim=1)
+        torch.testing.assert_close(queries, expected)
+        mean_map = logits.view(b, p, heads, t, t).mean(1).unsqueeze(1)  # [B, 1, heads, T, T]
+        torch.testing.assert_close(shared, mean_map[:, 0])
+
+        for level, feature in enumerate(maps):
+            block = tva.blocks[level]
+            proj = tva.projections[level](feature)
+            h, w = proj.shape[-2:]
+            series = proj.view(b, t, c, h, w).permute(0, 3, 4, 1, 2).reshape(b * h * w, t, c)
+            attn = mean_map.repeat(1, h * w, 1, 1, 1).view(b * h * w, heads, t, t)
+            v = block.attn.v(block.norm1(series)).reshape(b * h * w, t, heads, c // heads).transpose(1, 2)
+            mixed = ((attn * (c // heads) ** -0.5).softmax(-1) @ v).transpose(1, 2).reshape(b * h * w, t, c)
+            y = series + block.attn.proj(mixed)
+            y = tva.norms[level](y + block.mlp(block.norm2(y)))
+            y = y.view(b, h, w, t, c).permute(0, 3, 4, 1, 2).reshape(b * t, c, h, w)
+            torch.testing.assert_close(visual[level], y, atol=1e-5, rtol=1e-5)
+
+
+def test_osa_follows_the_reference_data_flow():
+    """Space-to-depth with channel index c*16 + dy*4 + dx, level embedding, LayerNorms, one stream, layer scale."""
+    from av2ts_cli.model.blocks import sine_position_embedding
+    from av2ts_cli.model.fusion import OneStreamFusion
+
+    torch.manual_seed(0)
+    n, c, q = 2, 32, 96
+    osa = OneStreamFusion(c, q, num_blocks=2, num_heads=8, layer_scale_init=0.5)
+    features, audio = torch.randn(n, c, 16, 12), torch.randn(n, q, c)
+    with torch.no_grad():
+        visual, fused_audio = osa(features, audio)
+        folded = features.view(n, c, 4, 4, 3, 4).permute(0, 1, 3, 5, 2, 4).reshape(n, c * 16, 4, 3)
+        x = osa.reduce(folded).flatten(2) + osa.level_embed.weight[0][None, :, None]
+        v = osa.norm_visual(x.transpose(1, 2))
+        a = osa.norm_audio(audio)
+        z = torch.cat([v + sine_position_embedding(4, 3, c).flatten(1).t(), a + osa.audio_pos.weight], dim=1)
+        for block in osa.blocks:
+            z = block(z)
+        dv, da = osa.norm(z).split([12, q], dim=1)
+        torch.testing.assert_close(visual, (v + osa.gamma_visual * dv).transpose(1, 2).reshape(n, c, 4, 3))
+        torch.testing.assert_close(fused_audio, a + osa.gamma_audio * da)
+
+
+def test_sine_position_embedding_is_detr_normalised_sine():
+    from av2ts_cli.model.blocks import sine_position_embedding
+
+    h, w, dim = 5, 7, 16
+    ones = torch.ones(1, h, w)
+    y = ones.cumsum(1) / (ones.cumsum(1)[:, -1:, :] + 1e-6) * 2 * math.pi
+    x = ones.cumsum(2) / (ones.cumsum(2)[:, :, -1:] + 1e-6) * 2 * math.pi
+    dim_t = 10000 ** (2 * (torch.arange(dim // 2) // 2) / (dim // 2))
+    px, py = x[..., None] / dim_t, y[..., None] / dim_t
+    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
+    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
+    expected = torch.cat((py, px), dim=3).permute(0, 3, 1, 2)[0]
+    torch.testing.assert_close(sine_position_embedding(h, w, dim), expected)
