@@ -32,6 +32,7 @@ unpickler that allows exactly the numpy globals needed to rebuild arrays and ref
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -227,17 +228,21 @@ def parse_hub_ref(text: str) -> HubRef:
 
 def hub_download(ref: HubRef, filename: str) -> Path:
     """One file of a hub repository through the huggingface_hub cache; every failure is one CheckpointError line."""
-    import huggingface_hub
-    from huggingface_hub import constants
+    from huggingface_hub import constants, hf_hub_download  # imported first: its import configures its logger
 
-    errors = huggingface_hub.errors if hasattr(huggingface_hub, "errors") else huggingface_hub.utils
+    try:
+        from huggingface_hub import errors
+    except ImportError:  # huggingface_hub < 0.23 keeps them in utils
+        from huggingface_hub import utils as errors
     where = f"{ref.subfolder}/{filename}" if ref.subfolder else filename
     revision = ref.revision or "main"
     fetch = (f"fetch it once online (`hf download {ref.repo_id} {where} --revision {revision}`, or the same av2ts "
              "command without HF_HUB_OFFLINE)")
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error of the CLI
     try:
-        return Path(huggingface_hub.hf_hub_download(ref.repo_id, filename, subfolder=ref.subfolder,
-                                                    revision=ref.revision))
+        return Path(hf_hub_download(ref.repo_id, filename, subfolder=ref.subfolder, revision=ref.revision))
     except errors.RepositoryNotFoundError:
         reason = "repository not found on the Hugging Face Hub (or private/gated: log in with `hf auth login`)"
     except errors.RevisionNotFoundError:
@@ -253,9 +258,11 @@ def hub_download(ref: HubRef, filename: str) -> Path:
     except (OSError, ValueError) as err:  # network failures surface as OSError subclasses (requests / httpx)
         reason = f"could not download {where}: {type(err).__name__}: {err}"
     except Exception as err:  # httpx errors are not OSErrors
-        if type(err).__module__.split(".")[0] not in ("httpx", "requests", "urllib3", "httpcore"):
+        if type(err).__module__.split(".")[0] not in ("httpx", "httpx2", "requests", "urllib3", "httpcore"):
             raise
         reason = f"could not reach the Hugging Face Hub for {where}: {type(err).__name__}: {err}"
+    finally:
+        hub_logger.setLevel(level)
     raise CheckpointError(ref.label, reason)
 
 
@@ -449,6 +456,7 @@ _NUMPY_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
     ("_codecs", "encode"), ("collections", "OrderedDict"),
 }
 
@@ -751,8 +759,18 @@ def fill_model(model, mapping: KeyMapping, required_prefixes: Iterable[str], pat
 
 
 def _source_file(source: str) -> Path:
-    if source.startswith(HF_PREFIX):  # e.g. hf://mispeech/ced-mini: the repository's model.safetensors
-        return hub_download(parse_hub_ref(source), WEIGHTS_FILE)
+    """A local converter input: the file itself, or the weights of an hf:// repository (or of a registry name that
+    points at one, e.g. ``ced-mini``): its model.safetensors, else a pytorch_model.bin."""
+    if not Path(source).expanduser().exists() and source in REGISTRY and REGISTRY[source].convert_kind:
+        source = REGISTRY[source].source
+    if source.startswith(HF_PREFIX):
+        ref = parse_hub_ref(source)
+        try:
+            return hub_download(ref, WEIGHTS_FILE)
+        except CheckpointError as err:
+            if "not found in the repository" not in err.reason:
+                raise
+            return hub_download(ref, "pytorch_model.bin")  # repositories saved before safetensors was the default
     return Path(source).expanduser()
 
 
