@@ -102,8 +102,11 @@ def _class_names(cfg, meta: Mapping) -> list[str]:
         if len(names) != cfg.num_classes:
             raise UsageError(f"{len(names)} class names given for a model with {cfg.num_classes} classes")
         return names
-    if cfg.num_classes == 2:
-        return ["background", "sounding object"]
+    from av2ts_cli.data.classes import AVSS_CLASSES, BINARY_CLASSES
+
+    for known in (BINARY_CLASSES, AVSS_CLASSES):
+        if cfg.num_classes == len(known):
+            return list(known)
     return ["background"] + [f"class_{i}" for i in range(1, cfg.num_classes)]
 
 

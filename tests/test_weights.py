@@ -477,7 +477,8 @@ def test_reference_avss_through_the_cli(tmp_path):
     doc = weights.read_checkpoint_config(tmp_path / "out" / "config.json")
     cfg = weights.model_config_from(doc, "config.json")
     assert (cfg.preset, cfg.subset, cfg.num_classes, cfg.siam) == ("av2ts-r50", "avss", 71, True)
-    assert len(doc["classes"]) == 71 and "reference-implementation checkpoint avss.pth" in doc["trained_on"]
+    assert doc["classes"][:3] == ["background", "accordion", "airplane"] and len(doc["classes"]) == 71
+    assert "reference-implementation checkpoint avss.pth" in doc["trained_on"]
 
 
 @pytest.mark.slow
@@ -522,10 +523,15 @@ def test_reference_pvt_and_the_d2_pvt_pickle(tmp_path):
 
 def test_reference_conversion_errors(r50_reference, tmp_path):
     path, state = r50_reference
+    small = tmp_path / "small.pth"  # the keys the preset, class count and Siam encoder are read from
+    torch.save({"model": {k: state[k] for k in ("backbone.stem.conv1.weight", "pre_sam_backbone.stem.conv1.weight",
+                                                "sem_seg_head.predictor.class_embed.weight")}}, small)
     with pytest.raises(UsageError, match="no-siam contradicts"):
-        weights.convert(str(path), "reference", siam=False)
+        weights.convert(str(small), "reference", siam=False)
     with pytest.raises(UsageError, match="subset avss has 71"):
-        weights.convert(str(path), "reference", subset="avss")
+        weights.convert(str(small), "reference", subset="avss")
+    with pytest.raises(UsageError, match="not av2ts-pvt"):
+        weights.convert(str(small), "reference", preset="av2ts-pvt")
     partial = {k: v for k, v in state.items() if not k.startswith("time_norm.")}
     partial["sem_seg_head.predictor.extra_head.weight"] = torch.zeros(1)
     bad = tmp_path / "bad.pth"
