@@ -338,6 +338,8 @@ def model_config_from(doc: dict, path: str | os.PathLike):
 
     try:
         return ModelConfig.from_dict(doc["model"])
+    except UsageError as err:
+        raise CheckpointError(path, f"invalid model configuration: {err.message}") from None
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(path, f"invalid model configuration: {err}") from None
 
@@ -914,13 +916,13 @@ def print_conversion_report(report: dict) -> None:
 
     from av2ts_cli.console import console
 
-    table = Table(title=f"{report['source']} ({report['kind']}) -> {report['out']}: {report['preset']}, "
-                        f"{report['subset']}, {report['num_classes']} classes, Siam encoder "
+    table = Table(title=f"{report['preset']}, {report['subset']}, {report['num_classes']} classes, Siam encoder "
                         f"{'on' if report['siam'] else 'off'}")
-    table.add_column("filled part")
+    table.add_column(f"part filled from {report['kind']}")
     table.add_column("tensors", justify="right")
-    for part, count in report["filled_per_part"].items():
-        table.add_row(part, str(count))
+    for part in dict.fromkeys(PARTS.values()):
+        if part in report["filled_per_part"]:
+            table.add_row(part, str(report["filled_per_part"][part]))
     console.print(table)
     for reason, count in report["dropped"].items():
         console.print(f"dropped {count} source tensors: {reason}")

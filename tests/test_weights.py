@@ -310,6 +310,11 @@ def test_incomplete_folders_and_foreign_configs_are_refused(tiny_checkpoint, tmp
     (foreign / "config.json").write_text('{"architectures": ["BertModel"]}')
     with pytest.raises(CheckpointError, match="not an av2ts checkpoint config"):
         weights.load_model(foreign)
+    doc = json.loads((tiny_checkpoint / "config.json").read_text())
+    doc["model"]["hidden_width"] = 3
+    (foreign / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="config.json: invalid model configuration: .*hidden_width"):
+        weights.load_model(foreign)
 
 
 @pytest.mark.parametrize("fault", ["missing", "unexpected", "shape"])
