@@ -125,6 +125,91 @@ def convert(
     _print_json(report) if as_json else weights.print_conversion_report(report)
 
 
+@app.command("train", rich_help_panel="Training and evaluation")
+@_reported
+def train_command(
+    subset: Annotated[str | None, typer.Option("--subset", help="s4, ms3 or avss (not needed with --resume).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The dataset root or the subset's folder (not needed "
+                                              "with --resume).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="A preset (random init; default av2ts-r50) or a "
+                                              "checkpoint to start from, e.g. converted backbones.")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", help="Iterations (default: the preset's recipe, e.g. "
+                                              "r50 S4 90000, tiny 600).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", "-b", help="Clips per iteration, all processes together "
+                                              "(default: the recipe's, 8 for r50, 4 for pvt and tiny).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate of the poly schedule (default: 1e-4; "
+                                             "1e-3 for av2ts-tiny, which trains from scratch).")] = None,
+    backbone_lr_mult: Annotated[float | None, typer.Option("--backbone-lr-mult", help="LR factor of the visual "
+                                                           "backbone and Siam encoder (default 0.1; tiny 1).")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="fp16 autocast with a grad scaler, CUDA only "
+                                             "(default: on for AVSS on CUDA, as the reference).")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16", help="bf16 autocast (CPU or CUDA).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/train/exp, exp2, ...).")
+                   ] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue a run: its folder or its last/ "
+                                                "checkpoint.")] = None,
+    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Evaluate and save every N iterations, and "
+                                                   "at the end (default 100; 0: only at the end).")] = None,
+    eval_split: Annotated[str | None, typer.Option("--eval-split", help="Split that picks the best checkpoint "
+                                                   "(default val; the reference AV2TS used test).")] = None,
+    log_every: Annotated[int | None, typer.Option("--log-every", help="Write a log.csv row every N iterations "
+                                                  "(default 20).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Data-loading processes (default 2).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the initialisation, data order and "
+                                             "augmentation (default 0).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default auto).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
+) -> None:
+    """Train AV2TS (AdamW, poly LR, clipping; checkpoints last/ and best/ by val mIoU; torchrun for several
+    processes). SIGINT/SIGTERM save last/ and exit with 130/143; --resume continues bit for bit."""
+    from av2ts_cli import train
+
+    report = train.train(resume=resume, progress=not as_json, subset=subset, data=data, model=model, iters=iters,
+                         batch=batch, lr=lr, backbone_lr_mult=backbone_lr_mult, amp=amp, bf16=bf16,
+                         out=None if out is None else str(out), eval_every=eval_every, eval_split=eval_split,
+                         log_every=log_every, workers=workers, seed=seed, device=device)
+    if report is None:  # a process other than rank 0 of a torchrun job
+        return
+    _print_json(report) if as_json else train.print_report(report)
+
+
+@bench_app.command("train")
+@_reported
+def bench_train(
+    preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Preset to time, repeatable (default: "
+                                                     "av2ts-tiny with 4 clips, av2ts-r50 with 1 clip).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", "-b", min=1, help="Clips per step for every --preset.")
+                     ] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Input side for every --preset (multiple of 32).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per case (median).")] = 5,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="av2ts-tiny, 1 clip, 2 steps: a smoke run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Training steps per second and peak memory on CPU, against the pure-PyTorch deform-attn step."""
+    from av2ts_cli.bench import train as bench
+    from av2ts_cli.config import PRESET_NAMES
+    from av2ts_cli.console import make_progress
+    from av2ts_cli.errors import UsageError
+
+    if size is not None and size % 32:
+        raise UsageError(f"--size {size} is not a multiple of 32")
+    for name in preset or []:
+        if name not in PRESET_NAMES:
+            raise UsageError(f"unknown model preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+    if quick:
+        cases, steps = bench.QUICK_CASES, min(steps, 2)
+    elif preset:
+        cases = [(name, batch or 1, size) for name in preset]
+    else:
+        cases = [(name, batch or default, size) for name, default, _ in bench.DEFAULT_CASES]
+    with make_progress(transient=True) as progress:
+        task = progress.add_task("timing", total=None)
+        report = bench.run(cases, steps=steps, threads=threads,
+                           progress=lambda text: progress.update(task, description=text))
+    _print_json(report) if as_json else bench.print_report(report)
+
+
 @bench_app.command("model")
 @_reported
 def bench_model(
