@@ -125,6 +125,105 @@ def convert(
     _print_json(report) if as_json else weights.print_conversion_report(report)
 
 
+# ----------------------------------------------------------------------------------------------- data and eval
+_SUBSET_HELP = "s4 (Single-source), ms3 (Multi-sources) or avss (AVSBench-semantic)."
+_DATA_HELP = "The dataset root (AVS_dataset/ with AVSBench_object/ and AVSBench_semantic/) or the subset's folder."
+
+
+@app.command("eval", rich_help_panel="Training and evaluation")
+@_reported
+def eval_command(
+    subset: Annotated[str, typer.Option("--subset", help=_SUBSET_HELP)],
+    data: Annotated[Path, typer.Option("--data", help=_DATA_HELP)],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hf://owner/repo[@rev][/dir] "
+                                              "or registry name to run.")] = None,
+    pred_dir: Annotated[Path | None, typer.Option("--pred-dir", help="Score saved predictions instead: one PNG per "
+                                                  "labelled frame at the label's path relative to the split.")] = None,
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
+    protocol: Annotated[str, typer.Option("--protocol", help="av2ts (F-score per video as COMBO/AV2TS, AVSS real "
+                                          "frames only) or avsbench (F-score per 4 videos in CSV order, AVSS v1 clips "
+                                          "padded to 10 frames).")] = "av2ts",
+    save_pred: Annotated[Path | None, typer.Option("--save-pred", help="Also write the model's predictions there "
+                                                   "(the --pred-dir format).")] = None,
+    shuffle_audio: Annotated[bool, typer.Option("--shuffle-audio", help="Give each clip another clip's audio (a "
+                                                "fixed derangement): a control for audio use.")] = False,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Clips per forward pass.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --shuffle-audio pairing.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Official AVSBench metrics (mIoU, F-score) of a model or of saved predictions."""
+    from av2ts_cli import evaluate
+
+    report = evaluate.evaluate(subset, data, split=split, protocol=protocol, model=model, pred_dir=pred_dir,
+                               save_pred=save_pred, shuffle_audio=shuffle_audio, batch=batch, device=device,
+                               workers=workers, seed=seed, progress=not as_json)
+    if as_json:
+        _print_json({k: report[k] for k in ("subset", "split", "protocol", "videos", "frames", "miou", "fscore")})
+    else:
+        evaluate.print_report(report)
+
+
+@data_app.command("synth")
+@_reported
+def data_synth(
+    subset: Annotated[str, typer.Option("--subset", help=_SUBSET_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset root to write into (the subset goes to its "
+                                      "official folder inside).")],
+    videos: Annotated[int | None, typer.Option("--videos", "-n", min=0, help="Training videos (default: s4 48, ms3 "
+                                               "32, avss 36).")] = None,
+    val: Annotated[int | None, typer.Option("--val", min=0, help="Validation videos (default: a quarter of "
+                                            "--videos, at least 2).")] = None,
+    test: Annotated[int | None, typer.Option("--test", min=0, help="Test videos (default: as --val).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes.")] = 0,
+    categories: Annotated[int, typer.Option("--categories", min=2, max=6, help="Sounding-shape categories used "
+                                            "(the first N of 6; fewer is easier).")] = 6,
+    size: Annotated[int, typer.Option("--size", min=32, help="Frame side in pixels.")] = 224,
+    maskiges: Annotated[bool, typer.Option("--maskiges/--no-maskiges", help="Also write the Siam encoder's "
+                                           "maskiges (pre_SAM_mask).")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace the subset's folder if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Write synthetic "sounding shapes" data in the official AVSBench layout (seeded, deterministic)."""
+    from av2ts_cli.console import make_progress
+    from av2ts_cli.data import synth
+
+    counts = {k: v for k, v in (("train", videos), ("val", val), ("test", test)) if v is not None}
+    options = synth.SynthOptions(subset, counts=counts, seed=seed, categories=categories, size=size,
+                                 maskiges=maskiges)
+    with make_progress(transient=True) as progress:
+        task = progress.add_task("writing videos", total=sum(options.counts.values()))
+        report = synth.synthesize(out, options, force=force, on_video=lambda *_: progress.advance(task))
+    if as_json:
+        _print_json(report)
+    else:
+        splits = ", ".join(f"{split} {n}" for split, n in report["splits"].items())
+        console.print(f"Wrote synthetic {subset.upper()} ({splits} videos, {report['frames']} frames, "
+                      f"{report['masks']} masks) to {report['root']}")
+
+
+@data_app.command("check")
+@_reported
+def data_check(
+    subset: Annotated[str, typer.Option("--subset", help=_SUBSET_HELP)],
+    data: Annotated[Path, typer.Option("--data", help=_DATA_HELP)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Counts per split and every missing, unreadable or mis-sized file; exit 1 if there is any."""
+    from av2ts_cli.console import make_progress
+    from av2ts_cli.data import check
+    from av2ts_cli.data.layout import check_subset
+
+    check_subset(subset)
+    with make_progress(transient=True) as progress:
+        task = progress.add_task("checking videos", total=check.total_videos(data, subset))
+        report = check.check_dataset(data, subset, on_video=lambda: progress.advance(task))
+    _print_json(report) if as_json else check.print_report(report)
+    if report["problems"]:
+        raise typer.Exit(EXIT_FAILURE)
+
+
 @app.command("train", rich_help_panel="Training and evaluation")
 @_reported
 def train_command(
@@ -152,6 +251,8 @@ def train_command(
                                                    "at the end (default 100; 0: only at the end).")] = None,
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Split that picks the best checkpoint "
                                                    "(default val; the reference AV2TS used test).")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="The reference's random resize, "
+                                                 "crop, flip and colour jitter per clip (default on).")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Write a log.csv row every N iterations "
                                                   "(default 20).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Data-loading processes (default 2).")] = None,
@@ -167,7 +268,7 @@ def train_command(
     report = train.train(resume=resume, progress=not as_json, subset=subset, data=data, model=model, iters=iters,
                          batch=batch, lr=lr, backbone_lr_mult=backbone_lr_mult, amp=amp, bf16=bf16,
                          out=None if out is None else str(out), eval_every=eval_every, eval_split=eval_split,
-                         log_every=log_every, workers=workers, seed=seed, device=device)
+                         augment=augment, log_every=log_every, workers=workers, seed=seed, device=device)
     if report is None:  # a process other than rank 0 of a torchrun job
         return
     _print_json(report) if as_json else train.print_report(report)

@@ -68,6 +68,8 @@ def read_wav_info(path: str | os.PathLike) -> WavInfo:
                     break
                 else:
                     f.seek(length + length % 2, 1)
+    except FileNotFoundError:
+        raise DataError(path, "missing audio file") from None
     except OSError as err:
         raise DataError(path, f"unreadable WAV: {err.strerror or err}") from None
     tag, channels, rate, _, block, bits = struct.unpack("<HHIIHH", fmt[:16])

@@ -147,6 +147,19 @@ class AVSDataset(Dataset):
                 maskiges = resize_images(maskiges, *images.shape[1:3])
         return ClipArrays(images, masks, maskiges)
 
+    def eval_labels(self, video: Video) -> tuple[list[int], np.ndarray]:
+        """(indices of the labelled frames, their labels uint8 [n, h, w]) as evaluation scores them: at their own
+        size (AVSS: nearest-resized to 224 x 224)."""
+        annotated = video.annotated
+        palette = self.palette if video.mask_format == MASK_RGB else None
+        labels = [read_mask(video.masks[i], video.mask_format, palette) for i in annotated]
+        if len({label.shape for label in labels}) > 1:
+            raise DataError(video.masks[annotated[0]].parent, "masks of one video differ in size")
+        masks = np.stack(labels) if labels else np.zeros((0, 1, 1), np.uint8)
+        if self.subset == "avss" and labels:
+            masks = resize_images(masks, *AVSS_EVAL_SIZE, nearest=True)
+        return annotated, masks
+
     def read_audio(self, video: Video, count: int) -> torch.Tensor:
         """[count, 96, 64] log-mel examples of the video's audio (cut, or padded by repeating the last one)."""
         use_pickle = self.audio == "pkl" or (self.audio == "auto" and not video.wav.exists()

@@ -1,0 +1,166 @@
+"""``av2ts data check``: counts per split and every missing, unreadable or mis-sized file of a dataset.
+
+Every frame, label and maskige named by the metadata is opened and its structure checked without decoding the
+pixels (PIL ``verify``: PNG chunk CRCs, JPEG markers), every WAV header parsed (a file shorter than its header says
+is reported). Sizes: the labels (and S4/MS3 maskiges) of a video must match its frames, the frames of a video must
+agree, S4/MS3 frames are 224 x 224 and AVSS maskiges 224 x 224 (the official files). Maskiges are checked only
+when the subset has a ``pre_SAM_mask`` folder; a WAV may be missing when its log-mel pickle is there (a note).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from av2ts_cli.data.audio import read_wav_info
+from av2ts_cli.data.images import image_header
+from av2ts_cli.data.layout import DATA_FOLDERS, SPLITS, Video, list_videos, read_metadata, resolve_root
+from av2ts_cli.errors import DataError
+
+OBJECT_FRAME_SIZE = (224, 224)  # S4/MS3 frames as the official preprocessing saved them
+AVSS_MASKIGE_SIZE = (224, 224)  # COMBO's maskiges are made on the 224 x 224 processed frames
+SAMPLE_RATE = 16000
+
+
+def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
+                  on_video: Callable[[], None] | None = None) -> dict:
+    """{"subset", "root", "splits": {split: {"videos", "frames", "masks", "wavs", "maskiges"}}, "problems":
+    [{"path", "problem"}], "notes": [{"path", "note"}]}."""
+    root = resolve_root(data, subset)
+    maskige_root = _maskige_root(root, subset)
+    report = {"subset": subset, "root": str(root), "splits": {}, "problems": [], "notes": []}
+    per_split: dict[str, list[Video]] = {}
+    for split in SPLITS:
+        try:
+            per_split[split] = list_videos(root, subset, split)
+        except DataError as err:
+            if "no videos in split" not in err.reason:
+                raise
+            per_split[split] = []
+            report["notes"].append({"path": err.path, "note": err.reason})
+    if not any(per_split.values()):
+        report["problems"].append({"path": report["notes"][0]["path"], "problem": "no videos in any split"})
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for split, videos in per_split.items():
+            counts = {"videos": len(videos), "frames": 0, "masks": 0, "wavs": 0, "maskiges": 0}
+            for video in videos:
+                _check_video(video, maskige_root is not None and maskige_root.is_dir(), pool, counts, report)
+                if on_video is not None:
+                    on_video()
+            report["splits"][split] = counts
+    report["problems"].sort(key=lambda p: p["path"])
+    return report
+
+
+def total_videos(data: str | os.PathLike, subset: str) -> int:
+    """How many videos ``check_dataset`` will visit (for a progress bar)."""
+    root = resolve_root(data, subset)
+    return sum(1 for _, split, _ in read_metadata(root, subset) if split in SPLITS)
+
+
+def _maskige_root(root: Path, subset: str) -> Path | None:
+    if subset == "avss":
+        return root / "pre_SAM_mask"
+    return root / DATA_FOLDERS[subset] / "pre_SAM_mask"
+
+
+def _header(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """((height, width), None) or (None, problem)."""
+    try:
+        width, height = image_header(path)
+        return (height, width), None
+    except DataError as err:
+        return None, err.reason
+
+
+def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, counts: dict, report: dict) -> None:
+    def add(path, problem: str) -> None:
+        report["problems"].append({"path": str(path), "problem": problem})
+
+    frames = list(pool.map(_header, video.frames))
+    masks = {i: pool.submit(_header, path) for i, path in enumerate(video.masks) if path is not None}
+    maskiges = list(pool.map(_header, video.maskiges)) if with_maskiges else []
+
+    frame_size = None
+    for path, (size, problem) in zip(video.frames, frames, strict=True):
+        if problem:
+            add(path, problem)
+            continue
+        counts["frames"] += 1
+        if video.subset != "avss" and size != OBJECT_FRAME_SIZE:
+            add(path, f"mis-sized: {_wh(size)}, expected {_wh(OBJECT_FRAME_SIZE)}")
+        elif frame_size is not None and size != frame_size:
+            add(path, f"mis-sized: {_wh(size)}, the video's first frame is {_wh(frame_size)}")
+        frame_size = frame_size or size
+
+    for i, future in masks.items():
+        size, problem = future.result()
+        path = video.masks[i]
+        if problem:
+            add(path, problem)
+            continue
+        counts["masks"] += 1
+        if frame_size is not None and size != frame_size:
+            add(path, f"mis-sized: {_wh(size)}, its frame is {_wh(frame_size)}")
+
+    expected_maskige = AVSS_MASKIGE_SIZE if video.subset == "avss" else frame_size
+    for path, (size, problem) in zip(video.maskiges, maskiges, strict=False):
+        if problem:
+            add(path, problem)
+            continue
+        counts["maskiges"] += 1
+        if expected_maskige is not None and size != expected_maskige:
+            add(path, f"mis-sized: {_wh(size)}, expected {_wh(expected_maskige)}")
+
+    try:
+        info = read_wav_info(video.wav)
+    except DataError as err:
+        if not video.wav.exists():
+            if video.log_mel.is_file():
+                report["notes"].append({"path": str(video.wav), "note": "missing; its log-mel pickle is used"})
+            else:
+                add(video.wav, "missing audio file (no WAV, no log-mel pickle)")
+        else:
+            add(video.wav, err.reason)
+        return
+    counts["wavs"] += 1
+    if info.sample_rate != SAMPLE_RATE:
+        report["notes"].append({"path": str(video.wav), "note": f"{info.sample_rate} Hz, resampled to 16 kHz"})
+    seconds = info.frames / info.sample_rate
+    if seconds < 0.96 * video.num_frames:
+        report["notes"].append({"path": str(video.wav), "note": f"{seconds:.2f} s of audio for {video.num_frames} "
+                                                                 "frames: the last log-mel example is repeated"})
+
+
+def _wh(size: tuple[int, int]) -> str:
+    return f"{size[1]}x{size[0]}"
+
+
+def print_report(report: dict, limit: int = 40) -> None:
+    from rich.table import Table
+
+    from av2ts_cli.console import console
+
+    table = Table(title=f"{report['subset'].upper()} at {report['root']}", title_justify="left")
+    for column in ("split", "videos", "frames", "masks", "wavs", "maskiges"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, counts in report["splits"].items():
+        table.add_row(split, *(str(counts[k]) for k in ("videos", "frames", "masks", "wavs", "maskiges")))
+    console.print(table)
+    problems = report["problems"]
+    if problems:
+        listing = Table(title=f"{len(problems)} problem(s)", title_justify="left", title_style="red")
+        listing.add_column("file", overflow="fold")
+        listing.add_column("problem", overflow="fold")
+        for item in problems[:limit]:
+            listing.add_row(item["path"], item["problem"])
+        if len(problems) > limit:
+            listing.add_row(f"... and {len(problems) - limit} more (--json lists all)", "")
+        console.print(listing)
+    else:
+        console.print("[green]no problems found[/green]")
+    if report["notes"]:
+        console.print(f"{len(report['notes'])} note(s), e.g. {report['notes'][0]['path']}: "
+                      f"{report['notes'][0]['note']}")

@@ -1,0 +1,305 @@
+"""``av2ts eval``: the official metrics (``metrics.py``) for a model or for saved predictions of any model.
+
+Predictions on disk (``--pred-dir``, and what ``--save-pred`` writes): one 8-bit PNG per labelled frame at the
+ground-truth label's path relative to the split (S4 ``<category>/<video>/<video>_<k>.png``, MS3
+``<video>/<video>_<k>.png``, AVSS ``<label>/<uid>/<frame>.png``). S4/MS3 pixels are the foreground probability x 255
+(rounded); AVSS pixels are class indices (a palette PNG, so it also looks right). A prediction of another size is
+resized to the label's (bilinear for probabilities, nearest for classes).
+
+A model's semantic map (``AV2TS.segment``, at its input size) is resized bilinearly to the label size, then turned
+into the foreground probability (S4/MS3, softmax over the two channels as COMBO/AV2TS) or the class map (AVSS).
+``--shuffle-audio`` feeds each clip the audio of another clip (a fixed, seeded derangement): a control showing how
+much the model uses sound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from av2ts_cli.data.classes import avss_palette
+from av2ts_cli.data.datasets import AVSDataset, build_dataset
+from av2ts_cli.data.images import read_rgb, rgb_to_index, write_png
+from av2ts_cli.data.layout import SUBSET_TITLES, check_split, check_subset
+from av2ts_cli.data.transforms import resize_images
+from av2ts_cli.errors import DataError, UsageError
+from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
+
+RUNS_FOLDER = Path("runs") / "eval"
+
+
+# ------------------------------------------------------------------------------------------------------- entry
+def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", protocol: str = "av2ts",
+             model: str | None = None, pred_dir: str | os.PathLike | None = None,
+             save_pred: str | os.PathLike | None = None, shuffle_audio: bool = False, batch: int = 1,
+             device: str = "auto", workers: int = 2, seed: int = 0, out: str | os.PathLike | None = None,
+             progress: bool = True) -> dict:
+    """Score ``model`` (a name for ``weights.load_model``) or the PNGs under ``pred_dir``; write ``metrics.json``
+    (beside the predictions, else in ``out`` or a new ``runs/eval/expN``) and return the report."""
+    check_subset(subset)
+    check_split(split)
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if (model is None) == (pred_dir is None):
+        raise UsageError("give exactly one of --model and --pred-dir")
+    if pred_dir is not None and (save_pred is not None or shuffle_audio):
+        raise UsageError("--save-pred and --shuffle-audio need --model, not --pred-dir")
+    if batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {batch}")
+
+    if pred_dir is not None:
+        pred_dir = Path(pred_dir)
+        if not pred_dir.is_dir():
+            raise DataError(pred_dir, "no such prediction folder")
+        dataset = AVSDataset(data, subset, split, cache=None)
+        metrics = score_prediction_folder(dataset, pred_dir, protocol, progress=progress)
+        source = {"pred_dir": str(pred_dir)}
+        folder = pred_dir
+    else:
+        from av2ts_cli.weights import load_model
+
+        torch_device = resolve_device(device)
+        network, cfg = load_model(model, device=torch_device)
+        dataset = build_dataset(subset, data, split, cfg=cfg, train=False)
+        if cfg.num_classes != dataset.num_classes:
+            raise UsageError(f"model {model} predicts {cfg.num_classes} classes, {subset} has {dataset.num_classes}")
+        if shuffle_audio:
+            dataset.audio_from = derangement(len(dataset), seed)
+        metrics = evaluate_model(network, dataset, protocol, batch=batch, device=torch_device, workers=workers,
+                                 save_pred=save_pred, progress=progress)
+        source = {"model": str(model), "shuffle_audio": shuffle_audio}
+        folder = Path(save_pred) if save_pred is not None else None
+
+    report = {"subset": subset, "split": split, "protocol": protocol, "videos": metrics["videos"],
+              "frames": metrics["frames"], "miou": metrics["miou"], "fscore": metrics["fscore"], **source}
+    folder = folder or (Path(out) if out is not None else numbered_run_folder(RUNS_FOLDER))
+    report["metrics_file"] = str(write_json(folder / "metrics.json", {**report, "details": metrics}))
+    return report
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"unknown device {device!r}: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but CUDA is not available")
+    return resolved
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded permutation of range(n) without fixed points (each clip gets another clip's audio)."""
+    if n < 2:
+        raise UsageError("--shuffle-audio needs at least 2 videos")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        if not np.any(order == np.arange(n)):
+            return [int(i) for i in order]
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch: int = 1,
+                   device: str | torch.device = "cpu", workers: int = 0,
+                   save_pred: str | os.PathLike | None = None, progress: bool = False) -> dict:
+    """Run ``model`` (an AV2TS network, put in eval mode) over an evaluation dataset and score it. ``batch``: clips
+    per forward pass (clips of equal length only). Returns the metrics' result dict."""
+    metric = SemanticMetrics(dataset.num_classes) if dataset.subset == "avss" else BinaryMetrics()
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    palette = avss_palette(dataset.num_classes)
+    try:
+        with _progress(progress, len(dataset), "evaluating") as advance, torch.inference_mode():
+            for items in _batches(dataset, batch, workers):
+                frames = torch.stack([item["frames"] for item in items]).to(device).float()
+                audio = torch.stack([item["audio"] for item in items]).to(device)
+                maskiges = None
+                if "maskiges" in items[0]:
+                    maskiges = torch.stack([item["maskiges"] for item in items]).to(device).float()
+                semseg = model.segment(frames, audio, maskiges)  # [B, T, K, S, S]
+                for item, clip_map in zip(items, semseg, strict=True):
+                    _score_clip(item, clip_map, dataset, metric, protocol, save_pred, palette)
+                    advance()
+    finally:
+        model.train(was_training)
+    return metric.result() if isinstance(metric, SemanticMetrics) else metric.result(protocol)
+
+
+def _batches(dataset: AVSDataset, batch: int, workers: int) -> Iterator[list[dict]]:
+    """Consecutive items (CSV order) in groups of up to ``batch`` with the same number of frames."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
+    group: list[dict] = []
+    for item in loader:
+        if group and (len(group) == batch or item["frames"].shape != group[0]["frames"].shape):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _score_clip(item: dict, clip_map: torch.Tensor, dataset: AVSDataset, metric, protocol: str,
+                save_pred, palette: np.ndarray) -> None:
+    """clip_map: [T, K, S, S] semantic map of one clip; the item's masks are at the label size."""
+    from av2ts_cli.model.av2ts import class_map, foreground_probability
+
+    annotated = item["supervised"].nonzero().flatten()
+    if len(annotated) == 0:
+        return
+    gt = item["masks"][annotated]
+    semseg = clip_map[annotated.to(clip_map.device)].float()
+    if semseg.shape[-2:] != gt.shape[-2:]:
+        semseg = F.interpolate(semseg, size=gt.shape[-2:], mode="bilinear", align_corners=False)
+    names = [item["mask_paths"][i] for i in annotated.tolist()]
+    if dataset.subset == "avss":
+        pred = class_map(semseg).cpu()
+        metric.update(pred, gt)
+        if protocol == "avsbench":
+            metric.add_padding(AVSS_PADDED_LENGTH - len(item["mask_paths"]), gt[0].numel())
+        if save_pred is not None:
+            for name, labels in zip(names, pred.numpy().astype(np.uint8), strict=True):
+                write_png(Path(save_pred) / name, labels, palette=palette)
+    else:
+        prob = foreground_probability(semseg).cpu()
+        metric.update(prob, gt == 1)
+        if save_pred is not None:
+            pixels = torch.round(prob * 255).to(torch.uint8).numpy()
+            for name, image in zip(names, pixels, strict=True):
+                write_png(Path(save_pred) / name, image)
+
+
+# ------------------------------------------------------------------------------------------------- predictions
+def score_prediction_folder(dataset: AVSDataset, pred_dir: Path, protocol: str = "av2ts",
+                            progress: bool = False) -> dict:
+    """Score the PNGs under ``pred_dir`` against the dataset's labels (see the module docstring for the format)."""
+    metric = SemanticMetrics(dataset.num_classes) if dataset.subset == "avss" else BinaryMetrics()
+    palette = avss_palette(dataset.num_classes)
+    with _progress(progress, len(dataset), "scoring") as advance:
+        for video in dataset.videos:
+            annotated, gt = dataset.eval_labels(video)
+            if not annotated:
+                advance()
+                continue
+            paths = [pred_dir / video.mask_names[i] for i in annotated]
+            if dataset.subset == "avss":
+                pred = np.stack([_read_class_prediction(p, gt.shape[1:], palette) for p in paths])
+                metric.update(torch.from_numpy(pred), torch.from_numpy(gt).long())
+                if protocol == "avsbench":
+                    metric.add_padding(AVSS_PADDED_LENGTH - video.num_frames, gt[0].size)
+            else:
+                prob = torch.stack([_read_probability(p, gt.shape[1:]) for p in paths])
+                metric.update(prob, torch.from_numpy(gt == 1))
+            advance()
+    return metric.result() if isinstance(metric, SemanticMetrics) else metric.result(protocol)
+
+
+def _prediction_image(path: Path):
+    from PIL import Image
+
+    if not path.is_file():
+        raise DataError(path, "missing prediction")
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(path, f"unreadable prediction PNG: {err}") from None
+
+
+def _read_probability(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """An S4/MS3 prediction PNG -> float32 [h, w] probability (pixel / 255) at the label size."""
+    image = _prediction_image(path)
+    pixels = np.asarray(image if image.mode == "L" else image.convert("L")).astype(np.float32) / 255.0
+    prob = torch.from_numpy(pixels)
+    if prob.shape != tuple(size):
+        prob = F.interpolate(prob[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return prob
+
+
+def _read_class_prediction(path: Path, size: tuple[int, int], palette: np.ndarray) -> np.ndarray:
+    """An AVSS prediction PNG (class indices; palette colours if it is RGB) -> int64 [h, w] at the label size."""
+    image = _prediction_image(path)
+    if image.mode in ("L", "P", "I", "I;16"):
+        classes = np.asarray(image).astype(np.int64)
+    else:
+        classes = rgb_to_index(read_rgb(path, "prediction"), palette).astype(np.int64)
+    if classes.shape != tuple(size):
+        classes = resize_images(classes.astype(np.uint8)[None], *size, nearest=True)[0].astype(np.int64)
+    return classes
+
+
+# ----------------------------------------------------------------------------------------------------- output
+def numbered_run_folder(base: str | os.PathLike, name: str = "exp") -> Path:
+    """A new folder ``base/name``, ``base/name2``, ... (the first that does not exist), created."""
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    index = 1
+    while True:
+        folder = base / (name if index == 1 else f"{name}{index}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            index += 1
+
+
+def write_json(path: Path, obj) -> Path:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
+    try:
+        temp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+class _progress:
+    """A rich "videos k/N" bar on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, description: str):
+        self.enabled, self.total, self.description = enabled, total, description
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from av2ts_cli.console import make_progress
+
+        self.bar = make_progress(transient=True)
+        self.bar.start()
+        task = self.bar.add_task(f"{self.description} videos", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def print_report(report: dict) -> None:
+    from rich.table import Table
+
+    from av2ts_cli.console import console
+
+    what = report.get("model") or report.get("pred_dir")
+    table = Table(title=f"{SUBSET_TITLES[report['subset']]}, {report['split']} split, protocol {report['protocol']}",
+                  title_justify="left")
+    for column in ("source", "videos", "frames", "mIoU", "F-score"):
+        table.add_column(column, justify="left" if column == "source" else "right", overflow="fold")
+    suffix = " (shuffled audio)" if report.get("shuffle_audio") else ""
+    table.add_row(f"{what}{suffix}", str(report["videos"]), str(report["frames"]), f"{report['miou']:.4f}",
+                  f"{report['fscore']:.4f}")
+    console.print(table)
+    console.print(f"Results saved to {report['metrics_file']}")
