@@ -49,18 +49,22 @@ AUDIO_SOURCES = ("auto", "wav", "pkl")
 class AVSDataset(Dataset):
     """Clips of one split of an AVSBench subset.
 
-    data: the dataset root or the subset's folder (``layout.resolve_root``); input_size: the model's square input;
-    train: augment and sample training windows (default: split == "train"); maskiges: also load the Siam encoder's
-    maskiges; audio: "wav" (log-mel from the WAVs, cached), "pkl" (the precomputed pickles) or "auto" (WAV, the
-    pickle when the WAV is missing); clip_frames: AVSS training window; labels: AVSS "semantic", "rgb" or "auto";
-    cache: a LogMelCache, "default" (memory + disk under the av2ts cache folder) or None (memory only);
-    audio_from: per item, the index of the video whose audio to use (``--shuffle-audio``); seed: None draws the
-    augmentation from torch's RNG (seeded per DataLoader worker), an int makes it a function of (seed, epoch,
-    index) (``set_epoch``).
+    - data: the dataset root or the subset's folder (``layout.resolve_root``); input_size: the model's square input.
+    - train: training items (labels at the input size, AVSS v2 windows; default: split == "train").
+    - augment: with ``train``, the reference augmentation (False: frames and labels only resized to the input).
+    - maskiges: also load the Siam encoder's maskiges.
+    - audio: "wav" (log-mel from the WAVs, cached), "pkl" (the precomputed pickles) or "auto" (the WAV, else the
+      pickle).
+    - clip_frames: the AVSS training window; labels: AVSS "semantic", "rgb" or "auto" (semantic where present).
+    - cache: a LogMelCache, "default" (memory + disk under the av2ts cache folder) or None (memory only).
+    - audio_from: per item, the index of the video whose audio to use (``--shuffle-audio``).
+    - seed: None draws the augmentation from torch's RNG (seeded per DataLoader worker); an int makes it a function
+      of (seed, epoch, index) (``set_epoch``).
     """
 
     def __init__(self, data: str | os.PathLike, subset: str, split: str, input_size: int = 224, *,
-                 train: bool | None = None, maskiges: bool = False, audio: str = "auto", clip_frames: int = 5,
+                 train: bool | None = None, augment: bool = True, maskiges: bool = False, audio: str = "auto",
+                 clip_frames: int = 5,
                  labels: str = "auto", cache: LogMelCache | str | None = "default",
                  audio_from: Sequence[int] | None = None, seed: int | None = None):
         self.subset = check_subset(subset)
@@ -73,6 +77,7 @@ class AVSDataset(Dataset):
         self.videos: list[Video] = list_videos(self.root, subset, split, labels)
         self.input_size = int(input_size)
         self.train = split == "train" if train is None else bool(train)
+        self.augment = bool(augment)
         self.maskiges = bool(maskiges)
         self.audio = audio
         self.clip_frames = int(clip_frames)
@@ -101,8 +106,9 @@ class AVSDataset(Dataset):
             start = int(rng.integers(0, video.num_frames - self.clip_frames + 1))
             frames = range(start, start + self.clip_frames)
         clip = self.read_clip(video, frames)
-        if rng is not None:
-            clip = train_transform(clip, self.input_size, rng, random_resize=self.subset != "avss")
+        if self.train:
+            clip = train_transform(clip, self.input_size, rng if self.augment else None,
+                                   random_resize=self.subset != "avss")
         else:
             clip = eval_transform(clip, self.input_size, AVSS_EVAL_SIZE if self.subset == "avss" else None)
         audio_video = video if self.audio_from is None else self.videos[self.audio_from[index]]

@@ -154,15 +154,19 @@ def _affine(images: np.ndarray, alpha: float, beta: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- pipelines
-def train_transform(clip: ClipArrays, size: int, rng: np.random.Generator, random_resize: bool = True
+def train_transform(clip: ClipArrays, size: int, rng: np.random.Generator | None, random_resize: bool = True
                     ) -> ClipArrays:
-    """The training augmentation of one clip, output size x size. ``random_resize``: S4/MS3's random short side
-    and random crop; False (AVSS): short side to ``size`` and a centre crop."""
+    """The training augmentation of one clip, output size x size (labels too). ``random_resize``: S4/MS3's random
+    short side and random crop; False (AVSS): short side to ``size`` and a centre crop. ``rng`` None: no
+    augmentation at all (frames and labels only brought to size x size: a direct resize for S4/MS3, the centre
+    crop for AVSS)."""
     t, h, w = clip.frames.shape[:3]
     if clip.masks.shape[1:] != (h, w):  # labels drawn at another size: bring them to the frames first
         clip = ClipArrays(clip.frames, resize_images(clip.masks, h, w, nearest=True), clip.maskiges)
     if clip.maskiges is not None and clip.maskiges.shape[1:3] != (h, w):
         clip = ClipArrays(clip.frames, clip.masks, resize_images(clip.maskiges, h, w))
+    if rng is None and random_resize:
+        return _resize_clip(clip, size, size)
     if random_resize:
         short = int(RESIZE_FACTORS[rng.integers(len(RESIZE_FACTORS))] * size)
         new_h, new_w = shortest_edge_size(h, w, short, MAX_SIZE_FACTOR * size)
@@ -175,6 +179,8 @@ def train_transform(clip: ClipArrays, size: int, rng: np.random.Generator, rando
         crop_h, crop_w = min(size, new_h), min(size, new_w)
         top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
     clip = _crop_clip(clip, top, left, crop_h, crop_w)
+    if rng is None:
+        return _pad_clip(clip, size)
     jitter = ColourJitter.random(rng)
     frames = jitter(clip.frames)
     maskiges = None if clip.maskiges is None else jitter(clip.maskiges)
