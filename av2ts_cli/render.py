@@ -1,0 +1,214 @@
+"""Overlays: every frame of a video with the mask of the nearest sampled time painted on it, the original audio
+muxed back in (``av2ts overlay`` and ``av2ts predict --overlay``).
+
+Colours: semantic (AVSS) masks use the AVSBench palette (``avss_palette``: the PASCAL-VOC bit-interleave rule),
+binary masks one highlight colour. Frames are streamed from ``media.iter_frames`` into ``media.encode_video``
+(H.264 + AAC, written atomically); nothing is held but the current frame and the current mask.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from av2ts_cli import media
+from av2ts_cli.console import warn
+from av2ts_cli.data.classes import avss_palette
+from av2ts_cli.data.images import rgb_to_index
+from av2ts_cli.errors import DataError, MediaError, UsageError
+
+HIGHLIGHT = (255, 96, 0)  # binary masks: a saturated orange stands out on most scenes
+PALETTES = ("auto", "binary", "avss")
+FRAMES_FILE = "frames.jsonl"
+FALLBACK_OFFSET = 15 / 16  # masks without frames.jsonl: one per second at the AVSBench sampling time
+_TIME_TOLERANCE = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------- masks
+@dataclass(frozen=True)
+class MaskTrack:
+    """Sampled times (ascending) and the mask file of each."""
+
+    times: Sequence[float]
+    paths: Sequence[Path]
+
+    def nearest(self, t: float) -> int:
+        """Index of the sampled time nearest to ``t`` (the earlier one on a tie)."""
+        right = bisect.bisect_left(self.times, t)
+        if right == 0:
+            return 0
+        if right == len(self.times):
+            return right - 1
+        return right - 1 if t - self.times[right - 1] <= self.times[right] - t else right
+
+
+def read_mask_track(masks_dir: str | os.PathLike) -> MaskTrack:
+    """The masks of ``masks_dir`` and their times: from ``frames.jsonl`` beside the folder (what predict writes),
+    else from the numbers in the file names, one mask per second at k + 15/16 s (AVSBench's sampling)."""
+    masks_dir = Path(masks_dir)
+    if not masks_dir.is_dir():
+        raise DataError(masks_dir, "no such folder of masks")
+    index = masks_dir.parent / FRAMES_FILE
+    if index.is_file():
+        times, paths = [], []
+        for number, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                time, name = float(record["time"]), Path(record["mask"]).name
+            except (ValueError, KeyError, TypeError):
+                raise DataError(index, f"line {number} has no time and mask file") from None
+            times.append(time)
+            paths.append(masks_dir / name)
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(missing[0], f"listed in {index.name} but missing ({len(missing)} masks missing)")
+        order = sorted(range(len(times)), key=lambda i: times[i])
+        track = MaskTrack([times[i] for i in order], [paths[i] for i in order])
+    else:
+        files = [p for p in masks_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")]
+        files.sort(key=lambda p: (_trailing_number(p), p.name))
+        warn(f"{masks_dir}: no {FRAMES_FILE} beside it; assuming one mask per second (at k + 15/16 s) in file-name "
+             "order")
+        track = MaskTrack([k + FALLBACK_OFFSET for k in range(len(files))], files)
+    if not track.paths:
+        raise DataError(masks_dir, "no mask images (*.png)")
+    return track
+
+
+def _trailing_number(path: Path) -> int:
+    match = re.search(r"(\d+)$", path.stem)
+    return int(match.group(1)) if match else -1
+
+
+def read_mask(path: Path) -> tuple[np.ndarray, str]:
+    """A mask image -> (uint8 [H, W] values, kind): "avss" for class ids (indexed PNG, colour labels matched
+    against the AVSS palette, grey class indices), "binary" for 0/255 or 0/1 masks (values become 0/1)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode == "P":
+                return np.asarray(image), "avss"
+            if mode in ("RGB", "RGBA"):
+                return rgb_to_index(np.asarray(image.convert("RGB")), avss_palette()), "avss"
+            values = np.asarray(image if mode in ("L", "1") else image.convert("L")).astype(np.uint8)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(path, f"unreadable mask image: {err}") from None
+    present = np.unique(values)
+    if set(present.tolist()) <= {0, 1, 255}:
+        return (values > 0).astype(np.uint8), "binary"
+    return values, "avss"
+
+
+class MaskPainter:
+    """Paints masks on frames: ``alpha`` blend of the mask colour over the region, optional opaque contour."""
+
+    def __init__(self, alpha: float = 0.5, contour: bool = False, palette: str = "auto"):
+        if not 0.0 <= alpha <= 1.0:
+            raise UsageError(f"--alpha {alpha} must be between 0 and 1")
+        if palette not in PALETTES:
+            raise UsageError(f"--palette {palette!r}: choose from {', '.join(PALETTES)}")
+        self.alpha, self.contour, self.palette = alpha, contour, palette
+        self.colours = avss_palette(256)
+        self._cached: tuple | None = None  # (path, layer, fill, edge) of the last mask prepared
+
+    def colour_table(self, kind: str) -> np.ndarray:
+        """[256, 3] uint8: the colour of each mask value."""
+        if (self.palette if self.palette != "auto" else kind) == "binary":
+            table = np.zeros((256, 3), np.uint8)
+            table[1:] = HIGHLIGHT
+            return table
+        return self.colours
+
+    def prepare(self, path: Path, size: tuple[int, int]):
+        """(layer [H, W, 3] colours, fill bool [H, W], edge bool [H, W] or None) of the mask file ``path`` at
+        ``size`` (W, H); the last one is cached (masks change only at the sampled times)."""
+        if self._cached is not None and self._cached[0] == path:
+            return self._cached[1:]
+        values, kind = read_mask(path)
+        if values.shape[::-1] != tuple(size):
+            values = cv2.resize(values, size, interpolation=cv2.INTER_NEAREST)
+        layer = self.colour_table(kind)[values]
+        fill = values > 0
+        edge = None
+        if self.contour:
+            edge = _edges(values, thickness=max(1, round(min(size) / 240)))
+        self._cached = (path, layer, fill, edge)
+        return layer, fill, edge
+
+    def paint(self, frame: np.ndarray, layer: np.ndarray, fill: np.ndarray, edge: np.ndarray | None) -> np.ndarray:
+        """frame uint8 [H, W, 3] -> a new frame with the mask painted."""
+        blended = cv2.addWeighted(frame, 1.0 - self.alpha, layer, self.alpha, 0.0)
+        out = frame.copy()
+        np.copyto(out, blended, where=fill[..., None])
+        if edge is not None:
+            np.copyto(out, layer, where=edge[..., None])
+        return out
+
+
+def _edges(values: np.ndarray, thickness: int) -> np.ndarray:
+    """Pixels of a region (value > 0) that touch a different value (4-neighbourhood), grown to ``thickness``."""
+    boundary = np.zeros(values.shape, bool)
+    boundary[:, 1:] |= values[:, 1:] != values[:, :-1]
+    boundary[:, :-1] |= values[:, 1:] != values[:, :-1]
+    boundary[1:] |= values[1:] != values[:-1]
+    boundary[:-1] |= values[1:] != values[:-1]
+    boundary &= values > 0
+    if thickness > 1:
+        kernel = np.ones((thickness, thickness), np.uint8)
+        boundary = cv2.dilate(boundary.astype(np.uint8), kernel).astype(bool) & (values > 0)
+    return boundary
+
+
+# ---------------------------------------------------------------------------------------------------- overlay
+def overlay_frames(video: str | os.PathLike, track: MaskTrack, painter: MaskPainter, info: media.Probe,
+                   fps: float) -> Iterator[np.ndarray]:
+    """The overlay's frames at a constant ``fps`` for the whole file duration: tick i shows the video frame on
+    screen at i / fps (the last one held while longer audio plays on) with the mask of the nearest sampled time."""
+    size = (info.width, info.height)
+    count = max(1, round(info.duration * fps))
+    frames = media.iter_frames(video)
+    try:
+        shown = next(frames, None)
+        if shown is None:
+            raise MediaError(video, "no decodable video frames")
+        upcoming = next(frames, None)
+        for tick in range(count):
+            t = tick / fps
+            while upcoming is not None and upcoming[0] <= t + _TIME_TOLERANCE:
+                shown, upcoming = upcoming, next(frames, None)
+            layer, fill, edge = painter.prepare(track.paths[track.nearest(t)], size)
+            yield painter.paint(shown[1], layer, fill, edge)
+    finally:
+        frames.close()
+
+
+def render_overlay(video: str | os.PathLike, masks: str | os.PathLike | MaskTrack, out: str | os.PathLike,
+                   alpha: float = 0.5, contour: bool = False, palette: str = "auto") -> dict:
+    """Write ``out``: ``video`` with its masks painted on (see ``overlay_frames``) and the original audio (AAC).
+
+    ``masks``: a masks folder (times from ``frames.jsonl`` beside it or from the file names) or a MaskTrack.
+    Returns {"output", "frames", "fps", "duration", "audio"}."""
+    video, out = Path(video), Path(out)
+    painter = MaskPainter(alpha, contour, palette)
+    track = masks if isinstance(masks, MaskTrack) else read_mask_track(masks)
+    info = media.probe(video)
+    if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
+        raise UsageError(f"{out}: the overlay must be an .mp4, .mov or .mkv file")
+    fps = info.fps if info.fps > 0 and math.isfinite(info.fps) else 25.0
+    frames = overlay_frames(video, track, painter, info, fps)
+    media.encode_video(frames, out, fps, audio_from=video)
+    count = max(1, round(info.duration * fps))
+    return {"output": str(out), "frames": count, "fps": fps, "duration": count / fps, "audio": info.has_audio}
