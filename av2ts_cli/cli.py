@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from av2ts_cli import __version__
 from av2ts_cli.console import console
@@ -77,6 +78,101 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     _state["debug"] = debug
+
+
+# ------------------------------------------------------------------------------------------------ segment videos
+class _OptionalValueCommand(TyperCommand):
+    """A command whose ``optional_value`` options may come with or without a value (``--overlay`` or
+    ``--overlay PATH``): Typer's parser has no such options, so a bare one is given the empty value here. As in
+    Click, the next argument is the value unless it looks like an option."""
+
+    optional_value = ("--overlay",)
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        fixed = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            following = args[i + 1] if i + 1 < len(args) else None
+            if arg in self.optional_value and (following is None or (following.startswith("-") and following != "-")):
+                fixed[i] = f"{arg}="
+        return super().parse_args(ctx, fixed)
+
+
+@app.command(cls=_OptionalValueCommand, rich_help_panel="Segment videos")
+@_reported
+def predict(
+    sources: Annotated[list[str], typer.Argument(help="Video files, folders (every video inside) or glob patterns.",
+                                                 show_default=False)],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also search the subfolders of folders.",
+                                            rich_help_panel="Input")] = False,
+    fps: Annotated[int, typer.Option("--fps", min=1, help="Masks per second: F passes, each shifting frames and audio "
+                                     "windows by 1/F s.", rich_help_panel="Input")] = 1,
+    maskiges: Annotated[Path | None, typer.Option("--maskiges", help="Maskige images for models with the Siam "
+                                                  "encoder: DIR/<video>/NNNNNN.png, numbered like the masks.",
+                                                  rich_help_panel="Input")] = None,
+    require_audio: Annotated[bool, typer.Option("--require-audio", help="Fail a video without an audio stream "
+                                                "(default: silence and a warning).", rich_help_panel="Input")] = False,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hf://owner/repo\\[@rev]"
+                                              "\\[/dir] or registry name (default: the bundled demo model).",
+                                              rich_help_panel="Model")] = None,
+    window: Annotated[int | None, typer.Option("--window", "-t", min=1, help="Seconds per clip, T (default: the "
+                                               "model's).", rich_help_panel="Model")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Sounding-object probability "
+                                             "threshold of binary (S4/MS3) models; semantic models take the argmax.",
+                                             rich_help_panel="Model")] = 0.5,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: runs/predict/exp, exp2, "
+                                             "...). Re-running into it skips finished videos.",
+                                             rich_help_panel="Output")] = None,
+    formats: Annotated[str, typer.Option("--format", help="Comma-separated: png (masks/NNNNNN.png), json "
+                                         "(frames.jsonl), rle (masks.coco.json, COCO RLE).",
+                                         rich_help_panel="Output")] = "png,json,rle",
+    overlay: Annotated[str | None, typer.Option("--overlay", metavar="[PATH]", help="Also write an overlay video with "
+                                                "the audio: OUT/<video>/overlay.mp4, or PATH (a folder for several "
+                                                "videos).", rich_help_panel="Output", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo videos that are already done.",
+                                        rich_help_panel="Output")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.",
+                                        rich_help_panel="Performance")] = "auto",
+    half: Annotated[bool, typer.Option("--half", help="fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX.",
+                                       rich_help_panel="Performance")] = False,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Windows per forward pass.",
+                                       rich_help_panel="Performance")] = 1,
+) -> None:
+    """Segment the sounding objects of videos: masks, per-frame JSON, COCO RLE and overlays."""
+    from av2ts_cli import predict as predictor
+    from av2ts_cli.errors import EXIT_PARTIAL
+
+    options = predictor.PredictOptions(
+        model=model, out=out, fps=fps, window=window, device=device, half=half, batch=batch, recursive=recursive,
+        threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, overlay=overlay,
+        force=force, require_audio=require_audio)
+    report = predictor.run(sources, options)
+    predictor.print_report(report)
+    if report.failures:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command(rich_help_panel="Segment videos")
+@_reported
+def overlay(
+    video: Annotated[Path, typer.Argument(help="The video the masks were made from.", show_default=False)],
+    masks_dir: Annotated[Path, typer.Argument(help="Its masks folder (times from frames.jsonl beside it, else one "
+                                              "mask per second in file-name order).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The overlay video to write (.mp4).",
+                                      show_default=False)],
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the mask colour.")] = 0.5,
+    contour: Annotated[bool, typer.Option("--contour", help="Also draw the mask outlines, opaque.")] = False,
+    palette: Annotated[str, typer.Option("--palette", help="auto (from the mask files), binary (one highlight "
+                                         "colour) or avss (AVSBench class colours).")] = "auto",
+) -> None:
+    """Paint masks on a video (each frame gets the mask of the nearest sampled time), with the original audio."""
+    from av2ts_cli import render
+
+    report = render.render_overlay(video, masks_dir, out, alpha=alpha, contour=contour, palette=palette)
+    sound = "with the original audio" if report["audio"] else "no audio in the input"
+    console.print(f"Overlay saved to {report['output']} ({report['frames']} frames, {report['duration']:.2f} s, "
+                  f"{sound})", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------------- diagnostics
