@@ -159,3 +159,22 @@ def bad_videos(tmp_path_factory, make_clip) -> dict[str, Path]:
     bad["directory"] = root / "x.mp4"
     bad["directory"].mkdir()
     return bad
+
+
+# ------------------------------------------------------------------------------------------------ data engineer
+SYNTH_SIZE = 64  # frame side of the shared synthetic datasets (small: the tests read every file)
+SYNTH_COUNTS = {"s4": {"train": 3, "val": 2, "test": 3}, "ms3": {"train": 2, "val": 2, "test": 2},
+                "avss": {"train": 3, "val": 2, "test": 3}}
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A dataset root (seed layout) holding synthetic S4, MS3 and AVSS written by ``av2ts_cli.data.synth`` with
+    seed 0, ``SYNTH_SIZE`` px frames, maskiges and log-mel pickles, and ``SYNTH_COUNTS`` videos per split (AVSS
+    videos cycle v1s, v1m, v2, so its train and test splits hold all three sets). Read-only: copy it to break it."""
+    from av2ts_cli.data.synth import SynthOptions, synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "AVS_dataset"
+    for subset, counts in SYNTH_COUNTS.items():
+        synthesize(root, SynthOptions(subset, counts=counts, seed=0, size=SYNTH_SIZE))
+    return root

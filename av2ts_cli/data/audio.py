@@ -227,7 +227,7 @@ def fit_examples(examples: torch.Tensor, count: int) -> torch.Tensor:
 _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
     ("torch._utils", "_rebuild_parameter"), ("torch.storage", "_load_from_bytes"),
-    ("collections", "OrderedDict"),
+    ("collections", "OrderedDict"), ("torch", "from_numpy"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
@@ -296,12 +296,21 @@ def read_log_mel_pickle(path: str | os.PathLike) -> torch.Tensor:
 
 
 def write_log_mel_pickle(path: str | os.PathLike, examples: torch.Tensor) -> None:
-    """Pickle [N, 96, 64] examples as AVSBench does (a plain pickle of a [N, 1, 96, 64] float32 tensor), atomically."""
+    """Pickle [N, 96, 64] examples as a [N, 1, 96, 64] float32 tensor, atomically and byte-for-byte reproducibly.
+
+    ``pickle.dump(tensor)`` (what AVSBench did) embeds a ``torch.save`` archive carrying a random serialization id,
+    so equal tensors give different files. We write the pickle ``torch.from_numpy(<float32 array>)`` instead (protocol
+    2, assembled from the array's own pickle): any ``pickle.load`` returns the same tensor, no random bytes inside.
+    """
     path = Path(path)
+    array = np.ascontiguousarray(examples.detach().float().unsqueeze(1).cpu().numpy())
+    body = pickle.dumps(array, protocol=2)  # PROTO 2, the array's opcodes, STOP (protocol 2 has no frames)
+    assert body[:2] == b"\x80\x02" and body[-1:] == pickle.STOP
+    call = pickle.GLOBAL + b"torch\nfrom_numpy\n"
+    data = body[:2] + call + body[2:-1] + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
     temp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
     try:
-        with open(temp, "wb") as f:
-            pickle.dump(examples.detach().float().unsqueeze(1).contiguous(), f, protocol=4)
+        temp.write_bytes(data)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

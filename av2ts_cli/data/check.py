@@ -3,7 +3,8 @@
 Every frame, label and maskige named by the metadata is opened and its structure checked without decoding the
 pixels (PIL ``verify``: PNG chunk CRCs, JPEG markers), every WAV header parsed (a file shorter than its header says
 is reported). Sizes: the labels (and S4/MS3 maskiges) of a video must match its frames, the frames of a video must
-agree, S4/MS3 frames are 224 x 224 and AVSS maskiges 224 x 224 (the official files). Maskiges are checked only
+agree, S4/MS3 frames must all have one size (a note when it is not the official 224 x 224), AVSS maskiges are
+224 x 224 (COMBO's files). Maskiges are checked only
 when the subset has a ``pre_SAM_mask`` folder; a WAV may be missing when its log-mel pickle is there (a note).
 """
 
@@ -27,10 +28,10 @@ SAMPLE_RATE = 16000
 def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
                   on_video: Callable[[], None] | None = None) -> dict:
     """{"subset", "root", "splits": {split: {"videos", "frames", "masks", "wavs", "maskiges"}}, "problems":
-    [{"path", "problem"}], "notes": [{"path", "note"}]}."""
+    [{"path", "problem"}], "notes": [{"path", "note"}], "frame_size": [h, w] of S4/MS3 frames}."""
     root = resolve_root(data, subset)
     maskige_root = _maskige_root(root, subset)
-    report = {"subset": subset, "root": str(root), "splits": {}, "problems": [], "notes": []}
+    report = {"subset": subset, "root": str(root), "splits": {}, "problems": [], "notes": [], "frame_size": None}
     per_split: dict[str, list[Video]] = {}
     for split in SPLITS:
         try:
@@ -89,8 +90,14 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
             add(path, problem)
             continue
         counts["frames"] += 1
-        if video.subset != "avss" and size != OBJECT_FRAME_SIZE:
-            add(path, f"mis-sized: {_wh(size)}, expected {_wh(OBJECT_FRAME_SIZE)}")
+        if video.subset != "avss":
+            if report["frame_size"] is None:
+                report["frame_size"] = size
+                if size != OBJECT_FRAME_SIZE:
+                    report["notes"].append({"path": str(path), "note": f"frames are {_wh(size)}, the official "
+                                                                       f"frames {_wh(OBJECT_FRAME_SIZE)}"})
+            if size != report["frame_size"]:
+                add(path, f"mis-sized: {_wh(size)}, the dataset's frames are {_wh(report['frame_size'])}")
         elif frame_size is not None and size != frame_size:
             add(path, f"mis-sized: {_wh(size)}, the video's first frame is {_wh(frame_size)}")
         frame_size = frame_size or size

@@ -1,0 +1,232 @@
+"""Synthetic "sounding shapes" (av2ts_cli/data/scene.py, synth.py): scenes, audio cues, layouts, determinism."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from av2ts_cli import cli
+from av2ts_cli.data.audio import read_log_mel_pickle, read_wav
+from av2ts_cli.data.classes import AVSS_CLASSES, S4_CATEGORIES, avss_palette
+from av2ts_cli.data.scene import CATEGORIES, Scene, sample_times, write_video_clip
+from av2ts_cli.data.synth import SynthOptions, synthesize
+from av2ts_cli.errors import DataError, UsageError
+from av2ts_cli.model.audio import waveform_to_examples
+
+runner = CliRunner()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------------ scenes
+def test_categories_are_distinct_and_name_real_classes():
+    assert len({c.shape for c in CATEGORIES}) == len({c.colour for c in CATEGORIES}) == len(CATEGORIES)
+    assert len({c.sound for c in CATEGORIES}) == len(CATEGORIES)
+    for category in CATEGORIES:
+        assert category.s4_category in S4_CATEGORIES and category.avss_class in AVSS_CLASSES
+
+
+@pytest.mark.parametrize("kind", ["s4", "ms3", "v2"])
+def test_scene_labels_hold_exactly_the_sounding_objects(kind):
+    scene = Scene.random(np.random.default_rng(3), kind)
+    assert scene.duration == (10 if kind == "v2" else 5)
+    assert len({obj.category for obj in scene.objects}) == len(scene.objects) >= 2  # different categories
+    for t in sample_times(scene.duration):
+        rgb, labels = scene.render(t, 96)
+        assert rgb.dtype == np.uint8 and rgb.shape == (96, 96, 3) and labels.shape == (96, 96)
+        sounding = {CATEGORIES[scene.objects[i].category].avss_index for i in scene.sounding_at(t)}
+        assert sounding, "every second has a sounding object"
+        instances = scene.instance_map(t, 96)
+        for i, obj in enumerate(scene.objects):
+            visible = instances == i + 1
+            expected = CATEGORIES[obj.category].avss_index if i in scene.sounding_at(t) else 0
+            assert np.all(labels[visible] == expected)
+        assert np.all(labels[instances == 0] == 0)
+        assert set(np.unique(labels)) - {0} <= sounding
+
+
+def test_single_source_scenes_have_one_category_sounding_throughout():
+    for seed in range(20):
+        scene = Scene.random(np.random.default_rng(seed), "s4")
+        sounding = [scene.sounding_at(t) for t in range(scene.duration)]
+        assert all(s == sounding[0] for s in sounding) and len(sounding[0]) == 1
+        assert len(scene.objects) - 1 >= 1  # at least one silent distractor
+
+
+def test_without_audio_the_task_is_at_most_about_half_solvable():
+    """The sounding category is drawn independently of how the shapes look, so an audio-blind model can at best
+    segment every shape or guess one: both stay near half the IoU an audio-aware model reaches (~1)."""
+    for kind, limit in (("s4", 0.6), ("ms3", 0.6)):
+        all_shapes, one_shape = [], []
+        for seed in range(40):
+            scene = Scene.random(np.random.default_rng(seed), kind)
+            for t in sample_times(scene.duration):
+                _, labels = scene.render(t, 48)
+                instances = scene.instance_map(t, 48)
+                truth = labels > 0
+                guess = instances == 1 + int(np.random.default_rng(seed).integers(len(scene.objects)))
+                all_shapes.append((truth & (instances > 0)).sum() / max((truth | (instances > 0)).sum(), 1))
+                one_shape.append((truth & guess).sum() / max((truth | guess).sum(), 1))
+        assert np.mean(all_shapes) < limit and np.mean(one_shape) < limit, (kind, np.mean(all_shapes),
+                                                                            np.mean(one_shape))
+
+
+def test_each_category_sounds_distinct_after_the_log_mel():
+    """Nearest-centroid on the mean log-mel of 0.96 s examples tells the categories apart across instances."""
+    features = {k: [] for k in range(len(CATEGORIES))}
+    for seed in range(36):
+        scene = Scene.random(np.random.default_rng(seed), "s4", duration=2)
+        category = scene.objects[scene.sounding_at(0)[0]].category
+        examples = waveform_to_examples(torch.from_numpy(scene.audio(16000)))
+        features[category] += [e.mean(0).numpy() for e in examples]
+    assert all(len(v) >= 4 for v in features.values()), {k: len(v) for k, v in features.items()}
+    centroids = np.stack([np.mean(v[::2], axis=0) for v in features.values()])
+    correct = total = 0
+    for category, rows in features.items():
+        for row in rows[1::2]:  # held-out instances
+            correct += int(np.argmin(((centroids - row) ** 2).sum(1)) == category)
+            total += 1
+    assert correct / total >= 0.9
+
+
+def test_scene_is_a_deterministic_function_of_the_generator():
+    a = Scene.random(np.random.default_rng(7), "ms3")
+    b = Scene.random(np.random.default_rng(7), "ms3")
+    assert np.array_equal(a.render(1.3, 64)[0], b.render(1.3, 64)[0])
+    assert np.array_equal(a.audio(), b.audio())
+    wave = a.audio(16000)
+    assert wave.dtype == np.float32 and wave.shape == (5 * 16000,) and np.abs(wave).max() <= 1.0
+    moved = a.render(1.34, 64)[0]
+    assert 0 < np.abs(moved.astype(int) - a.render(1.3, 64)[0]).mean() < 20  # smooth motion: changes, a little
+
+
+def test_write_video_clip_returns_the_masks_at_sample_times(tmp_path):
+    from av2ts_cli import media
+
+    scene = Scene.random(np.random.default_rng(1), "ms3", duration=3)
+    truth = write_video_clip(scene, tmp_path / "clip.mp4", fps=25, size=64)
+    info = media.probe(truth.path)
+    assert info.has_audio and (info.width, info.height) == (64, 64) and info.duration >= 2.95
+    assert truth.times == (0.9375, 1.9375, 2.9375) and truth.frame_indices == (23, 48, 73)
+    shown = media.decode_frames_at(truth.path, truth.times)
+    for i, index in enumerate(truth.frame_indices):
+        rgb, labels = scene.render(index / 25, 64)
+        assert np.array_equal(truth.labels[i], labels)
+        assert np.abs(shown[i].astype(int) - rgb).mean() < 8  # the frame the video shows then (H.264 is lossy)
+    assert truth.masks.dtype == bool and truth.masks.shape == (3, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------------ layouts
+def test_s4_layout_and_csv(tmp_path):
+    root = Path(synthesize(tmp_path, SynthOptions("s4", counts={"train": 1, "val": 1, "test": 0}))["root"])
+    assert root == tmp_path / "AVSBench_object" / "Single-source"
+    rows = list(csv.reader((root / "s4_meta_data.csv").open()))
+    assert rows[0] == ["name", "start", "category", "split"] and [r[3] for r in rows[1:]] == ["train", "val"]
+    files = set(tree_digest(root))
+    for name, _, category, split in rows[1:]:
+        key = f"{split}/{category}/{name}"
+        for k in range(1, 6):
+            assert f"s4_data/visual_frames/{key}/{name}_{k}.png" in files
+            assert f"s4_data/pre_SAM_mask/{key}/{name}_{k}_mask_color.png" in files
+            assert (f"s4_data/gt_masks/{key}/{name}_{k}.png" in files) == (split != "train" or k == 1)
+        assert f"s4_data/audio_wav/{split}/{category}/{name}.wav" in files
+        assert f"s4_data/audio_log_mel/{split}/{category}/{name}.pkl" in files
+        frame = Image.open(root / f"s4_data/visual_frames/{key}/{name}_1.png")
+        mask = Image.open(root / f"s4_data/gt_masks/{key}/{name}_1.png")
+        assert frame.mode == "RGB" and frame.size == (224, 224) and mask.mode == "L" and mask.size == (224, 224)
+        assert set(np.unique(np.asarray(mask))) == {0, 255}
+        wave, rate = read_wav(root / f"s4_data/audio_wav/{split}/{category}/{name}.wav")
+        assert rate == 16000 and wave.shape == (80000,)
+        log_mel = read_log_mel_pickle(root / f"s4_data/audio_log_mel/{split}/{category}/{name}.pkl")
+        assert log_mel.shape == (5, 96, 64)
+        assert torch.allclose(log_mel, waveform_to_examples(torch.from_numpy(wave), 5), atol=1e-4)
+    assert len(files) == 2 * (5 + 5 + 1 + 1) + (1 + 5) + 1  # frames, maskiges, wav, pkl; masks; the CSV
+
+
+def test_ms3_layout(tmp_path):
+    root = Path(synthesize(tmp_path, SynthOptions("ms3", counts={"train": 0, "val": 0, "test": 1},
+                                                  maskiges=False, log_mel=False))["root"])
+    (name, split), = list(csv.reader((root / "ms3_meta_data.csv").open()))[1:]
+    assert split == "test"
+    files = set(tree_digest(root))
+    expected = {f"ms3_data/visual_frames/{name}/{name}.mp4_{k}.png" for k in range(1, 6)}
+    expected |= {f"ms3_data/gt_masks/test/{name}/{name}_{k}.png" for k in range(1, 6)}
+    expected |= {f"ms3_data/audio_wav/test/{name}.wav", "ms3_meta_data.csv"}
+    assert files == expected
+
+
+def test_avss_layout_metadata_and_labels(tmp_path):
+    root = Path(synthesize(tmp_path, SynthOptions("avss", counts={"train": 3, "val": 0, "test": 3}, size=64))["root"])
+    assert root == tmp_path / "AVSBench_semantic"
+    assert list(json.loads((root / "label2idx.json").read_text())) == list(AVSS_CLASSES)
+    assert json.loads((root / "label2idx.json").read_text())["background"] == 1
+    header, *rows = list(csv.reader((root / "metadata.csv").open()))
+    assert header == ["vid", "uid", "s_min", "s_sec", "a_obj", "split", "label"]
+    assert [r[6] for r in rows] == ["v1s", "v1m", "v2"] * 2
+    palette = avss_palette()
+    for vid, uid, s_min, s_sec, a_obj, split, label in rows:
+        start = int(s_min) * 60 + int(s_sec)
+        length = 10 if label == "v2" else 5
+        assert uid == f"{vid}_{start * 1000}_{(start + length) * 1000}"
+        folder = root / label / uid
+        assert sorted(p.name for p in (folder / "frames").iterdir()) == sorted(f"{i}.jpg" for i in range(length))
+        labelled = 1 if (label == "v1s" and split == "train") else length
+        assert len(list((folder / "labels_semantic").iterdir())) == labelled
+        for i in range(labelled):
+            index = np.asarray(Image.open(folder / "labels_semantic" / f"{i}.png"))
+            rgb = np.asarray(Image.open(folder / "labels_rgb" / f"{i}.png").convert("RGB"))
+            assert np.array_equal(palette[index], rgb)
+            assert {AVSS_CLASSES[c] for c in np.unique(index) if c} <= set(a_obj.split())
+        assert read_wav(folder / "audio.wav")[0].shape == (length * 16000,)
+        maskiges = root / "pre_SAM_mask" / "AVSBench_semantic" / label / uid / "processed_frames"
+        assert len(list(maskiges.glob("*_mask_color.png"))) == length
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    counts = {"train": 2, "val": 1, "test": 1}
+    digests = []
+    for folder, seed in (("a", 5), ("b", 5), ("c", 6)):
+        synthesize(tmp_path / folder, SynthOptions("ms3", counts=counts, seed=seed, size=48))
+        digests.append(tree_digest(tmp_path / folder))
+    assert digests[0] == digests[1]
+    assert set(digests[0].values()) != set(digests[2].values())
+    # a split does not depend on the other splits' sizes
+    synthesize(tmp_path / "d", SynthOptions("ms3", counts={"train": 0, "val": 1, "test": 0}, seed=5, size=48))
+    d = tree_digest(tmp_path / "d")
+    assert {k: v for k, v in d.items() if "/val/" in k} == {k: v for k, v in digests[0].items() if "/val/" in k}
+
+
+def test_existing_output_needs_force_and_bad_options_are_usage_errors(tmp_path):
+    options = SynthOptions("s4", counts={"train": 1, "val": 0, "test": 0}, size=32, maskiges=False)
+    synthesize(tmp_path, options)
+    with pytest.raises(DataError, match="already exists"):
+        synthesize(tmp_path, options)
+    synthesize(tmp_path, options, force=True)
+    assert not list(tmp_path.rglob("*.partial"))
+    with pytest.raises(UsageError):
+        SynthOptions("s4", categories=7)
+    with pytest.raises(UsageError):
+        SynthOptions("s5")
+
+
+def test_cli_synth_json(tmp_path):
+    cli._state["debug"] = False
+    result = runner.invoke(cli.app, ["data", "synth", "--subset", "ms3", "--out", str(tmp_path), "--videos", "2",
+                                     "--val", "1", "--test", "0", "--size", "32", "--categories", "3",
+                                     "--no-maskiges", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["splits"] == {"train": 2, "val": 1, "test": 0} and report["frames"] == 15
+    assert len(report["categories"]) == 3
+    assert not (Path(report["root"]) / "ms3_data" / "pre_SAM_mask").exists()
