@@ -3,8 +3,8 @@
 Every frame, label and maskige named by the metadata is opened and its structure checked without decoding the
 pixels (PIL ``verify``: PNG chunk CRCs, JPEG markers), every WAV header parsed (a file shorter than its header says
 is reported). Sizes: the labels (and S4/MS3 maskiges) of a video must match its frames, the frames of a video must
-agree, S4/MS3 frames must all have one size (a note when it is not the official 224 x 224), AVSS maskiges are
-224 x 224 (COMBO's files). Maskiges are checked only
+agree, S4/MS3 frames must all have one size (a note when it is not the official 224 x 224), and so must AVSS
+maskiges (COMBO's are 224 x 224). Maskiges are checked only
 when the subset has a ``pre_SAM_mask`` folder; a WAV may be missing when its log-mel pickle is there (a note).
 """
 
@@ -28,10 +28,12 @@ SAMPLE_RATE = 16000
 def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
                   on_video: Callable[[], None] | None = None) -> dict:
     """{"subset", "root", "splits": {split: {"videos", "frames", "masks", "wavs", "maskiges"}}, "problems":
-    [{"path", "problem"}], "notes": [{"path", "note"}], "frame_size": [h, w] of S4/MS3 frames}."""
+    [{"path", "problem"}], "notes": [{"path", "note"}], "frame_size": [h, w] of S4/MS3 frames, "maskige_size": [h, w]
+    of AVSS maskiges}."""
     root = resolve_root(data, subset)
     maskige_root = _maskige_root(root, subset)
-    report = {"subset": subset, "root": str(root), "splits": {}, "problems": [], "notes": [], "frame_size": None}
+    report = {"subset": subset, "root": str(root), "splits": {}, "problems": [], "notes": [], "frame_size": None,
+              "maskige_size": None}
     per_split: dict[str, list[Video]] = {}
     for split in SPLITS:
         try:
@@ -112,14 +114,21 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
         if frame_size is not None and size != frame_size:
             add(path, f"mis-sized: {_wh(size)}, its frame is {_wh(frame_size)}")
 
-    expected_maskige = AVSS_MASKIGE_SIZE if video.subset == "avss" else frame_size
     for path, (size, problem) in zip(video.maskiges, maskiges, strict=False):
         if problem:
             add(path, problem)
             continue
         counts["maskiges"] += 1
-        if expected_maskige is not None and size != expected_maskige:
-            add(path, f"mis-sized: {_wh(size)}, expected {_wh(expected_maskige)}")
+        if video.subset == "avss":  # one size for the whole dataset, COMBO's 224 x 224 expected
+            if report["maskige_size"] is None:
+                report["maskige_size"] = size
+                if size != AVSS_MASKIGE_SIZE:
+                    report["notes"].append({"path": str(path), "note": f"maskiges are {_wh(size)}, COMBO's "
+                                                                       f"{_wh(AVSS_MASKIGE_SIZE)}"})
+            if size != report["maskige_size"]:
+                add(path, f"mis-sized: {_wh(size)}, the dataset's maskiges are {_wh(report['maskige_size'])}")
+        elif frame_size is not None and size != frame_size:
+            add(path, f"mis-sized: {_wh(size)}, its frame is {_wh(frame_size)}")
 
     try:
         info = read_wav_info(video.wav)
