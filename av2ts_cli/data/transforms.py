@@ -44,14 +44,15 @@ class ClipArrays:
 # ------------------------------------------------------------------------------------------------------ geometry
 def resize_images(images: np.ndarray, height: int, width: int, nearest: bool = False) -> np.ndarray:
     """[N, H, W, C] or [N, H, W] uint8 -> the same at (height, width) in one OpenCV call. Images shrink with area
-    averaging and grow bilinearly; ``nearest`` keeps labels exact."""
+    averaging and grow bilinearly; ``nearest`` keeps labels exact (OpenCV's exact nearest neighbour: the same pixels
+    as PIL's, which the official loaders use)."""
     n, h, w = images.shape[:3]
     if (h, w) == (height, width):
         return images
     channels = images.shape[3] if images.ndim == 4 else 1
     stacked = np.ascontiguousarray(np.moveaxis(images.reshape(n, h, w, channels), 0, 2).reshape(h, w, n * channels))
     if nearest:
-        interpolation = cv2.INTER_NEAREST
+        interpolation = cv2.INTER_NEAREST_EXACT
     else:
         interpolation = cv2.INTER_AREA if height * width < h * w else cv2.INTER_LINEAR
     out = np.empty((height, width, n * channels), dtype=images.dtype)

@@ -1,0 +1,220 @@
+"""`av2ts eval` (av2ts_cli/evaluate.py): saved predictions scored against hand-expected values, a model's
+predictions saved and re-scored, shuffled audio, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from av2ts_cli import cli
+from av2ts_cli.config import get_preset
+from av2ts_cli.data.layout import list_videos, resolve_root
+from av2ts_cli.evaluate import derangement
+from av2ts_cli.model import build_model
+from av2ts_cli.weights import save_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AV2TS_CACHE", str(tmp_path / "cache"))
+
+
+def invoke(args: list[str], expect: int = 0):
+    cli._state["debug"] = False
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def eval_json(*args: str) -> dict:
+    return json.loads(invoke(["eval", *args, "--json"]).stdout)
+
+
+def one_line_error(args: list[str], code: int = 1) -> str:
+    result = invoke(args, expect=code)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory) -> dict[str, Path]:
+    """Randomly initialised av2ts-tiny checkpoints (64 px input) for S4 and AVSS."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    models = {}
+    for subset in ("s4", "avss"):
+        cfg = get_preset("av2ts-tiny", subset)
+        cfg.input_size = 64
+        models[subset] = save_checkpoint(build_model(cfg), cfg, root / subset)
+    return models
+
+
+def copy_labels(synth_data: Path, subset: str, split: str, out: Path) -> list:
+    """Predictions made from the ground truth: the label PNGs at their split-relative paths."""
+    videos = list_videos(resolve_root(synth_data, subset), subset, split)
+    for video in videos:
+        for i in video.annotated:
+            target = out / video.mask_names[i]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(video.masks[i], target)
+    return videos
+
+
+def f_at_zero(area: float) -> float:
+    """F of a frame when every pixel is predicted: precision = foreground fraction, recall = 1."""
+    return 1.3 * area / (0.3 * area + 1)
+
+
+# ------------------------------------------------------------------------------------------------- pred-dir
+@pytest.mark.parametrize("subset", ["s4", "ms3", "avss"])
+@pytest.mark.parametrize("protocol", ["av2ts", "avsbench"])
+def test_ground_truth_as_predictions_scores_one(synth_data, tmp_path, subset, protocol):
+    videos = copy_labels(synth_data, subset, "test", tmp_path / "pred")
+    report = eval_json("--subset", subset, "--data", str(synth_data), "--pred-dir", str(tmp_path / "pred"),
+                       "--protocol", protocol)
+    perfect = 1.0
+    if subset == "avss":  # the mean runs over all 71 classes: those absent from the split count as 0
+        present = set().union(*(np.unique(np.asarray(Image.open(v.masks[i]))) for v in videos for i in v.annotated))
+        assert 0 in present and len(present) >= 3
+        perfect = len(present) / 71
+    assert report["miou"] == pytest.approx(perfect, abs=1e-6) and report["fscore"] == pytest.approx(perfect, abs=1e-6)
+    assert report["videos"] == {"s4": 3, "ms3": 2, "avss": 3}[subset]
+    assert report["frames"] == {"s4": 15, "ms3": 10, "avss": 20}[subset]
+    saved = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert saved["miou"] == report["miou"] and saved["protocol"] == protocol
+
+
+def test_s4_degraded_predictions_score_the_hand_expected_values(synth_data, tmp_path):
+    """Video 0's predictions blanked (all 0), the others exact."""
+    videos = copy_labels(synth_data, "s4", "test", tmp_path / "pred")
+    areas = []
+    for path in videos[0].masks:
+        truth = np.asarray(Image.open(path)) > 127
+        areas.append(truth.mean())
+        Image.fromarray(np.zeros(truth.shape, np.uint8)).save(tmp_path / "pred" / videos[0].mask_names[
+            videos[0].masks.index(path)])
+    assert all(a > 0 for a in areas)  # the synthetic S4 sounding object is always visible at these seeds
+    other = sum(len(v.annotated) for v in videos[1:])
+    blank_f = [f_at_zero(a) for a in areas]
+    data = ["--subset", "s4", "--data", str(synth_data), "--pred-dir", str(tmp_path / "pred")]
+
+    report = eval_json(*data)
+    assert report["miou"] == pytest.approx(other / (other + 5), abs=1e-6)  # blank frames: IoU 0
+    assert report["fscore"] == pytest.approx((np.mean(blank_f) + 2) / 3, abs=1e-5)  # per-video max, then mean
+
+    # one group of 3 videos: the mean curve is either its t = 0 point (every pixel predicted) or, for t > 0,
+    # the exact frames' 1 over all 15 frames
+    all_areas = areas + [(np.asarray(Image.open(v.masks[i])) > 127).mean() for v in videos[1:] for i in v.annotated]
+    at_zero = np.mean([f_at_zero(a) for a in all_areas])
+    report = eval_json(*data, "--protocol", "avsbench")
+    assert report["fscore"] == pytest.approx(max(at_zero, other / (other + 5)), abs=1e-5)
+
+
+def test_avss_all_background_predictions(synth_data, tmp_path):
+    videos = list_videos(resolve_root(synth_data, "avss"), "avss", "test")
+    background, f_background = [], []
+    for video in videos:
+        for i in video.annotated:
+            labels = np.asarray(Image.open(video.masks[i]).resize((224, 224), Image.NEAREST))
+            background.append((labels == 0).mean())
+            f_background.append(f_at_zero((labels == 0).mean()))
+            target = tmp_path / "pred" / video.mask_names[i]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((32, 32), np.uint8)).save(target)  # another size: resized (nearest)
+    data = ["--subset", "avss", "--data", str(synth_data), "--pred-dir", str(tmp_path / "pred")]
+    # background: IoU = its area fraction per frame; every sounding class: counted with IoU 0; mean over 71
+    report = eval_json(*data)
+    assert report["miou"] == pytest.approx(np.mean(background) / 71, abs=1e-9)
+    assert report["fscore"] == pytest.approx(np.mean(f_background) / 71, abs=1e-9)
+    padded = 10 - 5 + 10 - 5  # the v1s and v1m test clips are padded to 10 frames
+    report = eval_json(*data, "--protocol", "avsbench")
+    assert report["miou"] == pytest.approx((np.sum(background) + padded) / (len(background) + padded) / 71, abs=1e-9)
+    assert report["frames"] == 20
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def test_model_predictions_saved_and_rescored(synth_data, random_models, tmp_path, monkeypatch):
+    data = ["--subset", "s4", "--data", str(synth_data), "--workers", "0"]
+    report = eval_json(*data, "--model", str(random_models["s4"]), "--save-pred", str(tmp_path / "pred"),
+                       "--batch", "2")
+    assert report["videos"] == 3 and report["frames"] == 15 and 0 <= report["miou"] <= 1
+    files = sorted(p.relative_to(tmp_path / "pred").as_posix() for p in (tmp_path / "pred").rglob("*.png"))
+    videos = list_videos(resolve_root(synth_data, "s4"), "s4", "test")
+    assert files == sorted(name for v in videos for name in v.mask_names)
+    image = Image.open(tmp_path / "pred" / files[0])
+    assert image.mode == "L" and image.size == (64, 64)  # the label's size, not the model's input
+    rescored = eval_json(*data, "--pred-dir", str(tmp_path / "pred"))
+    assert rescored["miou"] == pytest.approx(report["miou"], abs=2e-3)  # probabilities stored as x/255
+    assert rescored["fscore"] == pytest.approx(report["fscore"], abs=2e-2)
+
+    monkeypatch.chdir(tmp_path)  # without --save-pred, metrics.json goes to a new runs/eval/expN
+    shuffled = eval_json(*data, "--model", str(random_models["s4"]), "--shuffle-audio")
+    saved = json.loads((tmp_path / "runs" / "eval" / "exp" / "metrics.json").read_text())
+    assert shuffled["videos"] == 3 and saved["shuffle_audio"] is True and saved["miou"] == shuffled["miou"]
+
+
+def test_avss_model_with_mixed_clip_lengths_and_padding(synth_data, random_models, tmp_path):
+    report = eval_json("--subset", "avss", "--data", str(synth_data), "--workers", "0", "--model",
+                       str(random_models["avss"]), "--batch", "3", "--protocol", "avsbench", "--save-pred",
+                       str(tmp_path / "pred"))
+    assert report["frames"] == 20 and report["videos"] == 3
+    details = json.loads((tmp_path / "pred" / "metrics.json").read_text())["details"]
+    assert details["padded_frames"] == 10 and len(details["per_class"]["iou"]) == 71
+    prediction = Image.open(next((tmp_path / "pred").rglob("*.png")))
+    assert prediction.mode == "P" and prediction.size == (224, 224)
+
+
+def test_derangement():
+    for n in (2, 3, 10):
+        order = derangement(n, seed=4)
+        assert sorted(order) == list(range(n)) and all(i != j for i, j in enumerate(order))
+        assert order == derangement(n, seed=4)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_one_line_errors_name_the_file(synth_data, random_models, tmp_path):
+    broken = shutil.copytree(synth_data / "AVSBench_object" / "Single-source", tmp_path / "Single-source")
+    copy_labels(broken, "s4", "test", tmp_path / "pred")
+    videos = list_videos(broken, "s4", "test")
+    pred = ["--subset", "s4", "--data", str(broken), "--pred-dir", str(tmp_path / "pred")]
+
+    missing_prediction = tmp_path / "pred" / videos[1].mask_names[2]
+    missing_prediction.unlink()
+    assert one_line_error(["eval", *pred]) == f"error: {missing_prediction}: missing prediction"
+    missing_prediction.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert one_line_error(["eval", *pred]).startswith(f"error: {missing_prediction}: unreadable prediction PNG")
+
+    videos[0].masks[0].write_bytes(videos[0].masks[0].read_bytes()[:50])  # corrupt ground truth
+    assert one_line_error(["eval", *pred]).startswith(f"error: {videos[0].masks[0]}: unreadable mask")
+
+    videos[2].frames[4].unlink()
+    model = ["--subset", "s4", "--data", str(broken), "--model", str(random_models["s4"]), "--workers", "0",
+             "--split", "test"]
+    assert one_line_error(["eval", *model]).startswith(f"error: {videos[0].masks[0]}")  # first video first
+    shutil.copy(synth_data / "AVSBench_object" / "Single-source" / videos[0].masks[0].relative_to(broken),
+                videos[0].masks[0])
+    assert one_line_error(["eval", *model]) == f"error: {videos[2].frames[4]}: missing frame"
+
+    csv = broken / "s4_meta_data.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join([line for line in lines if not line.endswith(",test")]) + "\n")
+    assert one_line_error(["eval", *pred]) == f"error: {csv}: no videos in split 'test'"
+    csv.unlink()
+    assert one_line_error(["eval", *pred]) == f"error: {csv}: missing metadata CSV"
+
+
+def test_usage_errors_exit_2(synth_data, tmp_path):
+    base = ["eval", "--subset", "s4", "--data", str(synth_data)]
+    assert "exactly one of --model and --pred-dir" in one_line_error(base, code=2)
+    assert "--pred-dir" in one_line_error([*base, "--pred-dir", str(tmp_path), "--shuffle-audio"], code=2)
+    assert "unknown protocol" in one_line_error([*base, "--pred-dir", str(tmp_path), "--protocol", "x"], code=2)
