@@ -31,6 +31,7 @@ from av2ts_cli.data.transforms import (
     resize_images,
     shortest_edge_size,
     train_transform,
+    uncrop_centre,
 )
 from av2ts_cli.errors import DataError, UsageError
 
@@ -215,6 +216,19 @@ def test_one_transform_per_clip_keeps_frames_labels_and_maskiges_aligned():
         sizes.add(int(pad.sum()))
         flips.add(bool(red[:, 16:].sum() > red[:, :16].sum()) if red.any() else None)
     assert len(sizes) > 3 and {True, False} <= flips  # random resizes (some padded) and both flip states
+
+
+def test_avss_training_maskiges_cover_the_centre_crop():
+    """A 224-style maskige of the centre crop, put back into a wide frame, comes out of the AVSS training crop
+    where the crop's pixels are."""
+    maskige = np.zeros((1, 32, 32, 3), np.uint8)
+    maskige[0, :, :16] = 200  # left half bright
+    placed = uncrop_centre(maskige, 48, 96)
+    assert placed.shape == (1, 48, 96, 3) and (placed[:, :, :24] == 128).all() and (placed[:, :, 72:] == 128).all()
+    frames = np.zeros((1, 48, 96, 3), np.uint8)
+    out = train_transform(ClipArrays(frames, np.zeros((1, 48, 96), np.uint8), placed), 32, None,
+                          random_resize=False)
+    assert (out.maskiges[0, :, :15] == 200).all() and (out.maskiges[0, :, 17:] == 0).all()
 
 
 def test_eval_transform_resizes_frames_only():

@@ -39,7 +39,7 @@ from av2ts_cli.data.layout import (
     read_class_names,
     resolve_root,
 )
-from av2ts_cli.data.transforms import ClipArrays, eval_transform, resize_images, train_transform
+from av2ts_cli.data.transforms import ClipArrays, eval_transform, resize_images, train_transform, uncrop_centre
 from av2ts_cli.errors import DataError, UsageError
 
 AVSS_EVAL_SIZE = (224, 224)  # AVSBench, AVSegFormer and COMBO score AVSS at 224 x 224 (nearest-resized labels)
@@ -150,7 +150,12 @@ class AVSDataset(Dataset):
         if self.maskiges:
             maskiges = np.stack([read_rgb(video.maskiges[i], "maskige") for i in frames])
             if maskiges.shape[1:3] != images.shape[1:3]:
-                maskiges = resize_images(maskiges, *images.shape[1:3])
+                # COMBO's AVSS maskiges are made on the preprocessed 224 x 224 frames: the centre crop for
+                # training, the whole (squashed) frame for evaluation
+                if self.subset == "avss" and self.train:
+                    maskiges = uncrop_centre(maskiges, *images.shape[1:3])
+                else:
+                    maskiges = resize_images(maskiges, *images.shape[1:3])
         return ClipArrays(images, masks, maskiges)
 
     def eval_labels(self, video: Video) -> tuple[list[int], np.ndarray]:

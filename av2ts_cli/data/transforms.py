@@ -67,6 +67,16 @@ def resize_images(images: np.ndarray, height: int, width: int, nearest: bool = F
     return np.ascontiguousarray(out if images.ndim == 4 else out[..., 0])
 
 
+def uncrop_centre(images: np.ndarray, height: int, width: int, fill: int = IMAGE_PAD) -> np.ndarray:
+    """[N, h, w, C] images of a centre-cropped square -> [N, height, width, C]: resized to the frame's short side and
+    put back at the centre, ``fill`` around (COMBO's AVSS training maskiges cover the centre crop only)."""
+    side = min(height, width)
+    out = np.full((images.shape[0], height, width, *images.shape[3:]), fill, dtype=images.dtype)
+    top, left = (height - side) // 2, (width - side) // 2
+    out[:, top:top + side, left:left + side] = resize_images(images, side, side)
+    return out
+
+
 def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     """detectron2 ResizeShortestEdge: scale the short side to ``short``, the long side to at most ``max_size``."""
     scale = short / min(h, w)
