@@ -30,6 +30,7 @@ import torch
 from av2ts_cli.console import warn
 from av2ts_cli.errors import DataError
 from av2ts_cli.model.audio import EXAMPLE_FRAMES, NUM_MEL_BANDS, SAMPLE_RATE, waveform_to_examples
+from av2ts_cli.weights import _NUMPY_PICKLE_GLOBALS, _NumpyOnlyUnpickler
 
 CACHE_VERSION = 1  # bump when the front end changes: old cache entries are then never read
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
@@ -223,14 +224,9 @@ def fit_examples(examples: torch.Tensor, count: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ log-mel pickles
-# numpy names its module numpy.core in 1.x and numpy._core in 2.x; _codecs.encode carries protocol-2 array bytes
-_SAFE_GLOBALS = {
+_TORCH_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
-    ("torch._utils", "_rebuild_parameter"), ("torch.storage", "_load_from_bytes"),
-    ("collections", "OrderedDict"), ("torch", "from_numpy"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("torch._utils", "_rebuild_parameter"), ("torch", "from_numpy"),
 }
 _TORCH_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
@@ -240,26 +236,19 @@ def _storage_from_bytes(data: bytes):
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-class _TensorOnlyUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: Path):
-        super().__init__(file, encoding="latin1")
-        self.path = path
+class _TensorOnlyUnpickler(_NumpyOnlyUnpickler):
+    """The weights module's numpy-only unpickler, plus what a pickled torch tensor needs; every other global is
+    refused before it is touched."""
 
     def find_class(self, module: str, name: str):
-        if module == "torch" and name in _TORCH_DTYPES:
-            return getattr(torch, name)
-        if (module, name) not in _SAFE_GLOBALS:
-            raise DataError(self.path, f"refusing to unpickle the global {module}.{name}: only torch tensors and "
-                                       "numpy arrays are accepted from log-mel pickles")
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _storage_from_bytes
-        if module.startswith("numpy.core."):
-            try:
-                importlib.import_module("numpy._core.multiarray")
-                module = module.replace("numpy.core.", "numpy._core.", 1)
-            except ImportError:
-                pass
-        return getattr(importlib.import_module(module), name)
+        if (module, name) in _TORCH_GLOBALS or (module == "torch" and name in _TORCH_DTYPES):
+            return getattr(importlib.import_module(module), name)
+        if (module, name) in _NUMPY_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise DataError(self.path, f"refusing to unpickle the global {module}.{name}: only torch tensors and numpy "
+                                   "arrays are accepted from log-mel pickles")
 
     def persistent_load(self, pid):
         raise DataError(self.path, "refusing a pickle with persistent ids (not a plain pickled tensor)")

@@ -93,13 +93,7 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
             continue
         counts["frames"] += 1
         if video.subset != "avss":
-            if report["frame_size"] is None:
-                report["frame_size"] = size
-                if size != OBJECT_FRAME_SIZE:
-                    report["notes"].append({"path": str(path), "note": f"frames are {_wh(size)}, the official "
-                                                                       f"frames {_wh(OBJECT_FRAME_SIZE)}"})
-            if size != report["frame_size"]:
-                add(path, f"mis-sized: {_wh(size)}, the dataset's frames are {_wh(report['frame_size'])}")
+            _dataset_wide_size(report, "frame_size", "frames", size, path, OBJECT_FRAME_SIZE, "the official")
         elif frame_size is not None and size != frame_size:
             add(path, f"mis-sized: {_wh(size)}, the video's first frame is {_wh(frame_size)}")
         frame_size = frame_size or size
@@ -119,14 +113,8 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
             add(path, problem)
             continue
         counts["maskiges"] += 1
-        if video.subset == "avss":  # one size for the whole dataset, COMBO's 224 x 224 expected
-            if report["maskige_size"] is None:
-                report["maskige_size"] = size
-                if size != AVSS_MASKIGE_SIZE:
-                    report["notes"].append({"path": str(path), "note": f"maskiges are {_wh(size)}, COMBO's "
-                                                                       f"{_wh(AVSS_MASKIGE_SIZE)}"})
-            if size != report["maskige_size"]:
-                add(path, f"mis-sized: {_wh(size)}, the dataset's maskiges are {_wh(report['maskige_size'])}")
+        if video.subset == "avss":
+            _dataset_wide_size(report, "maskige_size", "maskiges", size, path, AVSS_MASKIGE_SIZE, "COMBO's")
         elif frame_size is not None and size != frame_size:
             add(path, f"mis-sized: {_wh(size)}, its frame is {_wh(frame_size)}")
 
@@ -148,6 +136,19 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
     if seconds < 0.96 * video.num_frames:
         report["notes"].append({"path": str(video.wav), "note": f"{seconds:.2f} s of audio for {video.num_frames} "
                                                                  "frames: the last log-mel example is repeated"})
+
+
+def _dataset_wide_size(report: dict, key: str, what: str, size: tuple[int, int], path: Path,
+                       usual: tuple[int, int], whose: str) -> None:
+    """Files that must share one size across the dataset: the first one seen sets it (a note when it is not the
+    usual size), any other size is a problem."""
+    if report[key] is None:
+        report[key] = size
+        if size != usual:
+            report["notes"].append({"path": str(path), "note": f"{what} are {_wh(size)}, {whose} {_wh(usual)}"})
+    if size != report[key]:
+        report["problems"].append({"path": str(path), "problem": f"mis-sized: {_wh(size)}, the dataset's {what} "
+                                                                 f"are {_wh(report[key])}"})
 
 
 def _wh(size: tuple[int, int]) -> str:
