@@ -435,6 +435,36 @@ def bench_model(
     _print_json(report) if as_json else bench.print_report(report)
 
 
+@bench_app.command("kernels")
+@_reported
+def bench_kernels(
+    size: Annotated[list[int] | None, typer.Option("--size", "-s", min=32, help="Input side, repeatable "
+                                                   "(default: 224 and 512).")] = None,
+    frames: Annotated[int, typer.Option("--frames", "-t", min=1, help="Frames per clip (T, the batch).")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed forward runs per implementation "
+                                         "(median; half as many forward+backward).")] = 15,
+    device: Annotated[str, typer.Option("--device", help="cpu (the C++ kernel) or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="64 px, T=1, 3 runs: a smoke run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Deformable-attention kernel vs the pure-PyTorch fallback: forward and forward+backward at the pixel
+    decoder's shapes, speed-up ratios and peak memory."""
+    from av2ts_cli.bench import kernels as bench
+    from av2ts_cli.console import make_progress
+    from av2ts_cli.errors import UsageError
+
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: expected cpu or cuda")
+    if quick:
+        size, frames, repeats = [64], 1, 3
+    with make_progress(transient=True) as progress:
+        task = progress.add_task("timing", total=None)
+        report = bench.run(tuple(size or bench.DEFAULT_SIZES), frames=frames, repeats=repeats, device=device,
+                           threads=threads, progress=lambda text: progress.update(task, description=text))
+    _print_json(report) if as_json else bench.print_report(report)
+
+
 @bench_app.command("media")
 @_reported
 def bench_media(
