@@ -302,7 +302,7 @@ def load_predictor(name: str | None, device: str = "auto", half: bool = False) -
     from av2ts_cli import weights
 
     if name is None:
-        console.print(DEMO_NOTE, highlight=False)
+        _print(DEMO_NOTE)
         source, label = str(weights.DEMO_MODEL_DIR), "demo"
         if not weights.DEMO_MODEL_DIR.is_dir():
             raise UsageError(f"the bundled demo model is missing ({weights.DEMO_MODEL_DIR}); pass --model")
@@ -837,5 +837,5 @@ def print_report(report: RunReport) -> None:
             prefix = f"{failure['input']}: "
             table.add_row(failure["input"], reason[len(prefix):] if reason.startswith(prefix) else reason)
         console.print(table)
-        console.print(f"Failures listed in {Path(report.out) / FAILURES_FILE}", highlight=False)
-    console.print(f"Results saved to {report.out}", highlight=False)
+        _print(f"Failures listed in {Path(report.out) / FAILURES_FILE}")
+    _print(f"Results saved to {report.out}")

@@ -1,0 +1,454 @@
+"""av2ts predict: sampling schedule, windows, sources, outputs on real clips with the tiny model, skip/resume,
+kills, batches with bad files, the CLI in-process (CliRunner) and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from av2ts_cli import cli, media, predict, weights
+from av2ts_cli.config import get_preset
+from av2ts_cli.errors import EXIT_PARTIAL, EXIT_USAGE, MediaError, UsageError
+from av2ts_cli.model import build_model
+from av2ts_cli.model.audio import waveform_to_examples
+
+runner = CliRunner()
+FPS = 25  # make_clip's default frame rate
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+def _save_tiny(folder: Path, **preset) -> Path:
+    torch.manual_seed(0)
+    cfg = get_preset("av2ts-tiny", **preset)
+    weights.save_checkpoint(build_model(cfg), cfg, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised av2ts-tiny S4 checkpoint (shapes, counts and formats do not need training)."""
+    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor(tiny_checkpoint):
+    return predict.load_predictor(str(tiny_checkpoint), device="cpu")
+
+
+def _options(out: Path, **overrides) -> predict.PredictOptions:
+    return predict.PredictOptions(out=out, progress=False, **overrides)
+
+
+def _av2ts() -> list[str]:
+    script = Path(sys.executable).with_name("av2ts")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "av2ts_cli"]
+
+
+def _masks(folder: Path) -> list[Path]:
+    return sorted(p for p in (folder / "masks").iterdir() if not p.name.startswith("."))
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------------ schedule
+@pytest.mark.parametrize(("duration", "seconds"), [(10.0, 10), (10.04, 10), (10.49, 10), (10.5, 11), (0.04, 1),
+                                                   (0.6, 1), (1.5, 2), (120.0, 120)])
+def test_a_second_is_sampled_when_half_of_it_exists(duration, seconds):
+    assert predict.sampled_seconds(duration) == seconds
+
+
+def test_schedule_follows_avsbench_with_shifted_passes():
+    schedule = predict.make_schedule(7.0, fps=2, window=5, last_time=6.98)
+    assert (schedule.seconds, schedule.groups, len(schedule.frames), len(schedule.windows)) == (7, 2, 14, 4)
+    times = [f.time for f in schedule.frames]
+    assert times == sorted(times) and [f.index for f in schedule.frames] == list(range(14))
+    assert times[:4] == [0.4375, 0.9375, 1.4375, 1.9375] and times[-1] == 6.9375
+    assert [(f.second, f.shift) for f in schedule.frames[:3]] == [(0, 1), (0, 0), (1, 1)]
+    # processing order: group, then pass; pass j starts its audio j/fps earlier
+    assert [(w.group, w.shift, w.audio_start) for w in schedule.windows] == [(0, 0, 0.0), (0, 1, -0.5), (1, 0, 5.0),
+                                                                            (1, 1, 4.5)]
+    assert [f.second for f in schedule.windows[1].frames] == [0, 1, 2, 3, 4]
+    assert [f.time for f in schedule.windows[2].frames] == [5.9375, 6.9375]  # tail: 2 real frames, 3 padded
+    assert [f.index for f in schedule.group_frames(1)] == list(range(10, 14))
+    for window in schedule.windows:  # example s of a window reads the second its frame stands for
+        for slot, frame in enumerate(window.frames):
+            assert frame.time - (window.audio_start + slot) == pytest.approx(predict.FRAME_OFFSET, abs=1e-9)
+
+
+def test_schedule_clamps_times_into_the_video():
+    schedule = predict.make_schedule(0.3, fps=1, window=5, last_time=0.28)
+    assert [f.time for f in schedule.frames] == [0.28]  # shorter than a second: still one frame, the last one
+    dense = predict.make_schedule(2.0, fps=20, window=5, last_time=1.98)
+    assert len(dense.frames) == 40 and min(f.time for f in dense.frames) == 0.0
+    times = [f.time for f in dense.frames]
+    assert times == sorted(times)
+
+
+def test_window_examples_cut_the_audio_like_a_five_second_clip():
+    rng = np.random.default_rng(0)
+    wave = (rng.standard_normal(16000 * 12) * 0.1).astype(np.float32)
+    examples = predict.window_examples(wave, 5.0, 5, 5)
+    expected = waveform_to_examples(torch.from_numpy(wave[5 * 16000:10 * 16000].copy()), num_examples=5)
+    assert torch.allclose(examples, expected)
+    # a tail window: 2 real seconds, padded by repeating the last example
+    tail = predict.window_examples(wave, 10.0, 2, 5)
+    assert torch.equal(tail[2], tail[1]) and torch.equal(tail[4], tail[1])
+    assert torch.allclose(tail[:2], waveform_to_examples(torch.from_numpy(wave[10 * 16000:].copy()), 2))
+    # before 0 and after the end: silence
+    silence = waveform_to_examples(torch.zeros(16000), num_examples=1)[0]
+    early = predict.window_examples(wave, -1.0, 2, 2)
+    assert torch.allclose(early[0], silence)
+    late = predict.window_examples(wave, 20.0, 1, 1)
+    assert torch.allclose(late[0], silence)
+
+
+def test_options_are_checked():
+    assert predict.parse_formats("rle, PNG") == ("png", "rle")
+    for text in ("", "png,gif"):
+        with pytest.raises(UsageError):
+            predict.parse_formats(text)
+    for bad in ({"fps": 0}, {"batch": 0}, {"window": 0}, {"threshold": 1.5}, {"formats": ()}):
+        with pytest.raises(UsageError):
+            predict.PredictOptions(**bad).check()
+
+
+# ------------------------------------------------------------------------------------------------------- sources
+def test_sources_files_folders_globs(tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for name in ("a.mp4", "b.MOV", "notes.txt", ".hidden.mp4", "sub/c.mkv"):
+        (tmp_path / name).write_bytes(b"x")
+    names = lambda paths: [p.relative_to(tmp_path).as_posix() for p in paths]  # noqa: E731
+    assert names(predict.collect_videos([tmp_path])) == ["a.mp4", "b.MOV"]
+    assert names(predict.collect_videos([tmp_path], recursive=True)) == ["a.mp4", "b.MOV", "sub/c.mkv"]
+    assert names(predict.collect_videos([str(tmp_path / "*.mp4"), tmp_path / "a.mp4"])) == ["a.mp4"]
+    assert names(predict.collect_videos([tmp_path / "notes.txt"])) == ["notes.txt"]  # named: taken as given
+    assert names(predict.collect_videos([str(tmp_path / "**" / "*.mkv")], recursive=True)) == ["sub/c.mkv"]
+    for source, message in ((tmp_path / "missing.mp4", "no such file"), (str(tmp_path / "*.avi"), "matches no"),
+                            (tmp_path / "sub" / "deeper", "no videos in this folder (--recursive")):
+        with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+            predict.collect_videos([source])
+
+
+def test_output_folder_names_never_mix_two_inputs(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "clip").mkdir(parents=True)
+    (run_dir / "clip" / "summary.json").write_text(json.dumps({"input": "/elsewhere/clip.mp4"}))
+    videos = [tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mov", tmp_path / "other.mp4"]
+    assert predict._folder_names(videos, run_dir) == ["clip-2", "clip-3", "other"]
+
+
+# ------------------------------------------------------------------------------------------------------- feeding
+def test_windows_carry_the_frames_shown_at_the_scheduled_times(make_clip, read_frame_index):
+    clip = make_clip("ten-seconds", duration=10.0, size=(80, 40))
+    info = media.probe(clip)
+    schedule = predict.make_schedule(10.0, fps=2, window=4, last_time=10.0 - 0.5 / FPS)
+    wave = media.decode_audio(clip)
+    feeder = predict._WindowFeeder(clip, schedule, 64, wave, predict._Timer(), None, depth=2)
+    try:
+        windows = list(feeder)
+    finally:
+        feeder.close()
+    assert [(w.group, w.shift) for w, *_ in windows] == [(w.group, w.shift) for w in schedule.windows]
+    for window, frames, audio, maskiges in windows:
+        assert frames.shape == (4, 64, 64, 3) and audio.shape == (4, 96, 64) and maskiges is None
+        for slot in range(4):
+            frame = window.frames[min(slot, len(window.frames) - 1)]  # padded slots repeat the last second
+            assert read_frame_index(frames[slot]) == math.floor(frame.time * FPS + 1e-6)
+        assert torch.allclose(audio, predict.window_examples(wave, window.audio_start, len(window.frames), 4))
+    assert info.duration == pytest.approx(10.0, abs=0.05)
+
+
+# --------------------------------------------------------------------------------------------- outputs on clips
+CLIPS = {  # name: (make_clip arguments, sampled seconds, --fps)
+    "sound": ({"duration": 3.0}, 3, 3),
+    "silent": ({"duration": 2.0, "audio": False}, 2, 1),
+    "dot": ({"duration": 1.0, "size": (1, 1)}, 1, 1),
+    "portrait": ({"duration": 2.0, "size": (64, 48), "rotation": 90}, 2, 1),
+    "vfr": ({"duration": 3.0, "vfr": True}, 3, 2),
+    "short audio": ({"duration": 3.0, "audio_duration": 1.5}, 3, 1),
+    "long audio": ({"duration": 2.0, "audio_duration": 3.5}, 2, 1),
+    "stereo 48k": ({"duration": 2.0, "sample_rate": 48000, "channels": 2}, 2, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CLIPS))
+def test_outputs_for_every_kind_of_clip(case, make_clip, tiny_predictor, tmp_path):
+    arguments, seconds, fps = CLIPS[case]
+    clip = make_clip(case.replace(" ", "-"), **arguments)
+    info = media.probe(clip)
+    report = predict.run([clip], _options(tmp_path / "run", fps=fps, overlay=""), predictor=tiny_predictor)
+    (result,) = report.videos
+    folder = Path(result.folder)
+    masks = _masks(folder)
+    assert len(masks) == seconds * fps == result.frames
+    assert [p.name for p in masks] == [f"{i:06d}.png" for i in range(seconds * fps)]
+    for path in masks:
+        with Image.open(path) as image:
+            assert image.size == (info.width, info.height) and image.mode == "L"
+            assert set(np.unique(np.asarray(image))) <= {0, 255}
+    if case == "portrait":
+        assert (info.width, info.height) == (48, 64)
+    lines = _lines(folder / "frames.jsonl")
+    assert [line["mask"] for line in lines] == [f"masks/{p.name}" for p in masks]
+    times = [line["time"] for line in lines]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= info.duration
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["complete"] and summary["sampling"]["frames"] == seconds * fps
+    assert summary["windows"] == fps * math.ceil(seconds / 5)
+    assert set(summary["timings"]) >= {"decode_s", "audio_s", "model_s", "writing_s", "overlay_s", "total_s"}
+    assert summary["peak_memory"]["rss_mb"] > 0
+    assert ("no audio stream: the model heard silence" in summary["warnings"]) == (not info.has_audio)
+    assert any("audio ends" in w for w in summary["warnings"]) == (case == "short audio")
+    coco = json.loads((folder / "masks.coco.json").read_text())
+    assert len(coco["images"]) == seconds * fps
+    _check_overlay(clip, folder / "overlay.mp4")
+
+
+def _check_overlay(clip: Path, overlay: Path) -> None:
+    source, out = media.probe(clip), media.probe(overlay)
+    assert abs(out.duration - source.duration) <= 1 / source.fps + 1e-6
+    assert out.has_audio == source.has_audio
+    if not source.has_audio:
+        return
+    # AAC is re-encoded (AAC 192 kb/s, as media.encode_video muxes): the samples agree to within AAC's error of
+    # this 440 Hz tone (< 0.02 of full scale, correlation > 0.999; tests/test_media.py measures the same bounds)
+    original, muxed = media.decode_audio(clip), media.decode_audio(overlay)
+    assert abs(len(muxed) / 16000 - source.duration) <= 1 / source.fps + 1024 / 16000
+    n = min(len(original), len(muxed)) - 800  # the last AAC frame fades
+    assert np.corrcoef(original[:n], muxed[:n])[0, 1] > 0.999 and np.abs(original[:n] - muxed[:n]).max() < 0.02
+    if len(muxed) > len(original) + 1600:  # audio shorter than the video: silence after it
+        assert np.abs(muxed[len(original) + 800:]).max() < 1e-3
+
+
+def test_semantic_model_writes_palette_pngs(make_clip, tmp_path):
+    checkpoint = _save_tiny(tmp_path / "avss-model", subset="avss")
+    clip = make_clip("avss", duration=1.0, size=(40, 30))
+    report = predict.run([clip], _options(tmp_path / "run", model=str(checkpoint)))
+    folder = Path(report.videos[0].folder)
+    (mask,) = _masks(folder)
+    with Image.open(mask) as image:
+        assert image.mode == "P" and image.size == (40, 30)
+        assert int(np.asarray(image).max()) < 71
+        assert image.getpalette()[3:6] == [128, 0, 0]  # class 1 (accordion) in the AVSS palette
+    (line,) = _lines(folder / "frames.jsonl")
+    assert all(c["name"] != "background" and 0 < c["area"] <= 1 for c in line["classes"])
+
+
+def test_siam_models_need_maskiges(make_clip, tmp_path):
+    checkpoint = _save_tiny(tmp_path / "siam-model", siam=True)
+    clip = make_clip("siam", duration=2.0, size=(40, 30))
+    with pytest.raises(UsageError, match="Siam encoder: pass --maskiges"):
+        predict.run([clip], _options(tmp_path / "run", model=str(checkpoint)))
+    maskiges = tmp_path / "maskiges" / "siam"
+    maskiges.mkdir(parents=True)
+    Image.new("RGB", (50, 50), (200, 10, 10)).save(maskiges / "000000.png")
+    with pytest.raises(Exception, match="000001.png: missing maskige for mask 1"):
+        predict.run([clip], _options(tmp_path / "run", model=str(checkpoint), maskiges=maskiges.parent))
+    Image.new("RGB", (128, 128), (10, 10, 200)).save(maskiges / "000001.jpg")
+    report = predict.run([clip], _options(tmp_path / "run", model=str(checkpoint), maskiges=maskiges.parent))
+    assert report.videos[0].frames == 2 and len(_masks(Path(report.videos[0].folder))) == 2
+
+
+def test_require_audio_and_formats(make_clip, tiny_predictor, tmp_path):
+    silent = make_clip("silent", duration=2.0, audio=False)
+    with pytest.raises(MediaError, match="no audio stream"):
+        predict.run([silent], _options(tmp_path / "a", require_audio=True), predictor=tiny_predictor)
+    report = predict.run([silent], _options(tmp_path / "b", formats=("rle",)), predictor=tiny_predictor)
+    folder = Path(report.videos[0].folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["masks.coco.json", "summary.json"]
+    with pytest.raises(UsageError, match="--overlay paints the PNG masks"):
+        predict.run([silent], _options(tmp_path / "c", formats=("json",), overlay=""), predictor=tiny_predictor)
+
+
+def test_a_rerun_skips_finished_videos(make_clip, tiny_predictor, tmp_path):
+    clip = make_clip("rerun", duration=2.0)
+    options = _options(tmp_path / "run")
+    first = predict.run([clip], options, predictor=tiny_predictor).videos[0]
+    summary = Path(first.folder) / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    again = predict.run([clip], options, predictor=tiny_predictor).videos[0]
+    assert again.skipped and summary.stat().st_mtime_ns == stamp
+    forced = predict.run([clip], _options(tmp_path / "run", force=True), predictor=tiny_predictor).videos[0]
+    assert not forced.skipped and summary.stat().st_mtime_ns != stamp
+    denser = predict.run([clip], _options(tmp_path / "run", fps=2), predictor=tiny_predictor).videos[0]
+    assert not denser.skipped and len(_masks(Path(denser.folder))) == 4  # other settings: redone, old masks gone
+    (Path(denser.folder) / "frames.jsonl").unlink()  # an output missing: not done
+    assert not predict.run([clip], _options(tmp_path / "run", fps=2), predictor=tiny_predictor).videos[0].skipped
+
+
+@pytest.mark.slow
+def test_two_minute_clip(make_clip, tiny_predictor, tmp_path):
+    clip = make_clip("two-minutes", duration=120.0, size=(32, 24), fps=5)
+    report = predict.run([clip], _options(tmp_path / "run", overlay="", formats=("png", "json")),
+                         predictor=tiny_predictor)
+    (result,) = report.videos
+    assert result.frames == 120 and result.windows == 24 and len(_masks(Path(result.folder))) == 120
+    _check_overlay(clip, Path(result.folder) / "overlay.mp4")
+
+
+# ------------------------------------------------------------------------------------------------- interruption
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise AssertionError(f"predict ended before the kill: {process.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the moment to kill never came")
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _assert_nothing_partial_under_a_final_name(folder: Path, frames: int) -> None:
+    assert not (folder / "summary.json").exists()  # not done: a re-run redoes it
+    assert not (folder / "overlay.mp4").exists()
+    for path in _masks(folder):  # every mask under a final name is a whole PNG
+        with Image.open(path) as image:
+            image.load()
+    if (folder / "frames.jsonl").exists():  # complete or absent
+        assert len(_lines(folder / "frames.jsonl")) == frames
+    if (folder / "masks.coco.json").exists():
+        assert len(json.loads((folder / "masks.coco.json").read_text())["images"]) == frames
+
+
+@pytest.mark.slow
+def test_a_kill_leaves_no_partial_file_under_a_final_name(make_clip, tiny_checkpoint, tiny_predictor, tmp_path):
+    clip = make_clip("kill", duration=30.0, size=(320, 240), pattern="testsrc")
+    out = tmp_path / "run"
+    folder = out / "kill"
+    command = [*_av2ts(), "predict", str(clip), "--model", str(tiny_checkpoint), "--out", str(out), "--device",
+               "cpu", "--overlay"]
+    # 1: killed while masks are being written
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _kill_when(process, lambda: (folder / "masks").is_dir() and len(_masks(folder)) >= 3)
+    _assert_nothing_partial_under_a_final_name(folder, 30)
+    assert not (folder / "frames.jsonl").exists() and len(_masks(folder)) < 30
+    # 2: killed while the overlay is being encoded (its temp file exists)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _kill_when(process, lambda: any("overlay" in p.name and ".partial" in p.name for p in folder.iterdir()))
+    _assert_nothing_partial_under_a_final_name(folder, 30)
+    # a re-run finishes the video and cleans up what the kills left
+    result = predict.run([clip], _options(out, overlay=""), predictor=tiny_predictor).videos[0]
+    assert not result.skipped and len(_masks(folder)) == 30 and (folder / "overlay.mp4").is_file()
+    assert not [p for p in folder.rglob("*") if ".partial" in p.name]
+    assert predict.run([clip], _options(out, overlay=""), predictor=tiny_predictor).videos[0].skipped
+
+
+# -------------------------------------------------------------------------------------------------------- batch
+def _unreadable(folder: Path) -> tuple[Path, str]:
+    """A video file this process cannot read, and the reason av2ts should give. As root, permission bits do not
+    stop reading, so a dangling symlink (a name whose file cannot be opened) stands in for it."""
+    path = folder / "locked.mp4"
+    if os.geteuid() == 0:
+        path.symlink_to(folder / "gone" / "locked.mp4")
+        return path, "no such file"
+    path.write_bytes(b"\0" * 1000)
+    path.chmod(0)
+    return path, "permission denied"
+
+
+@pytest.mark.slow
+def test_batch_finishes_the_good_files_and_lists_the_bad_ones(make_clip, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i in range(5):
+        shutil.copy(make_clip(f"good{i}", duration=1.0, size=(32 + 2 * i, 24)), folder / f"good{i}.mp4")
+    data = (folder / "good0.mp4").read_bytes()
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (folder / "text.mp4").write_text("This is a text file, not a video.\n")
+    (folder / "x.mp4").mkdir()
+    locked, locked_reason = _unreadable(folder)
+    out = tmp_path / "run"
+    result = subprocess.run([*_av2ts(), "predict", str(folder), "--model", str(tiny_checkpoint), "--out", str(out),
+                             "--device", "cpu"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == EXIT_PARTIAL, result.stderr
+    assert "Traceback" not in result.stderr and "Results saved to" in result.stderr
+    failures = {Path(f["input"]).name: f["error"] for f in json.loads((out / "failures.json").read_text())}
+    assert set(failures) == {"empty.mp4", "truncated.mp4", "text.mp4", "x.mp4", locked.name}
+    assert "empty file" in failures["empty.mp4"]
+    assert "truncated" in failures["truncated.mp4"]
+    assert "not a video" in failures["text.mp4"]
+    assert "is a directory" in failures["x.mp4"]
+    assert locked_reason in failures[locked.name]
+    for name, reason in failures.items():
+        assert reason.startswith(str(folder / name)) and "\n" not in reason
+        assert name in result.stderr  # the failures table
+    for i in range(5):
+        assert (out / f"good{i}" / "summary.json").is_file() and len(_masks(out / f"good{i}")) == 1
+    assert not any((out / name).exists() for name in ("empty", "truncated", "text", "x"))
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def test_cli_predict_with_overlay_path(make_clip, tiny_checkpoint, tmp_path):
+    clip = make_clip("cli", duration=2.0)
+    overlay = tmp_path / "over lay.mp4"
+    result = runner.invoke(cli.app, ["predict", str(clip), "--model", str(tiny_checkpoint), "--out",
+                                     str(tmp_path / "run"), "--device", "cpu", "--fps", "2", "--overlay",
+                                     str(overlay)])
+    assert result.exit_code == 0, result.output
+    assert f"Results saved to {tmp_path / 'run'}" in result.output and "cli.mp4: 2.0 s, 4 masks" in result.output
+    assert len(_masks(tmp_path / "run" / "cli")) == 4 and media.probe(overlay).has_audio
+    again = runner.invoke(cli.app, ["predict", str(clip), "--model", str(tiny_checkpoint), "--out",
+                                    str(tmp_path / "run"), "--fps", "2", "--overlay", str(overlay)])
+    assert again.exit_code == 0 and "already done" in again.output
+
+
+def test_cli_default_model_is_the_demo_model(make_clip, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "DEMO_MODEL_DIR", tiny_checkpoint)
+    clip = make_clip("demo", duration=1.0)
+    result = runner.invoke(cli.app, ["predict", str(clip), "--out", str(tmp_path / "run"), "--overlay"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("bundled demo model") == 1
+    assert (tmp_path / "run" / "demo" / "overlay.mp4").is_file()
+    summary = json.loads((tmp_path / "run" / "demo" / "summary.json").read_text())
+    assert summary["model"]["name"] == "demo"
+
+
+@pytest.mark.parametrize(("arguments", "code", "text"), [
+    (["--format", "gif"], EXIT_USAGE, "--format 'gif'"),
+    (["--fps", "0"], EXIT_USAGE, "--fps"),
+    (["--device", "tpu"], EXIT_USAGE, "tpu"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], EXIT_USAGE, "cuda"),
+])
+def test_cli_usage_errors(make_clip, tiny_checkpoint, arguments, code, text):
+    clip = make_clip("cli-usage", duration=1.0)
+    result = runner.invoke(cli.app, ["predict", str(clip), "--model", str(tiny_checkpoint), *arguments])
+    assert result.exit_code == code and text in result.output and "Traceback" not in result.output
+
+
+def test_cli_one_bad_file_is_one_line_and_exit_1(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad video.mp4"
+    bad.write_text("not a video")
+    result = runner.invoke(cli.app, ["predict", str(bad), "--model", str(tiny_checkpoint), "--out",
+                                     str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert f"error: {bad}: not a video" in result.output and "Traceback" not in result.output
+    missing = runner.invoke(cli.app, ["predict", str(tmp_path / "nope.mp4"), "--model", str(tiny_checkpoint)])
+    assert missing.exit_code == EXIT_USAGE and "no such file or folder" in missing.output
+
+
+def test_cli_subprocess_single_video(make_clip, tiny_checkpoint, tmp_path):
+    clip = make_clip("subprocess", duration=1.0, audio=False)
+    result = subprocess.run([*_av2ts(), "predict", str(clip), "--model", str(tiny_checkpoint), "--out",
+                             str(tmp_path / "run"), "--format", "png,json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # stdout stays clean; progress and results go to stderr
+    assert "no audio stream" in result.stderr and "Results saved to" in result.stderr
+    assert not (tmp_path / "run" / "subprocess" / "masks.coco.json").exists()
