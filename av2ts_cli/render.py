@@ -123,7 +123,7 @@ class MaskPainter:
             raise UsageError(f"--palette {palette!r}: choose from {', '.join(PALETTES)}")
         self.alpha, self.contour, self.palette = alpha, contour, palette
         self.colours = avss_palette(256)
-        self._cached: tuple | None = None  # (path, layer, fill, edge) of the last mask prepared
+        self._cached: tuple | None = None  # ((path, size), layer, fill, edge) of the last mask
 
     def colour_table(self, kind: str) -> np.ndarray:
         """[256, 3] uint8: the colour of each mask value."""
@@ -136,7 +136,7 @@ class MaskPainter:
     def prepare(self, path: Path, size: tuple[int, int]):
         """(layer [H, W, 3] colours, fill bool [H, W], edge bool [H, W] or None) of the mask file ``path`` at
         ``size`` (W, H); the last one is cached (masks change only at the sampled times)."""
-        if self._cached is not None and self._cached[0] == path:
+        if self._cached is not None and self._cached[0] == (path, size):
             return self._cached[1:]
         values, kind = read_mask(path)
         if values.shape[::-1] != tuple(size):
@@ -146,7 +146,7 @@ class MaskPainter:
         edge = None
         if self.contour:
             edge = _edges(values, thickness=max(1, round(min(size) / 240)))
-        self._cached = (path, layer, fill, edge)
+        self._cached = ((path, size), layer, fill, edge)
         return layer, fill, edge
 
     def paint(self, frame: np.ndarray, layer: np.ndarray, fill: np.ndarray, edge: np.ndarray | None) -> np.ndarray:
