@@ -178,3 +178,58 @@ def synth_data(tmp_path_factory) -> Path:
     for subset, counts in SYNTH_COUNTS.items():
         synthesize(root, SynthOptions(subset, counts=counts, seed=0, size=SYNTH_SIZE))
     return root
+
+
+# ---------------------------------------------------------------------------------------------- kernel engineer
+KERNEL_FIRST_USE = """
+import json, torch
+from av2ts_cli.model import deform_attn as da
+torch.manual_seed(0)
+shapes = torch.tensor([[4, 3], [2, 2]]); start = torch.tensor([0, 12])
+value = torch.randn(2, 16, 2, 32, requires_grad=True)
+loc = torch.rand(2, 5, 2, 2, 2, 2) * 1.4 - 0.2
+weights = torch.rand(2, 5, 2, 2, 2)
+out = da.ms_deform_attn(value, shapes, start, loc, weights)
+ref = da.ms_deform_attn_torch(value, shapes, start, loc, weights)
+print(json.dumps({"backend": da.active_backend("cpu"), "root": str(da.build_root()),
+                  "grad_fn": type(out.grad_fn).__name__, "diff": float((out - ref).abs().max())}))
+"""
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter from the repository root with environment changes (None removes)."""
+    import os
+    import sys
+
+    environment = dict(os.environ)
+    for key, value in env.items():
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = str(value)
+    return subprocess.run([sys.executable, "-c", code], env=environment, cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def kernel_first_use(tmp_path_factory):
+    """(cache folder, completed process): a fresh process ran ``KERNEL_FIRST_USE`` (the deformable-attention op on
+    small CPU tensors) with an empty ``AV2TS_CACHE``, so it built the C++ kernel there (10-30 s, once per session).
+    Its stdout's last line is JSON: backend, root (build_root()), grad_fn, diff (max |kernel - fallback|)."""
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    result = run_python(KERNEL_FIRST_USE, AV2TS_CACHE=cache, AV2TS_DEFORM_ATTN=None)
+    assert result.returncode == 0, result.stderr
+    return cache, result
+
+
+@pytest.fixture(scope="session")
+def cpp_kernel(kernel_first_use):
+    """The ``torch.ops`` namespace of the C++ deformable-attention kernel, loaded in this process from the
+    session's build (no second compile); later ``ms_deform_attn`` calls on CPU tensors use it."""
+    from av2ts_cli.model import deform_attn
+
+    cache, _ = kernel_first_use
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AV2TS_CACHE", str(cache))
+        mp.delenv("AV2TS_DEFORM_ATTN", raising=False)
+        return deform_attn.load_kernel("cpp")
