@@ -119,7 +119,7 @@ def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch
     model.eval()
     palette = avss_palette(dataset.num_classes)
     try:
-        with _progress(progress, len(dataset), "evaluating") as advance, torch.inference_mode():
+        with _Progress(progress, len(dataset), "evaluating") as advance, torch.inference_mode():
             for items in _batches(dataset, batch, workers):
                 frames = torch.stack([item["frames"] for item in items]).to(device).float()
                 audio = torch.stack([item["audio"] for item in items]).to(device)
@@ -186,7 +186,7 @@ def score_prediction_folder(dataset: AVSDataset, pred_dir: Path, protocol: str =
     """Score the PNGs under ``pred_dir`` against the dataset's labels (see the module docstring for the format)."""
     metric = SemanticMetrics(dataset.num_classes) if dataset.subset == "avss" else BinaryMetrics()
     palette = avss_palette(dataset.num_classes)
-    with _progress(progress, len(dataset), "scoring") as advance:
+    with _Progress(progress, len(dataset), "scoring") as advance:
         for video in dataset.videos:
             annotated, gt = dataset.eval_labels(video)
             if not annotated:
@@ -267,7 +267,7 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
-class _progress:
+class _Progress:
     """A rich "videos k/N" bar on stderr, or nothing."""
 
     def __init__(self, enabled: bool, total: int, description: str):

@@ -84,7 +84,7 @@ class AVSDataset(Dataset):
         self.class_names = read_class_names(self.root) if subset == "avss" else BINARY_CLASSES
         self.num_classes = len(self.class_names)
         self.palette = avss_palette(max(self.num_classes, AVSS_NUM_CLASSES))
-        self.cache = LogMelCache("default" if cache == "default" else None) if cache in ("default", None) else cache
+        self.cache = cache if isinstance(cache, LogMelCache) else LogMelCache(cache)  # "default" or None
         if audio_from is not None and len(audio_from) != len(self.videos):
             raise UsageError(f"audio_from has {len(audio_from)} entries for {len(self.videos)} videos")
         self.audio_from = None if audio_from is None else [int(i) for i in audio_from]
