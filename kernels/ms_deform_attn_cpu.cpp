@@ -1,9 +1,10 @@
-// Multi-scale deformable attention on CPU: forward (parallel over batch x queries) and backward (parallel over
-// batch x heads, so each thread owns its grad_value rows and needs no atomics).
+// Multi-scale deformable attention on CPU, forward and backward, both parallel over (batch, query).
 //
-// Per query, the corners of all M*L*P samples are located first (one flat, vectorisable loop over the samples);
-// corners outside the map point at a row of zeros instead of branching. The blend then runs over the contiguous
-// channel dimension D, which the compiler turns into SIMD multiply-adds (D is a template constant for D = 32).
+// Per query, the corners of all M*L*P samples are located first, in one branch-free loop that the compiler
+// vectorises across samples; a corner outside the map points at a row of zeros instead of branching. The blend
+// then runs over the contiguous channel dimension D in SIMD vectors, with the accumulators in registers when D is
+// 1, 2 or 4 vectors (D = 32 in fp32 is two AVX-512 registers). The backward adds grad_value without atomics: a
+// thread writes straight into the frames it owns and into private buffers for the (at most two) frames it shares.
 #include "ms_deform_attn.h"
 
 #include <ATen/Parallel.h>
@@ -17,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -24,18 +27,18 @@ namespace av2ts {
 namespace {
 
 // Per-sample constants that repeat for every query: the sample's level size and where its rows start. Samples are
-// ordered (repeat, head, level, point); with heads = 1 the head's column offset is left to the caller.
+// ordered (head, level, point) as in the locations tensor.
 template <typename acc_t>
 struct SampleTable {
   std::vector<acc_t> width_f, height_f;
   std::vector<int32_t> width, height;
   std::vector<int64_t> base;  // element offset of (level start, head) in value[n]
 
-  SampleTable(const MsdaShape& s, const int64_t* shapes, const int64_t* starts, int64_t heads, int64_t repeats) {
-    const int64_t count = repeats * heads * s.num_levels * s.num_points;
+  SampleTable(const MsdaShape& s, const int64_t* shapes, const int64_t* starts) {
+    const int64_t count = s.num_heads * s.num_levels * s.num_points;
     width_f.resize(count), height_f.resize(count), width.resize(count), height.resize(count), base.resize(count);
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t l = i / s.num_points % s.num_levels, m = i / s.num_points / s.num_levels % heads;
+      const int64_t l = i / s.num_points % s.num_levels, m = i / s.num_points / s.num_levels;
       height[i] = static_cast<int32_t>(shapes[2 * l]), width[i] = static_cast<int32_t>(shapes[2 * l + 1]);
       height_f[i] = static_cast<acc_t>(height[i]), width_f[i] = static_cast<acc_t>(width[i]);
       base[i] = (starts[l] * s.num_heads + m) * s.head_dim;
@@ -133,6 +136,22 @@ struct SimdAcc {
     return v;
   }
   static void store(acc_t* p, const vec& v) { std::memcpy(p, &v, sizeof(v)); }
+  // {sum of a, sum of b, sum of c, sum of d}
+  static void reduce4(const vec& a, const vec& b, const vec& c, const vec& d, acc_t out[4]) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(acc_t) == 4) {
+      const auto half = [](const vec& v) {
+        const __m512 x = reinterpret_cast<const __m512&>(v);
+        return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+      };
+      const __m256 ab = _mm256_hadd_ps(half(a), half(b)), cd = _mm256_hadd_ps(half(c), half(d));
+      const __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit lane: partial sums of a, b, c, d
+      _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+      return;
+    }
+#endif
+    out[0] = reduce(a), out[1] = reduce(b), out[2] = reduce(c), out[3] = reduce(d);
+  }
   static acc_t reduce(const vec& v) {
 #if defined(__AVX512F__)
     if constexpr (sizeof(acc_t) == 4) {
@@ -231,7 +250,7 @@ inline void blend(const Corners<acc_t>& c, int64_t begin, int64_t end, int64_t d
 template <typename scalar_t, typename acc_t>
 void forward(const MsdaShape& s, const int64_t* shapes, const int64_t* starts, const scalar_t* value,
              const acc_t* loc, const acc_t* attn, scalar_t* out) {
-  const SampleTable<acc_t> table(s, shapes, starts, s.num_heads, 1);
+  const SampleTable<acc_t> table(s, shapes, starts);
   const int64_t dim = s.head_dim, row_stride = s.num_heads * dim;
   const int64_t per_head = s.num_levels * s.num_points, samples = s.num_heads * per_head;
   at::parallel_for(0, s.batch * s.num_queries, 16, [&](int64_t begin, int64_t end) {
@@ -254,86 +273,100 @@ template <int kVectors, typename scalar_t, typename acc_t>
 inline void sample_backward(const Corners<acc_t>& c, int64_t t, acc_t a, const acc_t* go, int64_t dim,
                             acc_t* grad_value_n, acc_t g[4]) {
   using V = Simd<scalar_t>;
-  for (int corner = 0; corner < 4; ++corner) {
-    const scalar_t* r = row<scalar_t>(c.rows[corner][t]);
-    const int64_t offset = c.offsets[corner][t];  // -1: outside the map, no value and no gradient
-    const acc_t w = a * c.weights[corner][t];
-    if constexpr (kVectors > 0) {
-      typename V::vec dot = {};
-      for (int k = 0; k < kVectors; ++k) dot += V::load_acc(go + k * V::lanes) * V::load(r + k * V::lanes);
-      g[corner] = V::reduce(dot);
+  if constexpr (kVectors > 0) {
+    typename V::vec go_vec[kVectors], dot[4];
+    for (int k = 0; k < kVectors; ++k) go_vec[k] = V::load_acc(go + k * V::lanes);
+    for (int corner = 0; corner < 4; ++corner) {
+      const scalar_t* r = row<scalar_t>(c.rows[corner][t]);
+      dot[corner] = go_vec[0] * V::load(r);
+      for (int k = 1; k < kVectors; ++k) dot[corner] += go_vec[k] * V::load(r + k * V::lanes);
+    }
+    V::reduce4(dot[0], dot[1], dot[2], dot[3], g);
+    for (int corner = 0; corner < 4; ++corner) {
+      const int64_t offset = c.offsets[corner][t];  // -1: outside the map, no value and no gradient
       if (offset < 0) continue;
       acc_t* gv = grad_value_n + offset;
+      const acc_t w = a * c.weights[corner][t];
       for (int k = 0; k < kVectors; ++k) {
-        V::store(gv + k * V::lanes, V::load_acc(gv + k * V::lanes) + w * V::load_acc(go + k * V::lanes));
+        V::store(gv + k * V::lanes, V::load_acc(gv + k * V::lanes) + w * go_vec[k]);
       }
-    } else {
+    }
+  } else {
+    for (int corner = 0; corner < 4; ++corner) {
+      const scalar_t* r = row<scalar_t>(c.rows[corner][t]);
       acc_t dot = 0;
       for (int64_t d = 0; d < dim; ++d) dot += go[d] * static_cast<acc_t>(r[d]);
       g[corner] = dot;
+      const int64_t offset = c.offsets[corner][t];
       if (offset < 0) continue;
       acc_t* gv = grad_value_n + offset;
+      const acc_t w = a * c.weights[corner][t];
       for (int64_t d = 0; d < dim; ++d) gv[d] += w * go[d];
     }
   }
 }
 
-// Units are (batch, head): a thread owns the unit's grad_value rows, so no atomics. The queries go by blocks whose
-// locations are copied together, so the corner search still runs over many samples at once.
-constexpr int64_t kQueryBlock = 16;
-
+// Parallel over (batch, query) like the forward, so every read and write but grad_value's is contiguous. A thread
+// adds grad_value straight into the frames whose queries are all in its range; a frame it shares with another
+// thread goes to a private buffer, summed in afterwards (at most two per thread), so no atomics.
 template <int kVectors, typename scalar_t, typename acc_t>
 void backward(const MsdaShape& s, const int64_t* shapes, const int64_t* starts, const scalar_t* value,
               const acc_t* loc, const acc_t* attn, const scalar_t* grad_out, acc_t* grad_value, acc_t* grad_loc,
               acc_t* grad_attn) {
-  const int64_t dim = s.head_dim, row_stride = s.num_heads * dim;
+  const SampleTable<acc_t> table(s, shapes, starts);
+  const int64_t dim = s.head_dim, row_stride = s.num_heads * dim, frame = s.num_values * row_stride;
   const int64_t per_head = s.num_levels * s.num_points, samples = s.num_heads * per_head;
-  const SampleTable<acc_t> table(s, shapes, starts, 1, kQueryBlock);
-  at::parallel_for(0, s.batch * s.num_heads, 1, [&](int64_t begin, int64_t end) {
+  std::mutex mutex;
+  std::vector<std::pair<int64_t, std::vector<acc_t>>> shared_frames;  // (n, partial grad_value[n])
+  at::parallel_for(0, s.batch * s.num_queries, 16, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(dim, scalar_t(0));
-    Corners<acc_t> corners(kQueryBlock * per_head);
-    std::vector<acc_t> block_loc(kQueryBlock * per_head * 2), go(dim);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t n = unit / s.num_heads, m = unit % s.num_heads;
-      const scalar_t* value_nm = value + n * s.num_values * row_stride + m * dim;
-      acc_t* grad_value_nm = grad_value + n * s.num_values * row_stride + m * dim;
-      for (int64_t q0 = 0; q0 < s.num_queries; q0 += kQueryBlock) {
-        const int64_t queries = std::min(kQueryBlock, s.num_queries - q0);
-        for (int64_t b = 0; b < queries; ++b) {
-          const acc_t* src = loc + ((n * s.num_queries + q0 + b) * samples + m * per_head) * 2;
-          std::copy(src, src + per_head * 2, block_loc.data() + b * per_head * 2);
-          // the next block's rows of this head are a query apart in memory: fetch them ahead
-          const int64_t ahead = (kQueryBlock * samples) * 2;
-          if (q0 + b + kQueryBlock < s.num_queries) {
-            for (int64_t k = 0; k < per_head * 2; k += 64 / sizeof(acc_t)) __builtin_prefetch(src + ahead + k);
-            __builtin_prefetch(src + ahead + per_head * 2 - 1);
-            __builtin_prefetch(attn + (n * s.num_queries + q0 + b + kQueryBlock) * samples + m * per_head);
-            const scalar_t* go_ahead = grad_out + ((n * s.num_queries + q0 + b + kQueryBlock) * s.num_heads + m) * dim;
-            for (int64_t k = 0; k < dim; k += 64 / sizeof(scalar_t)) __builtin_prefetch(go_ahead + k);
-          }
-        }
-        locate<true, scalar_t, acc_t>(table, row_stride, value_nm, zeros.data(), block_loc.data(), nullptr, 0, queries * per_head,
-                     corners);
-        for (int64_t b = 0; b < queries; ++b) {
-          const int64_t nq = n * s.num_queries + q0 + b;
-          const scalar_t* go_row = grad_out + (nq * s.num_heads + m) * dim;
-          for (int64_t d = 0; d < dim; ++d) go[d] = static_cast<acc_t>(go_row[d]);
-          for (int64_t j = 0; j < per_head; ++j) {
-            const int64_t t = b * per_head + j, i = nq * samples + m * per_head + j;  // corner slot, flat sample
-            const acc_t a = attn[i];
-            acc_t g[4];
-            sample_backward<kVectors, scalar_t>(corners, t, a, go.data(), dim, grad_value_nm, g);
-            const acc_t lx = corners.frac_x[t], ly = corners.frac_y[t], hx = 1 - lx, hy = 1 - ly;
-            grad_attn[i] = corners.weights[0][t] * g[0] + corners.weights[1][t] * g[1] +
-                           corners.weights[2][t] * g[2] + corners.weights[3][t] * g[3];
-            // x = loc_x * w - 0.5, so d/dloc_x = w * d/dx (and likewise for y)
-            grad_loc[2 * i] = a * table.width_f[j] * (hy * (g[1] - g[0]) + ly * (g[3] - g[2]));
-            grad_loc[2 * i + 1] = a * table.height_f[j] * (hx * (g[2] - g[0]) + lx * (g[3] - g[1]));
-          }
+    Corners<acc_t> corners(samples);
+    std::vector<acc_t> go(row_stride);
+    std::vector<std::pair<int64_t, std::vector<acc_t>>> partial;
+    int64_t frame_n = -1;
+    acc_t* target = nullptr;
+    for (int64_t nq = begin; nq < end; ++nq) {
+      const int64_t n = nq / s.num_queries;
+      if (n != frame_n) {
+        frame_n = n;
+        if (begin <= n * s.num_queries && end >= (n + 1) * s.num_queries) {
+          target = grad_value + n * frame;
+        } else {
+          partial.emplace_back(n, std::vector<acc_t>(frame, acc_t(0)));
+          target = partial.back().second.data();
         }
       }
+      locate<true, scalar_t, acc_t>(table, row_stride, value + n * frame, zeros.data(), loc + nq * samples * 2,
+                                    nullptr, 0, samples, corners);
+      const scalar_t* go_row = grad_out + nq * row_stride;
+      for (int64_t d = 0; d < row_stride; ++d) go[d] = static_cast<acc_t>(go_row[d]);
+      const acc_t* attn_q = attn + nq * samples;
+      acc_t* grad_attn_q = grad_attn + nq * samples;
+      acc_t* grad_loc_q = grad_loc + nq * samples * 2;
+      for (int64_t t = 0; t < samples; ++t) {
+        const acc_t a = attn_q[t];
+        acc_t g[4];
+        sample_backward<kVectors, scalar_t>(corners, t, a, go.data() + t / per_head * dim, dim, target, g);
+        const acc_t lx = corners.frac_x[t], ly = corners.frac_y[t], hx = 1 - lx, hy = 1 - ly;
+        grad_attn_q[t] = corners.weights[0][t] * g[0] + corners.weights[1][t] * g[1] +
+                         corners.weights[2][t] * g[2] + corners.weights[3][t] * g[3];
+        // x = loc_x * w - 0.5, so d/dloc_x = w * d/dx (and likewise for y)
+        grad_loc_q[2 * t] = a * table.width_f[t] * (hy * (g[1] - g[0]) + ly * (g[3] - g[2]));
+        grad_loc_q[2 * t + 1] = a * table.height_f[t] * (hx * (g[2] - g[0]) + lx * (g[3] - g[1]));
+      }
+    }
+    if (!partial.empty()) {
+      const std::lock_guard<std::mutex> lock(mutex);
+      for (auto& entry : partial) shared_frames.push_back(std::move(entry));
     }
   });
+  for (const auto& [n, partial] : shared_frames) {
+    acc_t* out = grad_value + n * frame;
+    const acc_t* in = partial.data();
+    at::parallel_for(0, frame, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) out[k] += in[k];
+    });
+  }
 }
 
 template <typename scalar_t, typename acc_t>

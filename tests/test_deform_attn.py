@@ -187,6 +187,23 @@ def test_backward_matches_the_fallback(forced_cpp, dim, borders):
         torch.testing.assert_close(kernel_grad, oracle_grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_backward_with_frames_shared_between_threads(forced_cpp, batch):
+    # with two threads, the frame in the middle of the query range gets grad_value from both (private buffers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs = make_inputs(batch=batch, queries=37, dim=16, seed=batch)
+        grads = []
+        for attention in (ms_deform_attn, ms_deform_attn_torch):
+            value = inputs[0].clone().requires_grad_()
+            attention(value, *inputs[1:]).square().sum().backward()
+            grads.append(value.grad)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dim", [3, 8])  # scalar path; one float64 SIMD vector
 def test_gradcheck_float64(forced_cpp, dim):
     g = torch.Generator().manual_seed(dim)
