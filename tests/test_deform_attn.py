@@ -146,6 +146,12 @@ def test_a_failing_kernel_is_never_hidden(cpp_kernel, monkeypatch):
 
 def test_kernel_sources_and_build_root(monkeypatch, tmp_path):
     assert (deform_attn.kernel_source_dir() / "ms_deform_attn_cuda.cu").is_file()
+    # an installed wheel carries the sources in av2ts_cli/kernels (pyproject's force-include)
+    installed = tmp_path / "site-packages" / "av2ts_cli"
+    shutil.copytree(deform_attn.kernel_source_dir(), installed / "kernels")
+    monkeypatch.setattr(deform_attn, "__file__", str(installed / "model" / "deform_attn.py"))
+    assert deform_attn.kernel_source_dir() == installed / "kernels"
+    monkeypatch.undo()
     monkeypatch.setenv("AV2TS_CACHE", str(tmp_path))
     assert deform_attn.build_root() == tmp_path / "kernels"
     monkeypatch.delenv("AV2TS_CACHE")

@@ -178,7 +178,7 @@ def run(sizes=DEFAULT_SIZES, frames: int = 5, repeats: int = 15, device: str = "
                          f"{backend} kernel")
     try:  # the kernel or an error, never a silent fallback
         deform_attn.load_kernel(backend)
-    except deform_attn._Unavailable as err:
+    except deform_attn.KernelUnavailable as err:
         raise KernelError(f"cannot benchmark the {backend} kernel: {err}") from None
     implementations = {"fallback": deform_attn.ms_deform_attn_torch, "kernel": deform_attn.ms_deform_attn}
     cases = []

@@ -127,7 +127,7 @@ _loaded: dict[str, object] = {}  # "cpp" / "cuda" -> the torch.ops namespace of 
 _failed: dict[str, str] = {}  # "cpp" / "cuda" -> why it cannot be built (already warned about)
 
 
-class _Unavailable(Exception):
+class KernelUnavailable(Exception):
     """The kernel cannot be built or loaded here (a missing build, not a failing kernel)."""
 
 
@@ -154,7 +154,7 @@ def _backend_for(device_type: str) -> tuple[str, object | None]:
         return "torch", None
     try:
         return native, load_kernel(native)
-    except _Unavailable as err:
+    except KernelUnavailable as err:
         if requested == "auto":
             return "torch", None
         raise KernelError(f"{ENV_VAR}={requested}: the {native} kernel cannot be built: {err}") from None
@@ -174,21 +174,23 @@ def active_backend(device: str | torch.device | None = None) -> str:
         return native
     if native in _failed:
         return "torch"
-    if (_build_dir(native) / _MARKER).is_file() or _missing_toolchain(native) is None:
-        return native
-    return "torch"
+    try:
+        ready = (_build_dir(native) / _MARKER).is_file() or _missing_toolchain(native) is None
+    except KernelUnavailable:  # no kernel sources
+        return "torch"
+    return native if ready else "torch"
 
 
 def load_kernel(backend: str):
-    """The ``torch.ops`` namespace of the ``cpp`` or ``cuda`` build, built on first use; raises _Unavailable."""
+    """The ``torch.ops`` namespace of the ``cpp`` or ``cuda`` build, built on first use; raises KernelUnavailable."""
     with _lock:
         if backend in _loaded:
             return _loaded[backend]
         if backend in _failed:
-            raise _Unavailable(_failed[backend])
+            raise KernelUnavailable(_failed[backend])
         try:
             ops = _load_or_build(backend)
-        except _Unavailable as err:
+        except KernelUnavailable as err:
             _failed[backend] = str(err)
             if requested_backend() == "auto":
                 from av2ts_cli.console import warn
@@ -208,7 +210,7 @@ def kernel_source_dir() -> Path:
     for candidate in (package / "kernels", package.parent / "kernels"):
         if (candidate / "ms_deform_attn.cpp").is_file():
             return candidate
-    raise _Unavailable(f"kernel sources not found in {package / 'kernels'} or {package.parent / 'kernels'}")
+    raise KernelUnavailable(f"kernel sources not found in {package / 'kernels'} or {package.parent / 'kernels'}")
 
 
 def build_root() -> Path:
@@ -318,7 +320,7 @@ def _load_or_build(backend: str):
     if not marker.is_file():
         missing = _missing_toolchain(backend)
         if missing:
-            raise _Unavailable(missing)
+            raise KernelUnavailable(missing)
         build_dir.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock, Timeout
 
@@ -327,12 +329,13 @@ def _load_or_build(backend: str):
                 if not marker.is_file():  # another process may have built it while we waited
                     _build(backend, name, build_dir)
         except Timeout:
-            raise _Unavailable(f"another process holds {build_root() / (name + '.lock')} for 15 minutes") from None
-    library = build_dir / json.loads(marker.read_text())["library"]
+            raise KernelUnavailable(f"another process holds {build_root() / (name + '.lock')} for 15 minutes") from None
     try:
+        library = build_dir / json.loads(marker.read_text())["library"]
         torch.ops.load_library(str(library))
-    except OSError as err:
-        raise _Unavailable(f"cannot load {library} ({err}); delete {build_dir} to rebuild it") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise KernelUnavailable(f"cannot load the build in {build_dir} ({err}); delete that folder to rebuild it"
+                                ) from None
     return getattr(torch.ops, name)
 
 
@@ -369,7 +372,7 @@ def _build(backend: str, name: str, build_dir: Path) -> None:
         log = build_dir / "build-error.log"
         log.write_text(f"{err}\n{getattr(err, 'output', '') or ''}")
         lines = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines()
-        raise _Unavailable(f"the build failed: {lines[0].strip() if lines else type(err).__name__} "
+        raise KernelUnavailable(f"the build failed: {lines[0].strip() if lines else type(err).__name__} "
                            f"(log: {log})") from None
     finally:
         if backend == "cuda":
