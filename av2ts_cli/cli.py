@@ -479,6 +479,20 @@ def bench_media(
     _print_json(report) if as_json else bench.print_report(report)
 
 
+@bench_app.command("predict")
+@_reported
+def bench_predict(
+    quick: Annotated[bool, typer.Option("--quick", help="Small clips and the tiny preset: a smoke run.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """av2ts predict on CPU: windows/s and time outside the network (r50, 60 s 720p), peak RSS 30 s vs 10 min."""
+    from av2ts_cli.bench import predict as bench
+
+    report = bench.run(quick=quick, threads=threads, progress=not as_json)
+    _print_json(report) if as_json else bench.print_report(report)
+
+
 def main() -> None:
     app()
 

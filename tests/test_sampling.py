@@ -1,0 +1,61 @@
+"""AVSBench's sampling for any video: seconds sampled, frame times of shifted passes, windows, audio examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from av2ts_cli import sampling
+from av2ts_cli.model.audio import waveform_to_examples
+
+
+@pytest.mark.parametrize(("duration", "seconds"), [(10.0, 10), (10.04, 10), (10.49, 10), (10.5, 11), (0.04, 1),
+                                                   (0.6, 1), (1.5, 2), (120.0, 120)])
+def test_a_second_is_sampled_when_half_of_it_exists(duration, seconds):
+    assert sampling.sampled_seconds(duration) == seconds
+
+
+def test_schedule_follows_avsbench_with_shifted_passes():
+    schedule = sampling.make_schedule(7.0, fps=2, window=5, last_time=6.98)
+    assert (schedule.seconds, schedule.groups, len(schedule.frames), len(schedule.windows)) == (7, 2, 14, 4)
+    times = [f.time for f in schedule.frames]
+    assert times == sorted(times) and [f.index for f in schedule.frames] == list(range(14))
+    assert times[:4] == [0.4375, 0.9375, 1.4375, 1.9375] and times[-1] == 6.9375
+    assert [(f.second, f.shift) for f in schedule.frames[:3]] == [(0, 1), (0, 0), (1, 1)]
+    # processing order: group, then pass; pass j starts its audio j/fps earlier
+    assert [(w.group, w.shift, w.audio_start) for w in schedule.windows] == [(0, 0, 0.0), (0, 1, -0.5), (1, 0, 5.0),
+                                                                            (1, 1, 4.5)]
+    assert [f.second for f in schedule.windows[1].frames] == [0, 1, 2, 3, 4]
+    assert [f.time for f in schedule.windows[2].frames] == [5.9375, 6.9375]  # tail: 2 real frames, 3 padded
+    assert [f.index for f in schedule.group_frames(1)] == list(range(10, 14))
+    for window in schedule.windows:  # example s of a window reads the second its frame stands for
+        for slot, frame in enumerate(window.frames):
+            assert frame.time - (window.audio_start + slot) == pytest.approx(sampling.FRAME_OFFSET, abs=1e-9)
+
+
+def test_schedule_clamps_times_into_the_video():
+    schedule = sampling.make_schedule(0.3, fps=1, window=5, last_time=0.28)
+    assert [f.time for f in schedule.frames] == [0.28]  # shorter than a second: still one frame, the last one
+    dense = sampling.make_schedule(2.0, fps=20, window=5, last_time=1.98)
+    assert len(dense.frames) == 40 and min(f.time for f in dense.frames) == 0.0
+    times = [f.time for f in dense.frames]
+    assert times == sorted(times)
+
+
+def test_window_examples_cut_the_audio_like_a_five_second_clip():
+    rng = np.random.default_rng(0)
+    wave = (rng.standard_normal(16000 * 12) * 0.1).astype(np.float32)
+    examples = sampling.window_examples(wave, 5.0, 5, 5)
+    expected = waveform_to_examples(torch.from_numpy(wave[5 * 16000:10 * 16000].copy()), num_examples=5)
+    assert torch.allclose(examples, expected)
+    # a tail window: 2 real seconds, padded by repeating the last example
+    tail = sampling.window_examples(wave, 10.0, 2, 5)
+    assert torch.equal(tail[2], tail[1]) and torch.equal(tail[4], tail[1])
+    assert torch.allclose(tail[:2], waveform_to_examples(torch.from_numpy(wave[10 * 16000:].copy()), 2))
+    # before 0 and after the end: silence
+    silence = waveform_to_examples(torch.zeros(16000), num_examples=1)[0]
+    early = sampling.window_examples(wave, -1.0, 2, 2)
+    assert torch.allclose(early[0], silence)
+    late = sampling.window_examples(wave, 20.0, 1, 1)
+    assert torch.allclose(late[0], silence)
