@@ -49,6 +49,7 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".m
                             ".mts", ".m2ts", ".3gp", ".ogv", ".gif"})
 SUMMARY_FILE, FRAMES_FILE, COCO_FILE, FAILURES_FILE = "summary.json", "frames.jsonl", "masks.coco.json", "failures.json"
 MASKS_DIR = "masks"
+DEFAULT_OVERLAY = "overlay.mp4"
 DEMO_NOTE = ("Using the bundled demo model (av2ts-tiny trained on synthetic 'sounding shapes': it finds sounding "
              "shapes, not real objects; real checkpoints come through --model and `av2ts convert`).")
 
@@ -480,7 +481,7 @@ def is_complete(folder: Path, video: Path, settings: dict) -> bool:
 
 def _clear_outputs(folder: Path) -> None:
     """Remove what an earlier run left (summary first: the folder stops counting as done at once)."""
-    for name in (SUMMARY_FILE, FRAMES_FILE, COCO_FILE):
+    for name in (SUMMARY_FILE, FRAMES_FILE, COCO_FILE, DEFAULT_OVERLAY):
         (folder / name).unlink(missing_ok=True)
     masks = folder / MASKS_DIR
     if masks.is_dir():
@@ -650,7 +651,7 @@ def _overlay_path(option: str | None, folder: Path, name: str, batch: bool) -> P
     if option is None:
         return None
     if option == "":
-        return folder / "overlay.mp4"
+        return folder / DEFAULT_OVERLAY
     path = Path(option)
     if path.suffix.lower() in VIDEO_SUFFIXES and not path.is_dir():
         if batch:

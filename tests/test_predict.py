@@ -399,3 +399,65 @@ def test_cli_subprocess_single_video(make_clip, tiny_checkpoint, tmp_path):
     assert result.stdout == ""  # stdout stays clean; progress and results go to stderr
     assert "no audio stream" in result.stderr and "Results saved to" in result.stderr
     assert not (tmp_path / "run" / "subprocess" / "masks.coco.json").exists()
+
+
+# ---------------------------------------------------------------------------------------- precision and memory
+def test_half_on_cpu_is_bf16_where_the_cpu_has_it(make_clip, tiny_checkpoint, tmp_path, monkeypatch):
+    clip = make_clip("half", duration=1.0)
+    fp32 = predict.run([clip], _options(tmp_path / "fp32", model=str(tiny_checkpoint), device="cpu"))
+    monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
+    half = predict.run([clip], _options(tmp_path / "bf16", model=str(tiny_checkpoint), device="cpu", half=True))
+    assert half.model["precision"] == "bf16" and fp32.model["precision"] == "fp32"
+    (a,), (b,) = (_lines(Path(r.videos[0].folder) / "frames.jsonl") for r in (fp32, half))
+    assert a["sounding_area"] == pytest.approx(b["sounding_area"], abs=0.05)  # bf16 rounding, same masks
+    monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: False)
+    plain = predict.make_predictor(build_model(get_preset("av2ts-tiny")), get_preset("av2ts-tiny"), ["b", "s"],
+                                   "x", device="cpu", half=True)
+    assert plain.precision == "fp32"  # with a warning: no native bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_precision_matches_cpu(make_clip, tiny_checkpoint, tmp_path):
+    clip = make_clip("cuda", duration=2.0)
+    cpu = predict.run([clip], _options(tmp_path / "cpu", model=str(tiny_checkpoint), device="cpu"))
+    gpu = predict.run([clip], _options(tmp_path / "gpu", model=str(tiny_checkpoint), device="cuda", half=True))
+    assert gpu.model["precision"] == "fp16" and gpu.model["device"].startswith("cuda")
+    summary = json.loads((Path(gpu.videos[0].folder) / "summary.json").read_text())
+    assert summary["peak_memory"]["cuda_mb"] > 0
+    for a, b in zip(*(_lines(Path(r.videos[0].folder) / "frames.jsonl") for r in (cpu, gpu)), strict=True):
+        assert a["sounding_area"] == pytest.approx(b["sounding_area"], abs=0.05)
+
+
+def test_overlay_paths():
+    folder = Path("/runs/exp/clip")
+    assert predict._overlay_path(None, folder, "clip", batch=False) is None
+    assert predict._overlay_path("", folder, "clip", batch=True) == folder / "overlay.mp4"
+    assert predict._overlay_path("out.mp4", folder, "clip", batch=False) == Path("out.mp4")
+    assert predict._overlay_path("overlays", folder, "clip", batch=True) == Path("overlays/clip.mp4")
+    with pytest.raises(UsageError, match="several videos need a folder"):
+        predict._overlay_path("out.mp4", folder, "clip", batch=True)
+
+
+def test_decoding_runs_a_bounded_distance_ahead(make_clip, monkeypatch):
+    """The feeder decodes at most a few window groups ahead of the model: frames are never all held."""
+    clip = make_clip("bounded", duration=40.0, size=(32, 24), fps=5)
+    decoded = []
+    original = media.iter_frames_at
+
+    def counting(*args, **kwargs):
+        for item in original(*args, **kwargs):
+            decoded.append(item[0])
+            yield item
+
+    monkeypatch.setattr(media, "iter_frames_at", counting)
+    schedule = sampling.make_schedule(40.0, fps=1, window=5, last_time=39.9)
+    feeder = predict._WindowFeeder(clip, schedule, 32, np.zeros(0, np.float32), predict._Timer(), None, depth=2)
+    ahead = []
+    try:
+        for consumed, _ in enumerate(feeder, 1):
+            time.sleep(0.05)  # a slow model
+            ahead.append(len(decoded) - 5 * consumed)
+    finally:
+        feeder.close()
+    assert len(decoded) == 40 and max(ahead) <= 5 * 4  # queue of 2 windows + one in hand + one being decoded
