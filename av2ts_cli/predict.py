@@ -660,6 +660,17 @@ def _overlay_path(option: str | None, folder: Path, name: str, batch: bool) -> P
     return path / f"{name}.mp4"
 
 
+def _check_overlay_target(overlay: Path | None, folder: Path, options: PredictOptions) -> None:
+    """An existing file at an explicit ``--overlay PATH`` is replaced only if an earlier run wrote it there, or
+    with ``--force``: ``predict a.mp4 --overlay b.mp4`` must not destroy b.mp4 if it was meant as a second input."""
+    if overlay is None or options.force or not overlay.exists() or options.overlay == "":
+        return
+    previous = read_summary(folder) or {}
+    if previous.get("overlay") != str(overlay):
+        raise UsageError(f"--overlay {overlay}: the file exists and no earlier run wrote it; pass --force to "
+                         "replace it (to predict it as well, give --overlay after the sources or as --overlay=PATH)")
+
+
 def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor: Predictor | None = None
         ) -> RunReport:
     """Predict every video of ``sources``. One video: its error propagates. Several: failures are collected
@@ -695,6 +706,7 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
                                          overlay=settings["overlay"])
                     _print(f"{video.name}: already done in {folder}, skipped (--force redoes it)")
                 else:
+                    _check_overlay_target(overlay, folder, options)
                     result = predict_video(video, folder, predictor, options, overlay, progress, windows_task)
                     _print(_closing_line(result))
                 report.videos.append(result)

@@ -355,6 +355,13 @@ def test_cli_predict_with_overlay_path(make_clip, tiny_checkpoint, tmp_path):
     again = runner.invoke(cli.app, ["predict", str(clip), "--model", str(tiny_checkpoint), "--out",
                                     str(tmp_path / "run"), "--fps", "2", "--overlay", str(overlay)])
     assert again.exit_code == 0 and "already done" in again.output
+    # a file the run did not write is not replaced: `predict a.mp4 --overlay b.mp4` may have meant two inputs
+    other = tmp_path / "other.mp4"
+    shutil.copy(clip, other)
+    refused = runner.invoke(cli.app, ["predict", str(clip), "--model", str(tiny_checkpoint), "--out",
+                                      str(tmp_path / "run2"), "--overlay", str(other)])
+    assert refused.exit_code == EXIT_USAGE and "no earlier run wrote it" in refused.output
+    assert other.read_bytes() == clip.read_bytes()
 
 
 def test_cli_default_model_is_the_demo_model(make_clip, tiny_checkpoint, tmp_path, monkeypatch):
