@@ -336,6 +336,8 @@ def train_command(
                                              "1e-3 for av2ts-tiny, which trains from scratch).")] = None,
     backbone_lr_mult: Annotated[float | None, typer.Option("--backbone-lr-mult", help="LR factor of the visual "
                                                            "backbone and Siam encoder (default 0.1; tiny 1).")] = None,
+    clip_norm: Annotated[float | None, typer.Option("--clip-norm", help="Clip the L2 norm of all gradients "
+                                                    "together (default 0.01, the reference's; 0: off).")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="fp16 autocast with a grad scaler, CUDA only "
                                              "(default: on for AVSS on CUDA, as the reference).")] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16", help="bf16 autocast (CPU or CUDA).")] = None,
@@ -362,7 +364,7 @@ def train_command(
     from av2ts_cli import train
 
     report = train.train(resume=resume, progress=not as_json, subset=subset, data=data, model=model, iters=iters,
-                         batch=batch, lr=lr, backbone_lr_mult=backbone_lr_mult, amp=amp, bf16=bf16,
+                         batch=batch, lr=lr, backbone_lr_mult=backbone_lr_mult, clip_norm=clip_norm, amp=amp, bf16=bf16,
                          out=None if out is None else str(out), eval_every=eval_every, eval_split=eval_split,
                          augment=augment, log_every=log_every, workers=workers, seed=seed, device=device)
     if report is None:  # a process other than rank 0 of a torchrun job

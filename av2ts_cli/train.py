@@ -78,6 +78,7 @@ class Recipe:
     batch: int
     lr: float = 1e-4
     backbone_lr_mult: float = 0.1
+    clip_norm: float = 0.01
     amp: bool = False
 
 
@@ -113,12 +114,13 @@ class TrainOptions:
     lr: float | None = None
     backbone_lr_mult: float | None = None
     weight_decay: float = 0.05
-    clip_norm: float = 0.01  # L2 norm of all gradients together; 0 turns clipping off
+    clip_norm: float | None = None  # L2 norm of all gradients together; 0 turns clipping off
     poly_power: float = 0.9
     amp: bool | None = None  # fp16 autocast + GradScaler, CUDA only
     bf16: bool = False  # bf16 autocast (CPU or CUDA)
     eval_every: int = 100  # evaluate and save every N iterations (0: only at the end)
     eval_split: str = "val"
+    augment: bool = True  # the reference's training augmentation; False: frames only resized to the input size
     log_every: int = 20
     workers: int = 2
     seed: int = 0
@@ -141,7 +143,7 @@ class TrainOptions:
             self, iters=recipe.iters if self.iters is None else self.iters,
             batch=recipe.batch if self.batch is None else self.batch, lr=recipe.lr if self.lr is None else self.lr,
             backbone_lr_mult=recipe.backbone_lr_mult if self.backbone_lr_mult is None else self.backbone_lr_mult,
-            amp=bool(amp))
+            clip_norm=recipe.clip_norm if self.clip_norm is None else self.clip_norm, amp=bool(amp))
         problems = []
         if out.iters < 1:
             problems.append(f"--iters must be at least 1 (got {out.iters})")
@@ -557,7 +559,7 @@ class Trainer:
             raise UsageError(f"the run is already at iteration {self.start} of --iters {options.iters}; give a larger "
                              f"--iters to train on")
 
-        self.train_set = self._dataset("train", train=True)
+        self.train_set = self._dataset("train", train=options.augment)
         self.eval_set = self._dataset(options.eval_split, train=False) if processes.main else None
         if len(self.train_set) == 0:
             raise UsageError(f"{options.data}: the train split of {options.subset} has no videos")
@@ -677,13 +679,15 @@ class Trainer:
                     sums.zero_()
                     logged_iterations = 0
                 last_step = iteration == options.iters
-                if last_step or (options.eval_every and iteration % options.eval_every == 0):
+                checkpoint = last_step or (options.eval_every and iteration % options.eval_every == 0)
+                if checkpoint:
                     row = row or self._loss_row(iteration, None, time.perf_counter() - started)
                     self._evaluate(row, bar)
+                if row is not None and processes.main:
+                    self.log.write(row)  # before the checkpoint: a resumed log always has the rows up to it
+                if checkpoint:
                     self.elapsed = time.perf_counter() - started
                     self._save(iteration, row)
-                if row is not None and processes.main:
-                    self.log.write(row)
                 if bar is not None:
                     loss_text = f" loss {row['loss']:.3f}" if row and row.get("loss") is not None else ""
                     bar.update(task, completed=iteration,
