@@ -21,6 +21,8 @@ def test_bench_predict_quick_json():
     assert 0 < speed["model_s"] < speed["predict_s"] and speed["windows_per_s"] > 0
     assert speed["outside_model_share"] == pytest.approx(1 - speed["model_s"] / speed["predict_s"], abs=1e-3)
     assert speed["share_ok"] == (speed["outside_model_share"] <= 0.15) and report["threads"] == 1
+    ratio = speed["ms_per_window"] / speed["baseline_resnet50_ms"]
+    assert speed["window_vs_baseline"] == pytest.approx(ratio, abs=0.006)  # rounded to 2 decimals
     runs = report["memory"]["runs"]
     assert [(r["seconds"], r["windows"]) for r in runs] == [(5, 1), (20, 4)]
     assert all(r["peak_rss_mb"] > 50 for r in runs)

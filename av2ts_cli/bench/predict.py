@@ -4,6 +4,8 @@ Speed: a 60 s 1280x720 25 fps clip with sound (``media.synthesize_clip``), the `
 weights and its Siam encoder (maskiges generated beside the clip, one per sampled frame), default settings (1 mask
 per second, T = 5, batch 1, fp32). Reported: windows per second, milliseconds per window, and the share of the
 prediction time spent outside the network (probe, audio, frame decoding the model had to wait for, mask writing).
+The time per window is also given as a ratio to a ResNet-50 trunk on 5 frames at 224 px, timed in the same
+subprocess before and after (``bench.model.baseline_resnet50``), so figures from a busy machine still compare.
 Frames are decoded by a background thread while the network runs, so only the waits count. Target: at most 15 %.
 
 Memory: the ``av2ts-tiny`` preset (a 10-minute clip with r50 would take most of an hour here; the streaming code
@@ -57,7 +59,7 @@ def run(quick: bool = False, threads: int | None = None, progress: bool = True) 
             bar.advance(task)
         bar.update(task, description=f"predict: {speed_case['preset']} on the {speed_case['seconds']} s clip")
         speed = _in_subprocess({**speed_case, "clip": str(clips[_clip_key(speed_case)]), "work": folder,
-                                "threads": threads})
+                                "threads": threads, "baseline": True})
         speed["share_target"] = SHARE_TARGET
         speed["share_ok"] = speed["outside_model_share"] <= SHARE_TARGET
         report["speed"] = speed
@@ -95,6 +97,7 @@ def _worker(case: dict) -> dict:
     import torch
 
     from av2ts_cli import predict, sampling
+    from av2ts_cli.bench.model import baseline_resnet50
     from av2ts_cli.config import get_preset
     from av2ts_cli.data.images import write_png
     from av2ts_cli.model import build_model
@@ -116,14 +119,16 @@ def _worker(case: dict) -> dict:
             blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
             write_png(folder / f"{index:06d}.png", np.kron(blocks, np.ones((56, 56, 1), np.uint8)))
     options = predict.PredictOptions(out=work / "run", maskiges=maskiges, progress=False)
+    baselines = [baseline_resnet50(repeats=3)] if case.get("baseline") else []
     started = time.perf_counter()
     result = predict.run([clip], options, predictor=predictor).videos[0]
     elapsed = time.perf_counter() - started
+    baselines += [baseline_resnet50(repeats=3)] if case.get("baseline") else []
     summary = json.loads((Path(result.folder) / predict.SUMMARY_FILE).read_text())
     timings = summary["timings"]
     predict_s = timings["predict_s"]
     model_s = timings["model_s"]
-    return {
+    report = {
         "preset": case["preset"], "siam": cfg.siam, "input_size": cfg.input_size,
         "clip": f"{case['seconds']} s {case['size'][0]}x{case['size'][1]} {case['fps']} fps",
         "seconds": case["seconds"], "windows": summary["windows"], "frames": summary["sampling"]["frames"],
@@ -137,6 +142,11 @@ def _worker(case: dict) -> dict:
         # the Python process alone: a child's ru_maxrss also counts the parent's pages it maps between fork and exec
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if baselines:  # a ResNet-50 trunk on 5 frames at 224 px, before and after: the machine's speed in this run
+        baseline_ms = 1000 * sum(baselines) / len(baselines)
+        report["baseline_resnet50_ms"] = round(baseline_ms, 1)
+        report["window_vs_baseline"] = round(timings["ms_per_window"] / baseline_ms, 2)
+    return report
 
 
 def print_report(report: dict) -> None:
@@ -149,7 +159,8 @@ def print_report(report: dict) -> None:
     console.print(f"predict on CPU ({report['threads']} threads): {speed['preset']} (Siam {speed['siam']}, "
                   f"{speed['input_size']} px) on a {speed['clip']} clip: {speed['windows']} windows in "
                   f"{speed['predict_s']:.1f} s = {speed['windows_per_s']:.3f} windows/s, "
-                  f"{speed['ms_per_window']:.0f} ms per window")
+                  f"{speed['ms_per_window']:.0f} ms per window = {speed['window_vs_baseline']:.1f}x a ResNet-50 trunk "
+                  f"on the same 5 frames ({speed['baseline_resnet50_ms']:.0f} ms, measured before and after)")
     console.print(f"outside the network: {speed['outside_model_s']:.2f} s = {100 * speed['outside_model_share']:.1f} % "
                   f"(target <= {100 * speed['share_target']:.0f} %) {verdict}; work done beside it: decode "
                   f"{speed['decode_s']:.2f} s, audio {speed['audio_s']:.2f} s, writing {speed['writing_s']:.2f} s, "
