@@ -382,7 +382,8 @@ def bench_train(
     size: Annotated[int | None, typer.Option("--size", help="Input side for every --preset (multiple of 32).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per case (median).")] = 5,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="av2ts-tiny, 1 clip, 2 steps: a smoke run.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="av2ts-tiny, 1 clip at 64 px, 2 steps: a smoke run.")
+                     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Training steps per second and peak memory on CPU, against the pure-PyTorch deform-attn step."""
@@ -396,15 +397,16 @@ def bench_train(
     for name in preset or []:
         if name not in PRESET_NAMES:
             raise UsageError(f"unknown model preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+    warmup = 2
     if quick:
-        cases, steps = bench.QUICK_CASES, min(steps, 2)
+        cases, steps, warmup = bench.QUICK_CASES, min(steps, 2), 1
     elif preset:
         cases = [(name, batch or 1, size) for name in preset]
     else:
         cases = [(name, batch or default, size) for name, default, _ in bench.DEFAULT_CASES]
     with make_progress(transient=True) as progress:
         task = progress.add_task("timing", total=None)
-        report = bench.run(cases, steps=steps, threads=threads,
+        report = bench.run(cases, steps=steps, warmup=warmup, threads=threads,
                            progress=lambda text: progress.update(task, description=text))
     _print_json(report) if as_json else bench.print_report(report)
 

@@ -526,9 +526,7 @@ def threading_main() -> bool:
 
 class Trainer:
     def __init__(self, given: dict, resume: str | os.PathLike | None, processes: Processes, progress: bool):
-        from av2ts_cli.config import get_preset
-        from av2ts_cli.model import build_model
-        from av2ts_cli.weights import load_checkpoint, load_model
+        from av2ts_cli.weights import load_checkpoint
 
         self.processes = processes
         self.progress = progress and processes.main
@@ -537,21 +535,18 @@ class Trainer:
         if resume is not None:
             checkpoint = find_resume_checkpoint(resume)
             state = read_trainer_state(checkpoint / TRAINER_FILE)
-            options = _merge_resume_options(TrainOptions(**state["options"]), given)
+            try:
+                saved = TrainOptions(**state["options"])
+            except TypeError as err:
+                raise CheckpointError(checkpoint / TRAINER_FILE, f"unexpected run options: {err}") from None
+            options = _merge_resume_options(saved, given)
             model, cfg, _ = load_checkpoint(checkpoint)
             self.run = checkpoint.parent
             self.start = int(state["iteration"])
         else:
             options = new_options(given)
             seed_everything(options.seed)
-            if Path(options.model).exists():
-                model, cfg = load_model(options.model)
-                if cfg.subset != options.subset and {cfg.subset, options.subset} != {"s4", "ms3"}:
-                    raise UsageError(f"{options.model} is a {cfg.subset} model; --subset is {options.subset}")
-                cfg = dataclasses.replace(cfg, subset=options.subset)
-            else:
-                cfg = get_preset(options.model, options.subset)
-                model = build_model(cfg)
+            model, cfg = _initial_model(options.model, options.subset)
             self.start = 0
         self.options = options = options.resolved(cfg.preset, device)
         self.cfg = cfg
@@ -772,6 +767,25 @@ class Trainer:
                 "best_miou": self.best["miou"], "best_iteration": self.best["iteration"],
                 "eval_split": self.options.eval_split, "processes": self.processes.world_size,
                 "device": str(self.processes.device)}
+
+
+def _initial_model(name: str, subset: str):
+    """(model, cfg) a new run starts from: a preset (random init) or a checkpoint (a folder, hf://, a registry
+    name), e.g. one with converted backbones (`av2ts convert --kind detectron2`)."""
+    from av2ts_cli.config import PRESET_NAMES, get_preset
+    from av2ts_cli.model import build_model
+    from av2ts_cli.weights import HF_PREFIX, REGISTRY, load_model
+
+    if name in PRESET_NAMES and not Path(name).exists():
+        cfg = get_preset(name, subset)
+        return build_model(cfg), cfg
+    if not (Path(name).exists() or name.startswith(HF_PREFIX) or name in REGISTRY):
+        raise UsageError(f"--model {name!r} is neither a preset ({', '.join(PRESET_NAMES)}) nor a checkpoint "
+                         "(a folder, hf://owner/repo or a registry name)")
+    model, cfg = load_model(name)
+    if cfg.subset != subset and {cfg.subset, subset} != {"s4", "ms3"}:
+        raise UsageError(f"{name} is a {cfg.subset} model; --subset is {subset}")
+    return model, dataclasses.replace(cfg, subset=subset)
 
 
 def _collate(items: list[dict]) -> dict:

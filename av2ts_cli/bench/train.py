@@ -22,7 +22,7 @@ import sys
 import time
 
 DEFAULT_CASES = (("av2ts-tiny", 4, None), ("av2ts-r50", 1, None))
-QUICK_CASES = (("av2ts-tiny", 1, None),)
+QUICK_CASES = (("av2ts-tiny", 1, 64),)
 
 
 def synthetic_batch(clips: int, frames: int, size: int, seed: int = 0) -> dict:
