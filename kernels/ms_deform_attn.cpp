@@ -120,9 +120,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& value, const Tenso
                                                 const Tensor& weights, const Tensor& grad_output) {
   const Problem p = check_inputs(value, spatial_shapes, level_start, locations, weights);
   check_grad_output(p, grad_output);
-  Tensor grad_value = at::zeros(value.sizes(), locations.options());  // accumulation type
-  Tensor grad_locations = at::zeros(locations.sizes(), locations.options());
-  Tensor grad_weights = at::zeros(weights.sizes(), weights.options());
+  // The kernel writes every element (fewer parallel regions: each costs a wake-up of the thread pool).
+  Tensor grad_value = at::empty(value.sizes(), locations.options());  // accumulation type
+  Tensor grad_locations = at::empty(locations.sizes(), locations.options());
+  Tensor grad_weights = at::empty(weights.sizes(), weights.options());
   if (grad_output.numel() > 0) {
     const Tensor go = grad_output.contiguous();
     msda_backward_cpu(p.type, p.shape, p.spatial_shapes.data_ptr<int64_t>(), p.level_start.data_ptr<int64_t>(),

@@ -26,7 +26,8 @@ struct MsdaShape {
 enum class MsdaType { Float32, Float64, Float16, BFloat16 };
 
 // CPU kernels. spatial_shapes [L, 2] (h, w) and level_start [L] are host pointers.
-// Supported value types: Float32, Float64, BFloat16. grad_value has the accumulation type and must be zeroed.
+// Supported value types: Float32, Float64, BFloat16. The backward writes every element of its outputs; grad_value
+// has the accumulation type.
 void msda_forward_cpu(MsdaType type, const MsdaShape& shape, const int64_t* spatial_shapes, const int64_t* level_start,
                       const void* value, const void* locations, const void* weights, void* output);
 void msda_backward_cpu(MsdaType type, const MsdaShape& shape, const int64_t* spatial_shapes,

@@ -331,6 +331,7 @@ void backward(const MsdaShape& s, const int64_t* shapes, const int64_t* starts, 
         frame_n = n;
         if (begin <= n * s.num_queries && end >= (n + 1) * s.num_queries) {
           target = grad_value + n * frame;
+          std::fill(target, target + frame, acc_t(0));
         } else {
           partial.emplace_back(n, std::vector<acc_t>(frame, acc_t(0)));
           target = partial.back().second.data();
@@ -360,13 +361,26 @@ void backward(const MsdaShape& s, const int64_t* shapes, const int64_t* starts, 
       for (auto& entry : partial) shared_frames.push_back(std::move(entry));
     }
   });
-  for (const auto& [n, partial] : shared_frames) {
-    acc_t* out = grad_value + n * frame;
-    const acc_t* in = partial.data();
-    at::parallel_for(0, frame, 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) out[k] += in[k];
-    });
+  if (shared_frames.empty()) return;
+  // grad_value of a shared frame = the sum of its partial buffers (one parallel region for all of them)
+  std::sort(shared_frames.begin(), shared_frames.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<int64_t> frames;  // distinct shared frames
+  for (const auto& entry : shared_frames) {
+    if (frames.empty() || frames.back() != entry.first) frames.push_back(entry.first);
   }
+  at::parallel_for(0, static_cast<int64_t>(frames.size()) * frame, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end;) {  // k: (shared frame f, element i of the frame)
+      const int64_t f = k / frame, i_begin = k - f * frame, i_end = std::min(end, (f + 1) * frame) - f * frame;
+      acc_t* out = grad_value + frames[f] * frame;
+      bool first = true;
+      for (const auto& [n, partial] : shared_frames) {
+        if (n != frames[f]) continue;
+        for (int64_t i = i_begin; i < i_end; ++i) out[i] = first ? partial[i] : out[i] + partial[i];
+        first = false;
+      }
+      k += i_end - i_begin;
+    }
+  });
 }
 
 template <typename scalar_t, typename acc_t>

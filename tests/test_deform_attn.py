@@ -193,11 +193,11 @@ def test_backward_matches_the_fallback(forced_cpp, dim, borders):
         torch.testing.assert_close(kernel_grad, oracle_grad, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_backward_with_frames_shared_between_threads(forced_cpp, batch):
-    # with two threads, the frame in the middle of the query range gets grad_value from both (private buffers)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+@pytest.mark.parametrize(("batch", "threads"), [(1, 2), (3, 2), (2, 3)])
+def test_backward_with_frames_shared_between_threads(forced_cpp, batch, threads):
+    # a frame whose queries are split between threads gets grad_value from each (summed private buffers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         inputs = make_inputs(batch=batch, queries=37, dim=16, seed=batch)
         grads = []
@@ -206,7 +206,7 @@ def test_backward_with_frames_shared_between_threads(forced_cpp, batch):
             attention(value, *inputs[1:]).square().sum().backward()
             grads.append(value.grad)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
 
 
