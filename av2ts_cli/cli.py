@@ -329,15 +329,15 @@ def train_command(
     model: Annotated[str | None, typer.Option("--model", "-m", help="A preset (random init; default av2ts-r50) or a "
                                               "checkpoint to start from, e.g. converted backbones.")] = None,
     iters: Annotated[int | None, typer.Option("--iters", help="Iterations (default: the preset's recipe, e.g. "
-                                              "r50 S4 90000, tiny 600).")] = None,
+                                              "r50 S4 90000, tiny 3000).")] = None,
     batch: Annotated[int | None, typer.Option("--batch", "-b", help="Clips per iteration, all processes together "
-                                              "(default: the recipe's, 8 for r50, 4 for pvt and tiny).")] = None,
+                                              "(default: the recipe's: 8 r50, 4 pvt, 2 tiny).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate of the poly schedule (default: 1e-4; "
                                              "1e-3 for av2ts-tiny, which trains from scratch).")] = None,
     backbone_lr_mult: Annotated[float | None, typer.Option("--backbone-lr-mult", help="LR factor of the visual "
                                                            "backbone and Siam encoder (default 0.1; tiny 1).")] = None,
     clip_norm: Annotated[float | None, typer.Option("--clip-norm", help="Clip the L2 norm of all gradients "
-                                                    "together (default 0.01, the reference's; 0: off).")] = None,
+                                                    "together (default 0.01, the reference's; tiny: 0, off).")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="fp16 autocast with a grad scaler, CUDA only "
                                              "(default: on for AVSS on CUDA, as the reference).")] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16", help="bf16 autocast (CPU or CUDA).")] = None,
@@ -350,7 +350,8 @@ def train_command(
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Split that picks the best checkpoint "
                                                    "(default val; the reference AV2TS used test).")] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="The reference's random resize, "
-                                                 "crop, flip and colour jitter per clip (default on).")] = None,
+                                                 "crop, flip and colour jitter per clip (default on; tiny: off).")
+                       ] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Write a log.csv row every N iterations "
                                                   "(default 20).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Data-loading processes (default 2).")] = None,

@@ -34,9 +34,14 @@ from av2ts_cli.train import (
 
 runner = CliRunner()
 
-# The CI recipe: synthetic S4 at the tiny model's input size, and av2ts-tiny's own recipe (RECIPES) for training.
-SYNTH_OPTIONS = ["--videos", "192", "--val", "24", "--test", "2", "--size", "128", "--seed", "0", "--no-maskiges"]
-TRAIN_OPTIONS = ["--model", "av2ts-tiny", "--eval-every", "0", "--workers", "1", "--seed", "0"]
+# The CI run: synthetic S4 with two sounding-shape categories at the tiny model's input size (every clip shows both
+# shapes, one of them sounds: looking alone gets half of the clips right), 48 validation videos (a small val set makes
+# the shuffled-audio control noisy: a derangement pairs same-category clips half of the time), and 300 iterations of
+# av2ts-tiny's recipe (train.RECIPES: lr 1e-3, batch 2, no clipping, no augmentation). Measured on other seeds: val
+# mIoU 0.92-0.95 after 100 iterations, 0.97 after 250; shuffled audio 0.57.
+SYNTH_OPTIONS = ["--videos", "192", "--val", "48", "--test", "2", "--size", "128", "--categories", "2", "--seed", "0",
+                 "--no-maskiges"]
+TRAIN_OPTIONS = ["--model", "av2ts-tiny", "--iters", "300", "--eval-every", "0", "--workers", "1", "--seed", "0"]
 
 
 def _invoke(args: list[str], expect: int = 0):
