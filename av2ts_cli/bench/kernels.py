@@ -141,7 +141,7 @@ def _summary(times: dict[str, list[float]]) -> dict:
             "speedup": round(fallback / kernel, 1), "runs": len(times["kernel"])}
 
 
-def _time_case(implementations: dict[str, Callable], inputs: tuple[torch.Tensor, ...], repeats: int,
+def _time_case(implementations: dict[str, Callable], size: int, inputs: tuple[torch.Tensor, ...], repeats: int,
                device: str) -> dict:
     value, shapes, _, locations, _ = inputs
     with torch.no_grad():
@@ -154,7 +154,7 @@ def _time_case(implementations: dict[str, Callable], inputs: tuple[torch.Tensor,
     forward_backward = _alternate(training, max(3, repeats // 2), device)
     memory.update({f"{name}_forward_backward": _peak_memory_mib(call, device) for name, call in training.items()})
     return {
-        "input_size": int(shapes[0, 0]) * 8, "levels": shapes.tolist(), "queries": value.shape[1],
+        "input_size": size, "levels": shapes.tolist(), "queries": value.shape[1],
         "samples": locations[..., 0].numel(),
         "max_abs_difference": float((outputs["kernel"] - outputs["fallback"]).abs().max()),
         "forward": _summary(forward), "forward_backward": _summary(forward_backward),
@@ -185,7 +185,7 @@ def run(sizes=DEFAULT_SIZES, frames: int = 5, repeats: int = 15, device: str = "
     for size in sizes:
         if progress:
             progress(f"{size} px, T={frames}")
-        cases.append(_time_case(implementations, make_inputs(size, frames, device), repeats, device))
+        cases.append(_time_case(implementations, size, make_inputs(size, frames, device), repeats, device))
     return {"device": device, "device_name": _device_name(device), "backend": backend,
             "threads": torch.get_num_threads(), "frames": frames, "heads": HEADS, "points": POINTS,
             "head_dim": HEAD_DIM, "dtype": "float32", "repeats": repeats, "cases": cases}
