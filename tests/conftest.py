@@ -196,8 +196,7 @@ print(json.dumps({"backend": da.active_backend("cpu"), "root": str(da.build_root
 """
 
 
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter from the repository root with environment changes (None removes)."""
+def _python_process(code: str, env: dict) -> subprocess.Popen:
     import os
     import sys
 
@@ -207,19 +206,32 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
             environment.pop(key, None)
         else:
             environment[key] = str(value)
-    return subprocess.run([sys.executable, "-c", code], env=environment, cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.Popen([sys.executable, "-c", code], env=environment, cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter from the repository root with environment changes (None removes)."""
+    process = _python_process(code, env)
+    stdout, stderr = process.communicate(timeout=900)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")
 def kernel_first_use(tmp_path_factory):
-    """(cache folder, completed process): a fresh process ran ``KERNEL_FIRST_USE`` (the deformable-attention op on
-    small CPU tensors) with an empty ``AV2TS_CACHE``, so it built the C++ kernel there (10-30 s, once per session).
-    Its stdout's last line is JSON: backend, root (build_root()), grad_fn, diff (max |kernel - fallback|)."""
+    """(cache folder, [two completed processes]): two fresh processes ran ``KERNEL_FIRST_USE`` (the deformable-
+    attention op on small CPU tensors) at the same time with the same empty ``AV2TS_CACHE``, so one built the C++
+    kernel there (10-30 s, once per session) while the other waited on the build lock. The last stdout line of each
+    is JSON: backend, root (build_root()), grad_fn, diff (max |kernel - fallback|)."""
     cache = tmp_path_factory.mktemp("kernel-cache")
-    result = run_python(KERNEL_FIRST_USE, AV2TS_CACHE=cache, AV2TS_DEFORM_ATTN=None)
-    assert result.returncode == 0, result.stderr
-    return cache, result
+    processes = [_python_process(KERNEL_FIRST_USE, {"AV2TS_CACHE": cache, "AV2TS_DEFORM_ATTN": None})
+                 for _ in range(2)]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=900)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        assert process.returncode == 0, stderr
+    return cache, results
 
 
 @pytest.fixture(scope="session")

@@ -272,7 +272,8 @@ def _missing_toolchain(backend: str) -> str | None:
 def _flags(backend: str) -> dict:
     cflags, ldflags = ["-O3"], []
     if "OpenMP" in torch.__config__.parallel_info():  # at::parallel_for is inline OpenMP code in this torch
-        cflags.append("-fopenmp"), ldflags.append("-fopenmp")
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         cflags.append("-march=native")
