@@ -5,7 +5,8 @@ backbone LR x0.1 (the visual backbone and the Siam encoder; the audio encoder is
 schedule ``lr = base * (1 - it / iters) ** 0.9`` without warm-up, gradient clipping of the whole model's L2 norm at
 0.01, a batch counted in clips, evaluation and a checkpoint every N iterations, the best checkpoint by mIoU.
 ``RECIPES`` holds the per-preset defaults; ``av2ts-tiny`` (trained from scratch, no pretrained backbone) has its own,
-found on the synthetic data (see ``RECIPES``).
+measured on the synthetic data (see ``RECIPES``). The best checkpoint is chosen on the val split by default
+(``--eval-split``): the reference AV2TS configs evaluate on, and pick the best checkpoint by, the test split.
 
 A run lives in ``runs/train/NAME/`` (``exp``, ``exp2``, ... unless ``--out`` names it)::
 
@@ -22,6 +23,7 @@ Bit-for-bit resume rests on three rules: (1) the data order and every augmentati
 clip position), not of any RNG state (``ClipOrder``; the dataset draws each clip's augmentation from (seed, epoch,
 index)); (2) nothing but the training step draws from the global RNGs (the DataLoader gets its own generator; the
 evaluation runs inside ``_preserved_rng``); (3) the RNG states are saved with the checkpoint and restored last.
+Bit for bit means on the same machine with the same number of threads (float sums depend on the split of work).
 
 DistributedDataParallel when started by ``torchrun`` (gloo on CPU, nccl on CUDA): the global batch of ``--batch``
 clips is the same list of clips as with one process, cut into ``world_size`` equal slices; every rank steps on the
@@ -514,7 +516,7 @@ class _StopSignals:
         self._previous = {}
 
     def __enter__(self):
-        if threading_main():
+        if _in_main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -529,7 +531,7 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
-def threading_main() -> bool:
+def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
