@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from typer.core import TyperCommand
 
 from av2ts_cli import __version__
@@ -47,15 +48,15 @@ def _reported(func):
         except Av2tsError as err:
             if _state["debug"]:
                 raise
-            console.print(f"[red]error:[/red] {err.message}", markup=True, highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(err.message)}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as err:  # unexpected: still one line, the traceback behind --debug
             if _state["debug"]:
                 raise
-            console.print(f"[red]error:[/red] {type(err).__name__}: {err} (run with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {type(err).__name__}: {escape(str(err))} "
+                          "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper
@@ -231,8 +232,8 @@ _DATA_HELP = "The dataset root (AVS_dataset/ with AVSBench_object/ and AVSBench_
 def eval_command(
     subset: Annotated[str, typer.Option("--subset", help=_SUBSET_HELP)],
     data: Annotated[Path, typer.Option("--data", help=_DATA_HELP)],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hf://owner/repo[@rev][/dir] "
-                                              "or registry name to run.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, "
+                                              "hf://owner/repo\\[@rev]\\[/dir] or registry name to run.")] = None,
     pred_dir: Annotated[Path | None, typer.Option("--pred-dir", help="Score saved predictions instead: one PNG per "
                                                   "labelled frame at the label's path relative to the split.")] = None,
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",

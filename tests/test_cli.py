@@ -25,6 +25,17 @@ def test_version_and_help():
         assert command in result.output
 
 
+SUBCOMMANDS = ["predict", "overlay", "train", "eval", "info", "convert", "data synth", "data check", "bench media",
+               "bench kernels", "bench model", "bench predict", "bench train"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command):
+    result = runner.invoke(cli.app, [*command.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and "--help" in result.output
+
+
 def _app_raising(error: Exception) -> typer.Typer:
     app = typer.Typer()
 
@@ -42,6 +53,7 @@ def _app_raising(error: Exception) -> typer.Typer:
         (MediaError("my clip.mp4", "no video stream\n(ffmpeg said more)"), 1, "my clip.mp4: no video stream (ffmpeg"),
         (UsageError("--half needs a CUDA device"), EXIT_USAGE, "--half needs a CUDA device"),
         (ValueError("unexpected"), 1, "ValueError: unexpected"),
+        (MediaError("clip [/x] [b].mp4", "bad [red]"), 1, "clip [/x] [b].mp4: bad [red]"),  # not rich markup
     ],
 )
 def test_errors_become_one_line_and_exit_code(error, code, text):
