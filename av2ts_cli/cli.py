@@ -300,6 +300,33 @@ def data_synth(
                       f"{report['masks']} masks) to {report['root']}")
 
 
+@data_app.command("clip")
+@_reported
+def data_clip(
+    out: Annotated[Path, typer.Argument(help="The MP4 to write; its known masks go to <stem>-masks/ beside it.")],
+    kind: Annotated[str, typer.Option("--kind", help="s4: one object sounds throughout; ms3: the sounding objects "
+                                      "change each second.")] = "s4",
+    seconds: Annotated[int, typer.Option("--seconds", min=1, help="Length in seconds.")] = 15,
+    size: Annotated[int, typer.Option("--size", min=32, help="Frame side in pixels.")] = 256,
+    fps: Annotated[float, typer.Option("--fps", help="Video frame rate.")] = 25.0,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same clip.")] = 0,
+    categories: Annotated[int, typer.Option("--categories", min=2, max=6, help="Sounding-shape categories used "
+                                            "(the first N of 6).")] = 6,
+    force: Annotated[bool, typer.Option("--force", help="Replace the clip and its masks if they exist.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Write one synthetic "sounding shapes" video with sound and its known masks (a clip to try predict on)."""
+    from av2ts_cli.data import synth
+
+    report = synth.write_clip(out, kind=kind, seconds=seconds, size=size, fps=fps, seed=seed, categories=categories,
+                              force=force)
+    if as_json:
+        _print_json(report)
+    else:
+        console.print(f"Wrote {report['video']} ({seconds} s, {size}x{size}, {report['fps']:g} fps, with sound) and "
+                      f"its known masks in {report['masks']}")
+
+
 @data_app.command("check")
 @_reported
 def data_check(

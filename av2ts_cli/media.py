@@ -806,6 +806,14 @@ def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: floa
     out = Path(out)
     rate = _rate(fps)
     has_audio = probe(audio_from, require_video=False).has_audio if audio_from is not None else False
+    if has_audio:  # muxed afterwards: with frames arriving slowly, ffmpeg reads the audio ahead past -shortest
+        silent = out.with_name(f".{out.stem}.{secrets.token_hex(4)}.video{out.suffix}")
+        try:
+            encode_video(frames, silent, fps, preset=preset, crf=crf)
+            return mux_audio(silent, audio_from, out)
+        finally:
+            with contextlib.suppress(OSError):
+                silent.unlink()
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
@@ -817,8 +825,7 @@ def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: floa
         if width % 2 or height % 2:
             video = video.filter("pad", width + width % 2, height + height % 2).filter(
                 "fillborders", right=width % 2, bottom=height % 2, mode="smear")
-        streams = [video, _padded_audio(audio_from)] if has_audio else [video]
-        args = _command(_encoder_output(streams, temp, preset=preset, crf=crf), "-y", "-loglevel", "error")
+        args = _command(_encoder_output([video], temp, preset=preset, crf=crf), "-y", "-loglevel", "error")
         process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         errors = _StderrCollector(process)
         try:

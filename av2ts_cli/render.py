@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,17 +209,6 @@ def render_overlay(video: str | os.PathLike, masks: str | os.PathLike | MaskTrac
         raise UsageError(f"{out}: the overlay must be an .mp4, .mov or .mkv file")
     fps = info.fps if info.fps > 0 and math.isfinite(info.fps) else 25.0
     frames = overlay_frames(video, track, painter, info, fps)
-    if not info.has_audio:
-        media.encode_video(frames, out, fps)
-    else:
-        # Frames first, then the audio muxed onto the copied video stream: when frames arrive slower than ffmpeg
-        # reads the audio, encoding both at once lets the padded audio run past the video's end (ffmpeg's
-        # -shortest with a filtergraph), and the overlay would outlast its input.
-        silent = out.with_name(f".{out.stem}.{secrets.token_hex(4)}.partial-video{out.suffix}")
-        try:
-            media.encode_video(frames, silent, fps)
-            media.mux_audio(silent, video, out)
-        finally:
-            silent.unlink(missing_ok=True)
+    media.encode_video(frames, out, fps, audio_from=video if info.has_audio else None)
     count = max(1, round(info.duration * fps))
     return {"output": str(out), "frames": count, "fps": fps, "duration": count / fps, "audio": info.has_audio}

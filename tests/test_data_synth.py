@@ -230,3 +230,31 @@ def test_cli_synth_json(tmp_path):
     assert report["splits"] == {"train": 2, "val": 1, "test": 0} and report["frames"] == 15
     assert len(report["categories"]) == 3
     assert not (Path(report["root"]) / "ms3_data" / "pre_SAM_mask").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ one clip
+def test_cli_clip_writes_a_video_and_its_known_masks(tmp_path):
+    from av2ts_cli import media
+
+    cli._state["debug"] = False
+    out = tmp_path / "clip.mp4"
+    args = ["data", "clip", str(out), "--kind", "ms3", "--seconds", "3", "--size", "48", "--categories", "3", "--json"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    masks = tmp_path / "clip-masks"
+    assert report["masks"] == str(masks) and sorted(p.name for p in masks.glob("*.png")) == [
+        "000000.png", "000001.png", "000002.png"]
+    info = media.probe(out)
+    assert info.has_audio and (info.width, info.height) == (48, 48) and info.duration == pytest.approx(3.0, abs=0.05)
+    truth = json.loads((masks / "truth.json").read_text())
+    assert truth["times"] == sample_times(3) and len(truth["sounding"]) == 3
+    for k, sounding in enumerate(truth["sounding"]):
+        values = set(np.unique(np.asarray(Image.open(masks / f"{k:06d}.png"))))
+        assert values <= {0, 255} and (255 in values) == bool(sounding)
+    again = runner.invoke(cli.app, args)
+    assert again.exit_code == 1 and "already exists" in again.output  # nothing is overwritten without --force
+    assert runner.invoke(cli.app, [*args, "--force"]).exit_code == 0
+    assert not list(tmp_path.glob(".*partial*"))
+    bad = runner.invoke(cli.app, ["data", "clip", str(tmp_path / "x.mp4"), "--kind", "avss"])
+    assert bad.exit_code == 2 and "--kind" in bad.output

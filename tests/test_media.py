@@ -7,6 +7,7 @@ import bisect
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -364,6 +365,21 @@ def test_encode_with_audio_of_the_same_length_keeps_its_samples(make_clip, tmp_p
     assert abs(len(muxed) - len(original)) <= 16000 / FPS
     n = min(len(original), len(muxed))
     assert np.corrcoef(original[:n], muxed[:n])[0, 1] > 0.999 and np.abs(original[:n] - muxed[:n]).max() < 0.02
+
+
+def test_encode_with_longer_audio_and_slow_frames_lasts_as_long_as_the_video(make_clip, tmp_path):
+    """Frames that arrive slower than ffmpeg reads audio (a renderer, a model) must not let the audio run on."""
+    source = make_clip("long audio", duration=3.0)
+
+    def slow_frames():
+        for frame in index_frames(25):  # 1 s of video
+            time.sleep(0.02)
+            yield frame
+
+    out = media.encode_video(slow_frames(), tmp_path / "slow.mp4", FPS, audio_from=source)
+    info = media.probe(out)
+    assert info.frame_count == 25 and info.duration == pytest.approx(1.0, abs=0.05)
+    assert abs(len(media.decode_audio(out)) / 16000 - 1.0) <= 1 / FPS + 1024 / 16000
 
 
 @pytest.mark.parametrize("audio_duration", [1.0, 3.0])

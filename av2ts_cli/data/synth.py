@@ -255,3 +255,51 @@ def _maskige(instances: np.ndarray) -> np.ndarray:
     for rank, (_, i) in enumerate(sorted(areas), start=1):
         lookup[i] = min(rank, len(MASKIGE_PALETTE) - 1)
     return MASKIGE_PALETTE[lookup[instances]]
+
+
+# -------------------------------------------------------------------------------------------------- one clip
+CLIP_KINDS = ("s4", "ms3")
+
+
+def clip_masks_folder(video: str | os.PathLike) -> Path:
+    """Where ``write_clip`` puts a clip's known masks: ``<stem>-masks/`` beside the video."""
+    video = Path(video)
+    return video.with_name(f"{video.stem}-masks")
+
+
+def write_clip(out: str | os.PathLike, *, kind: str = "s4", seconds: int = 15, size: int = 256, fps: float = 25.0,
+               seed: int = 0, categories: int = len(CATEGORIES), force: bool = False) -> dict:
+    """One synthetic clip to run ``predict`` on (the bundled demo is one): ``out``, an H.264 MP4 with its sound, and
+    its known masks in ``clip_masks_folder(out)``: 0/255 PNGs at the AVSBench sample times k + 15/16 s, named as
+    ``predict`` names its masks (``NNNNNN.png``), plus ``truth.json`` (times, video frame indices, sounding
+    categories). kind: "s4" (one object sounds throughout) or "ms3" (the sounding objects change each second)."""
+    from av2ts_cli.data.scene import write_video_clip
+
+    out = Path(out)
+    if kind not in CLIP_KINDS:
+        raise UsageError(f"--kind must be one of {', '.join(CLIP_KINDS)}, got {kind!r}")
+    if not 2 <= categories <= len(CATEGORIES) or seconds < 1 or size < 32 or fps <= 0:
+        raise UsageError(f"a clip needs 2-{len(CATEGORIES)} categories, at least 1 s, 32 px and fps > 0")
+    masks = clip_masks_folder(out)
+    for path in (out, masks):
+        if path.exists() and not force:
+            raise DataError(path, "already exists (use --force to replace it)")
+    scene = Scene.random(np.random.default_rng([seed, 7919]), kind, duration=seconds, categories=categories)
+    temp = masks.with_name(f".{masks.name}.{secrets.token_hex(4)}.partial")
+    try:
+        truth = write_video_clip(scene, out, fps=fps, size=size)
+        for k, labels in enumerate(truth.labels):
+            write_png(temp / f"{k:06d}.png", _binary(labels))
+        names = [category.name for category in scene.categories()]
+        doc = {"video": out.name, "kind": kind, "seed": seed, "fps": truth.fps, "size": size, "times": truth.times,
+               "frame_indices": truth.frame_indices,
+               "sounding": [[names[i] for i in scene.sounding_at(t)] for t in truth.times]}
+        (temp / "truth.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        if masks.exists():
+            shutil.rmtree(masks)
+        os.replace(temp, masks)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+    return {"video": str(out), "masks": str(masks), "seconds": seconds, "size": size, "fps": truth.fps,
+            "sounding": doc["sounding"]}
