@@ -14,9 +14,7 @@ much the model uses sound.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from av2ts_cli.data.layout import SUBSET_TITLES, check_split, check_subset
 from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError
 from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
+from av2ts_cli.runs import numbered_run_folder, resolve_device, write_json
 
 RUNS_FOLDER = Path("runs") / "eval"
 
@@ -82,18 +81,6 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
     folder = folder or (Path(out) if out is not None else numbered_run_folder(RUNS_FOLDER))
     report["metrics_file"] = str(write_json(folder / "metrics.json", {**report, "details": metrics}))
     return report
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise UsageError(f"unknown device {device!r}: {err}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but CUDA is not available")
-    return resolved
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:
@@ -238,33 +225,6 @@ def _read_class_prediction(path: Path, size: tuple[int, int], palette: np.ndarra
     if classes.shape != tuple(size):
         classes = resize_images(classes.astype(np.uint8)[None], *size, nearest=True)[0].astype(np.int64)
     return classes
-
-
-# ----------------------------------------------------------------------------------------------------- output
-def numbered_run_folder(base: str | os.PathLike, name: str = "exp") -> Path:
-    """A new folder ``base/name``, ``base/name2``, ... (the first that does not exist), created."""
-    base = Path(base)
-    base.mkdir(parents=True, exist_ok=True)
-    index = 1
-    while True:
-        folder = base / (name if index == 1 else f"{name}{index}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            index += 1
-
-
-def write_json(path: Path, obj) -> Path:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
-    try:
-        temp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
 
 
 class _Progress:

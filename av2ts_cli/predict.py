@@ -30,7 +30,7 @@ import psutil
 from av2ts_cli import __version__, media
 from av2ts_cli.console import console, make_progress
 from av2ts_cli.errors import Av2tsError, DataError, MediaError, UsageError
-from av2ts_cli.evaluate import numbered_run_folder, write_json
+from av2ts_cli.runs import numbered_run_folder, write_json
 from av2ts_cli.sampling import (
     EXAMPLE_SECONDS,
     EXAMPLE_SPAN,
@@ -190,7 +190,7 @@ def make_predictor(model, cfg, class_names: Sequence[str], name: str, device: st
     import torch
 
     from av2ts_cli.console import warn
-    from av2ts_cli.evaluate import resolve_device
+    from av2ts_cli.runs import resolve_device
 
     target = resolve_device(device)
     precision = "fp32"

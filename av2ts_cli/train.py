@@ -333,7 +333,7 @@ class Processes:
     @classmethod
     def start(cls, device: str) -> Processes:
         """Join the process group when started by torchrun (WORLD_SIZE > 1), else one process."""
-        from av2ts_cli.evaluate import resolve_device
+        from av2ts_cli.runs import resolve_device
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         requested = resolve_device(device)
@@ -605,7 +605,7 @@ class Trainer:
                              seed=self.options.seed if train else None)
 
     def _new_run_folder(self) -> Path:
-        from av2ts_cli.evaluate import numbered_run_folder
+        from av2ts_cli.runs import numbered_run_folder
 
         run = None
         if self.processes.main:

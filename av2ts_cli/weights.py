@@ -457,7 +457,7 @@ def describe_parameters(name_or_path: str, subset: str = "s4") -> dict:
 # ------------------------------------------------------------------------------------------- reading foreign files
 # Exactly what a pickle of a dict of numpy arrays needs (numpy 1.x names its module numpy.core, 2.x numpy._core;
 # _codecs.encode carries the raw bytes of arrays pickled with protocol 2, e.g. by Python 2).
-_NUMPY_PICKLE_GLOBALS = {
+NUMPY_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -466,7 +466,7 @@ _NUMPY_PICKLE_GLOBALS = {
 }
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
+class NumpyOnlyUnpickler(pickle.Unpickler):
     """Rebuilds dicts, lists, numbers, strings and numpy arrays; any other global is refused before it is touched."""
 
     def __init__(self, file, path: Path):
@@ -474,7 +474,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str):
-        if (module, name) not in _NUMPY_PICKLE_GLOBALS:
+        if (module, name) not in NUMPY_PICKLE_GLOBALS:
             raise CheckpointError(self.path, f"refusing to unpickle the global {module}.{name}: only plain dicts of "
                                              "numpy arrays are accepted from .pkl files")
         import importlib
@@ -496,7 +496,7 @@ def read_numpy_pickle(path: str | os.PathLike):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return _NumpyOnlyUnpickler(f, path).load()
+            return NumpyOnlyUnpickler(f, path).load()
     except CheckpointError:
         raise
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as err:

@@ -30,7 +30,7 @@ import torch
 from av2ts_cli.console import warn
 from av2ts_cli.errors import DataError
 from av2ts_cli.model.audio import EXAMPLE_FRAMES, NUM_MEL_BANDS, SAMPLE_RATE, waveform_to_examples
-from av2ts_cli.weights import _NUMPY_PICKLE_GLOBALS, _NumpyOnlyUnpickler
+from av2ts_cli.weights import NUMPY_PICKLE_GLOBALS, NumpyOnlyUnpickler
 
 CACHE_VERSION = 1  # bump when the front end changes: old cache entries are then never read
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
@@ -236,7 +236,7 @@ def _storage_from_bytes(data: bytes):
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-class _TensorOnlyUnpickler(_NumpyOnlyUnpickler):
+class _TensorOnlyUnpickler(NumpyOnlyUnpickler):
     """The weights module's numpy-only unpickler, plus what a pickled torch tensor needs; every other global is
     refused before it is touched."""
 
@@ -245,7 +245,7 @@ class _TensorOnlyUnpickler(_NumpyOnlyUnpickler):
             return _storage_from_bytes
         if (module, name) in _TORCH_GLOBALS or (module == "torch" and name in _TORCH_DTYPES):
             return getattr(importlib.import_module(module), name)
-        if (module, name) in _NUMPY_PICKLE_GLOBALS:
+        if (module, name) in NUMPY_PICKLE_GLOBALS:
             return super().find_class(module, name)
         raise DataError(self.path, f"refusing to unpickle the global {module}.{name}: only torch tensors and numpy "
                                    "arrays are accepted from log-mel pickles")

@@ -1,0 +1,36 @@
+"""runs.py: numbered run folders, atomic JSON, the --device choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from av2ts_cli.errors import UsageError
+from av2ts_cli.runs import numbered_run_folder, resolve_device, write_json
+
+
+def test_run_folders_are_numbered_and_never_reused(tmp_path):
+    assert [numbered_run_folder(tmp_path / "runs").name for _ in range(3)] == ["exp", "exp2", "exp3"]
+    (tmp_path / "runs" / "exp2").rmdir()
+    assert numbered_run_folder(tmp_path / "runs").name == "exp2"  # the first free name
+    assert numbered_run_folder(tmp_path / "runs", "eval").name == "eval"
+
+
+def test_write_json_replaces_whole_files_only(tmp_path):
+    path = write_json(tmp_path / "deep" / "summary.json", {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})  # fails while writing: the old file stays, no temp file is left
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in path.parent.iterdir()] == ["summary.json"]
+
+
+def test_device_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            resolve_device("cuda:0")
