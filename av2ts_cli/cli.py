@@ -388,8 +388,10 @@ def train_command(
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default auto).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
 ) -> None:
-    """Train AV2TS (AdamW, poly LR, clipping; checkpoints last/ and best/ by val mIoU; torchrun for several
-    processes). SIGINT/SIGTERM save last/ and exit with 130/143; --resume continues bit for bit."""
+    """Train AV2TS: checkpoints last/ and best/ (by val mIoU), resumable bit for bit, torchrun for several processes.
+
+    AdamW, the reference's parameter groups and poly schedule. SIGINT/SIGTERM save last/ and exit 130/143.
+    """
     from av2ts_cli import train
 
     report = train.train(resume=resume, progress=not as_json, subset=subset, data=data, model=model, iters=iters,
