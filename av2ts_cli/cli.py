@@ -483,8 +483,7 @@ def bench_kernels(
     quick: Annotated[bool, typer.Option("--quick", help="64 px, T=1, 3 runs: a smoke run.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """Deformable-attention kernel vs the pure-PyTorch fallback: forward and forward+backward at the pixel
-    decoder's shapes, speed-up ratios and peak memory."""
+    """Deformable-attention kernel vs the pure-PyTorch fallback at the pixel decoder's shapes: speed-ups, memory."""
     from av2ts_cli.bench import kernels as bench
     from av2ts_cli.console import make_progress
     from av2ts_cli.errors import UsageError
