@@ -90,3 +90,19 @@ def test_real_subprocess_entry_points():
     for argv in (["av2ts", "--version"], [sys.executable, "-m", "av2ts_cli", "--version"]):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.strip() == f"av2ts {__version__}"
+
+
+def test_command_summaries_are_one_paragraph_lines():
+    """rich help keeps the docstring's line breaks: a summary wrapped in the source shows broken in the help."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cli))
+    checked = 0
+    for node in ast.walk(tree):
+        doc = ast.get_docstring(node, clean=False) if isinstance(node, ast.FunctionDef) else None
+        if doc and any(isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "command" for d in
+                       node.decorator_list):
+            assert "\n" not in doc.split("\n\n")[0], node.name
+            checked += 1
+    assert checked >= len(SUBCOMMANDS)
