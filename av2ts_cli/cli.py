@@ -403,6 +403,18 @@ def train_command(
     _print_json(report) if as_json else train.print_report(report)
 
 
+def _check_bench_cases(presets: list[str] | None, size: int | None) -> None:
+    """--preset names and --size of the model benchmarks: UsageError for what cannot run."""
+    from av2ts_cli.config import PRESET_NAMES
+    from av2ts_cli.errors import UsageError
+
+    if size is not None and size % 32:
+        raise UsageError(f"--size {size} is not a multiple of 32")
+    for name in presets or []:
+        if name not in PRESET_NAMES:
+            raise UsageError(f"unknown model preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+
+
 @bench_app.command("train")
 @_reported
 def bench_train(
@@ -419,15 +431,9 @@ def bench_train(
 ) -> None:
     """Training steps per second and peak memory on CPU, against the pure-PyTorch deform-attn step."""
     from av2ts_cli.bench import train as bench
-    from av2ts_cli.config import PRESET_NAMES
     from av2ts_cli.console import make_progress
-    from av2ts_cli.errors import UsageError
 
-    if size is not None and size % 32:
-        raise UsageError(f"--size {size} is not a multiple of 32")
-    for name in preset or []:
-        if name not in PRESET_NAMES:
-            raise UsageError(f"unknown model preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+    _check_bench_cases(preset, size)
     warmup = 2
     if quick:
         cases, steps, warmup = bench.QUICK_CASES, min(steps, 2), 1
@@ -456,14 +462,8 @@ def bench_model(
 ) -> None:
     """Eval forward time per clip of the network on CPU, per part, against a ResNet-50 baseline."""
     from av2ts_cli.bench import model as bench
-    from av2ts_cli.config import PRESET_NAMES
-    from av2ts_cli.errors import UsageError
 
-    if size is not None and size % 32:
-        raise UsageError(f"--size {size} is not a multiple of 32")
-    for name in preset or []:
-        if name not in PRESET_NAMES:
-            raise UsageError(f"unknown model preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
+    _check_bench_cases(preset, size)
     cases = [(name, size) for name in preset] if preset else [("av2ts-r50", 224), ("av2ts-tiny", 224),
                                                               ("av2ts-tiny", None)]
     report = bench.run(cases, frames=frames, repeats=repeats, bf16=bf16, threads=threads)
