@@ -6,9 +6,10 @@ the input (28/14/7 at 224 px, 64/32/16 at 512 px), 8 heads, 4 points, 32 channel
 few pixels, as a trained encoder produces; attention weights are a softmax over levels x points.
 
 Both implementations run in one process on the same inputs, alternately (so a busy machine slows both alike), after
-warm-up calls, each timed call right after an untimed one of the same implementation; the median of ``repeats`` runs is reported, forward and forward+backward, with the speed-up as a
-ratio. Peak memory is the most the process grew during one call above what it held before: sampled resident
-memory on CPU (after returning freed memory to the OS), the allocator's peak on CUDA.
+warm-up calls, each timed call right after an untimed one of the same implementation; the median of ``repeats`` runs
+is reported, forward and forward+backward, with the speed-up as a ratio. Peak memory is the most the process grew
+during one call above what it held before: sampled resident memory on CPU (after returning freed memory to the
+OS), the allocator's peak on CUDA.
 """
 
 from __future__ import annotations
