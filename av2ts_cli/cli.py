@@ -216,10 +216,10 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Import upstream weights into an av2ts checkpoint (torch weights_only / safetensors / numpy-only pickles)."""
-    from av2ts_cli import weights
+    from av2ts_cli import convert as converter
 
-    report = weights.convert_to_checkpoint(source, kind, out, preset=preset, subset=subset, siam=siam, base=base)
-    _print_json(report) if as_json else weights.print_conversion_report(report)
+    report = converter.convert_to_checkpoint(source, kind, out, preset=preset, subset=subset, siam=siam, base=base)
+    _print_json(report) if as_json else converter.print_conversion_report(report)
 
 
 # ----------------------------------------------------------------------------------------------- data and eval

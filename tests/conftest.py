@@ -245,3 +245,71 @@ def cpp_kernel(kernel_first_use):
         mp.setenv("AV2TS_CACHE", str(cache))
         mp.delenv("AV2TS_DEFORM_ATTN", raising=False)
         return deform_attn.load_kernel("cpp")
+
+
+# ---------------------------------------------------------------------------------------------- weights engineer
+# Helpers and fixtures shared by test_weights.py (checkpoints) and test_convert.py (importing upstream files).
+def reference_keys(name: str) -> list[tuple[str, list[int], str]]:
+    """(key, shape, dtype) rows of ``tests/data/reference-keys-{name}.tsv`` (the reference checkpoint's entries)."""
+    path = Path(__file__).parent / "data" / f"reference-keys-{name}.tsv"
+    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()]
+    return [(key, json.loads(shape), dtype) for key, shape, dtype in rows[1:]]
+
+
+def random_state(rows, seed: int) -> dict:
+    """{key: random tensor} for ``reference_keys`` rows (int64 entries: integers in [0, 1000))."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {key: torch.randint(0, 1000, shape, generator=g) if dtype == "int64" else torch.randn(shape, generator=g)
+            for key, shape, dtype in rows}
+
+
+def tiny_cfg(**changes):
+    """The av2ts-tiny S4 config with the Siam encoder, with ``changes`` applied (and validated)."""
+    from av2ts_cli.config import get_preset
+
+    cfg = get_preset("av2ts-tiny", "s4", siam=True)
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return type(cfg).from_dict(cfg.to_dict())  # validated
+
+
+def ced_hf_names(ced_state: dict) -> dict:
+    """CED-Mini under the names of its transformers conversion (mispeech/ced-mini): the conversion script drops
+    front_end.*, renames init_bn.1 to init_bn and puts "encoder." in front of everything but outputlayer.*."""
+    return {key if key.startswith("outputlayer.") else "encoder." + key.replace("init_bn.1", "init_bn"): value
+            for key, value in ced_state.items() if not key.startswith("front_end.")}
+
+
+def one_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def ced_base(tmp_path_factory):
+    """(folder, state dict): a small checkpoint whose audio encoder has CED-Mini's exact shapes (the rest of the
+    network is tiny). Read-only."""
+    import torch
+
+    from av2ts_cli import weights
+    from av2ts_cli.model import build_model
+
+    torch.manual_seed(2)
+    cfg = tiny_cfg(siam=False, audio_dim=256, audio_depth=12, audio_heads=4)
+    folder = tmp_path_factory.mktemp("ced-base") / "base"
+    model = build_model(cfg)
+    weights.save_checkpoint(model, cfg, folder)
+    return folder, model.state_dict()
+
+
+@pytest.fixture(scope="session")
+def ced_state():
+    """CED-Mini as RicherMans/CED saves it: the AV2TS audio_backbone entries plus the unused front end. Read-only."""
+    rows = [(k.removeprefix("audio_backbone."), s, d) for k, s, d in reference_keys("r50-s4")
+            if k.startswith("audio_backbone.")]
+    rows += [("front_end.0.spectrogram.window", [512], "float32"), ("front_end.0.mel_scale.fb", [257, 64], "float32")]
+    return random_state(rows, seed=3)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from av2ts_cli.console import warn
+from av2ts_cli.convert import NUMPY_PICKLE_GLOBALS, NumpyOnlyUnpickler
 from av2ts_cli.errors import DataError
 from av2ts_cli.model.audio import EXAMPLE_FRAMES, NUM_MEL_BANDS, SAMPLE_RATE, waveform_to_examples
-from av2ts_cli.weights import NUMPY_PICKLE_GLOBALS, NumpyOnlyUnpickler
 
 CACHE_VERSION = 1  # bump when the front end changes: old cache entries are then never read
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
@@ -237,7 +237,7 @@ def _storage_from_bytes(data: bytes):
 
 
 class _TensorOnlyUnpickler(NumpyOnlyUnpickler):
-    """The weights module's numpy-only unpickler, plus what a pickled torch tensor needs; every other global is
+    """The converters' numpy-only unpickler, plus what a pickled torch tensor needs; every other global is
     refused before it is touched."""
 
     def find_class(self, module: str, name: str):

@@ -1,7 +1,7 @@
 """AV2TS: frames + audio (+ maskiges) -> class logits and mask logits per query and frame (model.md section 0).
 
 Top-level parts and the reference (OrigamiSL/AV2TS ``MaskFormer``) state-dict prefixes they replace, one tensor
-for one tensor (the converter in ``weights.py`` is a rename table):
+for one tensor (the converter in ``convert.py`` is a rename table):
 
 ==========================  ==========================================================================
 ours                        reference
