@@ -30,11 +30,11 @@ from av2ts_cli.weights import (
     PARTS,
     REGISTRY,
     WEIGHTS_FILE,
-    _first,
-    _part_of,
+    first_keys,
     hub_download,
     load_checkpoint,
     parse_hub_ref,
+    part_of,
     read_safetensors,
     save_checkpoint,
 )
@@ -322,13 +322,13 @@ def map_state_dict(state: Mapping, groups: list[tuple[str, str, list[Rule]]], ta
             result.origin[dst] = key
     problems = []
     if unknown:
-        problems.append(f"{len(unknown)} keys of no known layout ({_first(unknown)})")
+        problems.append(f"{len(unknown)} keys of no known layout ({first_keys(unknown)})")
     if absent:
-        problems.append(f"{len(absent)} keys with no place in the av2ts model ({_first(absent)})")
+        problems.append(f"{len(absent)} keys with no place in the av2ts model ({first_keys(absent)})")
     if wrong:
-        problems.append(f"{len(wrong)} shape mismatches ({_first(wrong)})")
+        problems.append(f"{len(wrong)} shape mismatches ({first_keys(wrong)})")
     if twice:
-        problems.append(f"{len(twice)} av2ts tensors given twice ({_first(twice)})")
+        problems.append(f"{len(twice)} av2ts tensors given twice ({first_keys(twice)})")
     if problems:
         raise CheckpointError(path, "; ".join(problems))
     return result
@@ -342,7 +342,7 @@ def fill_model(model, mapping: KeyMapping, required_prefixes: Iterable[str], pat
     required = [k for k in target if any(k.startswith(p) for p in required_prefixes)]
     missing = [k for k in required if k not in mapping.tensors]
     if missing:
-        raise CheckpointError(path, f"leaves {len(missing)} av2ts tensors unfilled ({_first(missing)})")
+        raise CheckpointError(path, f"leaves {len(missing)} av2ts tensors unfilled ({first_keys(missing)})")
     with torch.no_grad():
         incompatible = model.load_state_dict(mapping.tensors, strict=False)
     assert not incompatible.unexpected_keys, incompatible.unexpected_keys
@@ -464,7 +464,7 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
     fill_model(model, mapping, required, path)
     meta = dict((base_doc or {}).get("meta") or {})
     history = list(meta.get("initialised_from") or [])
-    history.append({"kind": kind, "source": source, "parts": sorted({_part_of(k) for k in mapping.tensors})})
+    history.append({"kind": kind, "source": source, "parts": sorted({part_of(k) for k in mapping.tensors})})
     meta["initialised_from"] = history
     if base_doc is not None:
         meta["trained_on"] = base_doc.get("trained_on")
@@ -486,7 +486,7 @@ def convert_to_checkpoint(source: str, kind: str, out: str | os.PathLike, **opti
     save_checkpoint(model, cfg, out, meta)
     parts: dict[str, int] = {}
     for key in mapping.tensors:
-        parts[_part_of(key)] = parts.get(_part_of(key), 0) + 1
+        parts[part_of(key)] = parts.get(part_of(key), 0) + 1
     reasons: dict[str, int] = {}
     for reason in mapping.dropped.values():
         reasons[reason] = reasons.get(reason, 0) + 1

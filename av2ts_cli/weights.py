@@ -343,7 +343,8 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
         raise CheckpointError(path, f"unreadable safetensors file: {err}") from None
 
 
-def _first(keys: Iterable[str], n: int = 3) -> str:
+def first_keys(keys: Iterable[str], n: int = 3) -> str:
+    """'a, b, c and 4 more': the first n of some state-dict keys, for error messages."""
     keys = sorted(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -356,9 +357,9 @@ def check_state_dict(expected: Mapping, given: Mapping, path: str | os.PathLike)
     wrong = [k for k in expected.keys() & given.keys() if tuple(expected[k].shape) != tuple(given[k].shape)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys ({_first(missing)})")
+        problems.append(f"{len(missing)} missing keys ({first_keys(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({first_keys(unexpected)})")
     if wrong:
         wrong.sort()
         shown = ", ".join(f"{k} {list(given[k].shape)} vs model {list(expected[k].shape)}" for k in wrong[:3])
@@ -415,7 +416,8 @@ PARTS = {
 }
 
 
-def _part_of(key: str) -> str:
+def part_of(key: str) -> str:
+    """The part of the network (a PARTS value) that a state-dict key belongs to."""
     return PARTS.get(key.split(".", 1)[0], "other")
 
 
@@ -434,7 +436,7 @@ def describe_parameters(name_or_path: str, subset: str = "s4") -> dict:
     for part in dict.fromkeys(PARTS.values()):
         counts[part] = {"parameters": 0, "trainable": 0, "frozen": 0}
     for key, param in model.named_parameters():
-        entry = counts.setdefault(_part_of(key), {"parameters": 0, "trainable": 0, "frozen": 0})
+        entry = counts.setdefault(part_of(key), {"parameters": 0, "trainable": 0, "frozen": 0})
         entry["parameters"] += param.numel()
         entry["trainable" if param.requires_grad else "frozen"] += param.numel()
     parts = [{"part": part, **c} for part, c in counts.items() if c["parameters"] or part in PARTS.values()]
