@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +314,19 @@ def ced_state():
             if k.startswith("audio_backbone.")]
     rows += [("front_end.0.spectrogram.window", [512], "float32"), ("front_end.0.mel_scale.fb", [257, 64], "float32")]
     return random_state(rows, seed=3)
+
+
+# ------------------------------------------------------------------------------------------------ subprocesses
+def wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    """Poll ``condition()`` until it holds while ``process`` runs; fail (killing the process on a timeout) if the
+    process ends first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            err = process.stderr.read() if process.stderr else ""
+            err = err.decode(errors="replace") if isinstance(err, bytes) else err
+            raise AssertionError(f"the process ended (exit {process.returncode}) before {what}: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

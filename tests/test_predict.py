@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import wait_until
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -250,14 +251,7 @@ def test_two_minute_clip(make_clip, tiny_predictor, tmp_path):
 
 # ------------------------------------------------------------------------------------------------- interruption
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if process.poll() is not None:
-            raise AssertionError(f"predict ended before the kill: {process.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("the moment to kill never came")
-        time.sleep(0.02)
+    wait_until(ready, process, "the moment to kill", timeout)
     process.send_signal(signal.SIGKILL)
     process.wait()
 

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import wait_until
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -184,17 +184,6 @@ def _start_training(args: list[str]) -> subprocess.Popen:
                             text=True)
 
 
-def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"training ended (exit {process.returncode}) before {what}: {process.stderr.read()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _train(args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
     """`av2ts train` in a fresh process: runs compared bit for bit must not inherit this process's torch settings
     (other tests may change the thread count)."""
@@ -217,7 +206,7 @@ def test_resume_after_sigkill_gives_the_same_weights_bit_for_bit(small_s4, strai
     run = tmp_path / "killed"
     process = _start_training(["--subset", "s4", "--data", str(small_s4), *SMALL_RUN, "--eval-every", "3",
                                "--out", str(run)])
-    _wait_for(lambda: (run / "last" / TRAINER_FILE).is_file(), process, "the first checkpoint")
+    wait_until(lambda: (run / "last" / TRAINER_FILE).is_file(), process, "the first checkpoint")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert read_trainer_state(run / "last" / TRAINER_FILE)["iteration"] == 3
@@ -237,7 +226,7 @@ def test_sigterm_saves_last_exits_143_and_resumes_bit_for_bit(small_s4, straight
     run = tmp_path / "terminated"
     process = _start_training(["--subset", "s4", "--data", str(small_s4), *SMALL_RUN, "--eval-every", "0",
                                "--out", str(run)])
-    _wait_for(lambda: (run / LOG_FILE).is_file() and len(read_log(run / LOG_FILE)) >= 2, process, "two iterations")
+    wait_until(lambda: (run / LOG_FILE).is_file() and len(read_log(run / LOG_FILE)) >= 2, process, "two iterations")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
