@@ -23,13 +23,14 @@ sizes of the other splits. The subset folder is built beside its final place and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,27 +91,35 @@ def synthesize(out: str | os.PathLike, options: SynthOptions, force: bool = Fals
     if target.exists() and not force:
         raise DataError(target, "already exists (use --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
-    writer = {"s4": _S4Writer, "ms3": _MS3Writer, "avss": _AVSSWriter}[options.subset](temp, options)
-    try:
+    with _whole_folder(target) as temp:
+        writer = {"s4": _S4Writer, "ms3": _MS3Writer, "avss": _AVSSWriter}[options.subset](temp, options)
         for split in SPLITS:
             for index in range(options.counts[split]):
                 writer.add(split, index)
                 if on_video is not None:
                     on_video(split, index)
         writer.finish()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temp, target)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
     return {"subset": options.subset, "root": str(target), "splits": dict(options.counts), "frames": writer.frames,
             "masks": writer.masks, "seed": options.seed, "categories": [c.name for c in
                                                                        CATEGORIES[: options.categories]]}
 
 
 # --------------------------------------------------------------------------------------------------- writers
+@contextlib.contextmanager
+def _whole_folder(target: Path) -> Iterator[Path]:
+    """A temp folder beside ``target``, written by the caller and then swapped in for ``target``; removed instead
+    if anything fails, so ``target`` is always the old folder or a complete new one."""
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    try:
+        yield temp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(temp, target)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
 class _Writer:
     subset = ""
 
@@ -285,8 +294,7 @@ def write_clip(out: str | os.PathLike, *, kind: str = "s4", seconds: int = 15, s
         if path.exists() and not force:
             raise DataError(path, "already exists (use --force to replace it)")
     scene = Scene.random(np.random.default_rng([seed, 7919]), kind, duration=seconds, categories=categories)
-    temp = masks.with_name(f".{masks.name}.{secrets.token_hex(4)}.partial")
-    try:
+    with _whole_folder(masks) as temp:
         truth = write_video_clip(scene, out, fps=fps, size=size)
         for k, labels in enumerate(truth.labels):
             write_png(temp / f"{k:06d}.png", _binary(labels))
@@ -295,11 +303,5 @@ def write_clip(out: str | os.PathLike, *, kind: str = "s4", seconds: int = 15, s
                "frame_indices": truth.frame_indices,
                "sounding": [[names[i] for i in scene.sounding_at(t)] for t in truth.times]}
         (temp / "truth.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        if masks.exists():
-            shutil.rmtree(masks)
-        os.replace(temp, masks)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
     return {"video": str(out), "masks": str(masks), "seconds": seconds, "size": size, "fps": truth.fps,
             "sounding": doc["sounding"]}
