@@ -1,0 +1,111 @@
+"""Peak memory, measured one way everywhere (predict's summaries, the benchmarks' columns).
+
+- ``peak_rss_mib()``: the kernel's high-water mark of this process (``getrusage``), and of its reaped children
+  (ffmpeg) with ``children=True``. Exact, but only ever grows: right for "the peak of this whole run" in a fresh
+  process, which is how the benchmarks that compare peaks run each case.
+- ``PeakWatch``: the peak over one stretch of work inside a long-lived process (one video, one kernel call): it
+  samples the resident size in a thread (every 0.5 ms, short enough for a 2 ms kernel call) and reads the CUDA
+  allocator's own peak on CUDA devices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import sys
+import threading
+import time
+
+import psutil
+
+MIB = 2**20
+
+
+def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident memory (MiB) of this process so far, or of its finished children with ``children``."""
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / MIB  # KiB on Linux, bytes on macOS
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS, so that a following measurement sees only new allocations."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakWatch:
+    """Peak memory over a stretch of work: ``with PeakWatch(device) as watch: ...``, then ``watch.report()``.
+
+    ``interval`` > 0 samples RSS in a background thread; 0 samples only when ``sample()`` is called (cheap enough
+    to call once per window in predict). ``growth_mib()`` is the peak above the RSS at the start (after a heap
+    trim when ``trim``), the figure a benchmark of one call wants.
+    """
+
+    def __init__(self, device=None, interval: float = 0.0, trim: bool = False):
+        self.device = device
+        self.interval = interval
+        self.trim = trim
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start_rss = self.peak = 0
+        self.cuda_start = 0
+
+    def _is_cuda(self) -> bool:
+        return self.device is not None and getattr(self.device, "type", str(self.device)) == "cuda"
+
+    def __enter__(self) -> PeakWatch:
+        if self.trim:
+            trim_heap()
+        if self._is_cuda():
+            import torch  # only on CUDA devices, where torch is loaded already
+
+            torch.cuda.synchronize(self.device)
+            self.cuda_start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start_rss = self.peak = rss_bytes()
+        if self.interval > 0:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+        if self._is_cuda():
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def growth_mib(self) -> float:
+        """Most the process grew above its start (MiB): CUDA allocator memory on CUDA, RSS elsewhere."""
+        if self._is_cuda():
+            import torch
+
+            return (torch.cuda.max_memory_allocated(self.device) - self.cuda_start) / MIB
+        return max(0, self.peak - self.start_rss) / MIB
+
+    def report(self) -> dict:
+        """``{"rss_mb": peak RSS}`` plus ``"cuda_mb"`` (the allocator's peak) on CUDA devices."""
+        self.sample()
+        out = {"rss_mb": round(self.peak / MIB, 1)}
+        if self._is_cuda():
+            import torch
+
+            out["cuda_mb"] = round(torch.cuda.max_memory_allocated(self.device) / MIB, 1)
+        return out
