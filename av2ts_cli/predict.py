@@ -216,7 +216,7 @@ def load_predictor(name: str | None, device: str = "auto", half: bool = False) -
             raise UsageError(f"the bundled demo model is missing ({weights.DEMO_MODEL_DIR}); pass --model")
     else:
         source, label = name, name
-    model, cfg, doc = weights.load_checkpoint(source)
+    model, cfg, doc = weights.resolve_model(source)
     return make_predictor(model, cfg, doc.get("classes") or [], label, device, half)
 
 

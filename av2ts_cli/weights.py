@@ -22,18 +22,20 @@ Importers of upstream files (``av2ts convert``: rename rules, converters, safe r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from av2ts_cli import __version__
+from av2ts_cli.avsbench import subsets_compatible
+from av2ts_cli.config import PRESET_NAMES, ModelConfig, get_preset
 from av2ts_cli.errors import CheckpointError, UsageError
+from av2ts_cli.files import atomic_folder, fsync_file, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -91,7 +93,7 @@ def _class_names(cfg, meta: Mapping) -> list[str]:
         if len(names) != cfg.num_classes:
             raise UsageError(f"{len(names)} class names given for a model with {cfg.num_classes} classes")
         return names
-    from av2ts_cli.data.classes import AVSS_CLASSES, BINARY_CLASSES
+    from av2ts_cli.data.classes import AVSS_CLASSES, BINARY_CLASSES  # local: av2ts_cli.data loads torch
 
     for known in (BINARY_CLASSES, AVSS_CLASSES):
         if cfg.num_classes == len(known):
@@ -135,53 +137,23 @@ def _tensors_for_saving(state: Mapping) -> dict:
 def save_checkpoint(model, cfg, folder: str | os.PathLike, meta: Mapping | None = None) -> Path:
     """Write ``model`` (+ its ``cfg``) as an av2ts checkpoint folder, atomically.
 
-    Both files are written to a temporary folder beside ``folder``, which then takes its place. An existing
-    checkpoint folder is replaced; files in it that are not ours (e.g. a trainer's ``trainer.pt``) are kept.
+    Both files are written to a temporary folder beside ``folder``, which then takes its place
+    (``files.atomic_folder``). An existing checkpoint folder is replaced; files in it that are not ours (e.g. a
+    trainer's ``trainer.pt``) are kept.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # local: safetensors.torch imports torch
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(folder, "exists and is not a folder; a checkpoint is a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     doc = checkpoint_config(cfg, meta)
     tensors = _tensors_for_saving(model.state_dict())
     header = {"format": "pt", "av2ts_format": f"{CHECKPOINT_FORMAT}/{FORMAT_VERSION}", "av2ts_version": __version__}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=header)
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        for path in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE):
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        _swap_in(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_folder(folder, carry_over_except=frozenset({WEIGHTS_FILE, CONFIG_FILE})) as temp:
+        save_file(tensors, str(temp / WEIGHTS_FILE), metadata=header)
+        write_json(temp / CONFIG_FILE, doc, durable=True)
+        fsync_file(temp / WEIGHTS_FILE)
     return folder
-
-
-def _swap_in(new: Path, folder: Path) -> None:
-    """Make ``new`` become ``folder``; the old folder is renamed away first and removed only after the swap."""
-    if not folder.exists():
-        os.replace(new, folder)
-        return
-    for extra in folder.iterdir():  # carry over files that are not part of the checkpoint itself
-        if extra.name not in (WEIGHTS_FILE, CONFIG_FILE):
-            target = new / extra.name
-            if extra.is_dir():
-                shutil.copytree(extra, target, symlinks=True)
-            else:
-                shutil.copy2(extra, target, follow_symlinks=False)
-    old = folder.parent / f".{folder.name}.{os.getpid()}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(folder, old)
-    try:
-        os.replace(new, folder)
-    except BaseException:
-        os.replace(old, folder)  # put the previous checkpoint back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------- resolve
@@ -220,7 +192,8 @@ def parse_hub_ref(text: str) -> HubRef:
 
 def hub_download(ref: HubRef, filename: str) -> Path:
     """One file of a hub repository through the huggingface_hub cache; every failure is one CheckpointError line."""
-    from huggingface_hub import constants, hf_hub_download  # imported first: its import configures its logger
+    # local: huggingface_hub takes ~0.3 s to import; only hf:// needs it. Imported first: it configures its logger
+    from huggingface_hub import constants, hf_hub_download
 
     try:
         from huggingface_hub import errors
@@ -291,18 +264,12 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
         if not entry.source.startswith(HF_PREFIX) and not Path(entry.source).is_dir():
             raise CheckpointError(entry.source, f"the '{text}' model folder is missing from this installation")
         return resolve_checkpoint(entry.source)
-    if _is_preset(text):
+    if text in PRESET_NAMES:
         raise CheckpointError(text, "is a preset (an architecture), not a checkpoint: no trained AV2TS weights are "
                                     "published; pass a checkpoint folder, hf://owner/repo, or a name of "
                                     f"{', '.join(sorted(REGISTRY))}")
     raise CheckpointError(text, "no such file or folder, not an hf:// reference, and not a known model name "
                                 f"({', '.join(sorted(REGISTRY))})")
-
-
-def _is_preset(name: str) -> bool:
-    from av2ts_cli.config import PRESET_NAMES
-
-    return name in PRESET_NAMES
 
 
 # ---------------------------------------------------------------------------------------------------------- load
@@ -323,8 +290,6 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
 
 
 def model_config_from(doc: dict, path: str | os.PathLike):
-    from av2ts_cli.config import ModelConfig
-
     try:
         return ModelConfig.from_dict(doc["model"])
     except UsageError as err:
@@ -334,7 +299,7 @@ def model_config_from(doc: dict, path: str | os.PathLike):
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # local: safetensors.torch imports torch
     from safetensors.torch import load_file
 
     try:
@@ -370,9 +335,9 @@ def check_state_dict(expected: Mapping, given: Mapping, path: str | os.PathLike)
 
 def load_checkpoint(name_or_path: str | os.PathLike):
     """``(model, cfg, config document)`` of a checkpoint (any source ``resolve_checkpoint`` accepts), eval mode."""
-    import torch
+    import torch  # local: torch takes seconds to import; `--help` and `info` without a model skip it
 
-    from av2ts_cli.model import build_model
+    from av2ts_cli.model import build_model  # local: the network imports torch
 
     resolved = resolve_checkpoint(name_or_path)
     doc = read_checkpoint_config(resolved.config)
@@ -385,20 +350,44 @@ def load_checkpoint(name_or_path: str | os.PathLike):
     return model.eval(), cfg, doc
 
 
-def load_model(name_or_path: str | os.PathLike, device="cpu", allow_random_init: bool = False):
-    """``(model, cfg)`` from a checkpoint folder or file, an hf:// reference or a registry name (eval mode).
+def resolve_model(name: str | os.PathLike, *, subset: str | None = None, presets: bool = False, device="cpu"):
+    """THE one resolver of ``--model``: ``(model, cfg, config document)``, eval mode, on ``device``.
 
-    With ``allow_random_init=True`` a preset name (``config.PRESET_NAMES``) gives a randomly initialised model.
+    With ``presets=True`` a preset name (``config.PRESET_NAMES``) that is not an existing path builds a randomly
+    initialised network for ``subset`` (s4 when None); its document is what ``save_checkpoint`` would write. Any
+    other name is a checkpoint: a folder or file, ``hf://owner/repo[@rev][/sub]`` or a ``REGISTRY`` name. Anything
+    else is a UsageError naming the accepted forms. With ``subset``, a checkpoint must fit it
+    (``avsbench.subsets_compatible``) and ``cfg.subset`` is set to it.
     """
-    from av2ts_cli.config import get_preset
-    from av2ts_cli.model import build_model
+    text = str(name)
+    exists = Path(text).expanduser().exists()
+    if presets and not exists and text in PRESET_NAMES:
+        from av2ts_cli.model import build_model  # local: torch, loaded only when a network is built
 
-    text = str(name_or_path)
-    if allow_random_init and not Path(text).exists() and _is_preset(text):
-        cfg = get_preset(text)
-        return build_model(cfg).to(device).eval(), cfg
-    model, cfg, _ = load_checkpoint(text)
-    return model.to(device), cfg
+        cfg = get_preset(text, subset or "s4")
+        return build_model(cfg).to(device).eval(), cfg, checkpoint_config(cfg)
+    if not (exists or text.startswith(HF_PREFIX) or text in REGISTRY):
+        forms = "a checkpoint folder or .safetensors file, hf://owner/repo[@revision][/subfolder], or a model name " \
+                f"({', '.join(sorted(REGISTRY))})"
+        if presets:
+            raise UsageError(f"--model {text}: no such file or folder, and neither a preset "
+                             f"({', '.join(PRESET_NAMES)}) nor a checkpoint ({forms})")
+        if text in PRESET_NAMES:
+            raise UsageError(f"--model {text}: is a preset (an architecture), not a checkpoint: no trained AV2TS "
+                             f"weights are published; pass {forms}")
+        raise UsageError(f"--model {text}: no such file or folder, and not a checkpoint ({forms})")
+    model, cfg, doc = load_checkpoint(text)
+    if subset is not None:
+        if not subsets_compatible(cfg.subset, subset):
+            raise UsageError(f"{text} is a {cfg.subset} model; --subset is {subset}")
+        cfg = dataclasses.replace(cfg, subset=subset)
+    return model.to(device), cfg, doc
+
+
+def load_model(name_or_path: str | os.PathLike, device="cpu", allow_random_init: bool = False):
+    """``(model, cfg)`` of ``resolve_model`` (``allow_random_init``: its ``presets``)."""
+    model, cfg, _ = resolve_model(name_or_path, presets=allow_random_init, device=device)
+    return model, cfg
 
 
 # ------------------------------------------------------------------------------------------------ describe (info)
@@ -421,17 +410,11 @@ def part_of(key: str) -> str:
     return PARTS.get(key.split(".", 1)[0], "other")
 
 
-def describe_parameters(name_or_path: str, subset: str = "s4") -> dict:
-    """Parameter counts per part (trainable and frozen) of a preset (built, random init) or any checkpoint."""
-    from av2ts_cli.config import get_preset
-    from av2ts_cli.model import build_model
-
+def describe_parameters(name_or_path: str, subset: str | None = None) -> dict:
+    """Parameter counts per part (trainable and frozen) of a preset (built for ``subset``, s4 if None, random init)
+    or any checkpoint (``resolve_model``)."""
     text = str(name_or_path)
-    if not Path(text).exists() and _is_preset(text):
-        cfg = get_preset(text, subset)
-        model = build_model(cfg)
-    else:
-        model, cfg = load_model(text)
+    model, cfg, _ = resolve_model(text, subset=subset, presets=True)
     counts: dict[str, dict[str, int]] = {}
     for part in dict.fromkeys(PARTS.values()):
         counts[part] = {"parameters": 0, "trainable": 0, "frozen": 0}

@@ -316,3 +316,36 @@ def test_info_model_counts_parts_of_a_preset_and_a_checkpoint(tiny_model, tiny_c
     result = runner.invoke(cli.app, ["info", "--model", "av2ts-tiny"])  # a preset: random init, table output
     assert result.exit_code == 0, result.output
     assert "transformer decoder" in result.output and "total" in result.output
+
+
+# ------------------------------------------------------------------------------------------- resolve_model (--model)
+def test_resolve_model_builds_a_preset_only_when_presets_are_allowed():
+    model, cfg, doc = weights.resolve_model("av2ts-tiny", subset="avss", presets=True)
+    assert (cfg.preset, cfg.subset, cfg.num_classes) == ("av2ts-tiny", "avss", 71) and not model.training
+    assert doc["format"] == "av2ts-checkpoint" and doc["model"] == cfg.to_dict() and len(doc["classes"]) == 71
+    with pytest.raises(UsageError, match="av2ts-tiny: is a preset .*not a checkpoint"):
+        weights.resolve_model("av2ts-tiny")
+
+
+def test_resolve_model_loads_a_checkpoint_folder_and_sets_a_compatible_subset(tiny_model, tiny_checkpoint):
+    model, cfg = tiny_model
+    loaded, loaded_cfg, doc = weights.resolve_model(tiny_checkpoint, presets=True)
+    assert loaded_cfg.to_dict() == cfg.to_dict() and doc["trained_on"] == "nothing (random init)"
+    assert_same_tensors(model.state_dict(), loaded.state_dict())
+    _, ms3_cfg, _ = weights.resolve_model(str(tiny_checkpoint), subset="ms3")  # s4 and ms3 share the binary output
+    assert ms3_cfg.subset == "ms3" and ms3_cfg.num_classes == 2
+
+
+def test_resolve_model_refuses_a_subset_the_checkpoint_does_not_fit(tiny_checkpoint):
+    with pytest.raises(UsageError, match=f"^{tiny_checkpoint} is a s4 model; --subset is avss$"):
+        weights.resolve_model(tiny_checkpoint, subset="avss")
+
+
+@pytest.mark.parametrize("presets", [True, False])
+def test_resolve_model_names_the_accepted_forms_for_an_unknown_name(presets):
+    with pytest.raises(UsageError) as caught:
+        weights.resolve_model("no-such-model", presets=presets)
+    message = caught.value.message
+    assert message.startswith("--model no-such-model: no such file or folder")
+    assert "hf://owner/repo" in message and "demo" in message and ".safetensors" in message
+    assert ("av2ts-tiny" in message) == presets  # presets are named only where they are accepted
