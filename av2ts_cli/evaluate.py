@@ -21,15 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from rich.table import Table
+from torch.utils.data import DataLoader
 
+from av2ts_cli.console import console, make_progress
 from av2ts_cli.data.classes import avss_palette
 from av2ts_cli.data.datasets import AVSDataset, build_dataset
 from av2ts_cli.data.images import read_rgb, rgb_to_index, write_png
 from av2ts_cli.data.layout import SUBSET_TITLES, check_split, check_subset
 from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError
+from av2ts_cli.files import write_json
 from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
-from av2ts_cli.runs import numbered_run_folder, resolve_device, write_json
+from av2ts_cli.runs import numbered_run_folder, resolve_device
+from av2ts_cli.weights import resolve_model
 
 RUNS_FOLDER = Path("runs") / "eval"
 
@@ -40,8 +46,8 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
              save_pred: str | os.PathLike | None = None, shuffle_audio: bool = False, batch: int = 1,
              device: str = "auto", workers: int = 2, seed: int = 0, out: str | os.PathLike | None = None,
              progress: bool = True) -> dict:
-    """Score ``model`` (a name for ``weights.load_model``) or the PNGs under ``pred_dir``; write ``metrics.json``
-    (beside the predictions, else in ``out`` or a new ``runs/eval/expN``) and return the report."""
+    """Score ``model`` (a ``--model`` name for ``weights.resolve_model``) or the PNGs under ``pred_dir``; write
+    ``metrics.json`` (beside the predictions, else in ``out`` or a new ``runs/eval/expN``) and return the report."""
     check_subset(subset)
     check_split(split)
     if protocol not in PROTOCOLS:
@@ -62,10 +68,8 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
         source = {"pred_dir": str(pred_dir)}
         folder = pred_dir
     else:
-        from av2ts_cli.weights import load_model
-
         torch_device = resolve_device(device)
-        network, cfg = load_model(model, device=torch_device)
+        network, cfg, _ = resolve_model(model, subset=subset, device=torch_device)
         dataset = build_dataset(subset, data, split, cfg=cfg, train=False)
         if cfg.num_classes != dataset.num_classes:
             raise UsageError(f"model {model} predicts {cfg.num_classes} classes, {subset} has {dataset.num_classes}")
@@ -124,8 +128,6 @@ def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch
 
 def _batches(dataset: AVSDataset, batch: int, workers: int) -> Iterator[list[dict]]:
     """Consecutive items (CSV order) in groups of up to ``batch`` with the same number of frames."""
-    from torch.utils.data import DataLoader
-
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
     group: list[dict] = []
     for item in loader:
@@ -140,7 +142,7 @@ def _batches(dataset: AVSDataset, batch: int, workers: int) -> Iterator[list[dic
 def _score_clip(item: dict, clip_map: torch.Tensor, dataset: AVSDataset, metric, protocol: str,
                 save_pred, palette: np.ndarray) -> None:
     """clip_map: [T, K, S, S] semantic map of one clip; the item's masks are at the label size."""
-    from av2ts_cli.model.av2ts import class_map, foreground_probability
+    from av2ts_cli.model.av2ts import class_map, foreground_probability  # local: timm, not needed for --pred-dir
 
     annotated = item["supervised"].nonzero().flatten()
     if len(annotated) == 0:
@@ -193,8 +195,6 @@ def score_prediction_folder(dataset: AVSDataset, pred_dir: Path, protocol: str =
 
 
 def _prediction_image(path: Path):
-    from PIL import Image
-
     if not path.is_file():
         raise DataError(path, "missing prediction")
     try:
@@ -236,8 +236,6 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
-        from av2ts_cli.console import make_progress
-
         self.bar = make_progress(transient=True)
         self.bar.start()
         task = self.bar.add_task(f"{self.description} videos", total=self.total)
@@ -249,10 +247,6 @@ class _Progress:
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
-
-    from av2ts_cli.console import console
-
     what = report.get("model") or report.get("pred_dir")
     table = Table(title=f"{SUBSET_TITLES[report['subset']]}, {report['split']} split, protocol {report['protocol']}",
                   title_justify="left")

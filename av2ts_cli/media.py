@@ -28,7 +28,6 @@ import math
 import os
 import queue
 import re
-import secrets
 import select
 import shutil
 import subprocess
@@ -42,9 +41,10 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
+from av2ts_cli import files
+from av2ts_cli.avsbench import SAMPLE_RATE
 from av2ts_cli.errors import MediaError
 
-AUDIO_SAMPLE_RATE = 16000
 TIME_TOLERANCE = 1e-5  # seconds: a frame stamped this close after t still counts as shown at t
 X264_PRESET = "veryfast"
 X264_CRF = 18  # visually lossless for overlays
@@ -716,7 +716,7 @@ class _FrameSelector:
 
 
 # ---------------------------------------------------------------------------------------------------------- audio
-def decode_audio(path: str | os.PathLike, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
+def decode_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """The first audio stream as mono float32 [S] in [-1, 1] at ``sample_rate`` (one ffmpeg call).
 
     Stereo becomes the mean of its two channels (what VGGish does with AVSBench's WAVs); other layouts use
@@ -754,13 +754,8 @@ def _atomic_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise MediaError(out, f"cannot create the folder ({err.strerror})") from None
-    temp = out.with_name(f".{out.stem}.{secrets.token_hex(4)}.partial{out.suffix}")
-    try:
+    with files.atomic_path(out) as temp:
         yield temp
-        os.replace(temp, out)
-    finally:
-        with contextlib.suppress(OSError):
-            temp.unlink()
 
 
 def _muxer(out: Path) -> str:
@@ -807,13 +802,12 @@ def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: floa
     rate = _rate(fps)
     has_audio = probe(audio_from, require_video=False).has_audio if audio_from is not None else False
     if has_audio:  # muxed afterwards: with frames arriving slowly, ffmpeg reads the audio ahead past -shortest
-        silent = out.with_name(f".{out.stem}.{secrets.token_hex(4)}.video{out.suffix}")
+        silent = files.temp_name_for(out)  # a .partial name: a run killed meanwhile leaves a recognisable temp
         try:
             encode_video(frames, silent, fps, preset=preset, crf=crf)
             return mux_audio(silent, audio_from, out)
         finally:
-            with contextlib.suppress(OSError):
-                silent.unlink()
+            silent.unlink(missing_ok=True)
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
@@ -913,7 +907,7 @@ def decode_discard(path: str | os.PathLike) -> None:
     _run(_command(ffmpeg.output(ffmpeg.input(_url(path))["V:0"], "-", f="null"), "-loglevel", "error"), path)
 
 
-def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE) -> Path:
+def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write 16-bit PCM WAV atomically. ``wave``: float [S] or [S, C] in [-1, 1] (clipped), or int16."""
     path = Path(path)
     samples = np.asarray(wave)

@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from av2ts_cli.avsbench import IGNORE_INDEX
+
 PROTOCOLS = ("av2ts", "avsbench")
 F_GROUP_SIZE = {"av2ts": 1, "avsbench": 4}
 NUM_THRESHOLDS = 255
@@ -34,7 +36,6 @@ IOU_EPS = 1e-7
 F_EPS = 1e-20
 AVSS_EPS = 2.220446049250313e-16
 AVSS_PADDED_LENGTH = 10  # official AVSS clips: v1 clips are padded to 10 frames
-IGNORE_INDEX = 255
 
 
 def fscore_thresholds() -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from av2ts_cli import media
+from av2ts_cli.avsbench import frame_time
 from av2ts_cli.console import warn
 from av2ts_cli.data.classes import avss_palette
 from av2ts_cli.data.images import rgb_to_index
@@ -30,7 +31,6 @@ from av2ts_cli.errors import DataError, MediaError, UsageError
 HIGHLIGHT = (255, 96, 0)  # binary masks: a saturated orange stands out on most scenes
 PALETTES = ("auto", "binary", "avss")
 FRAMES_FILE = "frames.jsonl"
-FALLBACK_OFFSET = 15 / 16  # masks without frames.jsonl: one per second at the AVSBench sampling time
 _TIME_TOLERANCE = 1e-5
 
 
@@ -81,7 +81,7 @@ def read_mask_track(masks_dir: str | os.PathLike) -> MaskTrack:
         files.sort(key=lambda p: (_trailing_number(p), p.name))
         warn(f"{masks_dir}: no {FRAMES_FILE} beside it; assuming one mask per second (at k + 15/16 s) in file-name "
              "order")
-        track = MaskTrack([k + FALLBACK_OFFSET for k in range(len(files))], files)
+        track = MaskTrack([frame_time(k) for k in range(len(files))], files)
     if not track.paths:
         raise DataError(masks_dir, "no mask images (*.png)")
     return track
@@ -196,15 +196,17 @@ def overlay_frames(video: str | os.PathLike, track: MaskTrack, painter: MaskPain
 
 
 def render_overlay(video: str | os.PathLike, masks: str | os.PathLike | MaskTrack, out: str | os.PathLike,
-                   alpha: float = 0.5, contour: bool = False, palette: str = "auto") -> dict:
+                   alpha: float = 0.5, contour: bool = False, palette: str = "auto",
+                   info: media.Probe | None = None) -> dict:
     """Write ``out``: ``video`` with its masks painted on (see ``overlay_frames``) and the original audio (AAC).
 
     ``masks``: a masks folder (times from ``frames.jsonl`` beside it or from the file names) or a MaskTrack.
+    ``info``: ``media.probe(video)`` when the caller has it already (predict does), so the video is not probed again.
     Returns {"output", "frames", "fps", "duration", "audio"}."""
     video, out = Path(video), Path(out)
     painter = MaskPainter(alpha, contour, palette)
     track = masks if isinstance(masks, MaskTrack) else read_mask_track(masks)
-    info = media.probe(video)
+    info = info if info is not None else media.probe(video)
     if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
         raise UsageError(f"{out}: the overlay must be an .mp4, .mov or .mkv file")
     fps = info.fps if info.fps > 0 and math.isfinite(info.fps) else 25.0

@@ -26,16 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from av2ts_cli import media
+from av2ts_cli.avsbench import FRAME_OFFSET, frame_time
+from av2ts_cli.memory import peak_rss_mib
+
 RSS_TARGET = 1.3
 SAMPLE_SIZE = (224, 224)
-FIRST_SAMPLE = 15 / 16  # AVSBench: frame k of a clip is taken at k - 1 + 15/16 s
 
 
 def run(durations: tuple[float, ...] = (10, 120), size: tuple[int, int] = (1920, 1080), fps: float = 25,
         encode_frames: int = 100, progress: bool = True) -> dict:
     """Make the clips, time and measure them; returns the report (see the module docstring)."""
-    from av2ts_cli import media
-    from av2ts_cli.console import make_progress
+    from av2ts_cli.console import make_progress  # local: keeps rich out of the measuring worker's peak RSS
 
     report = {"ffmpeg": media.find_ffmpeg(), "ffmpeg_version": media.tool_version(media.find_ffmpeg()),
               "size": f"{size[0]}x{size[1]}", "fps": fps, "sample_size": f"{SAMPLE_SIZE[0]}x{SAMPLE_SIZE[1]}",
@@ -62,8 +64,6 @@ def run(durations: tuple[float, ...] = (10, 120), size: tuple[int, int] = (1920,
 
 
 def _measure_clip(path: Path, seconds: float) -> dict:
-    from av2ts_cli import media
-
     start = time.perf_counter()
     media.decode_discard(path)
     baseline = time.perf_counter() - start
@@ -88,8 +88,6 @@ def _measure_clip(path: Path, seconds: float) -> dict:
 
 
 def _measure_encode(out: Path, size: tuple[int, int], fps: float, count: int) -> dict:
-    from av2ts_cli import media
-
     width, height = size
     ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     palette = [np.broadcast_to((ramp + 32 * k) % 256, (height, width, 3)).astype(np.uint8) for k in range(8)]
@@ -107,23 +105,18 @@ def _measure_encode(out: Path, size: tuple[int, int], fps: float, count: int) ->
 
 def _worker(path: str, width: int, height: int) -> dict:
     """Runs in a fresh interpreter: probe, then stream the 1-per-second samples; peaks from getrusage."""
-    import resource
-
-    from av2ts_cli import media
-
     start = time.perf_counter()
     info = media.probe(path)
     probed = time.perf_counter()
-    times = [k + FIRST_SAMPLE for k in range(int(info.duration - FIRST_SAMPLE) + 1)]
+    times = [frame_time(k) for k in range(int(info.duration - FRAME_OFFSET) + 1)]
     frames = sum(1 for _ in media.iter_frames_at(path, times, (width, height)))
     done = time.perf_counter()
     return {"frames": frames, "probe_s": probed - start, "decode_s": done - probed,
-            "python_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "ffmpeg_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "python_peak_mb": peak_rss_mib(), "ffmpeg_peak_mb": peak_rss_mib(children=True)}
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
+    from rich.table import Table  # local: as make_progress above
 
     from av2ts_cli.console import console
 

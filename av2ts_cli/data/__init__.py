@@ -5,8 +5,9 @@ Modules: ``layout`` (paths and metadata of the official layouts), ``classes`` (c
 (the torch datasets), ``synth`` (the "sounding shapes" generator), ``check`` (``av2ts data check``).
 """
 
+from av2ts_cli.avsbench import SUBSETS
 from av2ts_cli.data.datasets import AVSDataset, build_dataset, collate_clips
-from av2ts_cli.data.layout import SPLITS, SUBSETS, Video, list_videos, resolve_root
+from av2ts_cli.data.layout import SPLITS, Video, list_videos, resolve_root
 
 __all__ = ["AVSDataset", "SPLITS", "SUBSETS", "Video", "build_dataset", "collate_clips", "list_videos",
            "resolve_root"]

@@ -19,7 +19,6 @@ import importlib
 import io
 import os
 import pickle
-import secrets
 import struct
 import zipfile
 from pathlib import Path
@@ -27,10 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from av2ts_cli import files
+from av2ts_cli.avsbench import EXAMPLE_FRAMES, MEL_BANDS, SAMPLE_RATE, pad_by_repeating_last
 from av2ts_cli.console import warn
-from av2ts_cli.convert import NUMPY_PICKLE_GLOBALS, NumpyOnlyUnpickler
+from av2ts_cli.environment import default_cache_dir
 from av2ts_cli.errors import DataError
-from av2ts_cli.model.audio import EXAMPLE_FRAMES, NUM_MEL_BANDS, SAMPLE_RATE, waveform_to_examples
+from av2ts_cli.model.audio import waveform_to_examples
+from av2ts_cli.safe_pickle import NUMPY_PICKLE_GLOBALS, NumpyOnlyUnpickler
 
 CACHE_VERSION = 1  # bump when the front end changes: old cache entries are then never read
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
@@ -123,7 +125,7 @@ def load_wave_16k(path: str | os.PathLike) -> torch.Tensor:
         if key not in _warned_resampled:
             _warned_resampled.add(key)
             warn(f"{path}: sample rate {rate} Hz, resampled to {SAMPLE_RATE} Hz")
-        import torchaudio.functional as AF
+        import torchaudio.functional as AF  # local: 1.7 s to import, needed only for a WAV at another rate
 
         tensor = AF.resample(tensor, rate, SAMPLE_RATE)
     return tensor
@@ -151,8 +153,6 @@ def log_mel_examples(wave: torch.Tensor, num_examples: int | None = None) -> tor
 
 
 def default_cache_folder() -> Path:
-    from av2ts_cli.environment import default_cache_dir
-
     return default_cache_dir() / "log-mel"
 
 
@@ -196,7 +196,7 @@ class LogMelCache:
             array = np.load(self._path(key), allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
-        if array.dtype != np.float32 or array.ndim != 3 or array.shape[1:] != (EXAMPLE_FRAMES, NUM_MEL_BANDS):
+        if array.dtype != np.float32 or array.ndim != 3 or array.shape[1:] != (EXAMPLE_FRAMES, MEL_BANDS):
             return None
         return torch.from_numpy(array)
 
@@ -204,23 +204,17 @@ class LogMelCache:
         """Best effort: a read-only or full cache folder only costs recomputation."""
         if self.folder is None:
             return
-        path = self._path(key)
-        temp = path.with_name(f".{key}.{secrets.token_hex(4)}.partial.npy")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(temp, examples.numpy(), allow_pickle=False)
-            os.replace(temp, path)
-        except OSError:
-            temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError), files.atomic_open(self._path(key), "wb") as f:
+            np.save(f, examples.numpy(), allow_pickle=False)
 
 
 def fit_examples(examples: torch.Tensor, count: int) -> torch.Tensor:
     """[N, 96, 64] -> exactly [count, 96, 64]: cut, or padded by repeating the last example (AVSBench S4/MS3)."""
     if examples.shape[0] == 0:
         return waveform_to_examples(torch.zeros(0), num_examples=count)
-    if examples.shape[0] < count:
-        examples = torch.cat([examples, examples[-1:].expand(count - examples.shape[0], -1, -1)])
-    return examples[:count]
+    if examples.shape[0] >= count:
+        return examples[:count]
+    return torch.stack(pad_by_repeating_last(list(examples), count))
 
 
 # ------------------------------------------------------------------------------------------------ log-mel pickles
@@ -278,9 +272,9 @@ def read_log_mel_pickle(path: str | os.PathLike) -> torch.Tensor:
     tensor = obj.detach().float()
     if tensor.dim() == 4 and tensor.shape[1] == 1:
         tensor = tensor[:, 0]
-    if tensor.dim() != 3 or tensor.shape[1:] != (EXAMPLE_FRAMES, NUM_MEL_BANDS):
+    if tensor.dim() != 3 or tensor.shape[1:] != (EXAMPLE_FRAMES, MEL_BANDS):
         raise DataError(path, f"log-mel of shape {list(obj.shape)}, expected [N, 1, {EXAMPLE_FRAMES}, "
-                              f"{NUM_MEL_BANDS}]")
+                              f"{MEL_BANDS}]")
     return tensor.contiguous()
 
 
@@ -297,9 +291,4 @@ def write_log_mel_pickle(path: str | os.PathLike, examples: torch.Tensor) -> Non
     assert body[:2] == b"\x80\x02" and body[-1:] == pickle.STOP
     call = pickle.GLOBAL + b"torch\nfrom_numpy\n"
     data = body[:2] + call + body[2:-1] + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
-    temp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    files.write_bytes(path, data)

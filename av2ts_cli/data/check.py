@@ -15,6 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rich.table import Table
+
+from av2ts_cli.avsbench import EXAMPLE_SECONDS, SAMPLE_RATE
+from av2ts_cli.console import console
 from av2ts_cli.data.audio import read_wav_info
 from av2ts_cli.data.images import image_header
 from av2ts_cli.data.layout import DATA_FOLDERS, SPLITS, Video, list_videos, read_metadata, resolve_root
@@ -22,7 +26,6 @@ from av2ts_cli.errors import DataError
 
 OBJECT_FRAME_SIZE = (224, 224)  # S4/MS3 frames as the official preprocessing saved them
 AVSS_MASKIGE_SIZE = (224, 224)  # COMBO's maskiges are made on the 224 x 224 processed frames
-SAMPLE_RATE = 16000
 
 
 def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
@@ -131,9 +134,10 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
         return
     counts["wavs"] += 1
     if info.sample_rate != SAMPLE_RATE:
-        report["notes"].append({"path": str(video.wav), "note": f"{info.sample_rate} Hz, resampled to 16 kHz"})
+        report["notes"].append({"path": str(video.wav),
+                                "note": f"{info.sample_rate} Hz, resampled to {SAMPLE_RATE // 1000} kHz"})
     seconds = info.frames / info.sample_rate
-    if seconds < 0.96 * video.num_frames:
+    if seconds < EXAMPLE_SECONDS * video.num_frames:
         report["notes"].append({"path": str(video.wav), "note": f"{seconds:.2f} s of audio for {video.num_frames} "
                                                                  "frames: the last log-mel example is repeated"})
 
@@ -156,10 +160,6 @@ def _wh(size: tuple[int, int]) -> str:
 
 
 def print_report(report: dict, limit: int = 40) -> None:
-    from rich.table import Table
-
-    from av2ts_cli.console import console
-
     table = Table(title=f"{report['subset'].upper()} at {report['root']}", title_justify="left")
     for column in ("split", "videos", "frames", "masks", "wavs", "maskiges"):
         table.add_column(column, justify="left" if column == "split" else "right")

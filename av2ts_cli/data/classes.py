@@ -30,7 +30,6 @@ AVSS_CLASSES = (
     "ukulele", "utv", "vacuum-cleaner", "violin", "wolf", "woman",
 )
 AVSS_NUM_CLASSES = len(AVSS_CLASSES)  # 71
-IGNORE_INDEX = 255
 
 
 def avss_palette(num_classes: int = AVSS_NUM_CLASSES) -> np.ndarray:

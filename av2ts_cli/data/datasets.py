@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from av2ts_cli.avsbench import IGNORE_INDEX, subsets_compatible
 from av2ts_cli.data.audio import LogMelCache, fit_examples, read_log_mel_pickle
-from av2ts_cli.data.classes import AVSS_NUM_CLASSES, BINARY_CLASSES, IGNORE_INDEX, avss_palette
+from av2ts_cli.data.classes import AVSS_NUM_CLASSES, BINARY_CLASSES, avss_palette
 from av2ts_cli.data.images import read_mask, read_rgb
 from av2ts_cli.data.layout import (
     MASK_RGB,
@@ -188,7 +189,7 @@ def _channels_first(images: np.ndarray) -> torch.Tensor:
 def build_dataset(subset: str, data: str | os.PathLike, split: str, cfg=None, **options) -> AVSDataset:
     """The dataset of ``split`` shaped for a model config (input size, maskiges iff the Siam encoder)."""
     if cfg is not None:
-        if cfg.subset != subset and {cfg.subset, subset} != {"s4", "ms3"}:
+        if not subsets_compatible(cfg.subset, subset):
             raise UsageError(f"the model is for {cfg.subset}, the data is {subset}")
         options.setdefault("input_size", cfg.input_size)
         options.setdefault("maskiges", cfg.siam)

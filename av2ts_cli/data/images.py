@@ -4,12 +4,12 @@ maskiges. PIL decodes (a broken file becomes a ``DataError`` naming it); array w
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from av2ts_cli import files
 from av2ts_cli.data.classes import avss_palette
 from av2ts_cli.data.layout import MASK_BINARY, MASK_INDEX, MASK_RGB
 from av2ts_cli.errors import DataError
@@ -89,15 +89,11 @@ def image_header(path: str | os.PathLike) -> tuple[int, int]:
         raise DataError(path, f"unreadable image: {err}") from None
 
 
-def _atomic_save(path: Path, image: Image.Image, **options) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
-    try:
-        image.save(temp, format=options.pop("format", None) or ("JPEG" if path.suffix.lower() in (".jpg", ".jpeg")
-                                                                 else "PNG"), **options)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+def _save(path: Path, image: Image.Image, **options) -> Path:
+    """``image`` saved atomically as JPEG (a .jpg/.jpeg name) or PNG."""
+    image_format = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    with files.atomic_path(path) as temp:
+        image.save(temp, format=image_format, **options)
     return path
 
 
@@ -113,9 +109,9 @@ def write_png(path: str | os.PathLike, array: np.ndarray, palette: np.ndarray | 
         flat = np.zeros((256, 3), dtype=np.uint8)
         flat[: len(palette)] = palette
         image.putpalette(flat.reshape(-1).tolist())
-    return _atomic_save(Path(path), image, compress_level=compress_level)
+    return _save(Path(path), image, compress_level=compress_level)
 
 
 def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 92) -> Path:
     """Write uint8 [H, W, 3] RGB as JPEG, atomically."""
-    return _atomic_save(Path(path), Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)), quality=quality)
+    return _save(Path(path), Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)), quality=quality)

@@ -18,10 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from av2ts_cli.avsbench import SUBSETS
 from av2ts_cli.data.classes import AVSS_CLASSES
 from av2ts_cli.errors import DataError, UsageError
 
-SUBSETS = ("s4", "ms3", "avss")
 SPLITS = ("train", "val", "test")
 
 OBJECT_FOLDER = "AVSBench_object"

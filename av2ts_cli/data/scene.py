@@ -27,10 +27,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from av2ts_cli import media
+from av2ts_cli.avsbench import SAMPLE_RATE, frame_time
 from av2ts_cli.data.classes import AVSS_CLASSES
-
-SAMPLE_RATE = 16000
-SAMPLE_OFFSET = 15 / 16  # AVSBench samples frame k (1-based) at (k - 1) + 15/16 s
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ MULTI_SOURCE = ("ms3", "v1m", "v2", "avss")  # a random non-empty subset of the 
 
 def sample_times(duration: int) -> list[float]:
     """AVSBench's frame times for a clip of ``duration`` seconds: (k - 1) + 15/16 s, k = 1..duration."""
-    return [k + SAMPLE_OFFSET for k in range(duration)]
+    return [frame_time(k) for k in range(duration)]
 
 
 @dataclass(frozen=True)
@@ -391,8 +390,6 @@ def write_video_clip(scene: Scene, path: str | os.PathLike, fps: float = 25.0, s
                      audio: bool = True) -> ClipTruth:
     """Render ``scene`` as an H.264 MP4 (frame i at time i / fps) with its sound as the audio track, atomically;
     return the labels of the frames shown at the AVSBench sample times."""
-    from av2ts_cli import media
-
     path = Path(path)
     count = int(round(scene.duration * fps))
     frames = (scene.render(i / fps, size)[0] for i in range(count))

@@ -23,26 +23,26 @@ sizes of the other splits. The subset folder is built beside its final place and
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import secrets
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from av2ts_cli import files
+from av2ts_cli.avsbench import SAMPLE_RATE
 from av2ts_cli.data.audio import log_mel_examples, write_log_mel_pickle
 from av2ts_cli.data.classes import AVSS_CLASSES, avss_palette, label2idx
 from av2ts_cli.data.images import write_jpeg, write_png
 from av2ts_cli.data.layout import AVSS_SETS, DATA_FOLDERS, LABEL2IDX, METADATA, SPLITS, check_subset, subset_folder_in
-from av2ts_cli.data.scene import CATEGORIES, SAMPLE_RATE, Scene, sample_times
+from av2ts_cli.data.scene import CATEGORIES, Scene, sample_times, write_video_clip
 from av2ts_cli.errors import DataError, UsageError
+from av2ts_cli.media import write_wav
 
 DEFAULT_VIDEOS = {"s4": 48, "ms3": 32, "avss": 36}  # training videos; val and test get a quarter each (min 2)
 ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"  # YouTube id characters
@@ -91,7 +91,7 @@ def synthesize(out: str | os.PathLike, options: SynthOptions, force: bool = Fals
     if target.exists() and not force:
         raise DataError(target, "already exists (use --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _whole_folder(target) as temp:
+    with files.atomic_folder(target) as temp:
         writer = {"s4": _S4Writer, "ms3": _MS3Writer, "avss": _AVSSWriter}[options.subset](temp, options)
         for split in SPLITS:
             for index in range(options.counts[split]):
@@ -105,27 +105,12 @@ def synthesize(out: str | os.PathLike, options: SynthOptions, force: bool = Fals
 
 
 # --------------------------------------------------------------------------------------------------- writers
-@contextlib.contextmanager
-def _whole_folder(target: Path) -> Iterator[Path]:
-    """A temp folder beside ``target``, written by the caller and then swapped in for ``target``; removed instead
-    if anything fails, so ``target`` is always the old folder or a complete new one."""
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
-    try:
-        yield temp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temp, target)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
-
-
 class _Writer:
     subset = ""
 
     def __init__(self, root: Path, options: SynthOptions):
         self.root, self.options = root, options
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)  # atomic_folder made it
         self.rows: list[list[str]] = []
         self.frames = self.masks = 0
         self.names: set[str] = set()
@@ -151,8 +136,6 @@ class _Writer:
             yield rgb, labels, (_maskige(scene.instance_map(t, size)) if self.options.maskiges else None)
 
     def write_audio(self, scene: Scene, wav: Path, pkl: Path | None) -> None:
-        from av2ts_cli.media import write_wav
-
         wave = scene.audio(SAMPLE_RATE)
         wav.parent.mkdir(parents=True, exist_ok=True)
         write_wav(wav, wave, SAMPLE_RATE)
@@ -282,8 +265,6 @@ def write_clip(out: str | os.PathLike, *, kind: str = "s4", seconds: int = 15, s
     its known masks in ``clip_masks_folder(out)``: 0/255 PNGs at the AVSBench sample times k + 15/16 s, named as
     ``predict`` names its masks (``NNNNNN.png``), plus ``truth.json`` (times, video frame indices, sounding
     categories). kind: "s4" (one object sounds throughout) or "ms3" (the sounding objects change each second)."""
-    from av2ts_cli.data.scene import write_video_clip
-
     out = Path(out)
     if kind not in CLIP_KINDS:
         raise UsageError(f"--kind must be one of {', '.join(CLIP_KINDS)}, got {kind!r}")
@@ -294,7 +275,7 @@ def write_clip(out: str | os.PathLike, *, kind: str = "s4", seconds: int = 15, s
         if path.exists() and not force:
             raise DataError(path, "already exists (use --force to replace it)")
     scene = Scene.random(np.random.default_rng([seed, 7919]), kind, duration=seconds, categories=categories)
-    with _whole_folder(masks) as temp:
+    with files.atomic_folder(masks) as temp:
         truth = write_video_clip(scene, out, fps=fps, size=size)
         for k, labels in enumerate(truth.labels):
             write_png(temp / f"{k:06d}.png", _binary(labels))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from av2ts_cli.data.classes import IGNORE_INDEX
+from av2ts_cli.avsbench import IGNORE_INDEX
 
 RESIZE_FACTORS = tuple(x / 10 for x in range(5, 21))  # reference: short side int(x * 0.1 * 224), x = 5..20
 MAX_SIZE_FACTOR = 4  # reference: max size 896 for a 224 input
