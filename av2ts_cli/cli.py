@@ -20,6 +20,7 @@ from typer.core import TyperCommand
 from av2ts_cli import __version__
 from av2ts_cli.console import console
 from av2ts_cli.errors import EXIT_FAILURE, Av2tsError
+from av2ts_cli.training.recipes import recipe_defaults
 
 app = typer.Typer(
     name="av2ts",
@@ -356,18 +357,20 @@ def train_command(
                                               "with --resume).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="A preset (random init; default av2ts-r50) or a "
                                               "checkpoint to start from, e.g. converted backbones.")] = None,
-    iters: Annotated[int | None, typer.Option("--iters", help="Iterations (default: the preset's recipe, e.g. "
-                                              "r50 S4 90000, tiny 3000).")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", help="Iterations (default: the preset's recipe: "
+                                              f"{recipe_defaults('iters')}).")] = None,
     batch: Annotated[int | None, typer.Option("--batch", "-b", help="Clips per iteration, all processes together "
-                                              "(default: the recipe's: 8 r50, 4 pvt, 2 tiny).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate of the poly schedule (default: 1e-4; "
-                                             "1e-3 for av2ts-tiny, which trains from scratch).")] = None,
+                                              f"(default: the recipe's: {recipe_defaults('batch')}).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate of the poly schedule (default: "
+                                             f"{recipe_defaults('lr')}).")] = None,
     backbone_lr_mult: Annotated[float | None, typer.Option("--backbone-lr-mult", help="LR factor of the visual "
-                                                           "backbone and Siam encoder (default 0.1; tiny 1).")] = None,
+                                                           "backbone and Siam encoder (default: "
+                                                           f"{recipe_defaults('backbone_lr_mult')}).")] = None,
     clip_norm: Annotated[float | None, typer.Option("--clip-norm", help="Clip the L2 norm of all gradients "
-                                                    "together (default 0.01, the reference's; tiny: 0, off).")] = None,
+                                                    "together; 0: off (default: "
+                                                    f"{recipe_defaults('clip_norm')}).")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="fp16 autocast with a grad scaler, CUDA only "
-                                             "(default: on for AVSS on CUDA, as the reference).")] = None,
+                                             f"(default on CUDA: {recipe_defaults('amp')}).")] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16", help="bf16 autocast (CPU or CUDA).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/train/exp, exp2, ...).")
                    ] = None,
@@ -378,8 +381,8 @@ def train_command(
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Split that picks the best checkpoint "
                                                    "(default val; the reference AV2TS used test).")] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="The reference's random resize, "
-                                                 "crop, flip and colour jitter per clip (default on; tiny: off).")
-                       ] = None,
+                                                 "crop, flip and colour jitter per clip (default: "
+                                                 f"{recipe_defaults('augment')}).")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Write a log.csv row every N iterations "
                                                   "(default 20).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Data-loading processes (default 2).")] = None,
@@ -392,15 +395,16 @@ def train_command(
 
     AdamW, the reference's parameter groups and poly schedule. SIGINT/SIGTERM save last/ and exit 130/143.
     """
-    from av2ts_cli import train
+    from av2ts_cli import training  # local: the trainer imports torch (seconds); `--help` must not wait for it
 
-    report = train.train(resume=resume, progress=not as_json, subset=subset, data=data, model=model, iters=iters,
-                         batch=batch, lr=lr, backbone_lr_mult=backbone_lr_mult, clip_norm=clip_norm, amp=amp, bf16=bf16,
-                         out=None if out is None else str(out), eval_every=eval_every, eval_split=eval_split,
-                         augment=augment, log_every=log_every, workers=workers, seed=seed, device=device)
+    report = training.train(resume=resume, progress=not as_json, subset=subset, data=data, model=model,
+                            iters=iters, batch=batch, lr=lr, backbone_lr_mult=backbone_lr_mult, clip_norm=clip_norm,
+                            amp=amp, bf16=bf16, out=None if out is None else str(out), eval_every=eval_every,
+                            eval_split=eval_split, augment=augment, log_every=log_every, workers=workers, seed=seed,
+                            device=device)
     if report is None:  # a process other than rank 0 of a torchrun job
         return
-    _print_json(report) if as_json else train.print_report(report)
+    _print_json(report) if as_json else training.print_report(report)
 
 
 def _check_bench_cases(presets: list[str] | None, size: int | None) -> None:

@@ -330,3 +330,65 @@ def wait_until(condition, process: subprocess.Popen, what: str, timeout: float =
             process.kill()
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+# Shared by the tests/test_training_*.py files that run `av2ts train` (trainer, checkpoint, options).
+SMALL_RUN = ["--model", "av2ts-tiny", "--iters", "6", "--batch", "2", "--lr", "1e-3", "--workers", "1", "--seed", "3",
+             "--log-every", "1"]
+
+
+def av2ts_command() -> list[str]:
+    """The command line that starts av2ts in a fresh interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "av2ts_cli"]
+
+
+def invoke_cli(args: list[str], expect: int = 0):
+    """`av2ts ARGS` in this process (typer's CliRunner), asserting the exit code; -> the result."""
+    from typer.testing import CliRunner
+
+    from av2ts_cli import cli
+
+    cli._state["debug"] = False
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def run_train(args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
+    """`av2ts train ARGS` in a fresh process: runs compared bit for bit must not inherit this process's torch settings
+    (other tests may change the thread count)."""
+    result = subprocess.run([*av2ts_command(), "train", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == expect, result.stderr
+    return result
+
+
+def train_error(args: list[str], code: int, *fragments: str) -> str:
+    """`av2ts train ARGS` must fail with exit ``code`` and one line "error: ..." holding every fragment (whitespace
+    normalised); -> that line."""
+    result = invoke_cli(["train", *args], expect=code)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in " ".join(result.output.split()), result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def small_s4(tmp_path_factory) -> Path:
+    """A few synthetic S4 videos (`av2ts data synth`): enough for a handful of training steps and an evaluation."""
+    root = tmp_path_factory.mktemp("small-s4")
+    invoke_cli(["data", "synth", "--subset", "s4", "--out", str(root), "--videos", "6", "--val", "2", "--test", "1",
+                "--size", "64", "--seed", "5", "--no-maskiges"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def straight_run(small_s4, tmp_path_factory) -> Path:
+    """``SMALL_RUN`` on ``small_s4`` without interruption, evaluated and saved every 3 iterations (a run folder)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    run_train(["--subset", "s4", "--data", str(small_s4), *SMALL_RUN, "--eval-every", "3", "--out", str(run)])
+    return run

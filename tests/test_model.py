@@ -278,7 +278,7 @@ def sounding_shapes_batch(size: int = 64, frames: int = 4):
 def test_tiny_overfits_one_synthetic_batch():
     """The whole network and the criterion train together: 60 AdamW steps on one batch cut the loss by 90% and
     the semantic map finds the sounding shapes."""
-    from av2ts_cli.model.criterion import build_criterion
+    from av2ts_cli.training.criterion import build_criterion
 
     torch.manual_seed(0)
     cfg = get_preset("av2ts-tiny", "ms3")

@@ -1,4 +1,4 @@
-"""Tests of av2ts_cli/model/criterion.py: the matcher, each loss term against hand computations, which pixels and
+"""Tests of av2ts_cli/training/criterion.py: the matcher, each loss term against hand computations, which pixels and
 frames are supervised, deep supervision, gradients, and an optimisation of free tensors."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from av2ts_cli.config import LossConfig, get_preset
 from av2ts_cli.errors import UsageError
-from av2ts_cli.model.criterion import (
+from av2ts_cli.training.criterion import (
     HungarianMatcher,
     SetCriterion,
     build_criterion,

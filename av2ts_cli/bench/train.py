@@ -1,10 +1,10 @@
 """``av2ts bench train``: training iterations per second and peak memory on the CPU.
 
 A case is a preset, a batch of clips and an input size. It runs the real training step
-(``train.optimisation_step``: forward, criterion, backward, gradient clipping, AdamW, poly schedule) on a synthetic
-batch (random frames and log-mel examples, one random disc per clip as the sounding object, S4 supervision: the
-first frame of each clip), with the reference optimizer groups. After warm-up steps, the median of ``steps`` timed
-steps is reported, with the peak resident memory of the process.
+(``training.optim.optimisation_step``: forward, criterion, backward, gradient clipping, AdamW, poly schedule) on a
+synthetic batch (random frames and log-mel examples, one random disc per clip as the sounding object, S4
+supervision: the first frame of each clip), with the reference optimizer groups. After warm-up steps, the median of
+``steps`` timed steps is reported, with the peak resident memory of the process (``memory.peak_rss_mib``).
 
 Each case runs twice, each time in a fresh process (so the peak memory is the case's own): with the deformable-
 attention backend av2ts picks by itself, and with ``AV2TS_DEFORM_ATTN=torch``, the pure-PyTorch fallback, as the
@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from rich.table import Table
+
+from av2ts_cli.config import get_preset
+from av2ts_cli.console import console
+from av2ts_cli.errors import Av2tsError
+from av2ts_cli.memory import peak_rss_mib
 
 DEFAULT_CASES = (("av2ts-tiny", 4, None), ("av2ts-r50", 1, None))
 QUICK_CASES = (("av2ts-tiny", 1, 64),)
 
 
 def synthetic_batch(clips: int, frames: int, size: int, seed: int = 0) -> dict:
-    """A collated batch like the training DataLoader's (see ``train.optimisation_step``)."""
-    import torch
+    """A collated batch like the training DataLoader's (see ``training.optim.optimisation_step``)."""
+    import torch  # local: torch takes seconds to import; only the measuring child process needs it
 
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -47,13 +53,12 @@ def synthetic_batch(clips: int, frames: int, size: int, seed: int = 0) -> dict:
 def time_training(preset: str, batch: int, size: int | None = None, steps: int = 5, warmup: int = 2,
                   frames: int = 5, threads: int | None = None) -> dict:
     """Time ``steps`` training steps of ``preset`` in this process (see the module docstring)."""
-    import torch
+    import torch  # local: torch takes seconds to import; only the measuring child process needs it
 
-    from av2ts_cli.config import get_preset
-    from av2ts_cli.model import build_model
-    from av2ts_cli.model.criterion import build_criterion
-    from av2ts_cli.model.deform_attn import active_backend
-    from av2ts_cli.train import PolySchedule, build_optimizer, optimisation_step
+    from av2ts_cli.model import build_model  # local: imports torch (see above)
+    from av2ts_cli.model.ops import active_backend  # local: imports torch
+    from av2ts_cli.training.criterion import build_criterion  # local: imports torch
+    from av2ts_cli.training.optim import PolySchedule, build_optimizer, optimisation_step  # local: imports torch
 
     if threads:
         torch.set_num_threads(threads)
@@ -77,17 +82,10 @@ def time_training(preset: str, batch: int, size: int | None = None, steps: int =
     return {"preset": preset, "siam": cfg.siam, "batch": batch, "frames": frames, "input_size": size,
             "parameters": sum(p.numel() for p in model.parameters()), "backend": active_backend(),
             "threads": torch.get_num_threads(), "step_s": step, "runs_s": runs, "iterations_per_s": 1.0 / step,
-            "clips_per_s": batch / step, "peak_rss_mib": _peak_rss_mib()}
-
-
-def _peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+            "clips_per_s": batch / step, "peak_rss_mib": peak_rss_mib()}
 
 
 def _in_subprocess(case: dict, backend: str | None) -> dict:
-    from av2ts_cli.errors import Av2tsError
-
     env = dict(os.environ)
     if backend is None:
         env.pop("AV2TS_DEFORM_ATTN", None)
@@ -123,10 +121,6 @@ def run(cases=DEFAULT_CASES, steps: int = 5, warmup: int = 2, threads: int | Non
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
-
-    from av2ts_cli.console import console
-
     table = Table(title=f"{report['what']}; median of {report['steps']} steps")
     for column in ("model", "batch", "input", "backend", "it/s", "clips/s", "peak RSS", "baseline it/s",
                    "baseline RSS", "speed-up"):

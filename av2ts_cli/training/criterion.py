@@ -1,5 +1,9 @@
-"""The AV2TS training criterion (model.md section 9): Hungarian-matched set losses on semantic masks with deep
+"""The AV2TS training criterion (docs/model.md, "Losses"): Hungarian-matched set losses on semantic masks with deep
 supervision, plus the adaptive inter-frame cosine loss on the decoder's middle masks.
+
+Its home is ``training/``, as SAM 2 keeps its loss functions in its training package: only training uses it (the
+network, ``model/``, never does), and it needs the AVSBench label rules (``avsbench.IGNORE_INDEX``), which the
+network does not.
 
 Each supervised frame has SEMANTIC targets: one binary mask per class present in the frame (for S4/MS3 the
 background, class 0, is a target like the sounding object). Predictions and targets are compared on sampled points,
@@ -23,10 +27,10 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from av2ts_cli.avsbench import IGNORE_INDEX
 from av2ts_cli.config import LossConfig, ModelConfig
 from av2ts_cli.errors import UsageError
 
-IGNORE_INDEX = 255
 _EPS = 1e-6  # floor of a sum of point weights (all points of a mask fell on ignore pixels)
 
 

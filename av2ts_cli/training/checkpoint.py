@@ -1,0 +1,74 @@
+"""A run's checkpoints: ``last/`` (the network + ``trainer.pt``, everything else needed to continue) and ``best/``.
+
+``trainer.pt`` holds the optimizer, scheduler and grad-scaler states, the iteration, the RNG states of Python, NumPy
+and torch (per process), the data order and the run's options. It contains only tensors and plain Python values, so
+it is read back with ``torch.load(weights_only=True)``; ``"format"`` and ``"version"`` say what it is.
+
+``last`` is written whole into a temp folder and swapped in (``files.atomic_folder``), ``trainer.pt`` last of all,
+so a kill at any moment leaves a complete previous or new ``last``. The one moment without a ``last`` (between the
+two renames of the swap) leaves both complete folders beside it; ``find_resume_checkpoint`` takes the newer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from av2ts_cli.errors import CheckpointError
+from av2ts_cli.files import atomic_folder, atomic_path
+from av2ts_cli.weights import save_checkpoint
+
+LAST, BEST = "last", "best"
+TRAINER_FILE = "trainer.pt"
+TRAINER_FORMAT = "av2ts-trainer"
+TRAINER_VERSION = 1
+
+
+def _swap_leftovers(folder: Path) -> list[Path]:
+    """The temp and old folders an interrupted swap of ``folder`` left beside it (``.last.<random>.partial`` and
+    ``.last.<random>.old``: ``files.atomic_folder``'s names) that hold a trainer.pt, newest first."""
+    found = [p for p in folder.parent.glob(f".{folder.name}.*") if p.is_dir() and (p / TRAINER_FILE).is_file()]
+    return sorted(found, key=lambda p: (p / TRAINER_FILE).stat().st_mtime_ns, reverse=True)
+
+
+def write_training_checkpoint(folder: Path, model: nn.Module, cfg, meta: dict, trainer_state: dict) -> None:
+    """Checkpoint + trainer.pt (``trainer_state`` stamped with the format and version) as one unit: written into a
+    temp folder, then swapped for ``folder``; what earlier interrupted swaps left beside it is removed after."""
+    with atomic_folder(folder) as temp:
+        save_checkpoint(model, cfg, temp, meta)
+        with atomic_path(temp / TRAINER_FILE, durable=True) as path:  # last: a temp with trainer.pt is complete
+            torch.save({"format": TRAINER_FORMAT, "version": TRAINER_VERSION, **trainer_state}, path)
+    for leftover in folder.parent.glob(f".{folder.name}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def find_resume_checkpoint(path: str | os.PathLike) -> Path:
+    """The ``last`` folder of a run folder, or a checkpoint folder holding ``trainer.pt`` (or, when a kill came
+    between the two renames of the swap, the newer of the two complete folders beside the missing ``last``)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "no such run folder or checkpoint to resume")
+    if not path.is_dir():
+        raise CheckpointError(path, "not a folder: --resume takes a run folder (runs/train/NAME) or its last/")
+    for candidate in (path, path / LAST, *_swap_leftovers(path / LAST)):
+        if (candidate / TRAINER_FILE).is_file():
+            return candidate
+    raise CheckpointError(path, f"no {TRAINER_FILE} here or in {LAST}/: not a training run to resume (a run folder "
+                                f"holds {LAST}/{TRAINER_FILE})")
+
+
+def read_trainer_state(path: Path) -> dict:
+    """``trainer.pt`` read with ``weights_only=True``; CheckpointError (one line) when unreadable or not ours."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated zip, a foreign pickle: one line either way
+        raise CheckpointError(path, f"unreadable trainer state: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        raise CheckpointError(path, f"not an av2ts trainer state (expected \"format\": \"{TRAINER_FORMAT}\")")
+    if int(state.get("version", 0)) > TRAINER_VERSION:
+        raise CheckpointError(path, "written by a newer av2ts; upgrade to resume it")
+    return state

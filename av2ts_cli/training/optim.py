@@ -1,0 +1,89 @@
+"""The optimisation step and what it is made of: the reference's parameter groups, AdamW, the poly LR schedule.
+
+The reference recipe (docs/model.md, "Training"): AdamW, weight decay 0.05 (0 on normalisation layers and
+embeddings), backbone LR x ``backbone_lr_mult`` (the visual backbone and the Siam encoder; the audio encoder is
+frozen), the detectron2 poly schedule ``lr = base * (1 - it / iters) ** 0.9`` without warm-up, gradient clipping of
+the whole model's L2 norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+LOSS_GROUPS = ("loss_ce", "loss_mask", "loss_dice", "loss_cosine")  # each summed over the decoder layers
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm,
+              nn.LocalResponseNorm)
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
+    """detectron2/Mask2Former ``build_optimizer`` groups: every trainable parameter gets ``lr`` (x
+    ``backbone_lr_mult`` inside a module whose name contains "backbone": our ``backbone`` and ``siam_backbone``,
+    the reference's ``backbone`` and ``pre_sam_backbone``) and ``weight_decay`` (0 for parameters of normalisation
+    layers and embeddings). Parameters with equal settings share a group (the reference has one group per
+    parameter; AdamW's update is per element, so that changes nothing)."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            group_lr = lr * backbone_lr_mult if "backbone" in module_name else lr
+            decay = weight_decay
+            if isinstance(module, (*NORM_TYPES, nn.Embedding)) or name in ("relative_position_bias_table",
+                                                                            "absolute_pos_embed"):
+                decay = 0.0
+            groups.setdefault((group_lr, decay), []).append(param)
+    return [{"params": params, "lr": group_lr, "weight_decay": decay}
+            for (group_lr, decay), params in groups.items()]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, backbone_lr_mult: float = 0.1
+                    ) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(model, lr, weight_decay, backbone_lr_mult), lr=lr,
+                             weight_decay=weight_decay)
+
+
+class PolySchedule:
+    """detectron2 ``WarmupPolyLR`` without warm-up: the LR factor at iteration ``it`` is (1 - it / iters) ** power.
+    A class (not a lambda) so ``LambdaLR.state_dict`` can store it."""
+
+    def __init__(self, iters: int, power: float = 0.9):
+        self.iters = int(iters)
+        self.power = float(power)
+
+    def __call__(self, iteration: int) -> float:
+        return (1.0 - min(iteration, self.iters) / self.iters) ** self.power
+
+
+def optimisation_step(network: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                      scaler: torch.amp.GradScaler, batch: dict, device: torch.device, siam: bool,
+                      clip_norm: float = 0.01, autocast=None) -> torch.Tensor:
+    """Forward, criterion, backward, clipping of the whole gradient's L2 norm, optimizer and scheduler step.
+
+    batch: collated data items (frames uint8 [B, T, 3, S, S], audio [B, T, 96, 64], masks int64 [B, T, S, S],
+    supervised bool [B, T], maskiges when ``siam``). Returns float64 [1 + len(LOSS_GROUPS)] on the CPU: the total
+    loss, then each loss group summed over the decoder layers."""
+    frames = batch["frames"].to(device, non_blocking=True).float()
+    audio = batch["audio"].to(device, non_blocking=True)
+    maskiges = batch["maskiges"].to(device, non_blocking=True).float() if siam else None
+    targets = {"masks": batch["masks"].to(device, non_blocking=True),
+               "supervised": batch["supervised"].to(device, non_blocking=True)}
+    with autocast or contextlib.nullcontext():
+        outputs = network(frames, audio, maskiges)
+    losses = criterion(outputs, targets)  # the criterion computes in fp32 itself
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    groups = [sum((v.detach().float() for k, v in losses.items() if k.startswith(g)), torch.zeros((), device=device))
+              for g in LOSS_GROUPS]
+    return torch.stack([loss.detach().float(), *groups]).double().cpu()

@@ -1,0 +1,104 @@
+"""What a run is made of (``TrainOptions``): a new run's options from what the user set, the recipe's values for the
+rest, the checks, and the rules for which options may change on ``--resume``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from av2ts_cli.console import warn
+from av2ts_cli.data.layout import check_split, check_subset
+from av2ts_cli.errors import UsageError
+from av2ts_cli.training.recipes import recipe_for
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class TrainOptions:
+    """Everything a run is made of; ``None`` fields take the preset's ``Recipe`` value (see ``resolved``)."""
+
+    subset: str
+    data: str
+    model: str = "av2ts-r50"  # a preset (random init) or a checkpoint to start from (e.g. converted backbones)
+    iters: int | None = None
+    batch: int | None = None  # clips per iteration, all processes together
+    lr: float | None = None
+    backbone_lr_mult: float | None = None
+    weight_decay: float = 0.05
+    clip_norm: float | None = None  # L2 norm of all gradients together; 0 turns clipping off
+    poly_power: float = 0.9
+    amp: bool | None = None  # fp16 autocast + GradScaler, CUDA only
+    bf16: bool = False  # bf16 autocast (CPU or CUDA)
+    eval_every: int = 100  # evaluate and save every N iterations (0: only at the end)
+    eval_split: str = "val"
+    augment: bool | None = None  # the reference's training augmentation; False: frames only resized
+    log_every: int = 20
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+
+    def resolved(self, preset: str, device: torch.device) -> TrainOptions:
+        """A copy with the recipe's values filled in and everything checked (UsageError)."""
+        check_subset(self.subset)
+        check_split(self.eval_split)
+        recipe = recipe_for(preset, self.subset)
+        amp = self.amp
+        if amp is None:
+            amp = recipe.amp and device.type == "cuda" and not self.bf16
+        elif amp and device.type != "cuda":
+            raise UsageError("--amp needs a CUDA device (fp16 autocast); on CPU use --bf16")
+        out = dataclasses.replace(
+            self, iters=recipe.iters if self.iters is None else self.iters,
+            batch=recipe.batch if self.batch is None else self.batch, lr=recipe.lr if self.lr is None else self.lr,
+            backbone_lr_mult=recipe.backbone_lr_mult if self.backbone_lr_mult is None else self.backbone_lr_mult,
+            clip_norm=recipe.clip_norm if self.clip_norm is None else self.clip_norm, amp=bool(amp),
+            augment=recipe.augment if self.augment is None else self.augment)
+        problems = []
+        if out.iters < 1:
+            problems.append(f"--iters must be at least 1 (got {out.iters})")
+        if out.batch < 1:
+            problems.append(f"--batch must be at least 1 (got {out.batch})")
+        if not out.lr > 0 or not math.isfinite(out.lr):
+            problems.append(f"--lr must be positive (got {out.lr})")
+        if out.backbone_lr_mult < 0 or out.weight_decay < 0 or out.clip_norm < 0:
+            problems.append("the backbone LR factor, weight decay and clipping norm must be >= 0")
+        if out.eval_every < 0 or out.log_every < 1 or out.workers < 0:
+            problems.append("--eval-every must be >= 0, --log-every >= 1 and --workers >= 0")
+        if out.amp and out.bf16:
+            problems.append("--amp (fp16) and --bf16 exclude each other")
+        if problems:
+            raise UsageError("; ".join(problems))
+        return out
+
+
+def new_options(given: dict) -> TrainOptions:
+    """TrainOptions of a new run from the options the user set (``--subset`` and ``--data`` are required)."""
+    missing = [f"--{name}" for name in ("subset", "data") if given.get(name) is None]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} needed to start a run (or --resume a run)")
+    unknown = set(given) - {f.name for f in dataclasses.fields(TrainOptions)}
+    if unknown:
+        raise UsageError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    return TrainOptions(**{k: str(v) if k == "data" else v for k, v in given.items()})
+
+
+# Options that may differ on --resume (they do not change the result, or only extend it); the others must match.
+RESUME_FREE = ("data", "workers", "device", "iters", "eval_every", "log_every")
+
+
+def merge_resume_options(saved: TrainOptions, given: dict) -> TrainOptions:
+    """The run's saved options updated with the given ones that may change; a given option that contradicts the run
+    is a UsageError (``given``: only the options the user set)."""
+    free = {k: v for k, v in given.items() if k in RESUME_FREE}
+    for name, value in given.items():
+        if name not in RESUME_FREE and value != getattr(saved, name):
+            raise UsageError(f"--{name.replace('_', '-')} {value} contradicts the run being resumed "
+                             f"({getattr(saved, name)}); leave it out")
+    if "iters" in free and free["iters"] != saved.iters:
+        warn(f"--iters {free['iters']} changes the run's LR schedule (it had --iters {saved.iters})")
+    return dataclasses.replace(saved, **free)

@@ -1,0 +1,45 @@
+"""av2ts_cli/training/options.py: a new run's options and their checks (one-line usage errors through `av2ts
+train`), and which options ``--resume`` may change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import train_error
+
+from av2ts_cli.errors import UsageError
+from av2ts_cli.training.options import RESUME_FREE, TrainOptions, merge_resume_options, new_options
+
+
+def test_bad_data_and_unknown_preset_are_one_line_errors(tmp_path, small_s4):
+    train_error(["--subset", "s4", "--data", str(tmp_path / "nowhere"), "--model", "av2ts-tiny"], 1,
+                str(tmp_path / "nowhere"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    train_error(["--subset", "s4", "--data", str(empty), "--model", "av2ts-tiny"], 1, str(empty))
+    train_error(["--subset", "s4", "--data", str(small_s4), "--model", "av2ts-huge"], 2, "av2ts-huge")
+    train_error(["--data", str(small_s4)], 2, "--subset")
+    train_error(["--subset", "s5", "--data", str(small_s4)], 2, "s5")
+    train_error(["--subset", "s4", "--data", str(small_s4), "--model", "av2ts-tiny", "--batch", "0"], 2, "--batch")
+    train_error(["--subset", "s4", "--data", str(small_s4), "--model", "av2ts-tiny", "--amp", "--device", "cpu"], 2,
+                "--amp")
+
+
+def test_resolved_fills_in_the_recipe_and_keeps_what_was_given():
+    cpu = torch.device("cpu")
+    tiny = new_options({"subset": "s4", "data": "d", "model": "av2ts-tiny"}).resolved("av2ts-tiny", cpu)
+    assert (tiny.iters, tiny.batch, tiny.lr, tiny.clip_norm, tiny.augment, tiny.amp) == (3000, 2, 1e-3, 0.0, False,
+                                                                                         False)
+    given = new_options({"subset": "avss", "data": "d", "batch": 6, "lr": 3e-4}).resolved("av2ts-r50", cpu)
+    assert (given.iters, given.batch, given.lr, given.amp) == (180_000, 6, 3e-4, False)  # recipe's AMP: CUDA only
+    with pytest.raises(UsageError, match="unknown training option"):
+        new_options({"subset": "s4", "data": "d", "learning_rate": 1.0})
+
+
+def test_resume_may_change_only_the_free_options():
+    saved = TrainOptions(subset="s4", data="old", iters=10, lr=1e-3, workers=2)
+    merged = merge_resume_options(saved, {"data": "new", "workers": 0, "lr": 1e-3})
+    assert (merged.data, merged.workers, merged.lr, merged.iters) == ("new", 0, 1e-3, 10)
+    assert set(RESUME_FREE) == {"data", "workers", "device", "iters", "eval_every", "log_every"}
+    with pytest.raises(UsageError, match="--lr 0.5 contradicts"):
+        merge_resume_options(saved, {"lr": 0.5})
