@@ -1,0 +1,43 @@
+"""Where the official layouts keep their files (av2ts_cli/data/layout.py), read from what synth wrote."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from av2ts_cli.data import list_videos, resolve_root
+from av2ts_cli.errors import DataError, UsageError
+
+
+def test_data_may_be_the_root_or_the_subset_folder(synth_data):
+    assert resolve_root(synth_data, "s4") == synth_data / "AVSBench_object" / "Single-source"
+    assert resolve_root(synth_data / "AVSBench_object", "ms3") == synth_data / "AVSBench_object" / "Multi-sources"
+    assert resolve_root(synth_data / "AVSBench_semantic", "avss") == synth_data / "AVSBench_semantic"
+    with pytest.raises(DataError, match="no MS3"):
+        resolve_root(synth_data / "AVSBench_semantic", "ms3")
+    with pytest.raises(UsageError):
+        resolve_root(synth_data, "s5")
+
+
+def test_metadata_is_read_by_position(synth_data, tmp_path):
+    """Header names are free text for S4/MS3: renamed columns change nothing."""
+    root = shutil.copytree(synth_data / "AVSBench_object" / "Single-source", tmp_path / "s4")
+    before = list_videos(root, "s4", "val")
+    csv = root / "s4_meta_data.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(["vid,trim,class,set", *lines[1:]]) + "\n")
+    assert list_videos(root, "s4", "val") == before
+    csv.write_text("name,start\nabc,0\n")
+    with pytest.raises(DataError, match="line 2: 2 columns"):
+        list_videos(root, "s4", "val")
+
+
+def test_avss_metadata_by_name_or_by_position(synth_data, tmp_path):
+    root = shutil.copytree(synth_data / "AVSBench_semantic", tmp_path / "avss")
+    before = list_videos(root, "avss", "test")
+    csv = root / "metadata.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(["a,b,c,d,e,f,g", *lines[1:]]) + "\n")  # no names: COMBO's positions 1, 5, 6
+    assert list_videos(root, "avss", "test") == before
+    assert [v.group for v in before] == ["v1s", "v1m", "v2"] and [v.num_frames for v in before] == [5, 5, 10]
