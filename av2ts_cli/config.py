@@ -28,6 +28,7 @@ class LossConfig:
 
     class_weight: float = 2.0
     mask_weight: float = 5.0
+FAMILIES = ("av2ts", "combo")  # the top-level networks av2ts builds (ModelConfig.family)
     dice_weight: float = 5.0
     cosine_weight: float = 10.0  # inter-frame consistency loss on the middle masks
     no_object_weight: float = 0.1
@@ -50,6 +51,7 @@ class ModelConfig:
 
     # visual backbone: a timm model with features at strides 4, 8, 16, 32
     backbone: str = "resnet50"
+    family: str = "av2ts"  # av2ts | combo: which top-level network (model/av2ts.py, model/combo.py) builds
     backbone_out_indices: tuple[int, ...] = (1, 2, 3, 4)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments
     frozen_bn: bool = True  # detectron2 FrozenBN (pretrained backbones); False trains BatchNorm as usual
@@ -76,6 +78,13 @@ class ModelConfig:
 
     # one-stream audio-visual attention (OSA) on the 4x4 space-to-depth mask features
     fusion_blocks: int = 3
+    # COMBO only (family "combo", docs/model.md 'COMBO'): frozen VGGish (its output width is audio_dim, 128),
+    # bilateral fusion with audio_dim-wide audio, an audio MLP to hidden_dim, learned queries
+    vggish_widths: tuple[int, ...] = (64, 128, 256, 256, 512, 512)  # the six 3x3 convs
+    vggish_hidden: int = 4096  # the two hidden linear layers of VGGish
+    audio_mlp_dim: int = 4096  # hidden width of the audio MLP audio_dim -> 4096 -> 4096 -> hidden_dim
+    object_queries: int = 100  # COMBO's learned queries (AV2TS has one per audio token: num_queries)
+
     fusion_heads: int = 8
     layer_scale_init: float = 1e-4
 
@@ -96,10 +105,15 @@ class ModelConfig:
             problems.append(f"subset {self.subset!r} is not one of {', '.join(SUBSET_CLASSES)}")
         if self.num_classes < 1:
             problems.append(f"num_classes must be at least 1 (got {self.num_classes})")
+        self.vggish_widths = tuple(int(i) for i in self.vggish_widths)
         if self.num_frames < 1:
             problems.append(f"num_frames must be at least 1 (got {self.num_frames})")
         if self.input_size < 32 or self.input_size % 32:
             problems.append(f"input_size must be a positive multiple of 32 (got {self.input_size})")
+        if self.family not in FAMILIES:
+            problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if len(self.vggish_widths) != 6:
+            problems.append(f"vggish_widths must name the 6 VGGish convs (got {len(self.vggish_widths)})")
         if len(self.backbone_out_indices) != 4:
             problems.append("backbone_out_indices must name 4 feature levels (strides 4, 8, 16, 32)")
         for name, heads, dim in (("temporal_heads", self.temporal_heads, self.audio_dim),
@@ -124,7 +138,10 @@ class ModelConfig:
 
     @property
     def num_queries(self) -> int:
-        """One query per audio token of each of the 4 audio stages (96 in the reference)."""
+        """AV2TS: one query per audio token of each of the 4 audio stages (96 in the reference); COMBO: its
+        ``object_queries`` learned queries (100)."""
+        if self.family == "combo":
+            return self.object_queries
         return AUDIO_STAGES * self.audio_tokens
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +156,7 @@ class ModelConfig:
         """Rebuild a config from ``to_dict`` output. Fields missing from ``d`` come from its named preset
         (so a config written by an older av2ts still loads); unknown fields are an error."""
         d = dict(d)
+        d["vggish_widths"] = list(self.vggish_widths)
         preset = d.get("preset")
         if preset in PRESET_NAMES:
             base = get_preset(preset, d.get("subset", "s4"), d.get("siam")).to_dict()
@@ -188,7 +206,32 @@ def _tiny(subset: str, siam: bool) -> ModelConfig:
     )
 
 
-_PRESETS = {"av2ts-r50": (_r50, True), "av2ts-pvt": (_pvt, True), "av2ts-tiny": (_tiny, False)}
+def _combo(base, preset: str, subset: str, siam: bool, **changes) -> ModelConfig:
+    """COMBO (CVPR 2024) on the visual side of an AV2TS preset ``base``: VGGish audio (128-d), bilateral fusion,
+    100 queries, 9 decoder layers over 3 memory levels (docs/model.md, 'COMBO'; spec combo.md sections 1-5)."""
+    cfg = dataclasses.replace(base(subset, siam), preset=preset, family="combo", audio_dim=128,
+                              decoder_layers=9, object_queries=100)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _combo_r50(subset: str, siam: bool) -> ModelConfig:
+    return _combo(_r50, "combo-r50", subset, siam)
+
+
+def _combo_pvt(subset: str, siam: bool) -> ModelConfig:
+    return _combo(_pvt, "combo-pvt", subset, siam)
+
+
+def _combo_tiny(subset: str, siam: bool) -> ModelConfig:
+    """COMBO's wiring on av2ts-tiny's visual side (half-width ResNet-10, hidden 64, 2 encoder layers, 128 px),
+    with a narrow VGGish (convs 8..64, hidden 128, 32-d output; the reference's is 72 M parameters), a 128-wide
+    audio MLP, 16 queries and 3 decoder layers (one pass over the three memory levels)."""
+    return _combo(_tiny, "combo-tiny", subset, siam, audio_dim=32, vggish_widths=(8, 16, 32, 32, 64, 64),
+                  vggish_hidden=128, audio_mlp_dim=128, object_queries=16, decoder_layers=3)
+
+
+_PRESETS = {"av2ts-r50": (_r50, True), "av2ts-pvt": (_pvt, True), "av2ts-tiny": (_tiny, False),
+            "combo-r50": (_combo_r50, True), "combo-pvt": (_combo_pvt, True), "combo-tiny": (_combo_tiny, False)}
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
 
 

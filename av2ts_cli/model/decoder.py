@@ -89,11 +89,11 @@ class MaskedAttentionDecoder(nn.Module):
     """(memories [32, 16, 8 strides, OSA map], audio queries [N, Q, C], mask features [N, C, H/4, W/4]) ->
     {"pred_logits" [N, Q, K+1], "pred_masks" [N, Q, H/4, W/4], "aux_outputs", "middle_masks"}."""
 
-    num_memory_levels = 4
-
     def __init__(self, dim: int, num_classes: int, num_queries: int, num_layers: int = 12, num_heads: int = 8,
-                 ffn_dim: int = 2048):
+                 ffn_dim: int = 2048, num_memory_levels: int = 4):
+        """``num_memory_levels``: 4 for AV2TS (3 pixel-decoder scales + the OSA map), 3 for COMBO (the scales)."""
         super().__init__()
+        self.num_memory_levels = num_memory_levels
         self.num_heads = num_heads
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, ffn_dim) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)

@@ -101,13 +101,22 @@ class PixelDecoder(nn.Module):
     multi-scale memories [res5, res4, res3] encoded, i.e. strides 32, 16, 8)."""
 
     def __init__(self, dim: int = 256, num_layers: int = 6, num_heads: int = 8, num_points: int = 4,
-                 ffn_dim: int = 1024, num_levels: int = 3):
+                 ffn_dim: int = 1024, num_levels: int = 3, in_channels: list[int] | None = None):
+        """``in_channels``: the backbone's native widths [res2..res5] for the standard Mask2Former decoder (COMBO):
+        1x1 conv + GroupNorm input projections on res3..res5 and the lateral conv from res2's width. None: the
+        inputs are already ``dim`` wide and there are no input projections (AV2TS)."""
         super().__init__()
         self.num_levels = num_levels
+        if in_channels is not None:  # res5, res4, res3 order, like the levels they project
+            self.input_proj = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(32, dim))
+                                            for c in in_channels[1:][::-1])
+            for proj in self.input_proj:
+                nn.init.xavier_uniform_(proj[0].weight)
+                nn.init.zeros_(proj[0].bias)
         self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(dim, ffn_dim, num_levels, num_heads, num_points) for _ in range(num_layers))
-        self.lateral = ConvGroupNorm(dim, dim, 1)
+        self.lateral = ConvGroupNorm(dim if in_channels is None else in_channels[0], dim, 1)
         self.output = ConvGroupNorm(dim, dim, 3, relu=True)
         self.mask_projection = nn.Conv2d(dim, dim, kernel_size=1)
         # Mask2Former's init: xavier on every matrix of the encoder, then the deformable-attention init
@@ -125,9 +134,11 @@ class PixelDecoder(nn.Module):
             return self._forward_fp32([f.float() for f in features])
 
     def _forward_fp32(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        n, dim = features[0].shape[:2]
-        device = features[0].device
+        n, device = features[0].shape[0], features[0].device
         levels = features[1:][::-1]  # res5, res4, res3: low to high resolution
+        if hasattr(self, "input_proj"):
+            levels = [proj(f) for proj, f in zip(self.input_proj, levels, strict=True)]
+        dim = levels[0].shape[1]
         shapes = [tuple(f.shape[-2:]) for f in levels]
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in levels], dim=1)  # [N, S, C]
         pos = torch.cat([sine_position_embedding(h, w, dim, device).flatten(1).t() + self.level_embed[i]

@@ -1,0 +1,179 @@
+"""Importing COMBO-AVS files (``av2ts convert --kind combo`` / ``--kind vggish``): the rename rules from the COMBO
+reference's state-dict layout (yannqi/COMBO-AVS ``MaskFormer``, spec combo-keys-*.tsv) to ``model/combo.py``.
+
+- ``--kind combo``: a checkpoint written by the COMBO code, a detectron2 Checkpointer file
+  ``{"model": state_dict, "trainer": {...}, "iteration": int}`` read with ``torch.load(weights_only=True)``. Only
+  the model's tensors are kept; the other entries and the model's unused tensors are listed in the report, and a
+  tensor of no known layout, one with no place in the av2ts model or a model tensor left unfilled is an error
+  naming the keys. The backbone (ResNet-50 or PVT-v2-b5), the classes (3 logits: S4/MS3, 72: AVSS) and the Siam
+  encoder (``pre_sam_backbone``) are read from the keys.
+- ``--kind vggish``: the released VGGish weights (``pretrained/vggish-10086976.pth``, ``features.*`` and
+  ``embeddings.*``) -> the audio encoder of a new COMBO model of ``--preset`` (combo-r50 by default) or of the
+  checkpoint ``--base``, to train from pretrained parts as with ``--kind ced``.
+
+The machinery (safe readers, ``Rule``, ``map_state_dict``, ``fill_model``, the backbone rules and the decoder and
+pixel-decoder rules that COMBO shares with AV2TS) is ``convert.py``'s; this file adds only what differs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from av2ts_cli.convert import (
+    D2_RESNET_RULES,
+    PVT_RULES,
+    REFERENCE_RULES,
+    KeyMapping,
+    Rule,
+    _backbone_of,
+    _build_target,
+    _source_file,
+    fill_model,
+    map_state_dict,
+    read_state_dict_file,
+    read_torch_weights,
+)
+from av2ts_cli.errors import CheckpointError, UsageError
+from av2ts_cli.weights import part_of
+
+COMBO_KINDS = ("combo", "vggish")
+
+_PIXEL = r"sem_seg_head\.pixel_decoder\."
+_FUSION = r"sem_seg_head\.fusion_module\."
+# AV2TS rules that do not apply to COMBO: its pixel decoder uses input_proj (AV2TS drops it), it has no linear1,
+# no temporal blocks and another fusion module
+_AV2TS_ONLY = (_PIXEL + r"input_proj", _PIXEL + r"linear1", _FUSION, r"time_", r"audio_linear", r"visual_project")
+_SHARED_RULES = [rule for rule in REFERENCE_RULES if not rule.pattern.startswith(_AV2TS_ONLY)]
+
+# COMBO reference (after the backbone / VGGish prefixes) -> av2ts COMBO, see model/combo.py
+COMBO_RULES = [
+    Rule(_PIXEL + r"input_proj\.(\d+)\.", r"pixel_decoder.input_proj.\1."),
+    *_SHARED_RULES,
+    Rule(_FUSION + r"(audio_pos|level_embed)\.", r"fusion.\1."),
+    Rule(_FUSION + r"b_attn\.layer_norm_v_list\.0\.", "fusion.norm_visual."),
+    Rule(_FUSION + r"b_attn\.layer_norm_a_list\.0\.", "fusion.norm_audio."),
+    Rule(_FUSION + r"b_attn\.attn_list\.0\.", "fusion.attn."),
+    Rule(_FUSION + r"b_attn\.gamma_v_list\.0$", "fusion.gamma_visual"),
+    Rule(_FUSION + r"b_attn\.gamma_a$", "fusion.gamma_audio"),
+    Rule(r"sem_seg_head\.audio_transformation\.embeddings\.", "fusion.audio_mlp.layers."),
+]
+
+# the released VGGish (harritaylor/torchvggish layout) -> model/vggish.py: the same inner names
+VGGISH_RULES = [
+    Rule(r"pproc\.", None, "VGGish PCA post-processor, switched off in COMBO"),
+    Rule(r"(features\.|embeddings\.)", r"\1"),
+]
+
+_PRESETS = {"r50": "combo-r50", "pvt": "combo-pvt"}
+_CHECKPOINTER_ENTRIES = {
+    "trainer": "detectron2 trainer state (optimizer, scheduler, hooks), not model weights",
+    "iteration": "detectron2 training iteration counter, not model weights",
+}
+
+
+def read_combo_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(model state dict, {top-level entry: why it is not used}) of a detectron2 Checkpointer file.
+
+    Read with ``torch.load(weights_only=True)``; the model is under ``"model"`` (a bare state dict is accepted
+    too). Every model entry must be a tensor.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    obj = read_torch_weights(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a detectron2 checkpoint dict")
+    others: dict[str, str] = {}
+    if isinstance(obj.get("model"), Mapping):
+        for key in obj:
+            if key != "model":
+                others[str(key)] = _CHECKPOINTER_ENTRIES.get(key, "not the model (only 'model' holds its weights)")
+        obj = obj["model"]
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad or not obj:
+        raise CheckpointError(path, f"entry {bad[0]!r} of the model is not a tensor" if bad else "holds no tensors")
+    return dict(obj), others
+
+
+def _combo_config(state: Mapping, path, preset, subset, siam):
+    from av2ts_cli.config import get_preset
+
+    if any(k.startswith(("time_attn_blocks_", "visual_project.")) for k in state):
+        raise CheckpointError(path, "an AV2TS reference checkpoint (temporal attention keys), not COMBO: "
+                                    "use --kind reference")
+    if "audio_backbone.features.0.weight" not in state or not any(
+            k.startswith("sem_seg_head.audio_transformation.") for k in state):
+        raise CheckpointError(path, "no VGGish (audio_backbone.features.*) or audio MLP "
+                                    "(sem_seg_head.audio_transformation.*) keys: not a COMBO checkpoint")
+    arch = _backbone_of(state, "backbone.", path)
+    if preset and preset != _PRESETS[arch]:
+        raise UsageError(f"{path}: holds a {_PRESETS[arch]} model, not {preset}")
+    has_siam = any(k.startswith("pre_sam_backbone.") for k in state)
+    if siam is not None and siam != has_siam:
+        raise UsageError(f"{path}: the checkpoint {'has' if has_siam else 'has no'} Siam encoder "
+                         f"(pre_sam_backbone); --{'no-' if siam is False else ''}siam contradicts it")
+    class_key = "sem_seg_head.predictor.class_embed.weight"
+    if class_key not in state:
+        raise CheckpointError(path, f"no {class_key}: not a COMBO checkpoint")
+    num_classes = state[class_key].shape[0] - 1  # the last logit is "no object"
+    if subset is None:
+        subset = {2: "s4", 71: "avss"}.get(num_classes)
+        if subset is None:
+            raise CheckpointError(path, f"{num_classes} classes: no AVSBench subset has that many")
+    cfg = get_preset(_PRESETS[arch], subset, has_siam)
+    if cfg.num_classes != num_classes:
+        raise UsageError(f"{path}: holds {num_classes} classes, but subset {subset} has {cfg.num_classes}")
+    return arch, cfg
+
+
+def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, subset: str | None = None,
+                       siam: bool | None = None, base: str | None = None):
+    """``(model, cfg, KeyMapping, meta)`` for ``kind`` ``combo`` or ``vggish``, as ``convert.convert`` returns.
+
+    For ``combo`` the mapping's ``dropped`` also lists the checkpoint's non-model entries (``trainer``,
+    ``iteration``) under their own names.
+    """
+    from av2ts_cli.model import build_model  # local: the network imports torch
+
+    if kind not in COMBO_KINDS:
+        raise UsageError(f"unknown COMBO --kind {kind!r}; choose from {', '.join(COMBO_KINDS)}")
+    path = _source_file(source)
+    base_doc = None
+    if kind == "combo":
+        if base is not None:
+            raise UsageError("--base does not apply to --kind combo: the checkpoint gives every tensor")
+        state, others = read_combo_checkpoint(path)
+        arch, cfg = _combo_config(state, path, preset, subset, siam)
+        model = build_model(cfg)
+        backbone_rules = D2_RESNET_RULES if arch == "r50" else PVT_RULES
+        groups = [("backbone.", "backbone.", backbone_rules), ("pre_sam_backbone.", "siam_backbone.", backbone_rules),
+                  ("audio_backbone.", "audio_encoder.", VGGISH_RULES), ("", "", COMBO_RULES)]
+        required = [""]
+        trained_on = f"unknown: converted from the COMBO reference checkpoint {path.name}"
+    else:
+        state, others = read_state_dict_file(path), {}
+        model, cfg, base_doc = _build_target(None, path, preset or (None if base else "combo-r50"), subset, siam,
+                                                base)
+        if cfg.family != "combo":
+            raise UsageError(f"{path}: VGGish is COMBO's audio encoder; {cfg.preset} is an {cfg.family} model "
+                             "(choose a combo-* --preset or a COMBO --base)")
+        groups = [("", "audio_encoder.", VGGISH_RULES)]
+        required = ["audio_encoder."]
+        trained_on = None
+    mapping: KeyMapping = map_state_dict(state, groups, model.state_dict(), path)
+    fill_model(model, mapping, required, path)
+    mapping.dropped.update(others)
+    meta = dict((base_doc or {}).get("meta") or {})
+    history = list(meta.get("initialised_from") or [])
+    history.append({"kind": kind, "source": source, "parts": sorted({part_of(k) for k in mapping.tensors})})
+    meta["initialised_from"] = history
+    if base_doc is not None:
+        meta["trained_on"] = base_doc.get("trained_on")
+        meta["classes"] = base_doc.get("classes")
+    else:
+        meta["trained_on"] = trained_on
+    return model.eval(), cfg, mapping, meta
