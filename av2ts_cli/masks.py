@@ -13,6 +13,7 @@ compressed to a string), so it needs no compiled dependency and serialises strai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 from av2ts_cli.data.classes import avss_palette
 from av2ts_cli.data.images import write_png
+from av2ts_cli.files import atomic_open
+from av2ts_cli.model import foreground_probability
 
 # Upsampling a K-class score map to a 4K frame at once would need K x 33 MB; rows are done in bands of at most
 # this many float32 values (64 MB).
@@ -156,8 +159,6 @@ def frame_mask(scores: torch.Tensor, size: tuple[int, int], threshold: float) ->
     Binary models (K = 2): softmax over the two channels (``foreground_probability``), upsampled, then
     ``> threshold``. Semantic models: the argmax class of the upsampled scores (no threshold, as the official
     evaluation)."""
-    from av2ts_cli.model import foreground_probability
-
     if scores.shape[0] == 2:
         probability = upsample_probability(foreground_probability(scores), size).numpy()
         return FrameMask((probability > threshold).astype(np.uint8), probability)
@@ -196,17 +197,25 @@ def _name(class_names: Sequence[str], class_id: int) -> str:
 
 class CocoWriter:
     """Streams a COCO-style ``masks.coco.json`` (images = sampled frames, annotations = one compressed RLE per
-    frame and class present, categories = the model's classes without background) to a temp file, renamed into
-    place by ``close``. Memory stays bounded: annotations are written as they come."""
+    frame and class present, categories = the model's classes without background): ``with CocoWriter(...) as
+    coco: coco.add(...)``. The file is written to a temp beside ``path`` (``files.atomic_open``) and appears only
+    when the block ends without an exception. Memory stays bounded: annotations are written as they come."""
 
     def __init__(self, path: Path, class_names: Sequence[str], images: Sequence[dict], info: dict):
-        self.path = path
-        self.temp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-        self.file = open(self.temp, "w", encoding="utf-8")  # noqa: SIM115 (closed in close/abort)
-        categories = [{"id": i, "name": name} for i, name in enumerate(class_names) if i > 0]
-        head = json.dumps({"info": info, "categories": categories, "images": list(images)})
-        self.file.write(head[:-1] + ', "annotations": [')
+        self.path = Path(path)
+        self.categories = [{"id": i, "name": name} for i, name in enumerate(class_names) if i > 0]
+        self.images, self.info = list(images), info
         self.count = 0
+        self._stack = contextlib.ExitStack()
+        self.file = None
+
+    def __enter__(self) -> CocoWriter:
+        with contextlib.ExitStack() as stack:
+            self.file = stack.enter_context(atomic_open(self.path))
+            head = json.dumps({"info": self.info, "categories": self.categories, "images": self.images})
+            self.file.write(head[:-1] + ', "annotations": [')
+            self._stack = stack.pop_all()
+        return self
 
     def add(self, image_id: int, record: dict) -> None:
         annotation = {"id": self.count + 1, "image_id": image_id, "category_id": record["id"],
@@ -217,11 +226,9 @@ class CocoWriter:
         self.file.write(("," if self.count else "") + "\n" + json.dumps(annotation))
         self.count += 1
 
-    def close(self) -> None:
-        self.file.write("\n]}\n")
-        self.file.close()
-        os.replace(self.temp, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        self.temp.unlink(missing_ok=True)
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is not None:  # the temp is removed, the exception goes on
+            return self._stack.__exit__(*exc)
+        with self._stack:
+            self.file.write("\n]}\n")
+        return False

@@ -1,11 +1,10 @@
 """What ``train``, ``eval`` and ``predict`` share about their outputs and where they run: numbered run folders
-(``runs/<command>/exp``, ``exp2``, ...), JSON written atomically, and the ``--device`` choice."""
+(``runs/<command>/exp``, ``exp2``, ...) and the ``--device`` choice. (JSON is written atomically by
+``files.write_json``.)"""
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 from pathlib import Path
 
 import torch
@@ -25,18 +24,6 @@ def numbered_run_folder(base: str | os.PathLike, name: str = "exp") -> Path:
             return folder
         except FileExistsError:
             index += 1
-
-
-def write_json(path: Path, obj) -> Path:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
-    try:
-        temp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,27 +1,33 @@
-"""AVSBench's sampling applied to any video (data-and-metrics.md section 4): which frames, which audio, which
-windows.
+"""AVSBench's sampling applied to any video (docs/data-and-metrics.md, "Alignment"): which frames, which audio, which
+windows, and how a window's inputs are assembled.
 
 For every second k of the video, the frame shown at k + 15/16 s, paired with a 0.96 s VGGish log-mel example. T
 consecutive seconds form a window, the network's clip; the examples of a window are cut from the audio starting at
 the window's first second, exactly as the 5 s AVSBench clips were (so the 0.96 s hop drifts inside a window as it
 did in training, never across a whole video). ``fps`` F > 1 adds passes: pass j shifts every frame time and every
 audio window by -j/F s, so the frames are 1/F s apart. The last window of a pass is padded like the data was (its
-last second repeated); padded frames give no output. Second k is sampled when at least half of it exists, and a
-video shorter than that still gives one.
+last second repeated, ``avsbench.pad_by_repeating_last``); padded frames give no output. Second k is sampled when at
+least half of it exists, and a video shorter than that still gives one.
+
+The schedule is the one source of the processing order: ``Schedule.windows`` (group, then pass),
+``Schedule.group_windows`` and ``group_frames`` (what one decoding step covers), ``Schedule.window_inputs`` and
+``window_audio`` (a window's T inputs, padded), ``Schedule.real_outputs`` (a window's outputs without the padded
+slots) and ``Schedule.audio_interval`` (the audio a frame's example read).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from av2ts_cli import media
+from av2ts_cli.avsbench import EXAMPLE_SECONDS, EXAMPLE_SPAN, FRAME_OFFSET, SAMPLE_RATE, pad_by_repeating_last
 
-FRAME_OFFSET = 15 / 16  # AVSBench keeps the 16th of 16 frames in each second
-EXAMPLE_SECONDS = 0.96  # one VGGish log-mel example
-EXAMPLE_SPAN = 0.975  # seconds of audio an example reads (96 hops of 10 ms plus a 25 ms window)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,16 +56,58 @@ class Schedule:
     window: int  # T
     frames: tuple[SampledFrame, ...]  # N * F, in index (= time) order
     windows: tuple[Window, ...]  # processing order: group, then pass
+    duration: float  # seconds of the video sampled
 
     @property
     def groups(self) -> int:
         return math.ceil(self.seconds / self.window)
+
+    @property
+    def padded_frames(self) -> int:
+        """Slots of all windows that repeat the last frame of a tail window (they give no output)."""
+        return self.fps * (self.groups * self.window - self.seconds)
 
     def group_frames(self, group: int) -> tuple[SampledFrame, ...]:
         """The frames of every pass of window group ``group``: a contiguous run of indices."""
         first = group * self.window * self.fps
         last = min(self.seconds, (group + 1) * self.window) * self.fps
         return self.frames[first:last]
+
+    def group_windows(self, group: int) -> tuple[Window, ...]:
+        """The windows of window group ``group``, one per pass, in processing order."""
+        return self.windows[group * self.fps:(group + 1) * self.fps]
+
+    def completes_group(self, window: Window) -> bool:
+        """Whether ``window`` is the last of its group in processing order: after it, every frame of
+        ``group_frames(window.group)`` has its output."""
+        return window.shift == self.fps - 1
+
+    def window_inputs(self, window: Window, items: Mapping[int, T]) -> list[T]:
+        """The T inputs of ``window``: ``items[frame.index]`` of each real frame, the tail padded by repeating the
+        last one (AVSBench's padding). ``items`` maps frame indices to decoded frames, maskiges, ..."""
+        return pad_by_repeating_last([items[frame.index] for frame in window.frames], self.window)
+
+    def window_audio(self, wave: np.ndarray, window: Window):
+        """The log-mel examples [T, 96, 64] of ``window`` (``window_examples``) from ``wave`` (16 kHz mono)."""
+        return window_examples(wave, window.audio_start, len(window.frames), self.window)
+
+    def real_outputs(self, window: Window, outputs: Sequence[T]) -> list[tuple[SampledFrame, T]]:
+        """(frame, its output) for the real frames of ``window``; ``outputs`` has one item per slot (T), and the
+        padded slots of a tail window are dropped."""
+        if len(outputs) != self.window:
+            raise ValueError(f"a window has {self.window} slots, got {len(outputs)} outputs")
+        return list(zip(window.frames, outputs[:len(window.frames)], strict=True))
+
+    def audio_interval(self, frame: SampledFrame) -> tuple[float, float]:
+        """Seconds [start, end) of the audio the example paired with ``frame`` read."""
+        group, slot = divmod(frame.second, self.window)
+        start = _audio_start(group, self.window, frame.shift, self.fps) + slot * EXAMPLE_SECONDS
+        return start, start + EXAMPLE_SPAN
+
+
+def _audio_start(group: int, window: int, shift: int, fps: int) -> float:
+    """Where the audio of a window starts: its first second, moved back by its pass's shift."""
+    return group * window - shift / fps
 
 
 def sampled_seconds(duration: float) -> int:
@@ -84,8 +132,15 @@ def make_schedule(duration: float, fps: int, window: int, last_time: float | Non
         seconds = range(group * window, min(count, (group + 1) * window))
         for shift in range(fps):
             members = tuple(frames[k * fps + (fps - 1 - shift)] for k in seconds)
-            windows.append(Window(group, shift, members, group * window - shift / fps))
-    return Schedule(count, fps, window, tuple(frames), tuple(windows))
+            windows.append(Window(group, shift, members, _audio_start(group, window, shift, fps)))
+    return Schedule(count, fps, window, tuple(frames), tuple(windows), duration)
+
+
+def video_schedule(info: media.Probe, fps: int, window: int) -> Schedule:
+    """The schedule of a probed video: its video stream's duration (``video_duration``), frame times clamped to
+    half a frame interval before its end (so the last time still falls on its last frame)."""
+    duration = video_duration(info)
+    return make_schedule(duration, fps, window, duration - (0.5 / info.fps if info.fps > 0 else 1e-3))
 
 
 def video_duration(info: media.Probe) -> float:
@@ -100,9 +155,9 @@ def video_duration(info: media.Probe) -> float:
 def window_examples(wave: np.ndarray, start: float, count: int, window: int):
     """Log-mel examples [window, 96, 64] of a window: ``count`` examples of the audio from ``start`` s (silence
     before 0 and after the end of ``wave``, 16 kHz mono float32), then the last one repeated up to ``window``."""
-    import torch
+    import torch  # local: torch takes seconds to import; `av2ts --help` imports this module without it
 
-    from av2ts_cli.model.audio import SAMPLE_RATE, waveform_to_examples
+    from av2ts_cli.model.audio import waveform_to_examples  # local: the network imports torch
 
     first = round(start * SAMPLE_RATE)
     length = round(count * SAMPLE_RATE)
@@ -111,6 +166,4 @@ def window_examples(wave: np.ndarray, start: float, count: int, window: int):
     if high > low:
         segment[low - first:high - first] = wave[low:high]
     examples = waveform_to_examples(torch.from_numpy(segment), num_examples=count)
-    if count < window:
-        examples = torch.cat([examples, examples[-1:].expand(window - count, -1, -1)])
-    return examples
+    return torch.stack(pad_by_repeating_last(list(examples), window))

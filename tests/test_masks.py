@@ -109,16 +109,15 @@ def test_class_records():
 
 def test_coco_writer_streams_a_loadable_file(tmp_path):
     path = tmp_path / "masks.coco.json"
-    writer = masks.CocoWriter(path, BINARY_CLASSES, [{"id": 0, "width": 4, "height": 3}], {"description": "t"})
-    assert not path.exists()  # only the temp file while writing
     mask = np.zeros((3, 4), bool)
     mask[1, 1:3] = True
-    writer.add(0, {"id": 1, "segmentation": masks.rle_encode(mask), "pixels": 2, "bbox": [1, 1, 2, 1]})
-    writer.close()
+    with masks.CocoWriter(path, BINARY_CLASSES, [{"id": 0, "width": 4, "height": 3}], {"description": "t"}) as writer:
+        assert not path.exists()  # only the temp file while writing
+        writer.add(0, {"id": 1, "segmentation": masks.rle_encode(mask), "pixels": 2, "bbox": [1, 1, 2, 1]})
     doc = json.loads(path.read_text())
     assert doc["categories"] == [{"id": 1, "name": "sounding object"}]
     assert np.array_equal(masks.rle_decode(doc["annotations"][0]["segmentation"]), mask)
     assert [p.name for p in tmp_path.iterdir()] == ["masks.coco.json"]
-    aborted = masks.CocoWriter(tmp_path / "other.json", BINARY_CLASSES, [], {})
-    aborted.abort()
+    with pytest.raises(KeyboardInterrupt), masks.CocoWriter(tmp_path / "other.json", BINARY_CLASSES, [], {}):
+        raise KeyboardInterrupt  # an interrupted run: the temp is removed
     assert [p.name for p in tmp_path.iterdir()] == ["masks.coco.json"]

@@ -1,5 +1,6 @@
-"""av2ts predict: sampling schedule, windows, sources, outputs on real clips with the tiny model, skip/resume,
-kills, batches with bad files, the CLI in-process (CliRunner) and as a real subprocess."""
+"""av2ts predict: options, sources, outputs on real clips with the tiny model, one probe per video, skip/resume,
+kills, batches with bad files, the CLI in-process (CliRunner) and as a real subprocess. (The stream of masks:
+tests/test_predict_stream.py; output folders and writers: tests/test_predict_outputs.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +20,12 @@ from conftest import wait_until
 from PIL import Image
 from typer.testing import CliRunner
 
-from av2ts_cli import cli, media, predict, sampling, weights
+from av2ts_cli import cli, media, predict, predict_stream, weights
 from av2ts_cli.config import get_preset
 from av2ts_cli.errors import EXIT_PARTIAL, EXIT_USAGE, MediaError, UsageError
 from av2ts_cli.model import build_model
 
 runner = CliRunner()
-FPS = 25  # make_clip's default frame rate
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -91,34 +90,6 @@ def test_sources_files_folders_globs(tmp_path):
         with pytest.raises(UsageError, match=message.replace("(", r"\(")):
             predict.collect_videos([source])
 
-
-def test_output_folder_names_never_mix_two_inputs(tmp_path):
-    run_dir = tmp_path / "run"
-    (run_dir / "clip").mkdir(parents=True)
-    (run_dir / "clip" / "summary.json").write_text(json.dumps({"input": "/elsewhere/clip.mp4"}))
-    videos = [tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mov", tmp_path / "other.mp4"]
-    assert predict._folder_names(videos, run_dir) == ["clip-2", "clip-3", "other"]
-
-
-# ------------------------------------------------------------------------------------------------------- feeding
-def test_windows_carry_the_frames_shown_at_the_scheduled_times(make_clip, read_frame_index):
-    clip = make_clip("ten-seconds", duration=10.0, size=(80, 40))
-    info = media.probe(clip)
-    schedule = sampling.make_schedule(10.0, fps=2, window=4, last_time=10.0 - 0.5 / FPS)
-    wave = media.decode_audio(clip)
-    feeder = predict._WindowFeeder(clip, schedule, 64, wave, predict._Timer(), None, depth=2)
-    try:
-        windows = list(feeder)
-    finally:
-        feeder.close()
-    assert [(w.group, w.shift) for w, *_ in windows] == [(w.group, w.shift) for w in schedule.windows]
-    for window, frames, audio, maskiges in windows:
-        assert frames.shape == (4, 64, 64, 3) and audio.shape == (4, 96, 64) and maskiges is None
-        for slot in range(4):
-            frame = window.frames[min(slot, len(window.frames) - 1)]  # padded slots repeat the last second
-            assert read_frame_index(frames[slot]) == math.floor(frame.time * FPS + 1e-6)
-        assert torch.allclose(audio, sampling.window_examples(wave, window.audio_start, len(window.frames), 4))
-    assert info.duration == pytest.approx(10.0, abs=0.05)
 
 
 # --------------------------------------------------------------------------------------------- outputs on clips
@@ -406,12 +377,12 @@ def test_cli_subprocess_single_video(make_clip, tiny_checkpoint, tmp_path):
 def test_half_on_cpu_is_bf16_where_the_cpu_has_it(make_clip, tiny_checkpoint, tmp_path, monkeypatch):
     clip = make_clip("half", duration=1.0)
     fp32 = predict.run([clip], _options(tmp_path / "fp32", model=str(tiny_checkpoint), device="cpu"))
-    monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(predict_stream, "cpu_supports_bf16", lambda: True)
     half = predict.run([clip], _options(tmp_path / "bf16", model=str(tiny_checkpoint), device="cpu", half=True))
     assert half.model["precision"] == "bf16" and fp32.model["precision"] == "fp32"
     (a,), (b,) = (_lines(Path(r.videos[0].folder) / "frames.jsonl") for r in (fp32, half))
     assert a["sounding_area"] == pytest.approx(b["sounding_area"], abs=0.05)  # bf16 rounding, same masks
-    monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(predict_stream, "cpu_supports_bf16", lambda: False)
     plain = predict.make_predictor(build_model(get_preset("av2ts-tiny")), get_preset("av2ts-tiny"), ["b", "s"],
                                    "x", device="cpu", half=True)
     assert plain.precision == "fp32"  # with a warning: no native bf16
@@ -430,35 +401,26 @@ def test_cuda_half_precision_matches_cpu(make_clip, tiny_checkpoint, tmp_path):
         assert a["sounding_area"] == pytest.approx(b["sounding_area"], abs=0.05)
 
 
-def test_overlay_paths():
-    folder = Path("/runs/exp/clip")
-    assert predict._overlay_path(None, folder, "clip", batch=False) is None
-    assert predict._overlay_path("", folder, "clip", batch=True) == folder / "overlay.mp4"
-    assert predict._overlay_path("out.mp4", folder, "clip", batch=False) == Path("out.mp4")
-    assert predict._overlay_path("overlays", folder, "clip", batch=True) == Path("overlays/clip.mp4")
-    with pytest.raises(UsageError, match="several videos need a folder"):
-        predict._overlay_path("out.mp4", folder, "clip", batch=True)
+@pytest.mark.xfail(strict=True, reason="predict probes once (media.probe in predict_video), but media.iter_frames_at, "
+                   "media.iter_frames, render.render_overlay, media.encode_video and media.mux_audio take no probe "
+                   "and inspect the input again: 4 media.probe calls, 6 inspections with --overlay (issue 10)")
+def test_a_video_is_probed_once(make_clip, tiny_predictor, tmp_path, monkeypatch):
+    """The probe of a video is made once and passed on: media.probe runs once per input, and no other inspection
+    of the input (frame decoding, the overlay's frames and audio) runs ffprobe/ffmpeg -i again."""
+    clip = make_clip("probed", duration=2.0)
+    probed, inspected = [], []
+    original_probe, original_inspect = media.probe, media._inspect
 
+    def counting_probe(path, *args, **kwargs):
+        probed.append(Path(path))
+        return original_probe(path, *args, **kwargs)
 
-def test_decoding_runs_a_bounded_distance_ahead(make_clip, monkeypatch):
-    """The feeder decodes at most a few window groups ahead of the model: frames are never all held."""
-    clip = make_clip("bounded", duration=40.0, size=(32, 24), fps=5)
-    decoded = []
-    original = media.iter_frames_at
+    def counting_inspect(path, *args, **kwargs):
+        inspected.append(Path(path))
+        return original_inspect(path, *args, **kwargs)
 
-    def counting(*args, **kwargs):
-        for item in original(*args, **kwargs):
-            decoded.append(item[0])
-            yield item
-
-    monkeypatch.setattr(media, "iter_frames_at", counting)
-    schedule = sampling.make_schedule(40.0, fps=1, window=5, last_time=39.9)
-    feeder = predict._WindowFeeder(clip, schedule, 32, np.zeros(0, np.float32), predict._Timer(), None, depth=2)
-    ahead = []
-    try:
-        for consumed, _ in enumerate(feeder, 1):
-            time.sleep(0.05)  # a slow model
-            ahead.append(len(decoded) - 5 * consumed)
-    finally:
-        feeder.close()
-    assert len(decoded) == 40 and max(ahead) <= 5 * 4  # queue of 2 windows + one in hand + one being decoded
+    monkeypatch.setattr(media, "probe", counting_probe)
+    monkeypatch.setattr(media, "_inspect", counting_inspect)
+    predict.run([clip], _options(tmp_path / "run", overlay=""), predictor=tiny_predictor)
+    assert probed.count(clip) == 1
+    assert inspected.count(clip) == 1

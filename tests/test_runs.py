@@ -1,4 +1,4 @@
-"""runs.py: numbered run folders, atomic JSON, the --device choice."""
+"""runs.py: numbered run folders, the --device choice; and the atomic JSON (files.write_json) the runs write."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from av2ts_cli.errors import UsageError
-from av2ts_cli.runs import numbered_run_folder, resolve_device, write_json
+from av2ts_cli.files import write_json
+from av2ts_cli.runs import numbered_run_folder, resolve_device
 
 
 def test_run_folders_are_numbered_and_never_reused(tmp_path):

@@ -1,4 +1,5 @@
-"""AVSBench's sampling for any video: seconds sampled, frame times of shifted passes, windows, audio examples."""
+"""AVSBench's sampling for any video: seconds sampled, frame times of shifted passes, windows, the assembly of a
+window's inputs (tail padding) and outputs (padded slots dropped), audio examples."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from av2ts_cli import sampling
+from av2ts_cli.avsbench import EXAMPLE_SECONDS, EXAMPLE_SPAN, FRAME_OFFSET
 from av2ts_cli.model.audio import waveform_to_examples
 
 
@@ -31,7 +33,7 @@ def test_schedule_follows_avsbench_with_shifted_passes():
     assert [f.index for f in schedule.group_frames(1)] == list(range(10, 14))
     for window in schedule.windows:  # example s of a window reads the second its frame stands for
         for slot, frame in enumerate(window.frames):
-            assert frame.time - (window.audio_start + slot) == pytest.approx(sampling.FRAME_OFFSET, abs=1e-9)
+            assert frame.time - (window.audio_start + slot) == pytest.approx(FRAME_OFFSET, abs=1e-9)
 
 
 def test_schedule_clamps_times_into_the_video():
@@ -59,3 +61,23 @@ def test_window_examples_cut_the_audio_like_a_five_second_clip():
     assert torch.allclose(early[0], silence)
     late = sampling.window_examples(wave, 20.0, 1, 1)
     assert torch.allclose(late[0], silence)
+
+
+def test_windows_are_assembled_and_unpadded_by_the_schedule():
+    schedule = sampling.make_schedule(7.0, fps=2, window=5, last_time=6.98)
+    assert schedule.padded_frames == 2 * (2 * 5 - 7) and schedule.duration == 7.0
+    assert schedule.group_windows(1) == schedule.windows[2:4]
+    assert [schedule.completes_group(w) for w in schedule.windows] == [False, True, False, True]
+    tail = schedule.windows[2]  # seconds 5 and 6 of pass 0
+    names = {f.index: f"frame {f.index}" for f in schedule.frames}
+    assert schedule.window_inputs(tail, names) == ["frame 11", "frame 13", "frame 13", "frame 13", "frame 13"]
+    outputs = ["a", "b", "padded", "padded", "padded"]
+    assert schedule.real_outputs(tail, outputs) == [(tail.frames[0], "a"), (tail.frames[1], "b")]
+    with pytest.raises(ValueError, match="5 slots"):
+        schedule.real_outputs(tail, outputs[:2])
+    wave = np.zeros(16000 * 7, np.float32)
+    assert torch.equal(schedule.window_audio(wave, tail), sampling.window_examples(wave, 5.0, 2, 5))
+    for window in schedule.windows:  # the audio interval of a frame is its slot's example in its window
+        for slot, frame in enumerate(window.frames):
+            start = window.audio_start + slot * EXAMPLE_SECONDS
+            assert schedule.audio_interval(frame) == pytest.approx((start, start + EXAMPLE_SPAN))

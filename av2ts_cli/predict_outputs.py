@@ -1,0 +1,199 @@
+"""Where ``av2ts predict`` puts its outputs and how it writes them: the consumers of the mask stream.
+
+``MaskOutputs`` takes the (sampled frame, mask) pairs of ``predict.stream_masks`` in presentation order and writes
+each one as it comes: ``masks/NNNNNN.png``, a line of ``frames.jsonl``, the annotations of ``masks.coco.json``
+(both files atomically: they appear complete or not at all); its ``track()`` is what the overlay paints. The rest
+decides the folders: one per video, what counts as finished (``summary.json`` with the same settings and input),
+where an overlay goes and when an existing file may be replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from av2ts_cli import __version__
+from av2ts_cli.errors import UsageError
+from av2ts_cli.files import PARTIAL_MARK, atomic_open
+from av2ts_cli.masks import CocoWriter, FrameMask, class_records, write_mask_png
+from av2ts_cli.render import MaskTrack
+from av2ts_cli.sampling import SampledFrame, Schedule
+
+FORMATS = ("png", "json", "rle")
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
+                            ".mts", ".m2ts", ".3gp", ".ogv", ".gif"})
+SUMMARY_FILE, FRAMES_FILE, COCO_FILE, FAILURES_FILE = "summary.json", "frames.jsonl", "masks.coco.json", "failures.json"
+MASKS_DIR = "masks"
+DEFAULT_OVERLAY = "overlay.mp4"
+
+
+def mask_name(frame: SampledFrame) -> str:
+    """The PNG of a sampled frame, relative to the video's folder."""
+    return f"{MASKS_DIR}/{frame.index:06d}.png"
+
+
+class MaskOutputs:
+    """The per-frame writers of one video (``formats`` of ``FORMATS``): ``with MaskOutputs(...) as outputs:
+    outputs.add(frame, mask)`` for every frame of ``schedule`` in index order. Leaving the block without an
+    exception commits ``frames.jsonl`` and ``masks.coco.json``; an exception removes their temps (PNGs written so
+    far stay: each is complete, and ``summary.json`` is absent, so the video does not count as done)."""
+
+    def __init__(self, folder: Path, schedule: Schedule, class_names: Sequence[str], binary: bool,
+                 display: tuple[int, int], formats: Sequence[str]):
+        self.folder, self.schedule, self.class_names, self.binary = folder, schedule, list(class_names), binary
+        self.display, self.formats = display, tuple(formats)
+        self.sounding_frames = 0
+        self._written: list[SampledFrame] = []
+        self._stack = contextlib.ExitStack()  # the open files, replaced in __enter__
+        self._lines = None
+        self._coco: CocoWriter | None = None
+
+    def __enter__(self) -> MaskOutputs:
+        with contextlib.ExitStack() as stack:
+            if "png" in self.formats:
+                (self.folder / MASKS_DIR).mkdir(parents=True, exist_ok=True)
+            if "json" in self.formats:
+                self._lines = stack.enter_context(atomic_open(self.folder / FRAMES_FILE))
+            if "rle" in self.formats:
+                width, height = self.display
+                images = [{"id": f.index, "file_name": mask_name(f), "width": width, "height": height,
+                           "time": f.time} for f in self.schedule.frames]
+                self._coco = stack.enter_context(CocoWriter(self.folder / COCO_FILE, self.class_names, images,
+                                                            {"description": "av2ts predict", "version": __version__}))
+            self._stack = stack.pop_all()  # opened: closed by __exit__
+        return self
+
+    def add(self, frame: SampledFrame, mask: FrameMask) -> None:
+        """Write the outputs of one frame (``mask`` at display size), the next in index order."""
+        expected = len(self._written)
+        if frame.index != expected:
+            raise ValueError(f"mask {frame.index} given where mask {expected} comes next")
+        if "png" in self.formats:
+            write_mask_png(self.folder / mask_name(frame), mask, self.binary)
+        records = class_records(mask, self.class_names, rle=self._coco is not None)
+        self.sounding_frames += bool(records)
+        if self._lines is not None:
+            audio = self.schedule.audio_interval(frame)
+            line = {"index": frame.index, "time": frame.time, "second": frame.second, "pass": frame.shift,
+                    "window": frame.second // self.schedule.window, "audio": [round(t, 4) for t in audio],
+                    "sounding": bool(records), "sounding_area": round(sum(r["area"] for r in records), 6),
+                    "classes": [{k: v for k, v in r.items() if k != "segmentation"} for r in records]}
+            if "png" in self.formats:
+                line["mask"] = mask_name(frame)
+            self._lines.write(json.dumps(line) + "\n")
+        if self._coco is not None:
+            for record in records:
+                self._coco.add(frame.index, record)
+        self._written.append(frame)
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None and len(self._written) != len(self.schedule.frames):
+            missing = len(self.schedule.frames) - len(self._written)
+            error = RuntimeError(f"{missing} of {len(self.schedule.frames)} masks were never given")
+            self._stack.__exit__(RuntimeError, error, None)
+            raise error
+        return self._stack.__exit__(*exc)
+
+    @property
+    def files(self) -> list[str]:
+        """The whole-video files written (the masks folder aside)."""
+        return [name for fmt, name in (("json", FRAMES_FILE), ("rle", COCO_FILE)) if fmt in self.formats]
+
+    def track(self) -> MaskTrack:
+        """The written PNG masks and their times, in time order: what the overlay paints."""
+        if "png" not in self.formats:
+            raise UsageError("--overlay paints the PNG masks: add png to --format")
+        return MaskTrack([f.time for f in self._written], [self.folder / mask_name(f) for f in self._written])
+
+
+# ------------------------------------------------------------------------------------------------ video folders
+def input_identity(video: Path) -> dict:
+    """What identifies an input file: where it is, its size and modification time."""
+    stat = video.stat()
+    return {"input": str(video.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
+
+
+def read_summary(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(folder: Path, video: Path, settings: dict) -> bool:
+    """Whether ``folder`` holds the finished outputs of ``video`` made with ``settings``."""
+    summary = read_summary(folder)
+    if not summary or not summary.get("complete"):
+        return False
+    try:
+        identity = input_identity(video)
+    except OSError:
+        return False
+    if any(summary.get(key) != value for key, value in identity.items()) or summary.get("settings") != settings:
+        return False
+    return all((folder / name).exists() for name in summary.get("files", [])) and (
+        settings["overlay"] is None or Path(settings["overlay"]).is_file())
+
+
+def clear_outputs(folder: Path) -> None:
+    """Remove what an earlier run left (summary first: the folder stops counting as done at once)."""
+    for name in (SUMMARY_FILE, FRAMES_FILE, COCO_FILE, DEFAULT_OVERLAY):
+        (folder / name).unlink(missing_ok=True)
+    masks = folder / MASKS_DIR
+    if masks.is_dir():
+        for path in masks.iterdir():
+            if path.suffix == ".png":
+                path.unlink(missing_ok=True)
+    for path in folder.glob(f".*{PARTIAL_MARK}*"):
+        path.unlink(missing_ok=True)
+
+
+def folder_names(videos: Sequence[Path], run_dir: Path) -> list[str]:
+    """One output folder name per video: its stem, then stem-2, stem-3, ... when the stem is already used in this
+    run or a folder of that name holds another input's outputs."""
+    names, used = [], set()
+    for video in videos:
+        stem = video.stem or video.name
+        candidate, number = stem, 2
+        while True:
+            summary = read_summary(run_dir / candidate)
+            other = summary is not None and summary.get("input") != str(video.resolve())
+            if candidate not in used and not other:
+                break
+            candidate, number = f"{stem}-{number}", number + 1
+        used.add(candidate)
+        names.append(candidate)
+    return names
+
+
+def overlay_path(option: str | None, folder: Path, name: str, batch: bool) -> Path | None:
+    """Where ``--overlay`` puts a video's overlay: nowhere (None), ``folder/overlay.mp4`` (""), the file given, or
+    ``<folder given>/<name>.mp4``."""
+    if option is None:
+        return None
+    if option == "":
+        return folder / DEFAULT_OVERLAY
+    path = Path(option)
+    if path.suffix.lower() in VIDEO_SUFFIXES and not path.is_dir():
+        if batch:
+            raise UsageError(f"--overlay {option}: several videos need a folder for their overlays")
+        return path
+    return path / f"{name}.mp4"
+
+
+def check_overlay_target(overlay: Path | None, folder: Path, option: str | None, force: bool) -> None:
+    """An existing file at an explicit ``--overlay PATH`` is replaced only if an earlier run wrote it there, or
+    with ``--force``: ``predict a.mp4 --overlay b.mp4`` must not destroy b.mp4 if it was meant as a second input."""
+    if overlay is None or force or not overlay.exists() or option == "":
+        return
+    previous = read_summary(folder) or {}
+    if previous.get("overlay") != str(overlay):
+        raise UsageError(f"--overlay {overlay}: the file exists and no earlier run wrote it; pass --force to "
+                         "replace it (to predict it as well, give --overlay after the sources or as --overlay=PATH)")
+
+
+def is_video_name(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES

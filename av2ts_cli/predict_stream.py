@@ -1,0 +1,269 @@
+"""The network's side of ``av2ts predict``: a loaded model (``Predictor``) and the stream of masks it gives.
+
+``stream_masks`` yields (sampled frame, mask at display size) pairs in presentation order; the writers of
+``predict_outputs`` and the overlay consume them. Inside the stream the schedule (``sampling.Schedule``) says which
+frames and audio examples make each window, how a tail is padded and which outputs are real; a background thread
+(``WindowFeeder``) decodes the frames of one window group at a time (``media.iter_frames_at``, one sequential
+pass) and a bounded queue hands windows to the model, so memory does not grow with the length of a video. A
+frame's mask comes out as soon as every pass of its window group is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from av2ts_cli import media, weights
+from av2ts_cli.config import ModelConfig
+from av2ts_cli.console import console, warn
+from av2ts_cli.data.images import read_rgb
+from av2ts_cli.errors import DataError, UsageError
+from av2ts_cli.masks import FrameMask, frame_mask
+from av2ts_cli.runs import resolve_device
+from av2ts_cli.sampling import SampledFrame, Schedule, Window
+
+if TYPE_CHECKING:
+    from av2ts_cli.model import AV2TS
+
+DEMO_NOTE = ("Using the bundled demo model (av2ts-tiny trained on synthetic 'sounding shapes': it finds sounding "
+             "shapes, not real objects; real checkpoints come through --model and `av2ts convert`).")
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@dataclass
+class Predictor:
+    """A loaded network and how to run it."""
+
+    model: AV2TS  # eval mode, on ``device``
+    cfg: ModelConfig
+    class_names: list[str]
+    name: str  # what --model said (or "demo")
+    device: torch.device
+    precision: str  # "fp32", "fp16" (CUDA autocast) or "bf16" (CPU autocast, channels_last)
+
+    @property
+    def binary(self) -> bool:
+        return self.cfg.num_classes == 2
+
+    def segment(self, frames: np.ndarray, audio: torch.Tensor, maskiges: np.ndarray | None = None) -> torch.Tensor:
+        """frames uint8 [B, T, S, S, 3] RGB, audio [B, T, 96, 64], maskiges like frames or None -> semantic maps
+        [B, T, K, S, S] float32 on the CPU (``AV2TS.segment``)."""
+
+        def as_input(array):
+            return torch.from_numpy(array).permute(0, 1, 4, 2, 3).to(self.device, non_blocking=True)
+
+        context = contextlib.nullcontext()
+        if self.precision == "fp16":
+            context = torch.autocast("cuda", dtype=torch.float16)
+        elif self.precision == "bf16":
+            context = torch.autocast("cpu", dtype=torch.bfloat16)
+        with torch.inference_mode(), context:
+            out = self.model.segment(as_input(frames), audio.to(self.device),
+                                     None if maskiges is None else as_input(maskiges))
+        return out.float().cpu()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "preset": self.cfg.preset, "subset": self.cfg.subset,
+                "num_classes": self.cfg.num_classes, "classes": self.class_names, "input_size": self.cfg.input_size,
+                "num_frames": self.cfg.num_frames, "siam": self.cfg.siam, "device": str(self.device),
+                "precision": self.precision}
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], name: str, device: str = "auto",
+                   half: bool = False) -> Predictor:
+    """Move ``model`` to the device and pick the precision: ``half`` is fp16 autocast on CUDA, bf16 autocast with
+    channels_last on CPUs with native bf16 (otherwise fp32, with a warning)."""
+    target = resolve_device(device)
+    precision = "fp32"
+    if half and target.type == "cuda":
+        precision = "fp16"
+    elif half and cpu_supports_bf16():
+        precision = "bf16"
+        model = model.to(memory_format=torch.channels_last)
+    elif half:
+        warn("--half: this CPU has no native bf16 (AVX512-BF16 or AMX); running in fp32")
+    model = model.to(target).eval()
+    return Predictor(model, cfg, list(class_names), name, target, precision)
+
+
+def load_predictor(name: str | None, device: str = "auto", half: bool = False) -> Predictor:
+    """The model of ``--model`` (``weights.resolve_model``: a checkpoint folder or file, hf://..., a registry
+    name; None: the demo model)."""
+    if name is None:
+        console.print(DEMO_NOTE, markup=False, highlight=False, soft_wrap=True)
+        source, label = str(weights.DEMO_MODEL_DIR), "demo"
+        if not weights.DEMO_MODEL_DIR.is_dir():
+            raise UsageError(f"the bundled demo model is missing ({weights.DEMO_MODEL_DIR}); pass --model")
+    else:
+        source, label = name, name
+    model, cfg, doc = weights.resolve_model(source)
+    return make_predictor(model, cfg, doc.get("classes") or [], label, device, half)
+
+
+# -------------------------------------------------------------------------------------------------- the stream
+@dataclass
+class Timer:
+    """Seconds per stage, summed; threads add to their own stages."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - since
+        return now
+
+
+_DONE = object()
+# (window, frames uint8 [T, S, S, 3], audio examples [T, 96, 64], maskiges uint8 [T, S, S, 3] or None)
+WindowInputs = tuple[Window, np.ndarray, torch.Tensor, np.ndarray | None]
+
+
+class WindowFeeder:
+    """A background thread that decodes frames group by group and yields the ``WindowInputs`` of every window of
+    ``schedule`` in its processing order, through a queue of ``depth`` windows (so decoding runs a bounded
+    distance ahead of the model). ``wave``: the 16 kHz mono audio [S]; ``maskige_for``: a sampled frame's maskige
+    (Siam models) or None."""
+
+    def __init__(self, video: Path, schedule: Schedule, size: int, wave: np.ndarray, timer: Timer,
+                 maskige_for: Callable[[SampledFrame], np.ndarray] | None = None, depth: int = 2):
+        self.video, self.schedule, self.size, self.wave, self.timer = video, schedule, size, wave, timer
+        self.maskige_for = maskige_for
+        self.queue: queue.Queue = queue.Queue(maxsize=max(2, depth))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="av2ts-feeder", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        schedule = self.schedule
+        frames = media.iter_frames_at(self.video, [f.time for f in schedule.frames], (self.size, self.size))
+        try:
+            for group in range(schedule.groups):
+                start = time.perf_counter()
+                members = schedule.group_frames(group)
+                decoded = {frame.index: next(frames)[1] for frame in members}
+                maskiges = None if self.maskige_for is None else {f.index: self.maskige_for(f) for f in members}
+                start = self.timer.add("decode", start)
+                for window in schedule.group_windows(group):
+                    clip = np.stack(schedule.window_inputs(window, decoded))
+                    audio = schedule.window_audio(self.wave, window)
+                    window_maskiges = None if maskiges is None else np.stack(schedule.window_inputs(window, maskiges))
+                    start = self.timer.add("audio", start)
+                    if not self._put((window, clip, audio, window_maskiges)):
+                        return
+                    start = time.perf_counter()
+            self._put(_DONE)
+        except BaseException as err:  # handed to the consumer, which re-raises it in the main thread
+            self._put(err)
+        finally:
+            frames.close()
+
+    def __iter__(self) -> Iterator[WindowInputs]:
+        while True:
+            item = self.queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def _segmented_batches(feeder: WindowFeeder, predictor: Predictor, batch: int,
+                       timer: Timer) -> Iterator[tuple[list[Window], torch.Tensor]]:
+    """(windows, their semantic maps [B, T, K, S, S]) for batches of up to ``batch`` windows, in feeding order."""
+    pending: list[WindowInputs] = []
+    items = iter(feeder)
+    while True:
+        start = time.perf_counter()
+        item = next(items, None)
+        timer.add("waiting", start)
+        if item is not None:
+            pending.append(item)
+        if pending and (len(pending) == batch or item is None):
+            start = time.perf_counter()
+            maskiges = None if pending[0][3] is None else np.stack([p[3] for p in pending])
+            scores = predictor.segment(np.stack([p[1] for p in pending]), torch.stack([p[2] for p in pending]),
+                                       maskiges)
+            timer.add("model", start)
+            yield [p[0] for p in pending], scores
+            pending = []
+        if item is None:
+            return
+
+
+def stream_masks(video: Path, schedule: Schedule, predictor: Predictor, wave: np.ndarray,
+                 display: tuple[int, int], *, threshold: float = 0.5, batch: int = 1,
+                 maskige_for: Callable[[SampledFrame], np.ndarray] | None = None, timer: Timer | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> Iterator[tuple[SampledFrame, FrameMask]]:
+    """(sampled frame, its mask at ``display`` size (W, H)) for every frame of ``schedule``, in index (= time)
+    order, each as soon as every pass of its window group has been through the network.
+
+    ``wave``: the video's 16 kHz mono audio [S] (silence where it is shorter); ``threshold``: of binary models
+    (``masks.frame_mask``); ``batch``: windows per forward pass; ``maskige_for``: a frame's maskige uint8 [S, S, 3]
+    for Siam models; ``on_batch(windows)`` is called after each forward pass (progress, memory samples)."""
+    timer = timer if timer is not None else Timer()
+    feeder = WindowFeeder(video, schedule, predictor.cfg.input_size, wave, timer, maskige_for, depth=2 * batch)
+    scores: dict[int, torch.Tensor] = {}  # frame index -> semantic map [K, S, S] until its group is complete
+    try:
+        for windows, batch_scores in _segmented_batches(feeder, predictor, batch, timer):
+            ready: list[SampledFrame] = []
+            for window, window_scores in zip(windows, batch_scores, strict=True):
+                scores.update((frame.index, s) for frame, s in schedule.real_outputs(window, window_scores))
+                if schedule.completes_group(window):
+                    ready += schedule.group_frames(window.group)
+            if on_batch is not None:
+                on_batch(len(windows))
+            for frame in ready:
+                start = time.perf_counter()
+                mask = frame_mask(scores.pop(frame.index), display, threshold)
+                timer.add("writing", start)
+                yield frame, mask
+    finally:
+        feeder.close()
+    if scores:
+        raise RuntimeError(f"{len(scores)} frames of {video} never completed their window group")
+
+
+def maskige_reader(folder: Path, size: int) -> Callable[[SampledFrame], np.ndarray]:
+    """Maskige of a sampled frame: ``folder/NNNNNN.png`` (or .jpg), the mask numbering, resized to S x S."""
+    from PIL import Image  # local: only Siam models read maskiges
+
+    def read(frame: SampledFrame) -> np.ndarray:
+        for suffix in (".png", ".jpg", ".jpeg"):
+            path = folder / f"{frame.index:06d}{suffix}"
+            if path.is_file():
+                image = read_rgb(path, "maskige")
+                if image.shape[:2] != (size, size):
+                    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+                return image
+        raise DataError(folder / f"{frame.index:06d}.png", f"missing maskige for mask {frame.index} "
+                        f"(t = {frame.time:.3f} s); maskiges are numbered like the masks")
+
+    return read

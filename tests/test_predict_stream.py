@@ -1,0 +1,81 @@
+"""predict_stream.py: the windows fed to the network (frames at the scheduled times, audio, bounded read-ahead)
+and the stream of (frame, mask) pairs in presentation order."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from av2ts_cli import media, predict_stream, sampling
+from av2ts_cli.config import get_preset
+from av2ts_cli.model import build_model
+
+FPS = 25  # make_clip's default frame rate
+
+
+def test_windows_carry_the_frames_shown_at_the_scheduled_times(make_clip, read_frame_index):
+    clip = make_clip("ten-seconds", duration=10.0, size=(80, 40))
+    info = media.probe(clip)
+    schedule = sampling.video_schedule(info, fps=2, window=4)
+    assert schedule == sampling.make_schedule(10.0, fps=2, window=4, last_time=10.0 - 0.5 / FPS)
+    wave = media.decode_audio(clip)
+    feeder = predict_stream.WindowFeeder(clip, schedule, 64, wave, predict_stream.Timer(), None, depth=2)
+    try:
+        windows = list(feeder)
+    finally:
+        feeder.close()
+    assert [(w.group, w.shift) for w, *_ in windows] == [(w.group, w.shift) for w in schedule.windows]
+    for window, frames, audio, maskiges in windows:
+        assert frames.shape == (4, 64, 64, 3) and audio.shape == (4, 96, 64) and maskiges is None
+        for slot in range(4):
+            frame = window.frames[min(slot, len(window.frames) - 1)]  # padded slots repeat the last second
+            assert read_frame_index(frames[slot]) == math.floor(frame.time * FPS + 1e-6)
+        assert torch.allclose(audio, sampling.window_examples(wave, window.audio_start, len(window.frames), 4))
+    assert info.duration == pytest.approx(10.0, abs=0.05)
+
+
+def test_decoding_runs_a_bounded_distance_ahead(make_clip, monkeypatch):
+    """The feeder decodes at most a few window groups ahead of the model: frames are never all held."""
+    clip = make_clip("bounded", duration=40.0, size=(32, 24), fps=5)
+    decoded = []
+    original = media.iter_frames_at
+
+    def counting(*args, **kwargs):
+        for item in original(*args, **kwargs):
+            decoded.append(item[0])
+            yield item
+
+    monkeypatch.setattr(media, "iter_frames_at", counting)
+    schedule = sampling.make_schedule(40.0, fps=1, window=5, last_time=39.9)
+    feeder = predict_stream.WindowFeeder(clip, schedule, 32, np.zeros(0, np.float32), predict_stream.Timer(), None,
+                                         depth=2)
+    ahead = []
+    try:
+        for consumed, _ in enumerate(feeder, 1):
+            time.sleep(0.05)  # a slow model
+            ahead.append(len(decoded) - 5 * consumed)
+    finally:
+        feeder.close()
+    assert len(decoded) == 40 and max(ahead) <= 5 * 4  # queue of 2 windows + one in hand + one being decoded
+
+
+def test_the_stream_yields_every_frame_once_in_time_order(make_clip):
+    """Two passes, a padded tail window and batches that straddle window groups: each sampled frame comes out
+    once, in index order, with a mask at the display size."""
+    clip = make_clip("stream", duration=7.0, size=(40, 30))
+    info = media.probe(clip)
+    schedule = sampling.video_schedule(info, fps=2, window=5)
+    torch.manual_seed(0)
+    cfg = get_preset("av2ts-tiny")
+    predictor = predict_stream.make_predictor(build_model(cfg), cfg, ["background", "sounding"], "tiny", "cpu")
+    batches = []
+    pairs = list(predict_stream.stream_masks(clip, schedule, predictor, media.decode_audio(clip), (40, 30),
+                                             batch=3, on_batch=batches.append))
+    assert [frame for frame, _ in pairs] == list(schedule.frames)
+    assert batches == [3, 1] and len(schedule.windows) == 4
+    for _, mask in pairs:
+        assert mask.classes.shape == (30, 40) and mask.probability.shape == (30, 40)
