@@ -1,0 +1,77 @@
+"""The ``av2ts maskiges`` command: which form (dataset or videos) the options ask for, and its report lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from av2ts_cli.console import console
+from av2ts_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+
+
+def run_command(sources: list[str] | None, *, subset: str | None, data: Path | None, masks_from: Path | None,
+                out: Path | None, fps: int, generator: str | None, settings: dict, device: str, force: bool,
+                recursive: bool, as_json: bool) -> int:
+    """Run the form the options name; print the report (``as_json``: one JSON object on stdout). Returns the exit
+    code: 0, or EXIT_PARTIAL when some frames or videos failed (each named on its own line)."""
+    from av2ts_cli.maskiges.generate import GeneratorSettings
+
+    if sources:
+        if subset is not None or data is not None or masks_from is not None:
+            raise UsageError("give videos (with --out) or --subset and --data, not both")
+        if out is None:
+            raise UsageError("maskiges of videos need --out DIR (the folder predict --maskiges DIR reads)")
+        from av2ts_cli.maskiges import video
+
+        report = video.run(sources, out, generator=generator, settings=GeneratorSettings(**settings), fps=fps,
+                           device=device, force=force, recursive=recursive, progress=not as_json)
+        _print_videos(report, as_json)
+        return EXIT_PARTIAL if report["failed"] else EXIT_OK
+    if subset is None or data is None:
+        raise UsageError("give videos with --out DIR, or a dataset with --subset and --data")
+    if masks_from is not None and generator is not None:
+        raise UsageError("--masks-from and --generator exclude each other (the masks are made already)")
+    if out is not None:
+        raise UsageError("--out is for videos; dataset maskiges go to the dataset's pre_SAM_mask/ folder")
+    from av2ts_cli.data.layout import check_subset
+    from av2ts_cli.maskiges import dataset
+
+    check_subset(subset)
+    report = dataset.pregenerate(subset, data, masks_from=masks_from, generator=generator,
+                                 settings=None if masks_from else GeneratorSettings(**settings), device=device,
+                                 force=force, progress=not as_json)
+    _print_dataset(report, as_json)
+    return EXIT_PARTIAL if report["failed"] else EXIT_OK
+
+
+def _line(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_dataset(report: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    prefix = f"[rank {report['rank']}/{report['world_size']}] " if report["world_size"] > 1 else ""
+    for failure in report["failed"]:
+        _line(f"{prefix}failed: {failure['error']}")
+    per_frame = report["seconds_per_written_frame"]
+    speed = f", {per_frame:.3f} s/frame" if per_frame is not None else ""
+    shard = f" of this process's {report['frames']} (all processes: {report['total_frames']})" \
+        if report["world_size"] > 1 else f" of {report['frames']} frames"
+    _line(f"{prefix}{report['written']} maskiges written, {report['skipped']} already there, "
+          f"{len(report['failed'])} failed{shard} in {report['seconds']:.1f} s{speed}")
+    _line(f"{prefix}Maskiges in {report['out']} (made by {report['source']}; record: {report['provenance']})")
+
+
+def _print_videos(report: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    for result in report["videos"]:
+        _line(f"{Path(result['input']).name}: {result['frames']} maskiges ({result['written']} made, "
+              f"{result['skipped']} already there) in {result['seconds']:.1f} s")
+    for failure in report["failed"]:
+        _line(f"failed: {failure['error']}")
+    _line(f"Maskiges saved to {report['out']} (predict --maskiges {report['out']})")

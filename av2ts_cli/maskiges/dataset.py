@@ -1,0 +1,224 @@
+"""``av2ts maskiges --subset ... --data ROOT``: the ``pre_SAM_mask/`` maskiges of an AVSBench-layout dataset.
+
+Every frame's maskige goes exactly where ``av2ts_cli.data.layout`` (and so ``train`` and ``eval``) reads it:
+``s4_data/pre_SAM_mask/<split>/<category>/<video>/<frame>_mask_color.png``, ``ms3_data/pre_SAM_mask/<video>/...``,
+``AVSBench_semantic/pre_SAM_mask/AVSBench_semantic/<label>/<uid>/processed_frames/<i>_mask_color.png``. The masks
+come from ``--masks-from DIR`` (``sources``) or from a SAM-family generator (``generate``).
+
+Resumable: a frame whose maskige exists is skipped (each file is written atomically, so an existing one is
+whole). ``pre_SAM_mask.json`` beside ``pre_SAM_mask/`` records what made the maskiges (generator, revision,
+settings, or the masks folder); a run with another source refuses to mix its maskiges with those unless
+``--force`` (which remakes every frame), and so does a run that finds maskiges but no record (COMBO's published
+ones, ``av2ts data synth``'s). Under torchrun each process takes the frames ``rank::world_size`` of the one frame
+list (split, CSV and frame order), so every frame is written by exactly one process; rank 0 writes the record and
+shows the progress. A frame whose masks or picture cannot be read is reported (one line naming the file) and the
+others go on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from av2ts_cli import __version__, files
+from av2ts_cli.data.layout import DATA_FOLDERS, SPLITS, Video, list_videos, read_metadata, resolve_root
+from av2ts_cli.errors import DataError, UsageError
+from av2ts_cli.maskiges.render import MAX_ID, write_maskige
+
+MASKIGE_FOLDER = "pre_SAM_mask"
+PROVENANCE_FILE = "pre_SAM_mask.json"
+RENDERER = (f"COMBO mask_precess: ascending area rank (stable for ties), smaller mask wins, ADE20K palette, ids "
+            f"capped at {MAX_ID}; S4/MS3 224x224 nearest, AVSS fitted to 224x224 (train: short side + centre crop)")
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    video: Video
+    index: int
+
+    @property
+    def target(self) -> Path:
+        return self.video.maskiges[self.index]
+
+
+def maskige_root(root: Path, subset: str) -> Path:
+    """``pre_SAM_mask/`` of a subset folder (``resolve_root``)."""
+    return (root if subset == "avss" else root / DATA_FOLDERS[subset]) / MASKIGE_FOLDER
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) outside it."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK {rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE {world})")
+    return rank, world, local
+
+
+def frame_jobs(root: Path, subset: str, splits: tuple[str, ...] = SPLITS) -> list[FrameJob]:
+    """Every frame of the splits the metadata has, in split, CSV and frame order (the order shards are cut from)."""
+    present = {split for _, split, _ in read_metadata(root, subset)}
+    jobs = []
+    for split in splits:
+        if split in present:
+            jobs += [FrameJob(video, i) for video in list_videos(root, subset, split) for i in range(video.num_frames)]
+    return jobs
+
+
+def _identity(record: dict) -> dict:
+    """The part of a provenance record that says whether two runs make the same maskiges."""
+    if record.get("source") == "masks-from":
+        return {"source": "masks-from", "masks_from": record.get("masks_from")}
+    keys = ("repo", "revision", "model_type", "settings") if record.get("repo") else \
+        ("generator", "model_type", "settings")
+    return {"source": record.get("source"), **{k: record.get(k) for k in keys}}
+
+
+def _read_record(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"unreadable provenance record: {err}") from None
+
+
+class _Masks:
+    """Where a frame's masks come from: the ``--masks-from`` files, or the generator (loaded on first use, so a
+    run that finds every frame done loads nothing)."""
+
+    def __init__(self, subset: str, masks_from, generator, settings, device: str):
+        from av2ts_cli.maskiges.sources import MaskSource
+
+        self.source = MaskSource(masks_from, subset) if masks_from is not None else None
+        self.spec, self.settings, self.device = generator, settings, device
+        self._generator = None
+
+    def record(self) -> dict:
+        if self.source is not None:
+            return {"source": "masks-from", "masks_from": str(self.source.folder.resolve()), "generator": None}
+        from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings, resolve_generator
+
+        if self.spec is not None and not isinstance(self.spec, (str, os.PathLike)):
+            return {"source": "generator", **self.spec.describe()}  # an already loaded MaskGenerator
+        resolved = resolve_generator(self.spec or DEFAULT_GENERATOR)
+        config = _read_json(resolved.folder / "config.json")
+        return {"source": "generator", "generator": resolved.source, "repo": resolved.repo,
+                "revision": resolved.revision, "model_type": config.get("model_type"),
+                "settings": (self.settings or GeneratorSettings()).to_dict()}
+
+    def generator(self):
+        if self._generator is None:
+            from av2ts_cli.maskiges.generate import MaskGenerator
+
+            self._generator = self.spec if isinstance(self.spec, MaskGenerator) else \
+                MaskGenerator(self.spec, self.settings, self.device)
+        return self._generator
+
+    def __call__(self, job: FrameJob):
+        from av2ts_cli.data.images import image_header, read_rgb
+
+        if self.source is not None:
+            return self.source.load(job.video, job.index, image_header(job.video.frames[job.index]))
+        return self.generator().generate(read_rgb(job.video.frames[job.index]))
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"unreadable: {err}") from None
+
+
+def _device_for(device: str, local_rank: int, world: int) -> str:
+    """torchrun with CUDA: one GPU per process (cuda:LOCAL_RANK)."""
+    if world > 1 and device in ("cuda", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathLike | None = None,
+                generator=None, settings=None, device: str = "auto", force: bool = False,
+                splits: tuple[str, ...] = SPLITS, progress: bool = True) -> dict:
+    """Write the maskiges of every frame of this process's shard (see the module docstring). ``generator``: an
+    ``hf://`` reference, a folder, a loaded ``MaskGenerator`` or None (the default model); ignored with
+    ``masks_from``. Returns {"subset", "out", "provenance", "source", "rank", "world_size", "frames" (this
+    shard), "total_frames", "written", "skipped", "failed": [{"path", "error"}], "seconds",
+    "seconds_per_written_frame"}."""
+    started = time.perf_counter()
+    rank, world, local_rank = distributed()
+    root = resolve_root(data, subset)
+    out = maskige_root(root, subset)
+    record_path = out.parent / PROVENANCE_FILE
+    masks = _Masks(subset, masks_from, generator, settings, _device_for(device, local_rank, world))
+    record = {"made_by": f"av2ts {__version__} maskiges", **masks.record(), "renderer": RENDERER}
+    previous = _read_record(record_path)
+    changed = previous is not None and _identity(previous) != _identity(record)
+    if changed and not force:
+        raise UsageError(f"{out}: its maskiges were made by {_describe(previous)}, this run uses "
+                         f"{_describe(record)}; pass --force to remake every frame (or another --data)")
+    jobs = frame_jobs(root, subset, splits)
+    shard = jobs[rank::world]
+    if rank == 0:  # the others would race with rank 0's first files
+        existing = sum(job.target.exists() for job in jobs) if previous is None and not force else 0
+        if existing:
+            raise UsageError(f"{out}: {existing} maskiges of unknown origin (no {PROVENANCE_FILE}); pass --force "
+                             "to remake every frame rather than mix them with this run's")
+        if previous is None or changed or force:
+            files.write_json(record_path, record)
+    report = {"subset": subset, "out": str(out), "provenance": str(record_path), "source": _describe(record),
+              "rank": rank, "world_size": world, "frames": len(shard), "total_frames": len(jobs), "written": 0,
+              "skipped": 0, "failed": []}
+
+    # local: the console pulls in rich's progress machinery; only this command needs it
+    from av2ts_cli.console import make_progress
+
+    bar = make_progress() if progress and rank == 0 else None
+    task = bar.add_task(f"maskiges · {subset}", total=len(shard)) if bar else None
+    generate_time = 0.0
+    try:
+        if bar:
+            bar.start()
+        for job in shard:
+            if job.target.exists() and not force:
+                report["skipped"] += 1
+            else:
+                start = time.perf_counter()
+                try:
+                    write_maskige(job.target, masks(job), subset, train=job.video.split == "train")
+                    report["written"] += 1
+                    generate_time += time.perf_counter() - start
+                except DataError as err:
+                    report["failed"].append({"path": err.path, "error": err.message})
+            if bar:
+                bar.advance(task)
+    finally:
+        if bar:
+            bar.stop()
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["seconds_per_written_frame"] = round(generate_time / report["written"], 4) if report["written"] else None
+    return report
+
+
+def _describe(record: dict) -> str:
+    if record.get("source") == "masks-from":
+        return f"the masks in {record.get('masks_from')}"
+    revision = f" at {record['revision'][:12]}" if record.get("revision") else ""
+    return f"{record.get('repo') or record.get('generator')}{revision} ({record.get('model_type')}, " \
+           f"{_settings_text(record.get('settings') or {})})"
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items())

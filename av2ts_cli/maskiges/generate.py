@@ -1,0 +1,265 @@
+"""Automatic class-agnostic masks from a SAM-family model of ``transformers`` (the optional ``av2ts[sam]`` extra).
+
+COMBO made its maskiges with Semantic-SAM (Swin-L, granularity level 3), which is not pip-installable; the
+``transformers`` models are the nearest ones a user can install: SAM (``SamModel``, default
+``hf://facebook/sam-vit-base`` at a pinned commit) and SAM-HQ (``SamHQModel``). The settings default to COMBO's
+Semantic-SAM run, not to the ``transformers`` pipeline's (stability 0.95, no small-region clean-up).
+
+One frame: the image encoder runs once; a grid of ``points_per_side`` x ``points_per_side`` single-point prompts
+goes through the prompt encoder and mask decoder ``points_per_batch`` at a time, three masks per point. Masks whose
+predicted IoU passes ``pred_iou_thresh`` are upscaled to the frame (the processor's ``post_process_masks``), then
+filtered on stability and deduplicated by box NMS (the processor's ``filter_masks`` and
+``post_process_for_mask_generation``). Last, as SAM's automatic generator with ``min_mask_region_area``, holes and
+islands under ``min_region`` pixels are removed, and a second box NMS prefers the masks that clean-up left as they
+were. Filtering on IoU before upscaling gives the same masks as the processor's order (the IoU test does not depend
+on the resolution) and upscales only the survivors: at 1920 x 1080 a batch of 64 points is 1.6 GB of float masks.
+
+Weights come only through huggingface_hub and its cache (``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``), as
+safetensors; a local folder written by ``save_pretrained`` (model and image processor) is accepted too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
+
+DEFAULT_REPO = "facebook/sam-vit-base"
+DEFAULT_REVISION = "70c1a07f894ebb5b307fd9eaaee97b9dfc16068f"  # main on 2026-08-10 (Apache-2.0, 375 MB)
+DEFAULT_GENERATOR = f"hf://{DEFAULT_REPO}@{DEFAULT_REVISION}"
+INSTALL_HINT = "pip install 'av2ts[sam]'"
+SUPPORTED_TYPES = ("sam", "sam_hq")  # model_type of config.json -> SamModel, SamHQModel
+MODEL_FILES = ["*.json", "*.safetensors"]  # config, image processor, weights (never pickled .bin weights)
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """Automatic-mask settings; the defaults are COMBO's Semantic-SAM run (``points_per_batch`` only trades speed
+    for memory: the masks do not depend on it)."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.92
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    min_region: int = 10  # pixels; holes and islands smaller than this are removed (0: off)
+    mask_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.points_per_side < 1 or self.points_per_batch < 1:
+            raise UsageError("--points-per-side and --points-per-batch must be at least 1")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.min_region < 0:
+            raise UsageError(f"--min-region must be >= 0, got {self.min_region}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def import_transformers():
+    """The ``transformers`` module, or one line saying how to install the extra."""
+    try:
+        import transformers
+    except ImportError:
+        raise Av2tsError(f"automatic maskiges need the transformers package: {INSTALL_HINT}") from None
+    return transformers
+
+
+@dataclass(frozen=True)
+class ResolvedGenerator:
+    folder: Path  # holds config.json, preprocessor_config.json, the safetensors weights
+    source: str  # what the user gave
+    repo: str | None  # owner/name for hub models
+    revision: str | None  # the commit the cache resolved (hub), None for a local folder
+
+
+def resolve_generator(spec: str | os.PathLike | None) -> ResolvedGenerator:
+    """``hf://owner/repo[@revision][/subfolder]`` through the huggingface_hub cache, or a local folder."""
+    spec = str(spec) if spec is not None else DEFAULT_GENERATOR
+    if not spec.startswith("hf://"):
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise CheckpointError(folder, "no such generator folder (expected hf://owner/repo[@revision] or a folder "
+                                          "written by transformers' save_pretrained)")
+        return ResolvedGenerator(folder, spec, None, None)
+    # local: weights.py imports torch and safetensors; only hub references need its parser
+    from av2ts_cli.weights import parse_hub_ref
+
+    ref = parse_hub_ref(spec)
+    folder = _snapshot(ref.repo_id, ref.revision, ref.subfolder, spec)
+    commit = folder.name if len(folder.name) == 40 else None
+    if ref.subfolder:
+        folder = folder / ref.subfolder
+    return ResolvedGenerator(folder, spec, ref.repo_id, commit)
+
+
+def _snapshot(repo_id: str, revision: str | None, subfolder: str | None, label: str) -> Path:
+    # local: huggingface_hub takes ~0.3 s to import; only hub references need it
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    revision = revision or "main"
+    patterns = [f"{subfolder}/{p}" for p in MODEL_FILES] if subfolder else MODEL_FILES
+    prefetch = f"hf download {repo_id} --revision {revision} --include " + " ".join(f"'{p}'" for p in patterns)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error of the CLI
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except hub_errors.RepositoryNotFoundError:
+        reason = "repository not found on the Hugging Face Hub (or private/gated: log in with `hf auth login`)"
+    except hub_errors.RevisionNotFoundError:
+        reason = f"revision {revision!r} not found in the repository"
+    except hub_errors.LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        reason = (f"{repo_id} (revision {revision}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
+                  f"{why}; prefetch it once online with `{prefetch}`")
+    except hub_errors.HfHubHTTPError as err:
+        reason = f"Hugging Face Hub error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    except OSError as err:
+        reason = f"could not download the model: {type(err).__name__}: {err}"
+    finally:
+        hub_logger.setLevel(level)
+    raise CheckpointError(label, reason)
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available")
+    return device
+
+
+class MaskGenerator:
+    """A loaded SAM-family model and its image processor; ``generate`` gives a frame's masks."""
+
+    def __init__(self, spec: str | os.PathLike | None = None, settings: GeneratorSettings | None = None,
+                 device: str = "auto"):
+        transformers = import_transformers()
+        import torch
+
+        self.settings = settings or GeneratorSettings()
+        self.resolved = resolve_generator(spec)
+        self.device = torch.device(pick_device(device))
+        folder = self.resolved.folder
+        for name in ("config.json", "preprocessor_config.json"):
+            if not (folder / name).is_file():
+                raise CheckpointError(folder / name, "missing: a generator folder needs the model and its image "
+                                                     "processor (save_pretrained of both)")
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its load reports would break the CLI's output
+        transformers.logging.disable_progress_bar()
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder)
+            if config.model_type not in SUPPORTED_TYPES:
+                raise UsageError(f"{self.resolved.source}: a {config.model_type!r} model; automatic maskiges support "
+                                 f"{', '.join(SUPPORTED_TYPES)} (SamModel, SamHQModel)")
+            model_class = transformers.SamModel if config.model_type == "sam" else transformers.SamHQModel
+            self.model = model_class.from_pretrained(folder, use_safetensors=True).to(self.device).eval()
+            self.processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(self.resolved.source, f"cannot load the model: {str(err).splitlines()[0]}") \
+                from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+            transformers.logging.enable_progress_bar()
+        self.model_type = config.model_type
+        size = self.processor.size  # SAM: {"longest_edge": 1024}; the point grid is scaled to it
+        self.target_size = int(size.get("longest_edge", size.get("height")))
+
+    def describe(self) -> dict:
+        """What made the masks (the provenance record)."""
+        return {"generator": self.resolved.source, "repo": self.resolved.repo, "revision": self.resolved.revision,
+                "model_type": self.model_type, "settings": self.settings.to_dict()}
+
+    def generate(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] RGB -> bool (N, H, W) masks, N >= 0, in the order the last NMS kept them."""
+        import torch
+
+        s = self.settings
+        h, w = image.shape[:2]
+        with torch.inference_mode():
+            inputs = self.processor(images=image, return_tensors="pt")
+            pixel_values = inputs["pixel_values"].to(self.device, self.model.dtype)
+            embeddings = self.model.get_image_embeddings(pixel_values)
+            prompt = {"image_embeddings": embeddings}
+            if isinstance(embeddings, tuple):  # SAM-HQ: (embeddings, intermediate ViT features)
+                prompt = {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
+            crop_boxes, points, _, labels = self.processor.generate_crop_boxes(
+                image, self.target_size, crop_n_layers=0, points_per_crop=s.points_per_side, device=self.device)
+            rles, scores, boxes = [], [], []
+            for start in range(0, points.shape[1], s.points_per_batch):
+                out = self.model(input_points=points[:, start:start + s.points_per_batch],
+                                 input_labels=labels[:, start:start + s.points_per_batch],
+                                 multimask_output=True, **prompt)
+                low = out.pred_masks[0].flatten(0, 1).float()  # [points * 3, h', w'] logits
+                iou = out.iou_scores[0].flatten(0, 1).float()  # [points * 3]
+                keep = iou > s.pred_iou_thresh if s.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+                if not keep.any():
+                    continue
+                masks = self.processor.post_process_masks(
+                    [low[keep][:, None]], inputs["original_sizes"].tolist(),
+                    reshaped_input_sizes=inputs["reshaped_input_sizes"].tolist(), binarize=False)[0]
+                batch_rles, batch_scores, batch_boxes = self.processor.filter_masks(
+                    masks, iou[keep][:, None], (h, w), crop_boxes[0], s.pred_iou_thresh,
+                    s.stability_score_thresh, s.mask_threshold, s.stability_score_offset)
+                rles += batch_rles
+                scores.append(batch_scores.cpu())
+                boxes.append(batch_boxes.cpu())
+            if not rles:
+                return np.zeros((0, h, w), dtype=bool)
+            masks, _, _, _ = self.processor.post_process_for_mask_generation(
+                rles, torch.cat(scores), torch.cat(boxes), s.box_nms_thresh)
+        stacked = np.stack([np.asarray(m, dtype=bool) for m in masks])
+        return remove_small_regions(stacked, s.min_region, s.box_nms_thresh)
+
+
+def _clean(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """One bool [H, W] mask without holes and islands under ``min_area`` pixels (8-connectivity); if every island
+    is small, the largest stays."""
+    import cv2
+
+    out = mask.copy()
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=8)
+    small = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] < min_area]
+    if small:
+        out |= np.isin(labels, small)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(out.astype(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    small = [i + 1 for i, area in enumerate(areas) if area < min_area]
+    if small:
+        keep = [i + 1 for i, area in enumerate(areas) if area >= min_area] or [int(np.argmax(areas)) + 1]
+        out = np.isin(labels, keep)
+    return out
+
+
+def remove_small_regions(masks: np.ndarray, min_area: int, nms_thresh: float) -> np.ndarray:
+    """bool (N, H, W) -> each mask cleaned (``_clean``), then box NMS at ``nms_thresh`` scoring unchanged masks 1
+    and changed ones 0 (as SAM's automatic generator), empty masks dropped. ``min_area`` 0: unchanged."""
+    if min_area <= 0 or len(masks) == 0:
+        return masks
+    import torch
+    from torchvision.ops import batched_nms, masks_to_boxes
+
+    cleaned = [_clean(mask, min_area) for mask in masks]
+    unchanged = [float(np.array_equal(c, m)) for c, m in zip(cleaned, masks, strict=True)]
+    kept = [i for i, c in enumerate(cleaned) if c.any()]
+    if not kept:
+        return np.zeros((0, *masks.shape[1:]), dtype=bool)
+    stacked = np.stack([cleaned[i] for i in kept])
+    boxes = masks_to_boxes(torch.from_numpy(stacked)).float()
+    scores = torch.tensor([unchanged[i] for i in kept])
+    keep = batched_nms(boxes, scores, torch.zeros(len(kept), dtype=torch.int64), nms_thresh)
+    return stacked[keep.numpy()]

@@ -1,0 +1,125 @@
+"""``av2ts maskiges clip.mp4 ... --out DIR``: the maskiges of exactly the frames ``predict`` samples.
+
+Per video, ``DIR/<name>/NNNNNN.png``: the frame shown at the time of mask NNNNNN (``sampling.video_schedule``, the
+schedule ``predict`` runs with the same ``--fps``), an indexed 224 x 224 maskige (COMBO's S4 form), where
+``predict --maskiges DIR`` reads it. ``<name>`` is the folder name ``predict`` gives the video in a fresh run
+(its stem; stem-2, ... for repeated stems). ``maskiges.json`` beside the pictures records the video, ``--fps``,
+the generator, its revision and settings; a re-run with the same ones skips the pictures that exist, and with
+other ones remakes them all. Frames are decoded at the video's own size (SAM resizes to its 1024 input; the
+224 x 224 squash comes after the masks, as COMBO's resize of its id maps).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from av2ts_cli import __version__, files, media
+from av2ts_cli.errors import Av2tsError
+from av2ts_cli.maskiges.dataset import RENDERER
+from av2ts_cli.maskiges.render import write_maskige
+from av2ts_cli.sampling import video_schedule
+
+RECORD_FILE = "maskiges.json"
+
+
+def _video_identity(video: Path) -> dict:
+    stat = video.stat()
+    return {"input": str(video.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
+
+
+def _same_run(previous: dict | None, record: dict) -> bool:
+    keys = ("input", "input_bytes", "input_mtime_ns", "fps", "repo", "revision", "generator", "model_type",
+            "settings")
+    return previous is not None and all(previous.get(k) == record.get(k) for k in keys)
+
+
+def _read_record(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no record, or a broken one: the folder's pictures are remade
+
+
+def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bool = False,
+                   on_start=None, on_frame=None) -> dict:
+    """The maskiges of one video into ``folder``; ``generator``: a loaded ``MaskGenerator``. Returns {"input",
+    "folder", "frames", "written", "skipped", "seconds"}. Progress: ``on_start(frames to make)``, then
+    ``on_frame()`` after each."""
+    started = time.perf_counter()
+    info = media.probe(video)
+    schedule = video_schedule(info, fps, 1)
+    record = {"made_by": f"av2ts {__version__} maskiges", **_video_identity(video), "fps": fps,
+              **generator.describe(), "renderer": RENDERER, "frames": len(schedule.frames),
+              "times": [frame.time for frame in schedule.frames], "complete": False}
+    record_path = folder / RECORD_FILE
+    reuse = not force and _same_run(_read_record(record_path), record)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not reuse:
+        for old in folder.glob("[0-9]" * 6 + ".png"):
+            old.unlink(missing_ok=True)
+    files.write_json(record_path, record)
+    needed = [f for f in schedule.frames if not (reuse and (folder / f"{f.index:06d}.png").is_file())]
+    written = 0
+    if on_start is not None:
+        on_start(len(needed))
+    if needed:
+        # iter_frames_at yields in ascending time; the schedule's times ascend with the index, and sorted()
+        # keeps equal (clamped) times in index order, so the pairs line up
+        frames = sorted(needed, key=lambda f: f.time)
+        decoded = media.iter_frames_at(video, [f.time for f in frames])
+        try:
+            for frame, (_, rgb) in zip(frames, decoded, strict=True):
+                write_maskige(folder / f"{frame.index:06d}.png", generator.generate(rgb), "s4")
+                written += 1
+                if on_frame is not None:
+                    on_frame()
+        finally:
+            decoded.close()
+    files.write_json(record_path, {**record, "complete": True})
+    return {"input": str(video), "folder": str(folder), "frames": len(schedule.frames), "written": written,
+            "skipped": len(schedule.frames) - written, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=None, settings=None, fps: int = 1,
+        device: str = "auto", force: bool = False, recursive: bool = False, progress: bool = True) -> dict:
+    """The maskiges of every video of ``sources`` (files, folders, globs as ``predict`` takes them) under
+    ``out``. One failing video is reported and the others go on. Returns {"out", "videos": [...], "failed":
+    [{"input", "error"}], "generator": {...}, "seconds"}."""
+    # local: predict's modules pull in its output writers; only the video form needs their naming rules
+    from av2ts_cli.console import make_progress
+    from av2ts_cli.maskiges.generate import MaskGenerator
+    from av2ts_cli.predict import collect_videos
+    from av2ts_cli.predict_outputs import folder_names
+
+    started = time.perf_counter()
+    out = Path(out)
+    videos = collect_videos(sources, recursive)
+    names = folder_names(videos, out)
+    model = generator if isinstance(generator, MaskGenerator) else MaskGenerator(generator, settings, device)
+    report = {"out": str(out), "videos": [], "failed": [], "generator": model.describe()}
+    bar = make_progress() if progress else None
+    try:
+        if bar:
+            bar.start()
+        task = bar.add_task("maskiges", total=None) if bar else None
+        for video, name in zip(videos, names, strict=True):
+            try:
+                result = video_maskiges(
+                    video, out / name, model, fps=fps, force=force,
+                    on_start=(lambda n, v=video: bar.update(task, description=f"maskiges · {v.name}", completed=0,
+                                                            total=n)) if bar else None,
+                    on_frame=(lambda: bar.advance(task)) if bar else None)
+                report["videos"].append(result)
+            except (Av2tsError, OSError) as err:
+                reason = err.message if isinstance(err, Av2tsError) else f"{video}: {err.strerror or err}"
+                report["failed"].append({"input": str(video), "error": reason})
+    finally:
+        if bar:
+            bar.stop()
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
