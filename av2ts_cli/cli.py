@@ -177,6 +177,53 @@ def overlay(
                   f"{sound})", highlight=False, soft_wrap=True)
 
 
+@app.command(rich_help_panel="Data")
+@_reported
+def maskiges(
+    sources: Annotated[list[str] | None, typer.Argument(help="Videos, folders or globs (with --out); none for a "
+                                                        "dataset (--subset, --data).", show_default=False)] = None,
+    subset: Annotated[str | None, typer.Option("--subset", help="s4, ms3 or avss: the dataset form.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The dataset root or the subset's folder; maskiges go "
+                                              "to its pre_SAM_mask/.")] = None,
+    masks_from: Annotated[Path | None, typer.Option("--masks-from", help="COMBO's step-1 masks (<frame>_mask.npy "
+                                                    "mirroring the frame folders) instead of a generator.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Videos: DIR/<video>/NNNNNN.png, what predict "
+                                             "--maskiges DIR reads.")] = None,
+    fps: Annotated[int, typer.Option("--fps", min=1, help="Videos: masks per second, as predict's --fps.")] = 1,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Videos: also search subfolders.")] = False,
+    generator: Annotated[str | None, typer.Option("--generator", "-g", help="hf://owner/repo\\[@rev] or a "
+                                                  "save_pretrained folder (default: SAM ViT-B, pinned).")] = None,
+    points_per_side: Annotated[int | None, typer.Option("--points-per-side", min=1, help="Point grid side "
+                                                        "(default 32).")] = None,
+    points_per_batch: Annotated[int | None, typer.Option("--points-per-batch", min=1, help="Points per decoder "
+                                                         "call: memory vs speed (default 64).")] = None,
+    pred_iou_thresh: Annotated[float | None, typer.Option("--pred-iou-thresh", min=0.0, max=1.0, help="Predicted-"
+                                                          "IoU threshold (default 0.88).")] = None,
+    stability_thresh: Annotated[float | None, typer.Option("--stability-thresh", min=0.0, max=1.0, help="Stability "
+                                                           "score threshold (default 0.92).")] = None,
+    box_nms_thresh: Annotated[float | None, typer.Option("--box-nms-thresh", min=0.0, max=1.0, help="Box NMS IoU "
+                                                         "(default 0.7).")] = None,
+    min_region: Annotated[int | None, typer.Option("--min-region", min=0, help="Remove holes and islands under N "
+                                                   "px (default 10; 0 off).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per "
+                                        "process).")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Remake maskiges that exist.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Make maskiges for the Siam encoder (COMBO's recipe) from SAM masks or --masks-from: a dataset or videos."""
+    # local: the maskiges package (and transformers behind it) only loads for this command
+    from av2ts_cli.maskiges.command import run_command
+
+    settings = {k: v for k, v in (("points_per_side", points_per_side), ("points_per_batch", points_per_batch),
+                                  ("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_thresh),
+                                  ("box_nms_thresh", box_nms_thresh), ("min_region", min_region)) if v is not None}
+    code = run_command(sources, subset=subset, data=data, masks_from=masks_from, out=out, fps=fps,
+                       generator=generator, settings=settings, device=device, force=force, recursive=recursive,
+                       as_json=as_json)
+    if code:
+        raise typer.Exit(code)
+
+
 # --------------------------------------------------------------------------------------------------- diagnostics
 @app.command(rich_help_panel="Diagnostics")
 @_reported
