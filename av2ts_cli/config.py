@@ -20,6 +20,7 @@ SUBSET_CLASSES = {"s4": 2, "ms3": 2, "avss": 71}
 EXAMPLE_FRAMES = 96
 MEL_BANDS = 64
 AUDIO_STAGES = 4  # CED tokens + the three temporal blocks: each stage gives one set of audio queries
+FAMILIES = ("av2ts", "combo")  # the top-level networks av2ts builds (ModelConfig.family)
 
 
 @dataclass
@@ -28,7 +29,6 @@ class LossConfig:
 
     class_weight: float = 2.0
     mask_weight: float = 5.0
-FAMILIES = ("av2ts", "combo")  # the top-level networks av2ts builds (ModelConfig.family)
     dice_weight: float = 5.0
     cosine_weight: float = 10.0  # inter-frame consistency loss on the middle masks
     no_object_weight: float = 0.1
@@ -43,6 +43,7 @@ class ModelConfig:
     """Everything needed to build an AV2TS network (``av2ts_cli.model.build_model``)."""
 
     preset: str = "av2ts-r50"
+    family: str = "av2ts"  # av2ts | combo: which top-level network (model/av2ts.py, model/combo.py) builds
     subset: str = "s4"  # s4 | ms3 | avss
     num_classes: int = 2  # K, background included (the no-object class is extra)
     num_frames: int = 5  # T, frames per clip (the window); the network itself accepts any T
@@ -51,7 +52,6 @@ class ModelConfig:
 
     # visual backbone: a timm model with features at strides 4, 8, 16, 32
     backbone: str = "resnet50"
-    family: str = "av2ts"  # av2ts | combo: which top-level network (model/av2ts.py, model/combo.py) builds
     backbone_out_indices: tuple[int, ...] = (1, 2, 3, 4)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments
     frozen_bn: bool = True  # detectron2 FrozenBN (pretrained backbones); False trains BatchNorm as usual
@@ -70,6 +70,13 @@ class ModelConfig:
 
     hidden_dim: int = 256  # width of everything after the backbones
 
+    # COMBO only (family "combo", docs/model.md 'COMBO'): frozen VGGish (its output width is audio_dim, 128),
+    # bilateral fusion with audio_dim-wide audio, an audio MLP to hidden_dim, learned queries
+    vggish_widths: tuple[int, ...] = (64, 128, 256, 256, 512, 512)  # the six 3x3 convs
+    vggish_hidden: int = 4096  # the two hidden linear layers of VGGish
+    audio_mlp_dim: int = 4096  # hidden width of the audio MLP audio_dim -> 4096 -> 4096 -> hidden_dim
+    object_queries: int = 100  # COMBO's learned queries (AV2TS has one per audio token: num_queries)
+
     # pixel decoder: multi-scale deformable attention encoder on strides 8/16/32, FPN on stride 4
     encoder_layers: int = 6
     encoder_heads: int = 8
@@ -78,13 +85,6 @@ class ModelConfig:
 
     # one-stream audio-visual attention (OSA) on the 4x4 space-to-depth mask features
     fusion_blocks: int = 3
-    # COMBO only (family "combo", docs/model.md 'COMBO'): frozen VGGish (its output width is audio_dim, 128),
-    # bilateral fusion with audio_dim-wide audio, an audio MLP to hidden_dim, learned queries
-    vggish_widths: tuple[int, ...] = (64, 128, 256, 256, 512, 512)  # the six 3x3 convs
-    vggish_hidden: int = 4096  # the two hidden linear layers of VGGish
-    audio_mlp_dim: int = 4096  # hidden width of the audio MLP audio_dim -> 4096 -> 4096 -> hidden_dim
-    object_queries: int = 100  # COMBO's learned queries (AV2TS has one per audio token: num_queries)
-
     fusion_heads: int = 8
     layer_scale_init: float = 1e-4
 
@@ -97,23 +97,23 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.backbone_out_indices = tuple(int(i) for i in self.backbone_out_indices)
+        self.vggish_widths = tuple(int(i) for i in self.vggish_widths)
         self.backbone_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.backbone_kwargs.items()}
         if isinstance(self.loss, dict):
             self.loss = _from_fields(LossConfig, self.loss, "loss")
         problems = []
-        if self.subset not in SUBSET_CLASSES:
-            problems.append(f"subset {self.subset!r} is not one of {', '.join(SUBSET_CLASSES)}")
-        if self.num_classes < 1:
-            problems.append(f"num_classes must be at least 1 (got {self.num_classes})")
-        self.vggish_widths = tuple(int(i) for i in self.vggish_widths)
-        if self.num_frames < 1:
-            problems.append(f"num_frames must be at least 1 (got {self.num_frames})")
-        if self.input_size < 32 or self.input_size % 32:
-            problems.append(f"input_size must be a positive multiple of 32 (got {self.input_size})")
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if len(self.vggish_widths) != 6:
             problems.append(f"vggish_widths must name the 6 VGGish convs (got {len(self.vggish_widths)})")
+        if self.subset not in SUBSET_CLASSES:
+            problems.append(f"subset {self.subset!r} is not one of {', '.join(SUBSET_CLASSES)}")
+        if self.num_classes < 1:
+            problems.append(f"num_classes must be at least 1 (got {self.num_classes})")
+        if self.num_frames < 1:
+            problems.append(f"num_frames must be at least 1 (got {self.num_frames})")
+        if self.input_size < 32 or self.input_size % 32:
+            problems.append(f"input_size must be a positive multiple of 32 (got {self.input_size})")
         if len(self.backbone_out_indices) != 4:
             problems.append("backbone_out_indices must name 4 feature levels (strides 4, 8, 16, 32)")
         for name, heads, dim in (("temporal_heads", self.temporal_heads, self.audio_dim),
@@ -148,6 +148,7 @@ class ModelConfig:
         """JSON-ready dict (tuples become lists); ``ModelConfig.from_dict`` inverts it exactly."""
         d = dataclasses.asdict(self)
         d["backbone_out_indices"] = list(self.backbone_out_indices)
+        d["vggish_widths"] = list(self.vggish_widths)
         d["backbone_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.backbone_kwargs.items()}
         return d
 
@@ -156,7 +157,6 @@ class ModelConfig:
         """Rebuild a config from ``to_dict`` output. Fields missing from ``d`` come from its named preset
         (so a config written by an older av2ts still loads); unknown fields are an error."""
         d = dict(d)
-        d["vggish_widths"] = list(self.vggish_widths)
         preset = d.get("preset")
         if preset in PRESET_NAMES:
             base = get_preset(preset, d.get("subset", "s4"), d.get("siam")).to_dict()
