@@ -56,7 +56,7 @@ def check_masks(masks: np.ndarray) -> np.ndarray:
     if masks.dtype.kind not in "biuf":
         raise ValueError(f"expected bool or 0/1 masks, got dtype {masks.dtype}")
     if masks.size and not np.isin(masks, (0, 1)).all():
-        bad = masks[~np.isin(masks, (0, 1))].flat[0]
+        bad = masks[~np.isin(masks, (0, 1))].flat[0].item()
         raise ValueError(f"expected bool or 0/1 masks, found the value {bad!r}")
     return masks.astype(bool)
 
@@ -81,7 +81,7 @@ def id_map(masks: np.ndarray) -> np.ndarray:
 def palette_image(ids: np.ndarray, size: int | None = MASKIGE_SIZE) -> Image.Image:
     """uint8 [H, W] ids -> an indexed ("P") image with the ADE20K palette (zero-padded to 256 entries: ids 150..255
     black, as PIL shows them in COMBO's 150-entry files), resized to ``size`` x ``size`` nearest unless None."""
-    image = Image.fromarray(np.ascontiguousarray(ids, dtype=np.uint8), mode="L")
+    image = Image.fromarray(np.ascontiguousarray(ids, dtype=np.uint8))  # uint8 [H, W]: mode "L"
     if size is not None and image.size != (size, size):
         image = image.resize((size, size), Image.NEAREST)
     palette = np.zeros((256, 3), dtype=np.uint8)
