@@ -142,7 +142,7 @@ def predict(
                                        rich_help_panel="Performance")] = 1,
 ) -> None:
     """Segment the sounding objects of videos: masks, per-frame JSON, COCO RLE and overlays."""
-    from av2ts_cli import predict as predictor
+    from av2ts_cli import predict as predictor  # local: predict imports torch and the network; `--help` skips it
     from av2ts_cli.errors import EXIT_PARTIAL
 
     options = predictor.PredictOptions(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 
 from av2ts_cli import media, weights
 from av2ts_cli.config import ModelConfig
@@ -253,8 +254,6 @@ def stream_masks(video: Path, schedule: Schedule, predictor: Predictor, wave: np
 
 def maskige_reader(folder: Path, size: int) -> Callable[[SampledFrame], np.ndarray]:
     """Maskige of a sampled frame: ``folder/NNNNNN.png`` (or .jpg), the mask numbering, resized to S x S."""
-    from PIL import Image  # local: only Siam models read maskiges
-
     def read(frame: SampledFrame) -> np.ndarray:
         for suffix in (".png", ".jpg", ".jpeg"):
             path = folder / f"{frame.index:06d}{suffix}"

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+import torch
 
 from av2ts_cli import media
 from av2ts_cli.avsbench import EXAMPLE_SECONDS, EXAMPLE_SPAN, FRAME_OFFSET, SAMPLE_RATE, pad_by_repeating_last
+from av2ts_cli.model.audio import waveform_to_examples
 
 T = TypeVar("T")
 
@@ -155,10 +157,6 @@ def video_duration(info: media.Probe) -> float:
 def window_examples(wave: np.ndarray, start: float, count: int, window: int):
     """Log-mel examples [window, 96, 64] of a window: ``count`` examples of the audio from ``start`` s (silence
     before 0 and after the end of ``wave``, 16 kHz mono float32), then the last one repeated up to ``window``."""
-    import torch  # local: torch takes seconds to import; `av2ts --help` imports this module without it
-
-    from av2ts_cli.model.audio import waveform_to_examples  # local: the network imports torch
-
     first = round(start * SAMPLE_RATE)
     length = round(count * SAMPLE_RATE)
     segment = np.zeros(length, np.float32)

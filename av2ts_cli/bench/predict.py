@@ -10,7 +10,7 @@ Frames are decoded by a background thread while the network runs, so only the wa
 
 Memory: the ``av2ts-tiny`` preset (a 10-minute clip with r50 would take most of an hour here; the streaming code
 is the same for every model) on 640x360 clips of 30 s and 10 minutes. Peak RSS of the Python process
-(``getrusage``; the ffmpeg decoder's own memory does not depend on the length). Target: the 10-minute peak at
+(``memory.peak_rss_mib``; the ffmpeg decoder's own memory does not depend on the length). Target: the 10-minute peak at
 most 1.2x the 30 s peak.
 
 Every measurement runs in a fresh Python subprocess, so peaks and warm caches do not leak between runs.
@@ -26,6 +26,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from rich.table import Table
+
+from av2ts_cli import media, predict, sampling
+from av2ts_cli.bench.model import baseline_resnet50
+from av2ts_cli.config import get_preset
+from av2ts_cli.console import console, make_progress
+from av2ts_cli.data.images import write_png
+from av2ts_cli.memory import peak_rss_mib
+from av2ts_cli.model import build_model
+
 SHARE_TARGET = 0.15
 RSS_TARGET = 1.2
 SPEED_CASE = {"preset": "av2ts-r50", "seconds": 60, "size": (1280, 720), "fps": 25}
@@ -38,11 +50,6 @@ QUICK_MEMORY = ({"preset": "av2ts-tiny", "seconds": 5, "size": (160, 90), "fps":
 
 def run(quick: bool = False, threads: int | None = None, progress: bool = True) -> dict:
     """Make the clips, run the measuring subprocesses; returns the report (see the module docstring)."""
-    import torch
-
-    from av2ts_cli import media
-    from av2ts_cli.console import make_progress
-
     speed_case, memory_cases = (QUICK_SPEED, QUICK_MEMORY) if quick else (SPEED_CASE, MEMORY_CASES)
     report = {"cpus": os.cpu_count(), "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
               "ffmpeg_version": media.tool_version(media.find_ffmpeg()), "quick": quick}
@@ -91,17 +98,6 @@ def _in_subprocess(case: dict) -> dict:
 
 def _worker(case: dict) -> dict:
     """In a fresh interpreter: build the preset (random weights), predict the clip, report from its summary."""
-    import resource
-
-    import numpy as np
-    import torch
-
-    from av2ts_cli import predict, sampling
-    from av2ts_cli.bench.model import baseline_resnet50
-    from av2ts_cli.config import get_preset
-    from av2ts_cli.data.images import write_png
-    from av2ts_cli.model import build_model
-
     if case.get("threads"):
         torch.set_num_threads(int(case["threads"]))
     torch.manual_seed(0)
@@ -140,7 +136,7 @@ def _worker(case: dict) -> dict:
         "outside_model_s": round(predict_s - model_s, 3),
         "outside_model_share": round((predict_s - model_s) / predict_s, 4),
         # the Python process alone: a child's ru_maxrss also counts the parent's pages it maps between fork and exec
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mib(), 1),
     }
     if baselines:  # a ResNet-50 trunk on 5 frames at 224 px, before and after: the machine's speed in this run
         baseline_ms = 1000 * sum(baselines) / len(baselines)
@@ -150,10 +146,6 @@ def _worker(case: dict) -> dict:
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
-
-    from av2ts_cli.console import console
-
     speed = report["speed"]
     verdict = "[green]ok[/green]" if speed["share_ok"] else "[red]over target[/red]"
     console.print(f"predict on CPU ({report['threads']} threads): {speed['preset']} (Siam {speed['siam']}, "
