@@ -8,14 +8,15 @@ An av2ts checkpoint is a folder holding two files:
   "classes", "num_frames", "input_size", "trained_on", "model": ModelConfig.to_dict(), "meta": {...}}``. Only
   ``"model"`` is read back to build the network; the other fields describe it for people and tools.
 
-``load_model(name_or_path)`` resolves, in this order: a local checkpoint folder (or a ``.safetensors`` file with
+``resolve_model(name)`` is THE one resolver of ``--model``; it accepts, in this order: a preset name (only with
+``presets=True``: a randomly initialised network); a local checkpoint folder (or a ``.safetensors`` file with
 ``config.json`` beside it); ``hf://owner/repo[@revision][/subfolder]`` through huggingface_hub (its cache and
-``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` / ``HF_HOME``); a name of ``REGISTRY``. A preset name gives a randomly
-initialised model only when asked for explicitly (``allow_random_init=True``). Building a model never downloads.
+``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` / ``HF_HOME``); a name of ``REGISTRY``. Building a model never downloads.
 
-What is published upstream (checked from public sources, see model.md section 12): no trained AV2TS weights exist
-anywhere. COMBO's S4 checkpoints (``hf://YannQi/COMBO-AVS-checkpoints``) are a different network (VGGish audio,
-bilateral fusion, 100 queries, 9 decoder layers, 3 memory levels) and cannot be loaded into AV2TS.
+What is published upstream (checked from public sources; docs/model.md, "Checkpoints and the reference key
+mapping"): no trained AV2TS weights exist anywhere. COMBO's S4 checkpoints (``hf://YannQi/COMBO-AVS-checkpoints``)
+are a different network (VGGish audio, bilateral fusion, 100 queries, 9 decoder layers, 3 memory levels) and cannot
+be loaded into AV2TS.
 
 Importers of upstream files (``av2ts convert``: rename rules, converters, safe readers) live in ``convert.py``.
 """
