@@ -20,8 +20,7 @@ SUBSET_CLASSES = {"s4": 2, "ms3": 2, "avss": 71}  # classes the network predicts
 SAMPLE_RATE = 16000
 MEL_BANDS = 64
 EXAMPLE_FRAMES = 96
-EXAMPLE_SECONDS = 0.96
-EXAMPLE_HOP_SECONDS = 1.0  # one example per second: example k starts at k s
+EXAMPLE_SECONDS = 0.96  # also the hop: the examples of a clip's audio follow each other without overlap (k * 0.96 s)
 EXAMPLE_SPAN = 0.975  # seconds of audio one example reads: 96 hops of 10 ms plus one 25 ms window
 
 # Frames: AVSBench kept the 16th of the 16 frames it extracted in each second, so frame k (0-based) shows k + 15/16 s.

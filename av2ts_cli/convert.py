@@ -263,7 +263,7 @@ _COUNTER_DROPPED = "batch-norm update counter; av2ts keeps these statistics froz
 
 
 # ----------------------------------------------------------------------------------------------------- converters
-CONVERT_KINDS = ("reference", "detectron2", "ced", "ced-hf")
+CONVERT_KINDS = ("reference", "detectron2", "ced", "ced-hf", "combo", "vggish")
 
 
 @dataclass
@@ -437,6 +437,10 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
 
     if kind not in CONVERT_KINDS:
         raise UsageError(f"unknown --kind {kind!r}; choose from {', '.join(CONVERT_KINDS)}")
+    if kind in ("combo", "vggish"):  # COMBO-AVS checkpoints and its VGGish: convert_combo.py
+        from av2ts_cli.convert_combo import convert_combo_kind  # local: convert_combo imports this module
+
+        return convert_combo_kind(source, kind, preset=preset, subset=subset, siam=siam, base=base)
     path = _source_file(source)
     state = read_state_dict_file(path)
     base_doc = None

@@ -11,7 +11,6 @@ import pytest
 from av2ts_cli import avsbench
 from av2ts_cli.avsbench import (
     EXAMPLE_FRAMES,
-    EXAMPLE_HOP_SECONDS,
     EXAMPLE_SECONDS,
     EXAMPLE_SPAN,
     FRAME_OFFSET,
@@ -34,7 +33,6 @@ def test_audio_values_are_vggish_at_16_khz():
     assert SAMPLE_RATE == 16000 and MEL_BANDS == 64 and EXAMPLE_FRAMES == 96
     assert EXAMPLE_SECONDS == pytest.approx(EXAMPLE_FRAMES * HOP_S)  # 0.96 s
     assert EXAMPLE_SPAN == pytest.approx((EXAMPLE_FRAMES - 1) * HOP_S + WINDOW_S)  # 0.975 s: the last window ends
-    assert EXAMPLE_HOP_SECONDS == 1.0  # one example per second of video
 
 
 def test_frame_k_is_the_16th_of_16_frames_in_second_k():
@@ -62,7 +60,7 @@ def test_subset_rules():
     assert not subsets_compatible("s4", "avss") and not subsets_compatible("avss", "ms3")
 
 
-CONTRACT_NAMES = {"SAMPLE_RATE", "MEL_BANDS", "EXAMPLE_FRAMES", "EXAMPLE_SECONDS", "EXAMPLE_HOP_SECONDS",
+CONTRACT_NAMES = {"SAMPLE_RATE", "MEL_BANDS", "EXAMPLE_FRAMES", "EXAMPLE_SECONDS",
                   "EXAMPLE_SPAN", "FRAME_OFFSET", "IGNORE_INDEX", "SUBSETS", "SUBSET_CLASSES"}
 
 
