@@ -1,10 +1,11 @@
 """Importing upstream weights files into av2ts checkpoints (``av2ts convert``).
 
-No trained AV2TS weights are published (see ``weights.py`` and model.md section 12); the upstream files that *are*
+No trained AV2TS weights are published (see ``weights.py`` and docs/model.md, "Checkpoints and the reference key
+mapping"); the upstream files that *are*
 useful are initialisations:
 
 - ``--kind reference``: a checkpoint trained with the reference code (OrigamiSL/AV2TS on detectron2), a torch file
-  ``{"model": state_dict}`` in the layout of model.md section 12 -> a full av2ts checkpoint;
+  ``{"model": state_dict}`` in the layout of docs/model.md (its reference key mapping) -> a full av2ts checkpoint;
 - ``--kind detectron2``: the backbone pickles ``R-50.pkl`` / ``d2_pvt_v2_b5.pkl`` -> the visual backbone and the
   Siam encoder (both from the same file, as the reference does) of a new or given checkpoint;
 - ``--kind ced`` / ``ced-hf``: CED-Mini from ``audiotransformer_mini_mAP_4896.pt`` (Zenodo) or from the
@@ -24,6 +25,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.table import Table
+
+from av2ts_cli.config import get_preset
+from av2ts_cli.console import console
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.weights import (
     HF_PREFIX,
@@ -90,7 +95,7 @@ def read_numpy_pickle(path: str | os.PathLike):
 
 def read_torch_weights(path: str | os.PathLike):
     """A ``torch.save`` file through ``torch.load(weights_only=True)`` (tensors and plain containers only)."""
-    import torch
+    import torch  # local: torch takes seconds to import; convert_combo's rename tables do not need it
 
     path = Path(path)
     try:
@@ -111,7 +116,7 @@ def read_state_dict_file(path: str | os.PathLike) -> dict:
     Wrappers are unwrapped: ``{"model": ...}`` (detectron2, CED) and ``{"state_dict": ...}``. Numpy arrays become
     tensors sharing their memory; non-tensor entries of the state dict are refused.
     """
-    import numpy as np
+    import numpy as np  # local: with torch, only for reading files (convert_combo's tables need neither)
     import torch
 
     path = Path(path)
@@ -336,7 +341,7 @@ def map_state_dict(state: Mapping, groups: list[tuple[str, str, list[Rule]]], ta
 
 def fill_model(model, mapping: KeyMapping, required_prefixes: Iterable[str], path: str | os.PathLike) -> None:
     """Copy the mapped tensors into ``model``; every tensor under ``required_prefixes`` must have been given."""
-    import torch
+    import torch  # local: torch takes seconds to import; convert_combo's rename tables do not need it
 
     target = model.state_dict()
     required = [k for k in target if any(k.startswith(p) for p in required_prefixes)]
@@ -382,8 +387,7 @@ _ARCH_TIMM = {"r50": "resnet50", "pvt": "pvt_v2_b5"}
 
 def _build_target(arch: str | None, path, preset, subset, siam, base):
     """(model, cfg, base config doc or None) to convert into: the ``base`` checkpoint, or a fresh preset model."""
-    from av2ts_cli.config import get_preset
-    from av2ts_cli.model import build_model
+    from av2ts_cli.model import build_model  # local: the network imports torch and timm
 
     if base is not None:
         if preset or subset or siam is not None:
@@ -401,8 +405,6 @@ def _build_target(arch: str | None, path, preset, subset, siam, base):
 
 
 def _reference_config(state: Mapping, path, preset, subset, siam):
-    from av2ts_cli.config import get_preset
-
     arch = _backbone_of(state, "backbone.", path)
     if preset and preset != _ARCH_PRESET[arch]:
         raise UsageError(f"{path}: holds a {_ARCH_TIMM[arch]} model, not {preset}")
@@ -433,7 +435,7 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
     Siam encoder), ``ced`` / ``ced-hf`` (CED-Mini: the audio encoder). Partial kinds fill a fresh model of
     ``preset`` (inferred from the file where possible) or the checkpoint ``base``; the rest keeps its values.
     """
-    from av2ts_cli.model import build_model
+    from av2ts_cli.model import build_model  # local: the network imports torch and timm
 
     if kind not in CONVERT_KINDS:
         raise UsageError(f"unknown --kind {kind!r}; choose from {', '.join(CONVERT_KINDS)}")
@@ -501,10 +503,6 @@ def convert_to_checkpoint(source: str, kind: str, out: str | os.PathLike, **opti
 
 
 def print_conversion_report(report: dict) -> None:
-    from rich.table import Table
-
-    from av2ts_cli.console import console
-
     table = Table(title=f"{report['preset']}, {report['subset']}, {report['num_classes']} classes, Siam encoder "
                         f"{'on' if report['siam'] else 'off'}")
     table.add_column(f"part filled from {report['kind']}")
