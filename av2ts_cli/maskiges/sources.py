@@ -29,6 +29,7 @@ from av2ts_cli.maskiges.render import check_masks
 
 MASK_SUFFIX = "_mask.npy"
 AVSS_PROCESSED = "processed_frames"
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def _candidate_bases(folder: Path, subset: str) -> list[Path]:
@@ -86,18 +87,19 @@ def load_masks(path: str | os.PathLike, frame_size: tuple[int, int] | None = Non
     (N, H, W) array of 0/1, or (with ``frame_size`` = (width, height)) of another size than the frame."""
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        if magic != NPY_MAGIC:  # numpy would take any other file for a pickle
+            raise DataError(path, "not a .npy file (no NumPy header)")
         masks = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(path, "missing mask file") from None
-    except ValueError as err:  # object arrays need pickle; a bad header says so too
+    except ValueError as err:  # an object array needs pickle; a short or broken array says why
         reason = "holds Python objects (refused: loading them would run pickle)" if "pickle" in str(err) \
             else f"not a valid .npy array ({err})"
         raise DataError(path, reason) from None
     except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(path, f"unreadable mask file: {err}") from None
-    if isinstance(masks, np.lib.npyio.NpzFile):
-        masks.close()
-        raise DataError(path, "an .npz archive, expected one .npy array")
     try:
         masks = check_masks(masks)
     except ValueError as err:
