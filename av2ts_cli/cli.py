@@ -18,7 +18,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from av2ts_cli import __version__
-from av2ts_cli.console import console
+from av2ts_cli.console import console, make_progress
 from av2ts_cli.errors import EXIT_FAILURE, Av2tsError
 from av2ts_cli.training.recipes import recipe_defaults
 
@@ -169,7 +169,7 @@ def overlay(
                                          "colour) or avss (AVSBench class colours).")] = "auto",
 ) -> None:
     """Paint masks on a video (each frame gets the mask of the nearest sampled time), with the original audio."""
-    from av2ts_cli import render
+    from av2ts_cli import render  # local: cv2 and PIL (0.7 s); `--help` must not wait for them
 
     report = render.render_overlay(video, masks_dir, out, alpha=alpha, contour=contour, palette=palette)
     sound = "with the original audio" if report["audio"] else "no audio in the input"
@@ -249,9 +249,8 @@ def info(
 def convert(
     source: Annotated[str, typer.Argument(help="Upstream weights: a .pth/.pt/.pkl/.safetensors file or hf://owner/repo.")],
     kind: Annotated[str, typer.Option("--kind", "-k", help="reference (full AV2TS checkpoint of the reference code), "
-                                      "detectron2 (R-50.pkl / d2_pvt_v2_b5.pkl), ced (CED-Mini .pt), ced-hf "
-                                      "(hf://mispeech/ced-mini safetensors), combo (checkpoint of the COMBO-AVS "
-                                      "code) or vggish (vggish-10086976.pth, into a combo-* model).")],
+                                      "detectron2 (R-50.pkl / d2_pvt_v2_b5.pkl), ced (CED-Mini .pt) or ced-hf "
+                                      "(hf://mispeech/ced-mini safetensors).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write (model.safetensors + "
                                       "config.json).")],
     preset: Annotated[str | None, typer.Option("--preset", "-p", help="Model preset for a partial import "
@@ -300,7 +299,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Official AVSBench metrics (mIoU, F-score) of a model or of saved predictions."""
-    from av2ts_cli import evaluate
+    from av2ts_cli import evaluate  # local: imports torch (seconds); `--help` must not wait for it
 
     report = evaluate.evaluate(subset, data, split=split, protocol=protocol, model=model, pred_dir=pred_dir,
                                save_pred=save_pred, shuffle_audio=shuffle_audio, batch=batch, device=device,
@@ -332,8 +331,7 @@ def data_synth(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Write synthetic "sounding shapes" data in the official AVSBench layout (seeded, deterministic)."""
-    from av2ts_cli.console import make_progress
-    from av2ts_cli.data import synth
+    from av2ts_cli.data import synth  # local: imports torch (seconds); `--help` must not wait for it
 
     counts = {k: v for k, v in (("train", videos), ("val", val), ("test", test)) if v is not None}
     options = synth.SynthOptions(subset, counts=counts, seed=seed, categories=categories, size=size,
@@ -365,7 +363,7 @@ def data_clip(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Write one synthetic "sounding shapes" video with sound and its known masks (a clip to try predict on)."""
-    from av2ts_cli.data import synth
+    from av2ts_cli.data import synth  # local: imports torch (seconds); `--help` must not wait for it
 
     report = synth.write_clip(out, kind=kind, seconds=seconds, size=size, fps=fps, seed=seed, categories=categories,
                               force=force)
@@ -384,9 +382,8 @@ def data_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Counts per split and every missing, unreadable or mis-sized file; exit 1 if there is any."""
-    from av2ts_cli.console import make_progress
-    from av2ts_cli.data import check
-    from av2ts_cli.data.layout import check_subset
+    from av2ts_cli.data import check  # local: imports torch (seconds, through data.audio); `--help` must not wait
+    from av2ts_cli.data.layout import check_subset  # local: numpy (through data.classes), not for `--help`
 
     check_subset(subset)
     with make_progress(transient=True) as progress:

@@ -1,4 +1,7 @@
-"""The only module that runs ffmpeg: probe, decode frames and audio, encode and remux.
+"""The only module that runs ffmpeg; one file past 500 lines, as every part shares its ffmpeg runner and conventions.
+
+What it does: probe, decode frames and audio, encode and remux. Sections: binaries, errors, probe, decoding frames,
+audio, writing; each uses the one runner (``_command``, ``_run``, ``_reason``) and follows the conventions below.
 
 Binary: ``AV2TS_FFMPEG``, then ``ffmpeg`` on PATH, then imageio-ffmpeg's bundled binary (``find_ffmpeg``). Commands
 are built with ffmpeg-python and run with that binary. ``probe`` uses ffprobe when it is on PATH and otherwise parses
