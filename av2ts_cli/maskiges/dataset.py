@@ -29,6 +29,7 @@ from av2ts_cli.maskiges.render import MAX_ID, write_maskige
 
 MASKIGE_FOLDER = "pre_SAM_mask"
 PROVENANCE_FILE = "pre_SAM_mask.json"
+RECORD_WAIT_S = 600.0  # how long processes other than rank 0 wait for its record (rank 0 may resolve the model)
 RENDERER = (f"COMBO mask_precess: ascending area rank (stable for ties), smaller mask wins, ADE20K palette, ids "
             f"capped at {MAX_ID}; S4/MS3 224x224 nearest, AVSS fitted to 224x224 (train: short side + centre crop)")
 
@@ -171,13 +172,15 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
                          f"{_describe(record)}; pass --force to remake every frame (or another --data)")
     jobs = frame_jobs(root, subset, splits)
     shard = jobs[rank::world]
-    if rank == 0:  # the others would race with rank 0's first files
+    if rank == 0:
         existing = sum(job.target.exists() for job in jobs) if previous is None and not force else 0
         if existing:
             raise UsageError(f"{out}: {existing} maskiges of unknown origin (no {PROVENANCE_FILE}); pass --force "
                              "to remake every frame rather than mix them with this run's")
         if previous is None or changed or force:
             files.write_json(record_path, record)
+    else:  # rank 0 checks the folder first: a file of another process would look like one of unknown origin
+        _wait_for_record(record_path, record)
     report = {"subset": subset, "out": str(out), "provenance": str(record_path), "source": _describe(record),
               "rank": rank, "world_size": world, "frames": len(shard), "total_frames": len(jobs), "written": 0,
               "skipped": 0, "failed": []}
@@ -210,6 +213,22 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["seconds_per_written_frame"] = round(generate_time / report["written"], 4) if report["written"] else None
     return report
+
+
+def _wait_for_record(path: Path, record: dict, timeout: float = RECORD_WAIT_S) -> None:
+    """Block until rank 0 has written (or kept) the record of this run; torchrun stops every process if rank 0
+    fails, so the timeout only guards against a rank 0 that hangs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            current = _read_record(path)
+        except DataError:  # a broken record (the rename is atomic, so not rank 0's): rank 0 replaces or reports it
+            current = None
+        if current is not None and _identity(current) == _identity(record):
+            return
+        if time.monotonic() > deadline:
+            raise UsageError(f"{path}: rank 0 did not write the record of this run within {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def _describe(record: dict) -> str:
