@@ -249,8 +249,9 @@ def info(
 def convert(
     source: Annotated[str, typer.Argument(help="Upstream weights: a .pth/.pt/.pkl/.safetensors file or hf://owner/repo.")],
     kind: Annotated[str, typer.Option("--kind", "-k", help="reference (full AV2TS checkpoint of the reference code), "
-                                      "detectron2 (R-50.pkl / d2_pvt_v2_b5.pkl), ced (CED-Mini .pt) or ced-hf "
-                                      "(hf://mispeech/ced-mini safetensors).")],
+                                      "detectron2 (R-50.pkl / d2_pvt_v2_b5.pkl), ced (CED-Mini .pt), ced-hf "
+                                      "(hf://mispeech/ced-mini safetensors), combo (checkpoint of the COMBO-AVS "
+                                      "code) or vggish (vggish-10086976.pth, into a combo-* model).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write (model.safetensors + "
                                       "config.json).")],
     preset: Annotated[str | None, typer.Option("--preset", "-p", help="Model preset for a partial import "
