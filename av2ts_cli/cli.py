@@ -18,8 +18,8 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from av2ts_cli import __version__
-from av2ts_cli.console import console, make_progress
-from av2ts_cli.errors import EXIT_FAILURE, Av2tsError
+from av2ts_cli.console import console, make_progress, show_library_messages
+from av2ts_cli.errors import EXIT_FAILURE, Av2tsError, UsageError
 from av2ts_cli.training.recipes import recipe_defaults
 
 app = typer.Typer(
@@ -39,23 +39,43 @@ app.add_typer(bench_app, name="bench", rich_help_panel="Diagnostics")
 _state = {"debug": False}
 
 
+def _network_error(err: Exception) -> Av2tsError | None:
+    """The project error that a failure of the network stands for, or None. The network cannot import ``errors``
+    (it stands alone), so it raises ``model.ops.build.KernelError`` for a forced kernel that cannot run (a runtime
+    failure, exit 1) and ``ValueError`` for inputs it refuses (tensor shapes, an unknown AV2TS_DEFORM_ATTN: usage,
+    exit 2); a ValueError counts as the network's when its innermost frame is in ``av2ts_cli.model``."""
+    build = sys.modules.get("av2ts_cli.model.ops.build")  # loaded if a KernelError exists; importing it loads torch
+    if build is not None and isinstance(err, build.KernelError):
+        return Av2tsError(str(err))
+    if isinstance(err, ValueError) and err.__traceback__ is not None:
+        frame = err.__traceback__
+        while frame.tb_next is not None:
+            frame = frame.tb_next
+        if frame.tb_frame.f_globals.get("__name__", "").startswith("av2ts_cli.model."):
+            return UsageError(str(err))
+    return None
+
+
 def _reported(func):
-    """Turn project errors into one line and an exit code; ``--debug`` re-raises them with a traceback."""
+    """Turn project errors into one line and an exit code; ``--debug`` re-raises them with a traceback. The
+    network's warnings and notices are shown as the console's lines while the command runs."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        show_library_messages()
         try:
             return func(*args, **kwargs)
-        except Av2tsError as err:
-            if _state["debug"]:
-                raise
-            console.print(f"[red]error:[/red] {escape(err.message)}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        except Exception as err:  # unexpected: still one line, the traceback behind --debug
+        except Exception as err:
             if _state["debug"]:
                 raise
+            project = err if isinstance(err, Av2tsError) else _network_error(err)
+            if project is not None:
+                console.print(f"[red]error:[/red] {escape(project.message)}", markup=True, highlight=False,
+                              soft_wrap=True)
+                raise typer.Exit(project.exit_code) from None
+            # unexpected: still one line, the traceback behind --debug
             console.print(f"[red]error:[/red] {type(err).__name__}: {escape(str(err))} "
                           "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_FAILURE) from None

@@ -4,21 +4,29 @@ A preset is a network (``av2ts-r50``, ``av2ts-pvt``, ``av2ts-tiny``) crossed wit
 classes, background and sounding object; ``avss``: 71 classes) and the Siam encoder on or off. The reference
 presets are the AV2TS configs of model.md section 10 (Siam encoder on); ``av2ts-tiny`` is the same architecture
 scaled down so that it trains from scratch on a CPU in minutes (tests, the demo model).
+
+This module is also the network's only window on the rest of the package (``model/`` imports torch, timm, numpy,
+scipy, the standard library, ``config`` and itself): it re-exports the AVSBench contract values the network needs
+and defines the cache root that the kernel build and the app share.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+# The contract values the network needs, re-exported for model/ (whose only window on the package this module is):
+# the log-mel example (VGGish recipe, see model/audio.py: 96 frames x 64 mel bands of 16 kHz audio, 0.96 s) and the
+# classes per subset. They are defined in avsbench.py.
+from av2ts_cli.avsbench import EXAMPLE_FRAMES, MEL_BANDS, SAMPLE_RATE, SUBSET_CLASSES
 from av2ts_cli.errors import UsageError
 
-SUBSET_CLASSES = {"s4": 2, "ms3": 2, "avss": 71}
+__all__ = ["EXAMPLE_FRAMES", "MEL_BANDS", "PRESET_NAMES", "SAMPLE_RATE", "SUBSET_CLASSES",
+           "LossConfig", "ModelConfig", "cache_root", "get_preset"]
 
-# The log-mel example fed to the audio encoder (VGGish recipe, see model/audio.py): 96 frames x 64 mel bands.
-EXAMPLE_FRAMES = 96
-MEL_BANDS = 64
 AUDIO_STAGES = 4  # CED tokens + the three temporal blocks: each stage gives one set of audio queries
 FAMILIES = ("av2ts", "combo")  # the top-level networks av2ts builds (ModelConfig.family)
 
@@ -243,3 +251,10 @@ def get_preset(name: str, subset: str = "s4", siam: bool | None = None) -> Model
         raise UsageError(f"unknown subset {subset!r}; choose from {', '.join(SUBSET_CLASSES)}")
     build, default_siam = _PRESETS[name]
     return build(subset, default_siam if siam is None else bool(siam))
+
+
+def cache_root() -> Path:
+    """The root of av2ts's caches (kernel builds, log-mel examples): $AV2TS_CACHE, else $XDG_CACHE_HOME/av2ts, else
+    ~/.cache/av2ts. Defined here, below both the network (``model.ops.build``) and the app, so that both read it."""
+    base = os.environ.get("AV2TS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "av2ts")
+    return Path(base).expanduser()

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from rich.table import Table
 
-from av2ts_cli import __version__
+from av2ts_cli import __version__, media
+from av2ts_cli.config import cache_root
 from av2ts_cli.console import console
+from av2ts_cli.errors import MediaError
+from av2ts_cli.weights import describe_parameters
 
 
 def _ffmpeg_report() -> dict:
-    from av2ts_cli import media
-    from av2ts_cli.errors import MediaError
-
     try:
         ffmpeg = media.find_ffmpeg()
         ffmpeg_version = media.tool_version(ffmpeg)
@@ -32,7 +32,7 @@ def _ffmpeg_report() -> dict:
 
 
 def _cuda_report() -> dict:
-    import torch
+    import torch  # local: 1-2 s to import; only `av2ts info` reads devices
 
     devices = []
     if torch.cuda.is_available():
@@ -45,23 +45,23 @@ def _cuda_report() -> dict:
 
 
 def _cache_report() -> dict:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # local: 0.3 s to import; only `av2ts info` reports the hub cache
 
-    from av2ts_cli.model import deform_attn
+    from av2ts_cli.model import ops  # local: loads torch and the network package; only `av2ts info` needs it
 
     return {
         "huggingface_hub_cache": str(constants.HF_HUB_CACHE),
         "huggingface_offline": bool(constants.HF_HUB_OFFLINE),
-        "torch_extensions": str(getattr(deform_attn, "build_root", lambda: None)() or ""),
+        "torch_extensions": str(ops.build_root()),
     }
 
 
 def environment_report() -> dict:
-    import timm
+    import timm  # local: timm, torch and torchaudio take seconds to import; only `av2ts info` reports them
     import torch
     import torchaudio
 
-    from av2ts_cli.model import deform_attn
+    from av2ts_cli.model import ops  # local: loads torch and the network package; only `av2ts info` needs it
 
     report = {
         "av2ts": __version__,
@@ -73,7 +73,7 @@ def environment_report() -> dict:
     }
     report.update(_cuda_report())
     report.update(_ffmpeg_report())
-    report["deform_attn_backend"] = deform_attn.active_backend()
+    report["deform_attn_backend"] = ops.active_backend()
     report.update(_cache_report())
     report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("AV2TS_", "HF_HUB_", "TORCH_EXTENSIONS"))}
     return report
@@ -94,8 +94,6 @@ def print_environment_report(report: dict) -> None:
 
 def model_report(name_or_path: str) -> dict:
     """Parameters per part, trainable and frozen, of a preset name or a checkpoint."""
-    from av2ts_cli.weights import describe_parameters
-
     return describe_parameters(name_or_path)
 
 
@@ -110,14 +108,7 @@ def print_model_report(report: dict) -> None:
     console.print(table)
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (MiB), for closing lines and benchmarks."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
-
-
 def default_cache_dir() -> Path:
-    base = os.environ.get("AV2TS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "av2ts")
-    return Path(base).expanduser()
+    """The root of av2ts's caches ($AV2TS_CACHE, else $XDG_CACHE_HOME/av2ts): ``config.cache_root``, which the
+    kernel build reads too."""
+    return cache_root()

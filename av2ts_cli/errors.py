@@ -3,6 +3,9 @@
 Every error a user can cause is one of these. The CLI turns them into a single line on stderr (no traceback
 unless ``--debug``) and the exit code given by ``exit_code`` (design.md section 3: 1 runtime failure, 2 usage).
 Messages name the file or thing at fault first, then the cause: ``clip.mp4: no video stream``.
+
+The network (``model/``) stands alone and raises Python's own exceptions instead (``ValueError`` for inputs it
+refuses, ``model.ops.build.KernelError`` for a forced kernel that cannot run); the CLI maps them to these lines.
 """
 
 from __future__ import annotations
@@ -45,10 +48,6 @@ class DataError(_PathError):
 
 class CheckpointError(_PathError):
     """A checkpoint, converter input or hub file that cannot be resolved or loaded."""
-
-
-class KernelError(Av2tsError):
-    """A compiled kernel that exists but failed (never hidden behind the fallback)."""
 
 
 class UsageError(Av2tsError):

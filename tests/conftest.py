@@ -184,7 +184,9 @@ def synth_data(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------- kernel engineer
 KERNEL_FIRST_USE = """
 import json, torch
-from av2ts_cli.model import deform_attn as da
+from av2ts_cli.console import show_library_messages
+from av2ts_cli.model import ops as da
+show_library_messages()  # the CLI's display: the "compiling" notice is a log record, the fallback a warning
 torch.manual_seed(0)
 shapes = torch.tensor([[4, 3], [2, 2]]); start = torch.tensor([0, 12])
 value = torch.randn(2, 16, 2, 32, requires_grad=True)
@@ -239,7 +241,7 @@ def kernel_first_use(tmp_path_factory):
 def cpp_kernel(kernel_first_use):
     """The ``torch.ops`` namespace of the C++ deformable-attention kernel, loaded in this process from the
     session's build (no second compile); later ``ms_deform_attn`` calls on CPU tensors use it."""
-    from av2ts_cli.model import deform_attn
+    from av2ts_cli.model import ops as deform_attn
 
     cache, _ = kernel_first_use
     with pytest.MonkeyPatch.context() as mp:

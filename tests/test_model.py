@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
+from typer.testing import CliRunner
 
+from av2ts_cli import cli
 from av2ts_cli.config import get_preset
-from av2ts_cli.errors import UsageError
+from av2ts_cli.errors import EXIT_USAGE
 from av2ts_cli.model import build_model, class_map, foreground_probability
 
 DATA = Path(__file__).parent / "data"
@@ -235,19 +238,42 @@ def test_channels_last_and_bf16_autocast():
     assert torch.isfinite(out["pred_masks"].float()).all()
 
 
-def test_bad_inputs_raise_usage_errors():
+def test_bad_inputs_raise_value_errors():
     model = build_model(get_preset("av2ts-tiny", siam=True))
     frames, audio, maskiges = clip(1, 2, 64)
-    with pytest.raises(UsageError, match="maskiges are required"):
+    with pytest.raises(ValueError, match="maskiges are required"):
         model(frames, audio)
-    with pytest.raises(UsageError, match="audio must be"):
+    with pytest.raises(ValueError, match="audio must be"):
         model(frames, audio[:, :1], maskiges)
-    with pytest.raises(UsageError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of 32"):
         model(frames[..., :48, :48], audio, maskiges[..., :48, :48])
-    with pytest.raises(UsageError, match="frames must be"):
+    with pytest.raises(ValueError, match="frames must be"):
         model(frames[0], audio, maskiges)
-    with pytest.raises(UsageError, match="2-class"):
+    with pytest.raises(ValueError, match="2-class"):
         foreground_probability(torch.zeros(1, 3, 4, 4))
+
+
+def test_the_cli_shows_the_networks_value_errors_as_usage_errors():
+    """The network raises ValueError (it cannot import ``errors``); a command that meets one prints the message as
+    one line and exits 2, as for any usage error. A ValueError from elsewhere stays an unexpected failure (exit 1)."""
+    model = build_model(get_preset("av2ts-tiny", siam=True))
+    frames, audio, _ = clip(1, 2, 64)
+    app = typer.Typer()
+
+    @app.command()
+    @cli._reported
+    def segment(network: bool = True) -> None:
+        if network:
+            model(frames, audio)
+        else:
+            int("not a number")
+
+    cli._state["debug"] = False
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == EXIT_USAGE
+    assert result.output.strip() == "error: model av2ts-tiny uses the Siam encoder: maskiges are required"
+    result = CliRunner().invoke(app, ["--no-network"])
+    assert result.exit_code == 1 and "ValueError: invalid literal" in result.output
 
 
 def sounding_shapes_batch(size: int = 64, frames: int = 4):

@@ -14,14 +14,19 @@ OS), the allocator's peak on CUDA.
 
 from __future__ import annotations
 
-import ctypes
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
 import torch
+from rich.table import Table
+
+from av2ts_cli.console import console
+from av2ts_cli.errors import UsageError
+from av2ts_cli.memory import PeakWatch
+from av2ts_cli.model import ops
+from av2ts_cli.model.ops import KernelError, KernelUnavailable
 
 HEADS, POINTS, HEAD_DIM = 8, 4, 32
 DEFAULT_SIZES = (224, 512)
@@ -80,42 +85,12 @@ def _alternate(calls: dict[str, Callable[[], object]], repeats: int, device: str
     return times
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def _peak_memory_mib(call: Callable[[], object], device: str) -> float:
-    """Most the process grew during one call (MiB)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    """Most the process grew during one call (MiB): the CUDA allocator's peak, or the resident size sampled every
+    0.5 ms (a 224 px kernel call takes about 2 ms) after freed heap pages went back to the OS."""
+    with PeakWatch(torch.device(device), interval=0.0005, trim=True) as watch:
         call()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    try:  # give freed heap pages back, so the call's allocations show in the resident size
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    before = peak = _rss()
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        call()
-    finally:
-        done.set()
-        sampler.join()
-    return max(0, max(peak, _rss()) - before) / 2**20
+    return watch.growth_mib()
 
 
 def _forward_backward(attention, inputs, grad_output):
@@ -172,22 +147,18 @@ def _time_case(implementations: dict[str, Callable], size: int, inputs: tuple[to
 def run(sizes=DEFAULT_SIZES, frames: int = 5, repeats: int = 15, device: str = "cpu", threads: int | None = None,
         progress: Callable[[str], None] | None = None) -> dict:
     """Time the kernel of ``device`` against the fallback at each input size; see the module docstring."""
-    from av2ts_cli.errors import KernelError, UsageError
-    from av2ts_cli.model import deform_attn
-
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     if threads:
         torch.set_num_threads(threads)
     backend = "cuda" if device == "cuda" else "cpp"
-    if deform_attn.requested_backend() not in ("auto", backend):
-        raise UsageError(f"{deform_attn.ENV_VAR}={deform_attn.requested_backend()}: unset it to benchmark the "
-                         f"{backend} kernel")
+    if ops.requested_backend() not in ("auto", backend):
+        raise UsageError(f"{ops.ENV_VAR}={ops.requested_backend()}: unset it to benchmark the {backend} kernel")
     try:  # the kernel or an error, never a silent fallback
-        deform_attn.load_kernel(backend)
-    except deform_attn.KernelUnavailable as err:
+        ops.load_kernel(backend)
+    except KernelUnavailable as err:
         raise KernelError(f"cannot benchmark the {backend} kernel: {err}") from None
-    implementations = {"fallback": deform_attn.ms_deform_attn_torch, "kernel": deform_attn.ms_deform_attn}
+    implementations = {"fallback": ops.ms_deform_attn_torch, "kernel": ops.ms_deform_attn}
     cases = []
     for size in sizes:
         if progress:
@@ -199,10 +170,6 @@ def run(sizes=DEFAULT_SIZES, frames: int = 5, repeats: int = 15, device: str = "
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
-
-    from av2ts_cli.console import console
-
     table = Table(title=f"deformable attention: {report['backend']} kernel vs pure-PyTorch fallback "
                         f"({report['device_name']}, T={report['frames']}, fp32)")
     for column in ("input", "pass", "fallback ms", "kernel ms", "speed-up", "fallback MiB", "kernel MiB"):

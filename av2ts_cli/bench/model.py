@@ -17,7 +17,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import timm
 import torch
+from rich.table import Table
+
+from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS, get_preset
+from av2ts_cli.console import console
+from av2ts_cli.model import build_model
+from av2ts_cli.model.ops import active_backend
 
 # Top-level modules of AV2TS grouped into the parts reported.
 PARTS = {
@@ -68,8 +75,6 @@ def _time_calls(fn, repeats: int, max_warmup: int = 8) -> list[float]:
 
 def baseline_resnet50(frames: int = 5, repeats: int = 5, bf16: bool = False) -> float:
     """Median seconds of a ResNet-50 trunk (timm, features only) on ``frames`` 224 px images."""
-    import timm
-
     trunk = timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4)).eval()
     images = torch.randn(frames, 3, 224, 224)
     if bf16:
@@ -82,9 +87,6 @@ def baseline_resnet50(frames: int = 5, repeats: int = 5, bf16: bool = False) -> 
 def time_model(preset: str, input_size: int | None = None, frames: int = 5, repeats: int = 5,
                bf16: bool = False, seed: int = 0) -> ModelTiming:
     """Median eval forward time of one clip of ``frames`` frames through ``preset`` (s4 head)."""
-    from av2ts_cli.config import get_preset
-    from av2ts_cli.model import build_model
-
     cfg = get_preset(preset, "s4")
     size = input_size or cfg.input_size
     torch.manual_seed(seed)
@@ -92,7 +94,7 @@ def time_model(preset: str, input_size: int | None = None, frames: int = 5, repe
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     images = torch.rand(1, frames, 3, size, size) * 255
-    audio = torch.randn(1, frames, 96, 64) - 2.0
+    audio = torch.randn(1, frames, EXAMPLE_FRAMES, MEL_BANDS) - 2.0
     maskiges = torch.rand(1, frames, 3, size, size) * 255 if cfg.siam else None
 
     spent: dict[str, list[float]] = {part: [] for part in PARTS}
@@ -133,8 +135,6 @@ def time_model(preset: str, input_size: int | None = None, frames: int = 5, repe
 def run(cases: list[tuple[str, int | None]], frames: int = 5, repeats: int = 5, bf16: bool = False,
         threads: int | None = None) -> dict:
     """Time every (preset, input size or None for the preset's own) case against the ResNet-50 baseline."""
-    from av2ts_cli.model.deform_attn import active_backend
-
     if threads:
         torch.set_num_threads(threads)
     before = baseline_resnet50(frames, repeats, bf16)
@@ -156,10 +156,6 @@ def run(cases: list[tuple[str, int | None]], frames: int = 5, repeats: int = 5, 
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
-
-    from av2ts_cli.console import console
-
     console.print(f"eval forward per clip of {report['frames_per_clip']} frames, {report['precision']}, "
                   f"{report['threads']} threads, deform-attn backend: {report['deform_attn_backend']}")
     times = Table(title="time per clip (median)")

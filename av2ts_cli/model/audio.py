@@ -12,18 +12,17 @@ import math
 import torch
 from torch import nn
 
+from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS, SAMPLE_RATE
 from av2ts_cli.model.blocks import FrozenBatchNorm2d, TransformerBlock
 
-SAMPLE_RATE = 16000
+# SAMPLE_RATE (16 kHz), MEL_BANDS (64) and EXAMPLE_FRAMES (96 hops of 10 ms: 0.96 s per example, one example per
+# video frame) are the AVSBench contract's (avsbench.py, through config).
 WINDOW_LENGTH = 400  # 25 ms
 HOP_LENGTH = 160  # 10 ms
 FFT_LENGTH = 512
-NUM_MEL_BANDS = 64
 MEL_MIN_HZ = 125.0
 MEL_MAX_HZ = 7500.0
 LOG_OFFSET = 0.01
-EXAMPLE_FRAMES = 96  # 0.96 s per example, one example per video frame
-EXAMPLE_SECONDS = EXAMPLE_FRAMES * HOP_LENGTH / SAMPLE_RATE
 
 
 def _hertz_to_mel(hz: torch.Tensor) -> torch.Tensor:
@@ -31,13 +30,13 @@ def _hertz_to_mel(hz: torch.Tensor) -> torch.Tensor:
 
 
 def mel_matrix(dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """VGGish's mel weights [FFT_LENGTH // 2 + 1, NUM_MEL_BANDS] (triangles in HTK mel, DC bin zeroed)."""
+    """VGGish's mel weights [FFT_LENGTH // 2 + 1, MEL_BANDS] (triangles in HTK mel, DC bin zeroed)."""
     bins = FFT_LENGTH // 2 + 1
     bins_mel = _hertz_to_mel(torch.linspace(0.0, SAMPLE_RATE / 2, bins, dtype=torch.float64))
     edges = torch.linspace(
         float(_hertz_to_mel(torch.tensor(MEL_MIN_HZ, dtype=torch.float64))),
         float(_hertz_to_mel(torch.tensor(MEL_MAX_HZ, dtype=torch.float64))),
-        NUM_MEL_BANDS + 2,
+        MEL_BANDS + 2,
         dtype=torch.float64,
     )
     lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
@@ -52,7 +51,7 @@ def log_mel_spectrogram(wave: torch.Tensor) -> torch.Tensor:
     """wave: [S] float, 16 kHz mono in [-1, 1] -> [F, 64] log-mel frames, F = 1 + (S - 400) // 160 (0 if S < 400)."""
     wave = wave.to(torch.float32)
     if wave.numel() < WINDOW_LENGTH:
-        return wave.new_zeros(0, NUM_MEL_BANDS)
+        return wave.new_zeros(0, MEL_BANDS)
     frames = wave.unfold(0, WINDOW_LENGTH, HOP_LENGTH)  # [F, 400], no centring, as VGGish
     window = torch.hann_window(WINDOW_LENGTH, periodic=True, dtype=wave.dtype, device=wave.device)
     magnitude = torch.fft.rfft(frames * window, n=FFT_LENGTH).abs()  # [F, 257]
@@ -68,11 +67,11 @@ def waveform_to_examples(wave: torch.Tensor, num_examples: int | None = None) ->
     """
     frames = log_mel_spectrogram(wave)
     count = frames.shape[0] // EXAMPLE_FRAMES
-    examples = frames[: count * EXAMPLE_FRAMES].reshape(count, EXAMPLE_FRAMES, NUM_MEL_BANDS)
+    examples = frames[: count * EXAMPLE_FRAMES].reshape(count, EXAMPLE_FRAMES, MEL_BANDS)
     if num_examples is None:
         return examples
     if count == 0:
-        silence = torch.full((1, EXAMPLE_FRAMES, NUM_MEL_BANDS), math.log(LOG_OFFSET), dtype=frames.dtype)
+        silence = torch.full((1, EXAMPLE_FRAMES, MEL_BANDS), math.log(LOG_OFFSET), dtype=frames.dtype)
         examples = silence.to(frames.device)
     if examples.shape[0] < num_examples:
         pad = examples[-1:].expand(num_examples - examples.shape[0], -1, -1)
@@ -93,10 +92,10 @@ class CEDEncoder(nn.Module):
                  max_frames: int = 1012, mlp_ratio: float = 4.0):
         super().__init__()
         self.dim = dim
-        self.init_bn = FrozenBatchNorm2d(NUM_MEL_BANDS)
+        self.init_bn = FrozenBatchNorm2d(MEL_BANDS)
         self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
         self.time_pos_embed = nn.Parameter(torch.randn(1, dim, 1, (max_frames - patch) // patch + 1) * 0.02)
-        self.freq_pos_embed = nn.Parameter(torch.randn(1, dim, (NUM_MEL_BANDS - patch) // patch + 1, 1) * 0.02)
+        self.freq_pos_embed = nn.Parameter(torch.randn(1, dim, (MEL_BANDS - patch) // patch + 1, 1) * 0.02)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, mlp_ratio, qkv_bias=True, eps=1e-6) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS, ModelConfig
-from av2ts_cli.errors import UsageError
 from av2ts_cli.model.audio import CEDEncoder
 from av2ts_cli.model.backbone import SiamGates, backbone_channels, create_backbone
 from av2ts_cli.model.decoder import MaskedAttentionDecoder
@@ -73,6 +72,7 @@ class AV2TS(nn.Module):
 
         Returns {"pred_logits": [B*T, Q, K+1], "pred_masks": [B*T, Q, H/4, W/4], "aux_outputs": list of the
         earlier {"pred_logits", "pred_masks"}, "middle_masks": list of [B*T, Q, H/4 * W/4]} (frame-major rows).
+        ValueError for inputs of other shapes, or without the maskiges a Siam model needs.
         """
         b, t = self._check_inputs(frames, audio, maskiges)
         features = self.backbone(self._normalise(frames))
@@ -113,17 +113,17 @@ class AV2TS(nn.Module):
 
     def _check_inputs(self, frames, audio, maskiges) -> tuple[int, int]:
         if frames.dim() != 5 or frames.shape[2] != 3:
-            raise UsageError(f"frames must be [B, T, 3, H, W], got {list(frames.shape)}")
+            raise ValueError(f"frames must be [B, T, 3, H, W], got {list(frames.shape)}")
         b, t, _, h, w = frames.shape
         if h % 32 or w % 32:
-            raise UsageError(f"frame size {h}x{w} is not a multiple of 32")
+            raise ValueError(f"frame size {h}x{w} is not a multiple of 32")
         if tuple(audio.shape) != (b, t, EXAMPLE_FRAMES, MEL_BANDS):
-            raise UsageError(f"audio must be [B, T, {EXAMPLE_FRAMES}, {MEL_BANDS}] = "
+            raise ValueError(f"audio must be [B, T, {EXAMPLE_FRAMES}, {MEL_BANDS}] = "
                              f"[{b}, {t}, {EXAMPLE_FRAMES}, {MEL_BANDS}], got {list(audio.shape)}")
         if self.cfg.siam and maskiges is None:
-            raise UsageError(f"model {self.cfg.preset} uses the Siam encoder: maskiges are required")
+            raise ValueError(f"model {self.cfg.preset} uses the Siam encoder: maskiges are required")
         if maskiges is not None and self.cfg.siam and maskiges.shape != frames.shape:
-            raise UsageError(f"maskiges {list(maskiges.shape)} must have the frames' shape {list(frames.shape)}")
+            raise ValueError(f"maskiges {list(maskiges.shape)} must have the frames' shape {list(frames.shape)}")
         return b, t
 
 
@@ -131,7 +131,7 @@ def foreground_probability(semseg: torch.Tensor) -> torch.Tensor:
     """[..., 2, H, W] S4/MS3 semantic map -> [..., H, W] probability of the sounding object (softmax over the two
     channels, channel 1), the quantity the AVSBench evaluation thresholds at 0.5."""
     if semseg.shape[-3] != 2:
-        raise UsageError(f"foreground_probability needs a 2-class map, got {semseg.shape[-3]} classes")
+        raise ValueError(f"foreground_probability needs a 2-class map, got {semseg.shape[-3]} classes")
     return semseg.float().softmax(dim=-3)[..., 1, :, :]
 
 

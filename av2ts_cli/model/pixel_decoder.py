@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from av2ts_cli.model.blocks import sine_position_embedding
-from av2ts_cli.model.deform_attn import ms_deform_attn
+from av2ts_cli.model.ops import ms_deform_attn
 
 
 class DeformableAttention(nn.Module):
