@@ -135,6 +135,7 @@ def test_bad_inputs_are_one_line_each_and_the_rest_is_done(tmp_path):
     assert not list(maskige_root(resolve_root(root, "s4"), "s4").rglob(".*partial*"))
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_every_frame_once(tmp_path):
     root, masks_dir, expected = _dataset_with_masks(tmp_path, "s4")
     logs = tmp_path / "logs"

@@ -1,0 +1,126 @@
+"""av2ts_cli/maskiges/generate.py on tiny random SAM and SAM-HQ models (the real transformers code, no mocks):
+in process from a save_pretrained folder, end to end as hf://... from a local Hugging Face cache with
+HF_HUB_OFFLINE=1, the offline-missing-model error, the missing-extra error, and the small-region clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")  # the av2ts[sam] extra (part of dev)
+
+from _tiny_sam import FAKE_COMMIT, hub_cache_with, save_tiny_sam  # noqa: E402
+from conftest import one_line  # noqa: E402
+
+from av2ts_cli.data.datasets import AVSDataset  # noqa: E402
+from av2ts_cli.data.synth import SynthOptions, synthesize  # noqa: E402
+from av2ts_cli.errors import Av2tsError  # noqa: E402
+from av2ts_cli.maskiges.generate import (  # noqa: E402
+    DEFAULT_REPO,
+    DEFAULT_REVISION,
+    INSTALL_HINT,
+    GeneratorSettings,
+    MaskGenerator,
+    import_transformers,
+    remove_small_regions,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LOOSE = GeneratorSettings(points_per_side=4, points_per_batch=5, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-sam")
+    return {"sam": save_tiny_sam(root / "sam"), "sam_hq": save_tiny_sam(root / "sam-hq", hq=True)}
+
+
+@pytest.mark.parametrize("kind", ["sam", "sam_hq"])
+def test_generates_masks_of_the_frame_size(tiny_models, kind):
+    image = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
+    generator = MaskGenerator(tiny_models[kind], LOOSE, device="cpu")
+    masks = generator.generate(image)
+    assert masks.dtype == bool and masks.ndim == 3 and masks.shape[1:] == (48, 80)
+    assert len(masks) >= 1 and masks.reshape(len(masks), -1).any(axis=1).all()  # thresholds 0: something passes
+    described = generator.describe()
+    assert described["model_type"] == kind and described["settings"]["points_per_side"] == 4
+    strict = MaskGenerator(tiny_models[kind], GeneratorSettings(points_per_side=4), device="cpu").generate(image)
+    assert strict.shape[1:] == (48, 80) and len(strict) <= len(masks)  # COMBO's thresholds keep fewer, maybe none
+
+
+def test_small_holes_and_islands_are_removed():
+    mask = np.zeros((1, 20, 20), bool)
+    mask[0, 2:12, 2:12] = True
+    mask[0, 5, 5] = False  # a 1 px hole
+    mask[0, 16:18, 16:18] = True  # a 4 px island
+    cleaned = remove_small_regions(mask, min_area=10, nms_thresh=0.7)
+    assert cleaned.shape == (1, 20, 20) and cleaned[0, 5, 5] and not cleaned[0, 16:18, 16:18].any()
+    assert cleaned[0].sum() == 100
+    lone = np.zeros((1, 20, 20), bool)
+    lone[0, 0:2, 0:2] = True  # every island small: the largest stays
+    assert remove_small_regions(lone, 10, 0.7)[0].sum() == 4
+    assert remove_small_regions(mask, 0, 0.7) is mask
+
+
+def _hf_env(tmp_path: Path) -> dict:
+    home = tmp_path / "hf-home"
+    return {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1"}
+
+
+def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "av2ts_cli", "maskiges", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env={**os.environ, **env})
+
+
+@pytest.mark.slow
+def test_end_to_end_from_the_hub_cache_offline(tiny_models, tmp_path):
+    env = _hf_env(tmp_path)
+    hub_cache_with(tiny_models["sam"], Path(env["HF_HUB_CACHE"]), "av2ts-tests/tiny-sam")
+    root = tmp_path / "AVS_dataset"
+    synthesize(root, SynthOptions("s4", counts={"train": 1, "val": 1, "test": 1}, seed=3, size=64, maskiges=False,
+                                  log_mel=False))
+    result = _cli("--subset", "s4", "--data", str(root), "--generator", "hf://av2ts-tests/tiny-sam",
+                  "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0", "--device", "cpu",
+                  env=env)
+    assert result.returncode == 0, result.stderr
+    assert "15 maskiges written, 0 already there, 0 failed of 15 frames" in result.stderr
+    record = json.loads((root / "AVSBench_object/Single-source/s4_data/pre_SAM_mask.json").read_text())
+    assert (record["repo"], record["revision"], record["model_type"]) == ("av2ts-tests/tiny-sam", FAKE_COMMIT, "sam")
+    assert record["settings"]["points_per_side"] == 4 and record["settings"]["min_region"] == 10
+    for split in ("train", "val", "test"):
+        dataset = AVSDataset(root, "s4", split, maskiges=True, augment=False)
+        for video in dataset.videos:
+            maskiges = dataset.read_clip(video).maskiges
+            assert maskiges.shape == (5, 64, 64, 3)  # 224 x 224 files fitted to the 64 px frames by the reader
+    pinned = _cli("--subset", "s4", "--data", str(root), "--generator", f"hf://av2ts-tests/tiny-sam@{FAKE_COMMIT}",
+                  "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0", "--json", env=env)
+    assert pinned.returncode == 0, pinned.stderr
+    assert json.loads(pinned.stdout)["skipped"] == 15  # the same commit and settings: nothing to redo
+    other = _cli("--subset", "s4", "--data", str(root), "--generator", "hf://av2ts-tests/tiny-sam", env=env)
+    assert other.returncode == 2 and "pred_iou_thresh=0.0" in other.stderr  # other settings: not mixed in
+
+
+def test_a_model_missing_offline_is_one_line_with_the_prefetch_command(tmp_path):
+    root = tmp_path / "AVS_dataset"
+    synthesize(root, SynthOptions("ms3", counts={"train": 1, "val": 1, "test": 1}, size=32, maskiges=False,
+                                  log_mel=False))
+    result = _cli("--subset", "ms3", "--data", str(root), env=_hf_env(tmp_path))
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert line.startswith(f"error: hf://{DEFAULT_REPO}@{DEFAULT_REVISION}: ")
+    assert "HF_HUB_OFFLINE is set" in line
+    assert f"hf download {DEFAULT_REPO} --revision {DEFAULT_REVISION}" in line
+
+
+def test_without_transformers_the_error_gives_the_install_command(monkeypatch, tiny_models):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when not installed
+    with pytest.raises(Av2tsError, match=INSTALL_HINT.replace("[", r"\[").replace("]", r"\]")):
+        import_transformers()
+    with pytest.raises(Av2tsError, match="pip install"):
+        MaskGenerator(tiny_models["sam"])

@@ -1,0 +1,74 @@
+"""av2ts_cli/maskiges/video.py through ``av2ts maskiges clip.mp4 --out DIR``: one maskige per frame predict
+samples, numbered as predict numbers its masks and read by predict's maskige reader; a re-run reuses them and an
+--fps change remakes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("transformers")  # the av2ts[sam] extra (part of dev)
+
+from _tiny_sam import save_tiny_sam  # noqa: E402
+
+from av2ts_cli import media  # noqa: E402
+from av2ts_cli.maskiges.video import RECORD_FILE  # noqa: E402
+from av2ts_cli.predict_stream import maskige_reader  # noqa: E402
+from av2ts_cli.sampling import video_schedule  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "av2ts_cli", "maskiges", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+def test_video_maskiges_are_what_predict_reads(tmp_path, make_clip):
+    clip = make_clip("talk", duration=2.6, size=(80, 48), pattern="testsrc")
+    model = save_tiny_sam(tmp_path / "tiny")
+    out = tmp_path / "maskiges"
+    common = ["--out", str(out), "--generator", str(model), "--points-per-side", "4", "--pred-iou-thresh", "0",
+              "--stability-thresh", "0", "--device", "cpu", "--json"]
+    first = _cli(str(clip), "--fps", "2", *common)
+    assert first.returncode == 0, first.stderr
+    schedule = video_schedule(media.probe(clip), 2, 1)
+    folder = out / "talk"  # predict's folder name for the clip
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{f.index:06d}.png" for f in schedule.frames]
+    assert len(schedule.frames) == 6  # 3 sampled seconds x 2 passes
+    read = maskige_reader(folder, 64)
+    for frame in schedule.frames:
+        assert read(frame).shape == (64, 64, 3)
+    record = json.loads((folder / RECORD_FILE).read_text())
+    assert record["complete"] and record["fps"] == 2 and record["times"] == [f.time for f in schedule.frames]
+    assert record["model_type"] == "sam" and record["generator"] == str(model)
+    assert json.loads(first.stdout)["videos"][0]["written"] == 6
+
+    again = _cli(str(clip), "--fps", "2", *common)
+    assert again.returncode == 0 and json.loads(again.stdout)["videos"][0]["skipped"] == 6
+
+    coarser = _cli(str(clip), "--fps", "1", *common)
+    assert coarser.returncode == 0 and json.loads(coarser.stdout)["videos"][0]["written"] == 3
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_a_bad_video_is_reported_and_the_others_done(tmp_path, make_clip):
+    clip = make_clip("ok", duration=1.0, size=(64, 48))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    out = tmp_path / "maskiges"
+    result = _cli(str(broken), str(clip), "--out", str(out), "--generator", str(save_tiny_sam(tmp_path / "tiny")),
+                  "--points-per-side", "2", "--device", "cpu")
+    assert result.returncode == 3, result.stderr
+    failures = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failures) == 1 and failures[0].startswith(f"failed: {broken}") and "Traceback" not in result.stderr
+    assert (out / "ok" / "000000.png").is_file()
+    assert np.asarray(Image.open(out / "ok" / "000000.png")).shape == (224, 224)
