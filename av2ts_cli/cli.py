@@ -253,7 +253,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Versions, devices, ffmpeg, deformable-attention backend and caches (or a model's parameter counts)."""
-    from av2ts_cli import environment
+    from av2ts_cli import environment  # local: loads numpy, rich tables and the checkpoint code: not for --help
 
     if model is not None:
         report = environment.model_report(model)

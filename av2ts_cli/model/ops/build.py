@@ -303,6 +303,8 @@ def _build(backend: str, name: str, build_dir: Path) -> None:
     level = cpp_extension_log.level
     cpp_extension_log.setLevel(logging.ERROR)  # "No CUDA runtime is found" on GPU-less machines: noise here
     try:
+        # local: only a build needs it; on import it reads CUDA_HOME (set above) and warns "No CUDA runtime is
+        # found" on GPU-less machines (quieted around it)
         from torch.utils import cpp_extension
     finally:
         cpp_extension_log.setLevel(level)
