@@ -4,9 +4,11 @@
 //
 // Semantics (Deformable-DETR): value [N, S, M, D] with S = sum_l h_l * w_l; sampling locations [N, Q, M, L, P, 2]
 // as (x, y) normalised to [0, 1]; attention weights [N, Q, M, L, P]; output [N, Q, M, D]. Bilinear, zero padding,
-// align_corners=False: pixel coordinate x = loc_x * w - 0.5. All tensors contiguous. Locations, weights and their
-// gradients use the accumulation type (float, or double for double values); value, output and grad_output use the
-// value type.
+// align_corners=False: pixel coordinate x = loc_x * w - 0.5, rounded once (a fused multiply-add, as nvcc compiles
+// the Deformable-DETR CUDA kernel); a sample counts only where -1 < x < w and -1 < y < h; at an integer x the
+// location gradient is the right-hand derivative (x0 = floor(x)). Both kernels do this, so they take the
+// reference's side of every kink. All tensors contiguous. Locations, weights and their gradients use the
+// accumulation type (float, or double for double values); value, output and grad_output use the value type.
 #pragma once
 
 #include <cstdint>

@@ -90,12 +90,22 @@ inline void locate(const SampleTable<acc_t>& table, int64_t row_stride, const sc
   const int64_t count = end - begin;
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) {
-    // pixel coordinates (align_corners=False); far-away or NaN samples are clamped to just outside the map, which
-    // keeps the integer conversion defined and leaves all four corners outside
-    acc_t x = loc[2 * j] * width_f[j] - acc_t(0.5), y = loc[2 * j + 1] * height_f[j] - acc_t(0.5);
-    x = x >= acc_t(-2) ? x : acc_t(-2), y = y >= acc_t(-2) ? y : acc_t(-2);
-    x = x <= width_f[j] ? x : width_f[j], y = y <= height_f[j] ? y : height_f[j];
-    // floor through truncation (std::floor does not vectorise without -fno-trapping-math)
+    // Pixel coordinates (align_corners=False) with the Deformable-DETR CUDA kernel's arithmetic, which the
+    // reference trains with: x = loc_x * w - 0.5 rounded once (nvcc contracts its `loc_w * spatial_w - 0.5` into
+    // fma.rn.f32: the PTX of nvcc 11.8 and 13.0). std::fma pins that whatever -ffp-contract says (with two
+    // roundings, 1% of the float64 coordinates of initialisation-like locations floor to another pixel, in
+    // tests/test_kernels_location.py). It vectorises where the target has FMA (a libm call elsewhere: exact, slower).
+    acc_t x = std::fma(loc[2 * j], width_f[j], acc_t(-0.5)), y = std::fma(loc[2 * j + 1], height_f[j], acc_t(-0.5));
+    // A sample counts only where -1 < x < w and -1 < y < h (the reference's test). Elsewhere, NaN included, it
+    // moves to -2 or w, where all four corners are outside: no value, no gradient. That matters at exactly -1,
+    // where corner x0 + 1 = 0 has weight 0 but would get a location gradient (a border query at initialisation
+    // samples there). The clamp also keeps the integer conversion defined.
+    x = x > acc_t(-1) ? x : acc_t(-2), y = y > acc_t(-1) ? y : acc_t(-2);
+    x = x < width_f[j] ? x : width_f[j], y = y < height_f[j] ? y : height_f[j];
+    // floor through truncation (std::floor does not vectorise without -fno-trapping-math). At an integer x the
+    // floor is x itself: the sample sits on the left edge of cell [x, x + 1], and the location gradient below is
+    // that cell's slope, the right-hand derivative (v[x + 1] - v[x], towards the zero padding at x = w - 1), as in
+    // the reference kernel, which floors the same way.
     const int32_t x0 = static_cast<int32_t>(x) - (static_cast<acc_t>(static_cast<int32_t>(x)) > x);
     const int32_t y0 = static_cast<int32_t>(y) - (static_cast<acc_t>(static_cast<int32_t>(y)) > y);
     const acc_t x0f = static_cast<acc_t>(x0), y0f = static_cast<acc_t>(y0);
@@ -351,7 +361,8 @@ void backward(const MsdaShape& s, const int64_t* shapes, const int64_t* starts, 
         const acc_t lx = corners.frac_x[t], ly = corners.frac_y[t], hx = 1 - lx, hy = 1 - ly;
         grad_attn_q[t] = corners.weights[0][t] * g[0] + corners.weights[1][t] * g[1] +
                          corners.weights[2][t] * g[2] + corners.weights[3][t] * g[3];
-        // x = loc_x * w - 0.5, so d/dloc_x = w * d/dx (and likewise for y)
+        // x = loc_x * w - 0.5, so d/dloc_x = w * d/dx (and likewise for y); the slope of the cell right of x0,
+        // so at an integer x the right-hand derivative (see locate)
         grad_loc_q[2 * t] = a * table.width_f[t] * (hy * (g[1] - g[0]) + ly * (g[3] - g[2]));
         grad_loc_q[2 * t + 1] = a * table.height_f[t] * (hx * (g[2] - g[0]) + lx * (g[3] - g[1]));
       }

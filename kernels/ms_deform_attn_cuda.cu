@@ -31,8 +31,15 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-// Bilinear corners of one sample (align_corners=False, zero padding). Far-away or NaN locations are clamped to just
-// outside the map, where all four corners are outside.
+// Bilinear corners of one sample (align_corners=False, zero padding), with the arithmetic of the Deformable-DETR
+// CUDA kernel the reference trains with, so both take the same side of the kinks at integer pixel coordinates:
+// - x = loc_x * w - 0.5 rounded once: nvcc contracts the reference's `loc_w * spatial_w - 0.5` into fma.rn.f32 (the
+//   PTX of nvcc 11.8 and 13.0); fmaf keeps it so under --fmad=false too.
+// - a sample counts only where -1 < x < w and -1 < y < h (the reference's test); elsewhere, NaN included, it moves
+//   to -2 or w, where all four corners are outside: no value and no gradient (at exactly -1, corner x0 + 1 = 0 has
+//   weight 0 but would otherwise get a location gradient).
+// - x0 = floor(x): at an integer x the sample sits on the left edge of cell [x, x + 1] and the location gradient is
+//   that cell's slope, the right-hand derivative (v[x + 1] - v[x]; towards the zero padding at x = w - 1).
 struct Corners {
   int x0, y0;
   float lx, ly;         // position inside the cell
@@ -41,9 +48,9 @@ struct Corners {
 };
 
 __device__ __forceinline__ Corners locate(float loc_x, float loc_y, int h, int w) {
-  float x = loc_x * w - 0.5f, y = loc_y * h - 0.5f;
-  x = x >= -2.f ? x : -2.f, y = y >= -2.f ? y : -2.f;
-  x = x <= w ? x : static_cast<float>(w), y = y <= h ? y : static_cast<float>(h);
+  float x = fmaf(loc_x, static_cast<float>(w), -0.5f), y = fmaf(loc_y, static_cast<float>(h), -0.5f);
+  x = x > -1.f ? x : -2.f, y = y > -1.f ? y : -2.f;
+  x = x < w ? x : static_cast<float>(w), y = y < h ? y : static_cast<float>(h);
   Corners c;
   const float x0f = floorf(x), y0f = floorf(y);
   c.x0 = static_cast<int>(x0f), c.y0 = static_cast<int>(y0f);
@@ -143,7 +150,8 @@ __global__ void __launch_bounds__(kThreads)
         corner_value[corner] = to_float(v[offset]);
         if (active) atomicAdd(gv + offset, a * bilinear[corner] * go);
       }
-      // x = loc_x * w - 0.5, so d/dloc_x = w * d/dx (and likewise for y)
+      // x = loc_x * w - 0.5, so d/dloc_x = w * d/dx (and likewise for y); the slope of the cell right of x0, so at an
+      // integer x the right-hand derivative (see locate)
       float grad_a = go * (bilinear[0] * corner_value[0] + bilinear[1] * corner_value[1] +
                            bilinear[2] * corner_value[2] + bilinear[3] * corner_value[3]);
       float grad_x = go * a * w * (hy * (corner_value[1] - corner_value[0]) + c.ly * (corner_value[3] - corner_value[2]));
