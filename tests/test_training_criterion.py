@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from av2ts_cli.config import LossConfig, get_preset
 from av2ts_cli.errors import UsageError
@@ -123,7 +124,14 @@ def test_semantic_targets_one_mask_per_present_class_ignoring_255():
     masks = torch.tensor([[[[0, 0], [2, 255]], [[255, 255], [255, 255]], [[1, 1], [1, 1]],
                            [[1, 255], [255, 255]]]])  # [1, 4, 2, 2]
     supervised = torch.tensor([[True, True, False, True]])
+    # the reference's rule: 255 is 0 in every class mask; every supervised frame is kept (frame 1: no target)
     sem = semantic_targets(masks, supervised, num_classes=3)
+    assert sem.rows.tolist() == [0, 1, 3]  # frame 2 unsupervised
+    assert sem.labels.tolist() == [0, 2, 1] and sem.frame.tolist() == [0, 0, 2]
+    assert sem.masks[:, 0].tolist() == [[[1, 1], [0, 0]], [[0, 0], [1, 0]], [[1, 0], [0, 0]]]
+    assert sem.valid is None
+    # ignore_padding: 255 marked as not counting, and a frame with no labelled pixel left out
+    sem = semantic_targets(masks, supervised, num_classes=3, ignore_padding=True)
     assert sem.rows.tolist() == [0, 3]  # frame 1 is all ignore, frame 2 unsupervised
     assert sem.labels.tolist() == [0, 2, 1] and sem.frame.tolist() == [0, 0, 1]
     assert sem.masks[:, 0].tolist() == [[[1, 1], [0, 0]], [[0, 0], [1, 0]], [[1, 0], [0, 0]]]
@@ -227,9 +235,9 @@ def test_cosine_loss_against_a_hand_computation(t):
     assert inter_frame_cosine_loss(middle[:2], 1).item() == 0.0  # one frame per clip: no pairs
 
 
-def test_ignore_pixels_do_not_count():
+def test_ignore_pixels_do_not_count_with_ignore_padding():
     # uniform points only, so that the points drawn do not depend on the predictions being compared
-    criterion = SetCriterion(3, small_loss(num_points=512, importance_sample_ratio=0.0))
+    criterion = SetCriterion(3, small_loss(num_points=512, importance_sample_ratio=0.0), ignore_padding=True)
     masks = block_targets(1, 2, size=32, seed=2)
     ignored = masks.clone()
     ignored[:, :, :, :16] = 255  # the left half of both frames
@@ -244,6 +252,10 @@ def test_ignore_pixels_do_not_count():
         assert same[key].item() == pytest.approx(base[key].item(), rel=1e-6)
     # with the labels back, the flip does change the loss (so the test above can fail)
     assert run(criterion, flipped, masks)["loss_mask"].item() != pytest.approx(run(criterion, out, masks)[
+        "loss_mask"].item(), rel=1e-3)
+    # and by default (the reference's rule) the ignored half counts as negatives: the flip changes the loss
+    reference = SetCriterion(3, small_loss(num_points=512, importance_sample_ratio=0.0))
+    assert run(reference, flipped, ignored)["loss_mask"].item() != pytest.approx(run(reference, out, ignored)[
         "loss_mask"].item(), rel=1e-3)
 
 
@@ -274,8 +286,8 @@ def test_unsupervised_frames_get_no_class_or_mask_gradient():
         assert again[key].item() == pytest.approx(losses[key].item(), rel=1e-6)
 
 
-def test_all_ignore_frames_give_finite_losses_and_no_gradient():
-    criterion = SetCriterion(3, small_loss())
+def test_all_ignore_frames_give_finite_losses_and_no_gradient_with_ignore_padding():
+    criterion = SetCriterion(3, small_loss(), ignore_padding=True)
     masks = block_targets(1, 3, size=16, seed=5)
     masks[0, 1] = 255
     out = free_outputs(3, 5, 3, side=4, aux=1, middle=1)
@@ -291,6 +303,170 @@ def test_all_ignore_frames_give_finite_losses_and_no_gradient():
     assert all(losses[k].item() == 0.0 for k in (*SET_KEYS, "loss_ce_0"))
     sum(losses.values()).backward()
     assert torch.isfinite(empty["pred_masks"].grad).all() and empty["pred_masks"].grad.abs().sum() == 0
+
+
+def test_all_ignore_frames_learn_no_object_by_default():
+    """The reference's rule: a supervised frame without a labelled pixel has no target, so every query of it learns
+    no-object (class loss only); its masks get no gradient."""
+    criterion = SetCriterion(3, small_loss())
+    masks = block_targets(1, 3, size=16, seed=5)
+    masks[0, 1] = 255
+    out = free_outputs(3, 5, 3, side=4, aux=1, middle=1)
+    losses = run(criterion, out, masks)
+    sum(losses.values()).backward()
+    assert out["pred_masks"].grad[1].abs().sum() == 0 and out["pred_masks"].grad[0].abs().sum() > 0
+    assert out["pred_logits"].grad[1].abs().sum() > 0  # the class loss reaches the all-255 frame
+
+    # nothing labelled anywhere: mask and dice zero; the class loss is the mean of -log p(no-object) (every weight
+    # is the no-object weight, so it cancels), times the class weight 2
+    empty = free_outputs(3, 5, 3, side=4, aux=1)
+    losses = run(criterion, empty, torch.full((1, 3, 16, 16), 255))
+    assert all(losses[k].item() == 0.0 for k in ("loss_mask", "loss_dice", "loss_mask_0", "loss_dice_0"))
+    for key, layer in (("loss_ce", empty), ("loss_ce_0", empty["aux_outputs"][0])):
+        expected = -torch.log_softmax(layer["pred_logits"].detach().double(), -1)[..., -1].mean().item()
+        assert losses[key].item() == pytest.approx(2.0 * expected, rel=1e-6)
+    sum(losses.values()).backward()
+    assert torch.isfinite(empty["pred_masks"].grad).all() and empty["pred_masks"].grad.abs().sum() == 0
+
+
+def losses_by_hand(outputs: dict, masks: torch.Tensor, supervised: torch.Tensor, loss: LossConfig,
+                   num_classes: int, ignore_padding: bool, seed: int = 0) -> dict[str, float]:
+    """The criterion of the last layer written out one frame and one pair at a time, in float64.
+
+    Default (the reference's rule, Mask2Former's matcher and losses): a class mask is 1 where the label is the
+    class and 0 everywhere else, 255 included; the BCE cost in the reference's form (pos @ t + neg @ (1 - t)) / P;
+    every point counts. ``ignore_padding``: each point weighs the bilinear share of labelled pixels around it.
+    The points are drawn in the criterion's order from ``seed`` (matcher [N, P, 2]; then, for the mask losses,
+    the importance candidates [M, P * ratio, 2] and the uniform points [M, P, 2]); importance_sample_ratio must be
+    0 so that every mask-loss point is a uniform one."""
+    assert loss.importance_sample_ratio == 0.0 and not loss.deep_supervision
+    p_count = loss.num_points
+    labels = masks.flatten(0, 1)
+    logits_all = outputs["pred_logits"].detach().double()
+    masks_all = outputs["pred_masks"].detach().double()
+    rows = [r for r in range(labels.shape[0]) if supervised.flatten()[r]
+            and (not ignore_padding or (labels[r] != 255).any())]
+
+    def sample(image: torch.Tensor, coords: torch.Tensor, border: bool = False) -> torch.Tensor:  # [H, W], [P, 2]
+        grid = (2 * coords.double() - 1).view(1, -1, 1, 2)
+        return torch.nn.functional.grid_sample(image[None, None].double(), grid, align_corners=False,
+                                               padding_mode="border" if border else "zeros").flatten()
+
+    torch.manual_seed(seed)
+    points = torch.rand(len(rows), p_count, 2)
+    frames = []  # per frame: (row, classes, class masks, matched (query, target) pairs)
+    for i, r in enumerate(rows):
+        valid = (labels[r] != 255).double()
+        classes = [int(c) for c in torch.unique(labels[r]) if c != 255]
+        class_masks = [(labels[r] == c).double() for c in classes]
+        w = sample(valid, points[i], border=True) if ignore_padding else torch.ones(p_count, dtype=torch.float64)
+        probs = torch.softmax(logits_all[r], -1)
+        cost = np.zeros((logits_all.shape[1], len(classes)))
+        for q in range(logits_all.shape[1]):
+            x = sample(masks_all[r, q], points[i])
+            for m, c in enumerate(classes):
+                t = sample(class_masks[m], points[i])
+                pos = torch.nn.functional.softplus(-x)  # BCE against 1
+                neg = torch.nn.functional.softplus(x)  # BCE against 0
+                bce = (w * (pos * t + neg * (1 - t))).sum() / w.sum()
+                s = torch.sigmoid(x)
+                dice = 1 - (2 * (s * w * t).sum() + 1) / ((s * w).sum() + (t * w).sum() + 1)
+                cost[q, m] = (-loss.class_weight * probs[q, c] + loss.mask_weight * bce + loss.dice_weight * dice).item()
+        qs, ms = linear_sum_assignment(cost)
+        frames.append((r, classes, class_masks, list(zip(qs.tolist(), ms.tolist(), strict=True))))
+
+    num_masks = max(sum(len(f[1]) for f in frames), 1)
+    weight = torch.ones(num_classes + 1, dtype=torch.float64)
+    weight[-1] = loss.no_object_weight
+    ce_num = ce_den = 0.0
+    for r, classes, _, pairs in frames:
+        target = [num_classes] * logits_all.shape[1]
+        for q, m in pairs:
+            target[q] = classes[m]
+        logp = torch.log_softmax(logits_all[r], -1)
+        for q, c in enumerate(target):
+            ce_num -= float(weight[c] * logp[q, c])
+            ce_den += float(weight[c])
+    matched = [(r, q, class_masks[m]) for r, _, class_masks, pairs in frames for q, m in pairs]
+    torch.rand(len(matched), int(p_count * loss.oversample_ratio), 2)  # the importance candidates (not used)
+    uniform = torch.rand(len(matched), p_count, 2)
+    bce_sum = dice_sum = 0.0
+    for j, (r, q, class_mask) in enumerate(matched):
+        x, t = sample(masks_all[r, q], uniform[j]), sample(class_mask, uniform[j])
+        valid = (labels[r] != 255).double()
+        w = sample(valid, uniform[j], border=True) if ignore_padding else torch.ones(p_count, dtype=torch.float64)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+        bce_sum += float((w * bce).sum() / w.sum())
+        s = torch.sigmoid(x) * w
+        dice_sum += float(1 - (2 * (s * t).sum() + 1) / (s.sum() + (t * w).sum() + 1))
+    return {"loss_ce": loss.class_weight * ce_num / ce_den, "loss_mask": loss.mask_weight * bce_sum / num_masks,
+            "loss_dice": loss.dice_weight * dice_sum / num_masks}
+
+
+def padded_clip(seed: int = 2) -> torch.Tensor:
+    """int64 [1, 3, 32, 32]: block targets resized below the input and padded bottom/right with 255 (as after a
+    random resize to 20 x 24 px), frame 2 unsupervised."""
+    masks = block_targets(1, 3, size=32, seed=seed)
+    masks[..., 20:, :] = 255
+    masks[..., :, 24:] = 255
+    return masks
+
+
+def test_loss_on_a_padded_clip_counts_padding_as_negatives():
+    """Against the hand computation: by default padded pixels are negatives of every class mask (the reference);
+    with ignore_padding they weigh 0. The two rules give different losses on the same clip."""
+    cfg = small_loss(num_points=256, importance_sample_ratio=0.0, deep_supervision=False)
+    masks = padded_clip()
+    supervised = torch.tensor([[True, True, False]])
+    out = free_outputs(3, 6, 3, side=8, seed=11)
+    results = {}
+    for ignore in (False, True):
+        got = run(SetCriterion(3, cfg, ignore_padding=ignore), out, masks, supervised, seed=4)
+        expected = losses_by_hand(out, masks, supervised, cfg, 3, ignore, seed=4)
+        for key in SET_KEYS:
+            assert got[key].item() == pytest.approx(expected[key], rel=1e-5), (ignore, key)
+        results[ignore] = expected
+    assert results[False]["loss_dice"] != pytest.approx(results[True]["loss_dice"], rel=0.01)
+    assert results[False]["loss_mask"] != pytest.approx(results[True]["loss_mask"], rel=0.01)
+    # on the unpadded clip the two rules are one
+    whole = block_targets(1, 3, size=32, seed=2)
+    same = [run(SetCriterion(3, cfg, ignore_padding=ignore), out, whole, supervised, seed=4) for ignore in (0, 1)]
+    assert all(same[0][k].item() == pytest.approx(same[1][k].item(), rel=1e-6) for k in SET_KEYS)
+
+
+def test_criterion_under_bf16_autocast_keeps_matcher_costs_and_class_loss_in_fp32():
+    """bf16 outputs under CPU autocast, as with --bf16: the matcher's costs and the class loss are fp32, and every
+    loss equals the fp32 criterion's on the same (widened) values."""
+    criterion = SetCriterion(3, small_loss())
+    masks = block_targets(2, 2, size=16, seed=6)
+    supervised = torch.ones(2, 2, dtype=torch.bool)
+    out = free_outputs(4, 6, 3, side=4, aux=1, middle=1, seed=2)
+
+    def low(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().bfloat16().requires_grad_()
+
+    low_out = {"pred_logits": low(out["pred_logits"]), "pred_masks": low(out["pred_masks"]),
+               "aux_outputs": [{k: low(v) for k, v in out["aux_outputs"][0].items()}],
+               "middle_masks": [low(out["middle_masks"][0])]}
+    wide_out = {"pred_logits": low_out["pred_logits"].detach().float(),
+                "pred_masks": low_out["pred_masks"].detach().float(),
+                "aux_outputs": [{k: v.detach().float() for k, v in low_out["aux_outputs"][0].items()}],
+                "middle_masks": [low_out["middle_masks"][0].detach().float()]}
+    sem = semantic_targets(masks, supervised, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (low_out["pred_logits"] @ low_out["pred_logits"].transpose(1, 2)).dtype == torch.bfloat16  # active
+        torch.manual_seed(0)
+        costs = criterion.matcher.costs(low_out["pred_logits"], low_out["pred_masks"], sem)
+        losses = run(criterion, low_out, masks, supervised)
+    torch.manual_seed(0)
+    wide_costs = criterion.matcher.costs(wide_out["pred_logits"], wide_out["pred_masks"], sem)
+    assert costs.dtype == torch.float32 and torch.equal(costs, wide_costs)
+    wide = run(criterion, wide_out, masks, supervised)
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    for key in losses:
+        assert losses[key].item() == pytest.approx(wide[key].item(), rel=1e-6), key
+    sum(losses.values()).backward()
+    assert low_out["pred_masks"].grad.dtype == torch.bfloat16 and low_out["pred_masks"].grad.abs().sum() > 0
 
 
 def test_gradients_reach_every_output_and_keys_follow_deep_supervision():
