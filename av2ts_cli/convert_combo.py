@@ -177,3 +177,21 @@ def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, sub
     else:
         meta["trained_on"] = trained_on
     return model.eval(), cfg, mapping, meta
+
+
+# ------------------------------------------------------------------------------------- data for the registry
+# For the registry entries of weights.py (not wired here): where the trained COMBO weights are, what they score
+# and their licence. J = mIoU, F = F-score, in %, as published by the COMBO authors (the README's table lists S4;
+# MS3 and AVSS are the paper's). Trained checkpoints exist for S4 only, one .pth per model folder of
+# hf://YannQi/COMBO-AVS-checkpoints under checkpoints/avs_s4/ (the file names are resolved by listing the repo).
+COMBO_LICENCE = "apache-2.0"  # LICENSE of yannqi/COMBO-AVS; the checkpoints repository is the authors' release
+COMBO_HUB_REPO = "YannQi/COMBO-AVS-checkpoints"
+COMBO_PUBLISHED = {
+    # name: (preset, subset, J, F, trained weights published)
+    "combo-r50-s4": ("combo-r50", "s4", 81.7, 90.1, True),
+    "combo-pvt-s4": ("combo-pvt", "s4", 84.7, 91.9, True),
+    "combo-r50-ms3": ("combo-r50", "ms3", 54.5, 66.6, False),
+    "combo-pvt-ms3": ("combo-pvt", "ms3", 59.2, 71.2, False),
+    "combo-r50-avss": ("combo-r50", "avss", 33.3, 37.3, False),
+    "combo-pvt-avss": ("combo-pvt", "avss", 42.1, 46.1, False),
+}

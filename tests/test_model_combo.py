@@ -90,6 +90,8 @@ def test_presets_and_family():
             assert cfg.audio_dim == 128 and cfg.vggish_widths == (64, 128, 256, 256, 512, 512)
             assert cfg.num_classes == (71 if subset == "avss" else 2)
     assert get_preset("combo-pvt").backbone == "pvt_v2_b5" and get_preset("combo-r50").backbone == "resnet50"
+    tiny = get_preset("combo-tiny")
+    assert tiny.family == "combo" and not tiny.siam and tiny.num_frames == 5 and tiny.input_size % 32 == 0
     assert get_preset("av2ts-r50").family == "av2ts" and get_preset("av2ts-r50").num_queries == 96
 
 
