@@ -447,8 +447,13 @@ def train_command(
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Split that picks the best checkpoint "
                                                    "(default val; the reference AV2TS used test).")] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="The reference's random resize, "
-                                                 "crop, flip and colour jitter per clip (default: "
+                                                 "crop and flip per clip, colour jitter per image (default: "
                                                  f"{recipe_defaults('augment')}).")] = None,
+    ignore_padding: Annotated[bool | None, typer.Option("--ignore-padding/--no-ignore-padding", help="Pixels "
+                                                        "labelled 255 (the padding after a random resize below the "
+                                                        "input size) weigh 0 in the matcher and mask losses; off: "
+                                                        "they are negatives of every class, as in the reference "
+                                                        f"(default: {recipe_defaults('ignore_padding')}).")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Write a log.csv row every N iterations "
                                                   "(default 20).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Data-loading processes (default 2).")] = None,
@@ -466,8 +471,8 @@ def train_command(
     report = training.train(resume=resume, progress=not as_json, subset=subset, data=data, model=model,
                             iters=iters, batch=batch, lr=lr, backbone_lr_mult=backbone_lr_mult, clip_norm=clip_norm,
                             amp=amp, bf16=bf16, out=None if out is None else str(out), eval_every=eval_every,
-                            eval_split=eval_split, augment=augment, log_every=log_every, workers=workers, seed=seed,
-                            device=device)
+                            eval_split=eval_split, augment=augment, ignore_padding=ignore_padding,
+                            log_every=log_every, workers=workers, seed=seed, device=device)
     if report is None:  # a process other than rank 0 of a torchrun job
         return
     _print_json(report) if as_json else training.print_report(report)

@@ -36,6 +36,19 @@ def test_resolved_fills_in_the_recipe_and_keeps_what_was_given():
         new_options({"subset": "s4", "data": "d", "learning_rate": 1.0})
 
 
+def test_ignore_padding_is_off_unless_asked_and_fixed_for_a_run():
+    """The reference's rule (255 pixels are negatives) by default; --ignore-padding is kept, and a resumed run may
+    not change it (it changes the loss)."""
+    cpu = torch.device("cpu")
+    for preset in ("av2ts-r50", "av2ts-pvt", "av2ts-tiny"):
+        assert new_options({"subset": "s4", "data": "d"}).resolved(preset, cpu).ignore_padding is False
+    asked = new_options({"subset": "s4", "data": "d", "ignore_padding": True}).resolved("av2ts-r50", cpu)
+    assert asked.ignore_padding is True
+    with pytest.raises(UsageError, match="--ignore-padding True contradicts"):
+        merge_resume_options(new_options({"subset": "s4", "data": "d"}).resolved("av2ts-r50", cpu),
+                             {"ignore_padding": True})
+
+
 def test_resume_may_change_only_the_free_options():
     saved = TrainOptions(subset="s4", data="old", iters=10, lr=1e-3, workers=2)
     merged = merge_resume_options(saved, {"data": "new", "workers": 0, "lr": 1e-3})

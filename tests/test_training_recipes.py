@@ -33,5 +33,5 @@ def test_recipe_defaults_state_the_table():
 def test_train_help_shows_the_table_not_a_copy(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # one line per option
     text = " ".join(invoke_cli(["train", "--help"]).output.split())
-    for field in ("iters", "batch", "lr", "backbone_lr_mult", "clip_norm", "amp", "augment"):
+    for field in ("iters", "batch", "lr", "backbone_lr_mult", "clip_norm", "amp", "augment", "ignore_padding"):
         assert recipe_defaults(field) in text, field

@@ -36,6 +36,7 @@ class TrainOptions:
     eval_every: int = 100  # evaluate and save every N iterations (0: only at the end)
     eval_split: str = "val"
     augment: bool | None = None  # the reference's training augmentation; False: frames only resized
+    ignore_padding: bool | None = None  # 255 pixels weigh 0 in the losses; False: negatives (the reference)
     log_every: int = 20
     workers: int = 2
     seed: int = 0
@@ -57,7 +58,8 @@ class TrainOptions:
             batch=recipe.batch if self.batch is None else self.batch, lr=recipe.lr if self.lr is None else self.lr,
             backbone_lr_mult=recipe.backbone_lr_mult if self.backbone_lr_mult is None else self.backbone_lr_mult,
             clip_norm=recipe.clip_norm if self.clip_norm is None else self.clip_norm, amp=bool(amp),
-            augment=recipe.augment if self.augment is None else self.augment)
+            augment=recipe.augment if self.augment is None else self.augment,
+            ignore_padding=recipe.ignore_padding if self.ignore_padding is None else self.ignore_padding)
         problems = []
         if out.iters < 1:
             problems.append(f"--iters must be at least 1 (got {out.iters})")

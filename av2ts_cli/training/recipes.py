@@ -18,7 +18,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Recipe:
     """Per-preset training defaults: iterations, global batch (clips), base LR, backbone LR factor, gradient clipping,
-    AMP (CUDA only) and the training augmentation."""
+    AMP (CUDA only), the training augmentation, and whether pixels labelled 255 weigh 0 in the losses
+    (``ignore_padding``; off: they are negatives, as in the reference; docs/model.md, "Training fidelity")."""
 
     iters: int
     batch: int
@@ -27,6 +28,7 @@ class Recipe:
     clip_norm: float = 0.01
     amp: bool = False
     augment: bool = True
+    ignore_padding: bool = False
 
 
 # r50/pvt: the reference configs (docs/model.md, "Training"). av2ts-tiny trains from random weights (no pretrained
