@@ -286,8 +286,11 @@ def convert(
 ) -> None:
     """Import upstream weights into an av2ts checkpoint (torch weights_only / safetensors / numpy-only pickles)."""
     from av2ts_cli import convert as converter
+    from av2ts_cli import convert_combo  # local: the COMBO importer builds on convert; only this command needs it
 
-    report = converter.convert_to_checkpoint(source, kind, out, preset=preset, subset=subset, siam=siam, base=base)
+    combo = convert_combo.convert_combo_kind if kind in convert_combo.COMBO_KINDS else None
+    report = converter.convert_to_checkpoint(source, kind, out, converter=combo, preset=preset, subset=subset,
+                                             siam=siam, base=base)
     _print_json(report) if as_json else converter.print_conversion_report(report)
 
 

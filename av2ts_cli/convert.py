@@ -393,10 +393,8 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
 
     if kind not in CONVERT_KINDS:
         raise UsageError(f"unknown --kind {kind!r}; choose from {', '.join(CONVERT_KINDS)}")
-    if kind in ("combo", "vggish"):  # COMBO-AVS checkpoints and its VGGish: convert_combo.py
-        from av2ts_cli.convert_combo import convert_combo_kind  # local: convert_combo imports this module
-
-        return convert_combo_kind(source, kind, preset=preset, subset=subset, siam=siam, base=base)
+    if kind in ("combo", "vggish"):  # convert_combo.py builds on this module, so this one cannot call it
+        raise UsageError(f"--kind {kind} is imported by convert_combo.convert_combo_kind (the CLI calls it)")
     path = _source_file(source)
     state = read_state_dict_file(path)
     base_doc = None
@@ -434,15 +432,16 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
     return model.eval(), cfg, mapping, meta
 
 
-def convert_to_checkpoint(source: str, kind: str, out: str | os.PathLike, **options) -> dict:
-    """``convert`` then ``save_checkpoint`` into ``out``; returns a JSON-ready summary."""
+def convert_to_checkpoint(source: str, kind: str, out: str | os.PathLike, *, converter=None, **options) -> dict:
+    """``convert`` (or ``converter``, a function with its signature and result, e.g.
+    ``convert_combo.convert_combo_kind``) then ``save_checkpoint`` into ``out``; returns a JSON-ready summary."""
     out = Path(out)
     if options.get("base") and Path(options["base"]).expanduser().resolve() == out.expanduser().resolve():
         raise UsageError("--out must differ from --base: inputs are never overwritten")
     source_path = Path(source).expanduser()
     if source_path.exists() and source_path.resolve() == out.expanduser().resolve():
         raise UsageError("--out must differ from the source file")
-    model, cfg, mapping, meta = convert(source, kind, **options)
+    model, cfg, mapping, meta = (converter or convert)(source, kind, **options)
     save_checkpoint(model, cfg, out, meta)
     parts: dict[str, int] = {}
     for key in mapping.tensors:

@@ -35,9 +35,11 @@ def read_rgb(path: str | os.PathLike, what: str = "frame") -> np.ndarray:
 def read_mask(path: str | os.PathLike, mask_format: str, palette: np.ndarray | None = None) -> np.ndarray:
     """A label PNG -> uint8 [H, W] class indices (255 = ignore).
 
-    MASK_BINARY: 0/255 masks (values 0/1 are taken as they are) -> {0, 1}; MASK_INDEX: the pixel values are the
-    class indices; MASK_RGB: colours matched exactly against ``palette`` (default: the AVSS palette), any other
-    colour is background, as the official ``color_mask_to_label``."""
+    MASK_BINARY: 0/255 masks -> {0, 1} by the reference's ``pixel // 255``: only 255 is the object, any grey
+    value (anti-aliased or resampled masks) is background (docs/model.md, "Training fidelity"); masks whose values
+    are all 0/1 are taken as they are. MASK_INDEX: the pixel values are the class indices; MASK_RGB: colours
+    matched exactly against ``palette`` (default: the AVSS palette), any other colour is background, as the
+    official ``color_mask_to_label``."""
     path = Path(path)
     image = _open(path, "mask")
     if mask_format == MASK_RGB:
@@ -55,7 +57,9 @@ def read_mask(path: str | os.PathLike, mask_format: str, palette: np.ndarray | N
         raise ValueError(f"unknown mask format {mask_format!r}")
     if values.dtype == bool or (values.size and values.max() <= 1):
         return values.astype(np.uint8)
-    return (values > 127).astype(np.uint8)
+    # the reference's S4/MS3 mappers: `pixel // 255`; 16-bit masks: anything from 255 up (the reference would
+    # make a class index above 1 of it)
+    return (values >= 255).astype(np.uint8)
 
 
 def rgb_to_index(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
