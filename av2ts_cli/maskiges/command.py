@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 from av2ts_cli.console import console
+from av2ts_cli.data.layout import check_subset
 from av2ts_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from av2ts_cli.maskiges import dataset, video
+from av2ts_cli.maskiges.generate import GeneratorSettings
 
 
 def run_command(sources: list[str] | None, *, subset: str | None, data: Path | None, masks_from: Path | None,
@@ -15,15 +18,11 @@ def run_command(sources: list[str] | None, *, subset: str | None, data: Path | N
                 recursive: bool, as_json: bool) -> int:
     """Run the form the options name; print the report (``as_json``: one JSON object on stdout). Returns the exit
     code: 0, or EXIT_PARTIAL when some frames or videos failed (each named on its own line)."""
-    from av2ts_cli.maskiges.generate import GeneratorSettings
-
     if sources:
         if subset is not None or data is not None or masks_from is not None:
             raise UsageError("give videos (with --out) or --subset and --data, not both")
         if out is None:
             raise UsageError("maskiges of videos need --out DIR (the folder predict --maskiges DIR reads)")
-        from av2ts_cli.maskiges import video
-
         report = video.run(sources, out, generator=generator, settings=GeneratorSettings(**settings), fps=fps,
                            device=device, force=force, recursive=recursive, progress=not as_json)
         _print_videos(report, as_json)
@@ -34,9 +33,6 @@ def run_command(sources: list[str] | None, *, subset: str | None, data: Path | N
         raise UsageError("--masks-from and --generator exclude each other (the masks are made already)")
     if out is not None:
         raise UsageError("--out is for videos; dataset maskiges go to the dataset's pre_SAM_mask/ folder")
-    from av2ts_cli.data.layout import check_subset
-    from av2ts_cli.maskiges import dataset
-
     check_subset(subset)
     report = dataset.pregenerate(subset, data, masks_from=masks_from, generator=generator,
                                  settings=None if masks_from else GeneratorSettings(**settings), device=device,

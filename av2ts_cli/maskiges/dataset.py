@@ -23,9 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from av2ts_cli import __version__, files
+from av2ts_cli.console import make_progress
+from av2ts_cli.data.images import image_header, read_rgb
 from av2ts_cli.data.layout import DATA_FOLDERS, SPLITS, Video, list_videos, read_metadata, resolve_root
 from av2ts_cli.errors import DataError, UsageError
+from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings, MaskGenerator, resolve_generator
 from av2ts_cli.maskiges.render import MAX_ID, write_maskige
+from av2ts_cli.maskiges.sources import MaskSource
 
 MASKIGE_FOLDER = "pre_SAM_mask"
 PROVENANCE_FILE = "pre_SAM_mask.json"
@@ -96,8 +100,6 @@ class _Masks:
     run that finds every frame done loads nothing)."""
 
     def __init__(self, subset: str, masks_from, generator, settings, device: str):
-        from av2ts_cli.maskiges.sources import MaskSource
-
         self.source = MaskSource(masks_from, subset) if masks_from is not None else None
         self.spec, self.settings, self.device = generator, settings, device
         self._generator = None
@@ -105,8 +107,6 @@ class _Masks:
     def record(self) -> dict:
         if self.source is not None:
             return {"source": "masks-from", "masks_from": str(self.source.folder.resolve()), "generator": None}
-        from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings, resolve_generator
-
         if self.spec is not None and not isinstance(self.spec, (str, os.PathLike)):
             return {"source": "generator", **self.spec.describe()}  # an already loaded MaskGenerator
         resolved = resolve_generator(self.spec or DEFAULT_GENERATOR)
@@ -117,15 +117,11 @@ class _Masks:
 
     def generator(self):
         if self._generator is None:
-            from av2ts_cli.maskiges.generate import MaskGenerator
-
             self._generator = self.spec if isinstance(self.spec, MaskGenerator) else \
                 MaskGenerator(self.spec, self.settings, self.device)
         return self._generator
 
     def __call__(self, job: FrameJob):
-        from av2ts_cli.data.images import image_header, read_rgb
-
         if self.source is not None:
             return self.source.load(job.video, job.index, image_header(job.video.frames[job.index]))
         return self.generator().generate(read_rgb(job.video.frames[job.index]))
@@ -143,7 +139,7 @@ def _read_json(path: Path) -> dict:
 def _device_for(device: str, local_rank: int, world: int) -> str:
     """torchrun with CUDA: one GPU per process (cuda:LOCAL_RANK)."""
     if world > 1 and device in ("cuda", "auto"):
-        import torch
+        import torch  # local: --masks-from runs need no torch
 
         if torch.cuda.is_available():
             return f"cuda:{local_rank % torch.cuda.device_count()}"
@@ -184,9 +180,6 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
     report = {"subset": subset, "out": str(out), "provenance": str(record_path), "source": _describe(record),
               "rank": rank, "world_size": world, "frames": len(shard), "total_frames": len(jobs), "written": 0,
               "skipped": 0, "failed": []}
-
-    # local: the console pulls in rich's progress machinery; only this command needs it
-    from av2ts_cli.console import make_progress
 
     bar = make_progress() if progress and rank == 0 else None
     task = bar.add_task(f"maskiges · {subset}", total=len(shard)) if bar else None

@@ -68,7 +68,7 @@ class GeneratorSettings:
 def import_transformers():
     """The ``transformers`` module, or one line saying how to install the extra."""
     try:
-        import transformers
+        import transformers  # local: the optional av2ts[sam] extra, and ~8 s to import
     except ImportError:
         raise Av2tsError(f"automatic maskiges need the transformers package: {INSTALL_HINT}") from None
     return transformers
@@ -91,8 +91,7 @@ def resolve_generator(spec: str | os.PathLike | None) -> ResolvedGenerator:
             raise CheckpointError(folder, "no such generator folder (expected hf://owner/repo[@revision] or a folder "
                                           "written by transformers' save_pretrained)")
         return ResolvedGenerator(folder, spec, None, None)
-    # local: weights.py imports torch and safetensors; only hub references need its parser
-    from av2ts_cli.weights import parse_hub_ref
+    from av2ts_cli.weights import parse_hub_ref  # local: weights.py imports torch; only hub references need it
 
     ref = parse_hub_ref(spec)
     folder = _snapshot(ref.repo_id, ref.revision, ref.subfolder, spec)
@@ -133,7 +132,7 @@ def _snapshot(repo_id: str, revision: str | None, subfolder: str | None, label: 
 
 
 def pick_device(device: str) -> str:
-    import torch
+    import torch  # local: --masks-from runs import this module for its settings and need no torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,7 +147,7 @@ class MaskGenerator:
     def __init__(self, spec: str | os.PathLike | None = None, settings: GeneratorSettings | None = None,
                  device: str = "auto"):
         transformers = import_transformers()
-        import torch
+        import torch  # local: as in pick_device
 
         self.settings = settings or GeneratorSettings()
         self.resolved = resolve_generator(spec)
@@ -186,7 +185,7 @@ class MaskGenerator:
 
     def generate(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] RGB -> bool (N, H, W) masks, N >= 0, in the order the last NMS kept them."""
-        import torch
+        import torch  # local: as in pick_device
 
         s = self.settings
         h, w = image.shape[:2]
@@ -229,7 +228,7 @@ class MaskGenerator:
 def _clean(mask: np.ndarray, min_area: int) -> np.ndarray:
     """One bool [H, W] mask without holes and islands under ``min_area`` pixels (8-connectivity); if every island
     is small, the largest stays."""
-    import cv2
+    import cv2  # local: OpenCV takes ~0.2 s to import; only generated masks are cleaned
 
     out = mask.copy()
     count, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=8)
@@ -250,6 +249,7 @@ def remove_small_regions(masks: np.ndarray, min_area: int, nms_thresh: float) ->
     and changed ones 0 (as SAM's automatic generator), empty masks dropped. ``min_area`` 0: unchanged."""
     if min_area <= 0 or len(masks) == 0:
         return masks
+    # local: as in pick_device (torchvision's NMS and boxes match SAM's)
     import torch
     from torchvision.ops import batched_nms, masks_to_boxes
 
