@@ -285,7 +285,7 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Import upstream weights into an av2ts checkpoint (torch weights_only / safetensors / numpy-only pickles)."""
-    from av2ts_cli import convert as converter
+    from av2ts_cli import convert as converter  # local: the importers and the checkpoint code: not for --help
     from av2ts_cli import convert_combo  # local: the COMBO importer builds on convert; only this command needs it
 
     combo = convert_combo.convert_combo_kind if kind in convert_combo.COMBO_KINDS else None

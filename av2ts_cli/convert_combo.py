@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from av2ts_cli.config import get_preset
 from av2ts_cli.convert import (
     D2_RESNET_RULES,
     PVT_RULES,
@@ -79,7 +80,7 @@ def read_combo_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, str]
     Read with ``torch.load(weights_only=True)``; the model is under ``"model"`` (a bare state dict is accepted
     too). Every model entry must be a tensor.
     """
-    import torch
+    import torch  # local: torch takes seconds to import; the rename tables do not need it
 
     path = Path(path)
     if not path.is_file():
@@ -100,8 +101,6 @@ def read_combo_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, str]
 
 
 def _combo_config(state: Mapping, path, preset, subset, siam):
-    from av2ts_cli.config import get_preset
-
     if any(k.startswith(("time_attn_blocks_", "visual_project.")) for k in state):
         raise CheckpointError(path, "an AV2TS reference checkpoint (temporal attention keys), not COMBO: "
                                     "use --kind reference")
@@ -132,7 +131,8 @@ def _combo_config(state: Mapping, path, preset, subset, siam):
 
 def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, subset: str | None = None,
                        siam: bool | None = None, base: str | None = None):
-    """``(model, cfg, KeyMapping, meta)`` for ``kind`` ``combo`` or ``vggish``, as ``convert.convert`` returns.
+    """``(model, cfg, KeyMapping, meta)`` for ``kind`` ``combo`` or ``vggish``, as ``convert.convert`` returns (the
+    ``converter`` of ``convert.convert_to_checkpoint`` for these kinds; the CLI passes it).
 
     For ``combo`` the mapping's ``dropped`` also lists the checkpoint's non-model entries (``trainer``,
     ``iteration``) under their own names.

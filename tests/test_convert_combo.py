@@ -50,10 +50,21 @@ def test_an_av2ts_checkpoint_is_pointed_to_kind_reference(tmp_path):
         convert_combo_kind(str(tmp_path / "av2ts.pth"), "combo")
 
 
+def test_cli_routes_the_combo_kinds(tmp_path):
+    """`av2ts convert --kind combo` reaches convert_combo (its one-line error names the file and the right kind)."""
+    from conftest import invoke_cli
+
+    torch.save({"model": {"time_attn_blocks_1.norm1.weight": torch.zeros(2)}}, tmp_path / "av2ts.pth")
+    result = invoke_cli(["convert", str(tmp_path / "av2ts.pth"), "--kind", "combo", "--out", str(tmp_path / "o")],
+                        expect=CheckpointError.exit_code)
+    assert "av2ts.pth" in result.output and "--kind reference" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_convert_load_and_segment(reference_state, tmp_path):
     source = write_checkpointer_file(tmp_path / "model_best.pth", reference_state)
-    report = convert_to_checkpoint(str(source), "combo", tmp_path / "combo-r50-s4")
+    report = convert_to_checkpoint(str(source), "combo", tmp_path / "combo-r50-s4", converter=convert_combo_kind)
     assert (report["preset"], report["subset"], report["num_classes"], report["siam"]) == ("combo-r50", "s4", 2, True)
     assert report["source_tensors_used"] == len(reference_state) - 1  # all but criterion.empty_weight
     dropped = " | ".join(report["dropped"])
