@@ -152,11 +152,11 @@ class AVSDataset(Dataset):
             maskiges = np.stack([read_rgb(video.maskiges[i], "maskige") for i in frames])
             if maskiges.shape[1:3] != images.shape[1:3]:
                 # COMBO's AVSS maskiges are made on the preprocessed 224 x 224 frames: the centre crop for
-                # training, the whole (squashed) frame for evaluation
+                # training, the whole (squashed) frame for evaluation; nearest neighbour, as the preprocessing
                 if self.subset == "avss" and self.train:
                     maskiges = uncrop_centre(maskiges, *images.shape[1:3])
                 else:
-                    maskiges = resize_images(maskiges, *images.shape[1:3])
+                    maskiges = resize_images(maskiges, *images.shape[1:3], nearest=True)
         return ClipArrays(images, masks, maskiges)
 
     def eval_labels(self, video: Video) -> tuple[list[int], np.ndarray]:
