@@ -182,6 +182,9 @@ class Probe:
     video_codec: str  # ffmpeg codec name, e.g. "h264"; "" without video
     audio_codec: str  # "" without audio
     start_time: float = 0.0  # seconds, the file's first timestamp (times in this module are relative to it)
+    # which binary read the file: "ffmpeg" (``ffmpeg -i``, whose start time is the one decoding uses) or "ffprobe";
+    # not compared: both describe the same file
+    tool: str = dataclasses.field(default="ffmpeg", compare=False)
 
     @property
     def has_video(self) -> bool:
@@ -191,13 +194,25 @@ class Probe:
         return dataclasses.asdict(self)
 
 
-def probe(path: str | os.PathLike, require_video: bool = True) -> Probe:
+def probe(path: str | os.PathLike, require_video: bool = True, *, ffprobe: bool = True) -> Probe:
     """Streams, duration, average fps, frame count, display size, rotation and audio of a media file.
 
     Uses ffprobe when it is on PATH, else parses ``ffmpeg -i``; the frame count comes from reading the video
     packets (no decoding). A file with no video stream raises MediaError unless ``require_video=False``.
+    ``ffprobe=False``: always ask the ffmpeg binary, so the probe's start time is the one decoding uses and the
+    probe can be passed to ``iter_frames``/``iter_frames_at`` as ``info`` (one inspection per file instead of one
+    per decoder; see ``decoding_probe``).
     """
-    return _inspect(path, count_frames=True, require_video=require_video)
+    return _inspect(path, count_frames=True, require_video=require_video, ffprobe=ffprobe)
+
+
+def decoding_probe(path: str | os.PathLike, info: Probe | None) -> Probe:
+    """``info`` if its start time is the decoder's (read by the ffmpeg binary), else a fresh ``ffmpeg -i`` of
+    ``path``: an ffprobe of another version may disagree on the start time (e.g. Matroska with audio priming), and
+    a frame picked against the wrong start time is the wrong frame."""
+    if info is not None and info.tool == "ffmpeg":
+        return info
+    return _inspect(path, ffprobe=False)
 
 
 def _inspect(path: str | os.PathLike, count_frames: bool = False, require_video: bool = True,
@@ -266,7 +281,7 @@ def _probe_with_ffprobe(path, count_frames: bool) -> Probe:
     if audio is not None:
         dump.update(audio_codec=audio.get("codec_name", "none"), sample_rate=int(audio.get("sample_rate", 0)),
                     channels=int(audio.get("channels", 0)))
-    return _make_probe(path, dump, frame_count)
+    return dataclasses.replace(_make_probe(path, dump, frame_count), tool="ffprobe")
 
 
 def _empty_dump() -> dict:
@@ -529,14 +544,16 @@ def _check_size(size) -> tuple[int, int] | None:
     return width, height
 
 
-def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None) -> Iterator[tuple[float, np.ndarray]]:
+def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None, *,
+                info: Probe | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """Every frame of the first video stream in display order: (time in seconds, RGB uint8 [H, W, 3]).
 
     One ffmpeg process streams through a pipe, so memory stays bounded whatever the length. Stopping the
-    iteration early (break, close) stops ffmpeg.
+    iteration early (break, close) stops ffmpeg. ``info``: the caller's probe of ``path`` (``decoding_probe``
+    says when it is used as it is).
     """
     size = _check_size(size)
-    info = _inspect(path, ffprobe=False)
+    info = decoding_probe(path, info)
     last = None
     with _FramePipe(_frame_graph(path, size), path) as pipe:
         for _, _, _, seconds, width, height in pipe:
@@ -572,8 +589,8 @@ def decode_frames_at(path: str | os.PathLike, times: Sequence[float],
     return frames
 
 
-def iter_frames_at(path: str | os.PathLike, times: Sequence[float],
-                   size: tuple[int, int] | None = None) -> Iterator[tuple[float, np.ndarray]]:
+def iter_frames_at(path: str | os.PathLike, times: Sequence[float], size: tuple[int, int] | None = None, *,
+                   info: Probe | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """(t, frame shown at t) for each t of ``times`` in ascending order; sequential decoding, bounded memory.
 
     How the frame is chosen: ffmpeg's select filter lets through only the frames stamped within
@@ -583,7 +600,8 @@ def iter_frames_at(path: str | os.PathLike, times: Sequence[float],
     variable-frame-rate video, or t after the last frame), a follow-up pass seeks to a little before that frame
     and selects it by its exact timestamp. A long list of times is split into several passes, each starting
     where the previous one stopped. A frame shown at several times is yielded once, then as copies. A truncated
-    file serves the times before its data ends and raises MediaError for a time past that.
+    file serves the times before its data ends and raises MediaError for a time past that. ``info``: the caller's
+    probe of ``path`` (``decoding_probe`` says when it is used as it is).
     """
     size = _check_size(size)
     targets = sorted(float(t) for t in times)
@@ -591,7 +609,7 @@ def iter_frames_at(path: str | os.PathLike, times: Sequence[float],
         return
     if not all(math.isfinite(t) for t in targets):
         raise ValueError("times must be finite numbers")
-    yield from _FrameSelector(path, _inspect(path, ffprobe=False), size, targets).frames()
+    yield from _FrameSelector(path, decoding_probe(path, info), size, targets).frames()
 
 
 @dataclasses.dataclass
@@ -791,7 +809,7 @@ def _padded_audio(source: str | os.PathLike):
 
 def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float,
                  audio_from: str | os.PathLike | None = None, *, preset: str = X264_PRESET,
-                 crf: int = X264_CRF) -> Path:
+                 crf: int = X264_CRF, audio_info: Probe | None = None) -> Path:
     """Encode RGB uint8 frames [H, W, 3] (all the same size) to H.264 yuv420p MP4 with +faststart, atomically.
     ``preset``/``crf``: x264's speed/quality trade-off (1080p at "veryfast" runs below real time on 2 cores;
     "ultrafast" is several times faster, with larger files).
@@ -800,15 +818,18 @@ def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: floa
     shorter audio ends in silence, longer audio is cut, a file without audio gives a silent video. Odd widths or
     heights get one extra column/row repeating the edge (yuv420p needs even sizes). Frames are streamed to
     ffmpeg, never held. If ``frames`` raises, no output is left behind and the exception propagates.
+    ``audio_info``: the caller's probe of ``audio_from`` (then it is not probed again).
     """
     out = Path(out)
     rate = _rate(fps)
-    has_audio = probe(audio_from, require_video=False).has_audio if audio_from is not None else False
+    has_audio = False
+    if audio_from is not None:
+        has_audio = (audio_info or probe(audio_from, require_video=False)).has_audio
     if has_audio:  # muxed afterwards: with frames arriving slowly, ffmpeg reads the audio ahead past -shortest
         silent = files.temp_name_for(out)  # a .partial name: a run killed meanwhile leaves a recognisable temp
         try:
             encode_video(frames, silent, fps, preset=preset, crf=crf)
-            return mux_audio(silent, audio_from, out)
+            return mux_audio(silent, audio_from, out, audio_info=audio_info)
         finally:
             silent.unlink(missing_ok=True)
     frames = iter(frames)
@@ -872,13 +893,14 @@ class _StderrCollector:
         self.process.stderr.close()
 
 
-def mux_audio(video: str | os.PathLike, audio_source: str | os.PathLike, out: str | os.PathLike) -> Path:
+def mux_audio(video: str | os.PathLike, audio_source: str | os.PathLike, out: str | os.PathLike, *,
+              audio_info: Probe | None = None) -> Path:
     """``video``'s first video stream (copied, not re-encoded) with ``audio_source``'s first audio stream (AAC),
     atomically. The output lasts as long as the video (see ``encode_video``); no audio in the source gives the
-    video alone."""
+    video alone. ``audio_info``: the caller's probe of ``audio_source`` (then it is not probed again)."""
     out = Path(out)
     probe(video)  # reads every packet: a truncated input is named here, not blamed on ``out``
-    has_audio = probe(audio_source, require_video=False).has_audio
+    has_audio = (audio_info or probe(audio_source, require_video=False)).has_audio
     with _atomic_output(out, [video, audio_source]) as temp:
         streams = [ffmpeg.input(_url(video))["V:0"]]
         if has_audio:

@@ -176,10 +176,11 @@ def _edges(values: np.ndarray, thickness: int) -> np.ndarray:
 def overlay_frames(video: str | os.PathLike, track: MaskTrack, painter: MaskPainter, info: media.Probe,
                    fps: float) -> Iterator[np.ndarray]:
     """The overlay's frames at a constant ``fps`` for the whole file duration: tick i shows the video frame on
-    screen at i / fps (the last one held while longer audio plays on) with the mask of the nearest sampled time."""
+    screen at i / fps (the last one held while longer audio plays on) with the mask of the nearest sampled time.
+    ``info``: the probe of ``video``; passed on to the decoder (``media.decoding_probe``)."""
     size = (info.width, info.height)
     count = max(1, round(info.duration * fps))
-    frames = media.iter_frames(video)
+    frames = media.iter_frames(video, info=info)
     try:
         shown = next(frames, None)
         if shown is None:
@@ -201,16 +202,18 @@ def render_overlay(video: str | os.PathLike, masks: str | os.PathLike | MaskTrac
     """Write ``out``: ``video`` with its masks painted on (see ``overlay_frames``) and the original audio (AAC).
 
     ``masks``: a masks folder (times from ``frames.jsonl`` beside it or from the file names) or a MaskTrack.
-    ``info``: ``media.probe(video)`` when the caller has it already (predict does), so the video is not probed again.
+    ``info``: ``media.probe(video, ffprobe=False)`` when the caller has it already (predict does): the frames, the
+    audio check and the mux then use it, and the video is inspected once. Without it the video is probed here, by
+    the ffmpeg binary (its start time is the decoder's, so the decoder can take the same probe).
     Returns {"output", "frames", "fps", "duration", "audio"}."""
     video, out = Path(video), Path(out)
     painter = MaskPainter(alpha, contour, palette)
     track = masks if isinstance(masks, MaskTrack) else read_mask_track(masks)
-    info = info if info is not None else media.probe(video)
+    info = info if info is not None else media.probe(video, ffprobe=False)
     if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
         raise UsageError(f"{out}: the overlay must be an .mp4, .mov or .mkv file")
     fps = info.fps if info.fps > 0 and math.isfinite(info.fps) else 25.0
     frames = overlay_frames(video, track, painter, info, fps)
-    media.encode_video(frames, out, fps, audio_from=video if info.has_audio else None)
+    media.encode_video(frames, out, fps, audio_from=video if info.has_audio else None, audio_info=info)
     count = max(1, round(info.duration * fps))
     return {"output": str(out), "frames": count, "fps": fps, "duration": count / fps, "audio": info.has_audio}

@@ -4,6 +4,7 @@ and how the binary is found. Clips come from conftest's ``make_clip`` (frames ca
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -255,6 +256,31 @@ def test_iter_frames_yields_every_frame_with_its_timestamp(make_clip):
     frames = [f for _, f in media.iter_frames(make_clip("plain"))]
     assert len(frames) == media.probe(make_clip("plain")).frame_count and frames[0].shape == (48, 64, 3)
     frames[0][0, 0] = 7  # writable arrays
+
+
+def test_a_passed_probe_is_used_only_when_its_start_time_is_the_decoders(make_clip, monkeypatch):
+    """iter_frames/iter_frames_at take the caller's probe instead of inspecting the file again, but only one the
+    ffmpeg binary made (its start time is the one decoding uses); an ffprobe probe is replaced by ffmpeg -i."""
+    clip = make_clip("plain")
+    info = media.probe(clip, ffprobe=False)
+    assert info.tool == "ffmpeg"
+    inspected = []
+    original = media._inspect
+
+    def counting(path, *args, **kwargs):
+        inspected.append((Path(path), kwargs.get("ffprobe", True)))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(media, "_inspect", counting)
+    times = [0.0, 0.5, 1.5]
+    with_info = [(t, read_frame_index(f)) for t, f in media.iter_frames_at(clip, times, info=info)]
+    assert with_info == [(t, read_frame_index(f)) for t, f in media.iter_frames_at(clip, times)]
+    assert len(list(media.iter_frames(clip, info=info))) == info.frame_count
+    assert inspected == [(clip, False)]  # only the call without info inspected the file
+    from_ffprobe = dataclasses.replace(info, tool="ffprobe", start_time=info.start_time + 0.5)
+    fresh = media.decoding_probe(clip, from_ffprobe)  # asked ffmpeg again: its own start time
+    assert fresh.tool == "ffmpeg" and fresh.start_time == info.start_time and inspected[-1] == (clip, False)
+    assert media.decoding_probe(clip, info) is info
 
 
 def test_stopping_iteration_early_stops_ffmpeg(make_clip, monkeypatch):
