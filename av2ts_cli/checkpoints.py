@@ -1,4 +1,4 @@
-"""Checkpoints: the av2ts format and where a model comes from.
+"""The av2ts checkpoint format and the sources a checkpoint is read from (below the converters and the resolver).
 
 An av2ts checkpoint is a folder holding two files:
 
@@ -6,24 +6,21 @@ An av2ts checkpoint is a folder holding two files:
   batch-norm statistics included), with a small str->str header (``format``, ``av2ts_format``, ``av2ts_version``);
 - ``config.json``: ``{"format": "av2ts-checkpoint", "format_version", "av2ts_version", "preset", "subset",
   "classes", "num_frames", "input_size", "trained_on", "model": ModelConfig.to_dict(), "meta": {...}}``. Only
-  ``"model"`` is read back to build the network; the other fields describe it for people and tools.
+  ``"model"`` is read back to build the network (AV2TS or COMBO: ``model.family``); the other fields describe it.
 
-``resolve_model(name)`` is THE one resolver of ``--model``; it accepts, in this order: a preset name (only with
-``presets=True``: a randomly initialised network); a local checkpoint folder (or a ``.safetensors`` file with
-``config.json`` beside it); ``hf://owner/repo[@revision][/subfolder]`` through huggingface_hub (its cache and
-``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` / ``HF_HOME``); a name of ``REGISTRY``. Building a model never downloads.
+``load_checkpoint`` reads one from a local folder (or a ``.safetensors`` file with ``config.json`` beside it),
+``hf://owner/repo[@revision][/subfolder]`` (huggingface_hub's cache, ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` /
+``HF_HOME``) or a ``REGISTRY`` name with a ready checkpoint. Registry names whose source must be converted first
+(the COMBO checkpoints on the Hub) are resolved one level up, by ``weights.resolve_model`` (THE resolver of
+``--model``), which converts them once with ``convert_combo``; this module sits below the converters
+(``convert.py``, ``convert_combo.py`` import it), so that the resolver can import them without an import cycle.
 
-What is published upstream (checked from public sources; docs/model.md, "Checkpoints and the reference key
-mapping"): no trained AV2TS weights exist anywhere. COMBO's S4 checkpoints (``hf://YannQi/COMBO-AVS-checkpoints``)
-are a different network (VGGish audio, bilateral fusion, 100 queries, 9 decoder layers, 3 memory levels) and cannot
-be loaded into AV2TS.
-
-Importers of upstream files (``av2ts convert``: rename rules, converters, safe readers) live in ``convert.py``.
+Published upstream (docs/model.md, "Checkpoints and the reference key mapping"): no trained AV2TS weights exist
+anywhere; COMBO's trained S4 checkpoints (``hf://YannQi/COMBO-AVS-checkpoints``) load as the COMBO family.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -33,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from av2ts_cli import __version__
-from av2ts_cli.avsbench import subsets_compatible
-from av2ts_cli.config import PRESET_NAMES, ModelConfig, get_preset
+from av2ts_cli.config import PRESET_NAMES, ModelConfig
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.files import atomic_folder, fsync_file, write_json
 
@@ -65,20 +61,43 @@ class RegistryEntry:
     source: str | None  # a local folder or an hf:// id; None: nothing loadable exists
     description: str
     convert_kind: str | None = None  # set when the source is an upstream file that `av2ts convert` imports
+    # trained upstream checkpoints converted on first use (weights.resolve_model): the one .pth file under
+    # hub_folder/<model folder>/ of the source repository, the model folder's name containing hub_match
+    hub_folder: str | None = None
+    hub_match: str | None = None
+    published: dict | None = None  # the authors' scores, e.g. {"subset": "s4", "J": 81.7, "F": 90.1} (%)
+    licence: str | None = None
+
+    @property
+    def converted_on_use(self) -> bool:
+        """A hub file that ``weights.resolve_model`` converts once and caches (not a ready checkpoint)."""
+        return self.hub_folder is not None
+
+
+# The COMBO authors' release (yannqi/COMBO-AVS README, "Checkpoints"; spec in docs/model.md, 'COMBO'): trained S4
+# checkpoints only, one detectron2 Checkpointer .pth per model folder under checkpoints/avs_s4/ (the folder names
+# say the backbone, e.g. COMBO_R50_bs8_80k). No commit of the repository could be checked from here, so the
+# revision is pinned to "main" (a commit hash belongs here once one is verified); the converted checkpoint is keyed by
+# the downloaded file's content hash, so a changed upstream file is converted anew, never mixed up.
+COMBO_HUB = "hf://YannQi/COMBO-AVS-checkpoints@main"
+COMBO_HUB_FOLDER = "checkpoints/avs_s4"
+_COMBO_LICENCE = "apache-2.0"  # yannqi/COMBO-AVS LICENSE; the checkpoints are the authors' release of that code
+
+
+def _combo_entry(backbone: str, match: str, j: float, f: float) -> RegistryEntry:
+    return RegistryEntry(
+        COMBO_HUB, f"COMBO (CVPR'24) {backbone} trained on AVSBench S4 by its authors (published J {j}, F {f}); "
+                   "converted from the COMBO code's checkpoint on first use, needs maskiges (Siam encoder)",
+        convert_kind="combo", hub_folder=COMBO_HUB_FOLDER, hub_match=match,
+        published={"subset": "s4", "J": j, "F": f}, licence=_COMBO_LICENCE)
 
 
 REGISTRY: dict[str, RegistryEntry] = {
     "demo": RegistryEntry(
         str(DEMO_MODEL_DIR),
         "av2ts-tiny trained on the synthetic 'sounding shapes' data shipped with av2ts (a demo, not a real model)"),
-    "combo-r50-s4": RegistryEntry(
-        None,
-        "COMBO (CVPR'24) R50 S4 checkpoint on hf://YannQi/COMBO-AVS-checkpoints: a different network (VGGish audio, "
-        "bilateral fusion, 100 queries, 9 decoder layers), not loadable into AV2TS"),
-    "combo-pvt-s4": RegistryEntry(
-        None,
-        "COMBO (CVPR'24) PVT-v2-b5 S4 checkpoint on hf://YannQi/COMBO-AVS-checkpoints: a different network, "
-        "not loadable into AV2TS"),
+    "combo-r50-s4": _combo_entry("ResNet-50", "R50", 81.7, 90.1),
+    "combo-pvt-s4": _combo_entry("PVT-v2-b5", "PVT", 84.7, 91.9),
     "ced-mini": RegistryEntry(
         # no revision is pinned: the commit hash of the repository could not be checked from here
         "hf://mispeech/ced-mini",
@@ -197,9 +216,9 @@ def hub_download(ref: HubRef, filename: str) -> Path:
     from huggingface_hub import constants, hf_hub_download
 
     try:
-        from huggingface_hub import errors
+        from huggingface_hub import errors  # local: as above
     except ImportError:  # huggingface_hub < 0.23 keeps them in utils
-        from huggingface_hub import utils as errors
+        from huggingface_hub import utils as errors  # local: as above
     where = f"{ref.subfolder}/{filename}" if ref.subfolder else filename
     revision = ref.revision or "main"
     fetch = (f"fetch it once online (`hf download {ref.repo_id} {where} --revision {revision}`, or the same av2ts "
@@ -258,6 +277,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
         return ResolvedCheckpoint(weights, config, text)
     if text in REGISTRY:
         entry = REGISTRY[text]
+        if entry.converted_on_use:
+            raise CheckpointError(text, "is converted from its upstream file on first use: pass it as --model "
+                                        "(`av2ts download` fetches it ahead)")
         if entry.source is None or entry.convert_kind:
             how = (f"; import it with `av2ts convert {entry.source} --kind {entry.convert_kind} ...`"
                    if entry.convert_kind else "")
@@ -351,48 +373,8 @@ def load_checkpoint(name_or_path: str | os.PathLike):
     return model.eval(), cfg, doc
 
 
-def resolve_model(name: str | os.PathLike, *, subset: str | None = None, presets: bool = False, device="cpu"):
-    """THE one resolver of ``--model``: ``(model, cfg, config document)``, eval mode, on ``device``.
-
-    With ``presets=True`` a preset name (``config.PRESET_NAMES``) that is not an existing path builds a randomly
-    initialised network for ``subset`` (s4 when None); its document is what ``save_checkpoint`` would write. Any
-    other name is a checkpoint: a folder or file, ``hf://owner/repo[@rev][/sub]`` or a ``REGISTRY`` name. Anything
-    else is a UsageError naming the accepted forms. With ``subset``, a checkpoint must fit it
-    (``avsbench.subsets_compatible``) and ``cfg.subset`` is set to it.
-    """
-    text = str(name)
-    exists = Path(text).expanduser().exists()
-    if presets and not exists and text in PRESET_NAMES:
-        from av2ts_cli.model import build_model  # local: torch, loaded only when a network is built
-
-        cfg = get_preset(text, subset or "s4")
-        return build_model(cfg).to(device).eval(), cfg, checkpoint_config(cfg)
-    if not (exists or text.startswith(HF_PREFIX) or text in REGISTRY):
-        forms = "a checkpoint folder or .safetensors file, hf://owner/repo[@revision][/subfolder], or a model name " \
-                f"({', '.join(sorted(REGISTRY))})"
-        if presets:
-            raise UsageError(f"--model {text}: no such file or folder, and neither a preset "
-                             f"({', '.join(PRESET_NAMES)}) nor a checkpoint ({forms})")
-        if text in PRESET_NAMES:
-            raise UsageError(f"--model {text}: is a preset (an architecture), not a checkpoint: no trained AV2TS "
-                             f"weights are published; pass {forms}")
-        raise UsageError(f"--model {text}: no such file or folder, and not a checkpoint ({forms})")
-    model, cfg, doc = load_checkpoint(text)
-    if subset is not None:
-        if not subsets_compatible(cfg.subset, subset):
-            raise UsageError(f"{text} is a {cfg.subset} model; --subset is {subset}")
-        cfg = dataclasses.replace(cfg, subset=subset)
-    return model.to(device), cfg, doc
-
-
-def load_model(name_or_path: str | os.PathLike, device="cpu", allow_random_init: bool = False):
-    """``(model, cfg)`` of ``resolve_model`` (``allow_random_init``: its ``presets``)."""
-    model, cfg, _ = resolve_model(name_or_path, presets=allow_random_init, device=device)
-    return model, cfg
-
-
 # ------------------------------------------------------------------------------------------------ describe (info)
-# top-level module of the network -> the part ``av2ts info --model`` reports it in
+# top-level module of the network -> the part ``av2ts info --model`` reports it in, per family (ModelConfig.family)
 PARTS = {
     "backbone": "visual backbone",
     "siam_backbone": "siam encoder (+ gates)",
@@ -406,24 +388,23 @@ PARTS = {
 }
 
 
-def part_of(key: str) -> str:
-    """The part of the network (a PARTS value) that a state-dict key belongs to."""
-    return PARTS.get(key.split(".", 1)[0], "other")
+COMBO_PARTS = {
+    "backbone": "visual backbone",
+    "siam_backbone": "siam encoder (+ gates)",
+    "siam_gates": "siam encoder (+ gates)",
+    "audio_encoder": "audio encoder (VGGish)",
+    "pixel_decoder": "pixel decoder",
+    "fusion": "fusion (bilateral + audio MLP)",
+    "decoder": "transformer decoder",
+}
+FAMILY_PARTS = {"av2ts": PARTS, "combo": COMBO_PARTS}
 
 
-def describe_parameters(name_or_path: str, subset: str | None = None) -> dict:
-    """Parameter counts per part (trainable and frozen) of a preset (built for ``subset``, s4 if None, random init)
-    or any checkpoint (``resolve_model``)."""
-    text = str(name_or_path)
-    model, cfg, _ = resolve_model(text, subset=subset, presets=True)
-    counts: dict[str, dict[str, int]] = {}
-    for part in dict.fromkeys(PARTS.values()):
-        counts[part] = {"parameters": 0, "trainable": 0, "frozen": 0}
-    for key, param in model.named_parameters():
-        entry = counts.setdefault(part_of(key), {"parameters": 0, "trainable": 0, "frozen": 0})
-        entry["parameters"] += param.numel()
-        entry["trainable" if param.requires_grad else "frozen"] += param.numel()
-    parts = [{"part": part, **c} for part, c in counts.items() if c["parameters"] or part in PARTS.values()]
-    total = {k: sum(p[k] for p in parts) for k in ("parameters", "trainable", "frozen")}
-    return {"name": text, "preset": cfg.preset, "subset": cfg.subset, "num_classes": cfg.num_classes,
-            "siam": cfg.siam, "parts": parts, "total": total}
+def parts_of_family(family: str = "av2ts") -> dict[str, str]:
+    """{top-level module: part label} of a network family (AV2TS's for an unknown one)."""
+    return FAMILY_PARTS.get(family, PARTS)
+
+
+def part_of(key: str, family: str = "av2ts") -> str:
+    """The part of the network (a ``parts_of_family(family)`` value) that a state-dict key belongs to."""
+    return parts_of_family(family).get(key.split(".", 1)[0], "other")

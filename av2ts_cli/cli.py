@@ -130,9 +130,17 @@ def predict(
                                             rich_help_panel="Input")] = False,
     fps: Annotated[int, typer.Option("--fps", min=1, help="Masks per second: F passes, each shifting frames and audio "
                                      "windows by 1/F s.", rich_help_panel="Input")] = 1,
-    maskiges: Annotated[Path | None, typer.Option("--maskiges", help="Maskige images for models with the Siam "
-                                                  "encoder: DIR/<video>/NNNNNN.png, numbered like the masks.",
-                                                  rich_help_panel="Input")] = None,
+    maskiges: Annotated[str | None, typer.Option("--maskiges", metavar="auto|DIR", help="Models with the Siam "
+                                                 "encoder: auto (default) makes them with --generator and caches "
+                                                 "them in OUT/<video>/maskiges/; DIR reads DIR/<video>/NNNNNN.png, "
+                                                 "numbered like the masks.", rich_help_panel="Input",
+                                                 show_default=False)] = None,
+    generator: Annotated[str | None, typer.Option("--generator", "-g", help="--maskiges auto: hf://owner/repo"
+                                                  "\\[@rev] or a save_pretrained folder (default: SAM ViT-B, "
+                                                  "pinned).", rich_help_panel="Input")] = None,
+    points_per_side: Annotated[int | None, typer.Option("--points-per-side", min=1, help="--maskiges auto: the "
+                                                        "generator's point grid side (default 32).",
+                                                        rich_help_panel="Input")] = None,
     require_audio: Annotated[bool, typer.Option("--require-audio", help="Fail a video without an audio stream "
                                                 "(default: silence and a warning).", rich_help_panel="Input")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hf://owner/repo\\[@rev]"
@@ -167,8 +175,9 @@ def predict(
 
     options = predictor.PredictOptions(
         model=model, out=out, fps=fps, window=window, device=device, half=half, batch=batch, recursive=recursive,
-        threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, overlay=overlay,
-        force=force, require_audio=require_audio)
+        threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, generator=generator,
+        generator_settings={} if points_per_side is None else {"points_per_side": points_per_side},
+        overlay=overlay, force=force, require_audio=require_audio)
     report = predictor.run(sources, options)
     predictor.print_report(report)
     if report.failures:
@@ -258,6 +267,14 @@ def info(
     if model is not None:
         report = environment.model_report(model)
         _print_json(report) if as_json else environment.print_model_report(report)
+        registry = report.get("registry")
+        if registry and not as_json:  # a registry name: where it comes from, its published scores, its licence
+            published = registry.get("published") or {}
+            scores = ", ".join(f"{k} {v}" for k, v in published.items() if k != "subset")
+            console.print(f"{registry['description']}\nsource: {registry['source']}" +
+                          (f"; published ({published.get('subset')}): {scores}" if scores else "") +
+                          (f"; licence: {registry['licence']}" if registry.get("licence") else ""),
+                          highlight=False, soft_wrap=True)
         return
     report = environment.environment_report()
     _print_json(report) if as_json else environment.print_environment_report(report)
@@ -292,6 +309,23 @@ def convert(
     report = converter.convert_to_checkpoint(source, kind, out, converter=combo, preset=preset, subset=subset,
                                              siam=siam, base=base)
     _print_json(report) if as_json else converter.print_conversion_report(report)
+
+
+@app.command(rich_help_panel="Models")
+@_reported
+def download(
+    names: Annotated[list[str], typer.Argument(help="Registry models (combo-r50-s4, combo-pvt-s4, ced-mini), vggish "
+                                               "or sam-vit-base (the maskige generator).", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Fetch models into the caches ahead (an offline machine, a cluster node); COMBO checkpoints are converted."""
+    from av2ts_cli import download as downloader  # local: huggingface_hub and the converters: only this command
+
+    show = None if as_json else (lambda result: console.print(downloader.describe(result), highlight=False,
+                                                               soft_wrap=True))
+    results = downloader.download(names, on_done=show)
+    if as_json:
+        _print_json({"downloads": results})
 
 
 # ----------------------------------------------------------------------------------------------- data and eval
@@ -446,7 +480,8 @@ def train_command(
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue a run: its folder or its last/ "
                                                 "checkpoint.")] = None,
     eval_every: Annotated[int | None, typer.Option("--eval-every", help="Evaluate and save every N iterations, and "
-                                                   "at the end (default 100; 0: only at the end).")] = None,
+                                                   "at the end; 0: only at the end (default: "
+                                                   f"{recipe_defaults('eval_every')}).")] = None,
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Split that picks the best checkpoint "
                                                    "(default val; the reference AV2TS used test).")] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="The reference's random resize, "
@@ -530,8 +565,12 @@ def bench_train(
 @_reported
 def bench_model(
     preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Preset to time, repeatable "
-                      "(default: av2ts-r50 at 224, av2ts-tiny at 224 and at its own input size).")] = None,
-    size: Annotated[int | None, typer.Option("--size", help="Input side for every --preset (multiple of 32).")] = None,
+                      "(default: av2ts-r50 and combo-r50 at 224, av2ts-tiny at 224 and at its own input size).")
+                      ] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Preset or checkpoint to time, "
+                     "repeatable; av2ts-r50 is timed beside it in the same run.")] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Input side for every --preset and --model (multiple "
+                                             "of 32).")] = None,
     frames: Annotated[int, typer.Option("--frames", "-t", min=1, help="Frames per clip (T).")] = 5,
     repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed runs per case (median).")] = 5,
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast and channels_last.")] = False,
@@ -542,8 +581,13 @@ def bench_model(
     from av2ts_cli.bench import model as bench
 
     _check_bench_cases(preset, size)
-    cases = [(name, size) for name in preset] if preset else [("av2ts-r50", 224), ("av2ts-tiny", 224),
-                                                              ("av2ts-tiny", None)]
+    cases = [(name, size) for name in preset or []]
+    if model:
+        reference = (bench.REFERENCE_CASE[0], size or bench.REFERENCE_CASE[1])
+        cases += [reference] if reference not in cases and bench.REFERENCE_CASE[0] not in model else []
+        cases += [(name, size) for name in model]
+    if not cases:
+        cases = [("av2ts-r50", 224), ("combo-r50", 224), ("av2ts-tiny", 224), ("av2ts-tiny", None)]
     report = bench.run(cases, frames=frames, repeats=repeats, bf16=bf16, threads=threads)
     _print_json(report) if as_json else bench.print_report(report)
 

@@ -31,7 +31,7 @@ from av2ts_cli.config import get_preset
 from av2ts_cli.console import console
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.safe_pickle import read_numpy_pickle
-from av2ts_cli.weights import (
+from av2ts_cli.checkpoints import (
     HF_PREFIX,
     PARTS,
     REGISTRY,

@@ -37,7 +37,7 @@ from av2ts_cli.convert import (
     read_torch_weights,
 )
 from av2ts_cli.errors import CheckpointError, UsageError
-from av2ts_cli.weights import part_of
+from av2ts_cli.checkpoints import part_of
 
 COMBO_KINDS = ("combo", "vggish")
 

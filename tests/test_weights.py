@@ -123,7 +123,6 @@ def test_demo_name_resolves_to_the_bundled_folder():
 
 
 @pytest.mark.parametrize(("name", "text"), [
-    ("combo-r50-s4", "not loadable into AV2TS"),
     ("ced-mini", "av2ts convert hf://mispeech/ced-mini --kind ced-hf"),
     ("av2ts-r50", "is a preset"),
     ("no-such-model", "not a known model name"),
@@ -349,3 +348,105 @@ def test_resolve_model_names_the_accepted_forms_for_an_unknown_name(presets):
     assert message.startswith("--model no-such-model: no such file or folder")
     assert "hf://owner/repo" in message and "demo" in message and ".safetensors" in message
     assert ("av2ts-tiny" in message) == presets  # presets are named only where they are accepted
+
+
+# ------------------------------------------------------------------------ registry models converted on use (COMBO)
+COMBO_REPO = "YannQi/COMBO-AVS-checkpoints"
+R50_FILE = "checkpoints/avs_s4/COMBO_R50_bs8_90k/model_best.pth"
+
+
+def test_the_combo_registry_entries_carry_the_published_table():
+    """combo-r50-s4 / combo-pvt-s4: the authors' hub repository, their S4 scores and licence (convert_combo's table)."""
+    from av2ts_cli.convert_combo import COMBO_HUB_REPO, COMBO_LICENCE, COMBO_PUBLISHED
+
+    for name in ("combo-r50-s4", "combo-pvt-s4"):
+        entry = weights.REGISTRY[name]
+        preset, subset, j, f, trained = COMBO_PUBLISHED[name]
+        assert trained and entry.converted_on_use and entry.convert_kind == "combo"
+        assert weights.parse_hub_ref(entry.source).repo_id == COMBO_HUB_REPO
+        assert entry.published == {"subset": subset, "J": j, "F": f} and entry.licence == COMBO_LICENCE
+
+
+def test_pick_hub_file_takes_the_one_pth_of_the_model_folder():
+    entry = weights.REGISTRY["combo-r50-s4"]
+    files = ["README.md", R50_FILE, "checkpoints/avs_s4/COMBO_PVT_bs8_90k/model_best.pth",
+             "checkpoints/avs_s4/COMBO_R50_bs8_90k/log.txt", "pretrained/detectron2/R-50.pkl",
+             "checkpoints/avs_ms3/COMBO_R50_bs8_20k/model_best.pth"]
+    assert weights.pick_hub_file(files, entry, "x") == R50_FILE
+    assert weights.pick_hub_file(["checkpoints/avs_s4/combo_r50.pth"], entry, "x") == "checkpoints/avs_s4/combo_r50.pth"
+    with pytest.raises(CheckpointError, match=r"2 candidates .*COMBO_R50_bs8_90k/model_0004999.pth.*expected one"):
+        weights.pick_hub_file([R50_FILE, "checkpoints/avs_s4/COMBO_R50_bs8_90k/model_0004999.pth"], entry, "x")
+    with pytest.raises(CheckpointError, match=r"no a .pth file in a R50 model folder.*COMBO_PVT_bs8_90k"):
+        weights.pick_hub_file(files[2:3], entry, "x")
+    with pytest.raises(CheckpointError, match="no .pth file under checkpoints/avs_s4/"):
+        weights.pick_hub_file(["README.md"], entry, "x")
+    assert weights.pick_hub_file(["checkpoints/avs_s4/COMBO_R500/a.pth", R50_FILE], entry, "x") == R50_FILE  # words
+
+
+COMBO_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    time.sleep = lambda seconds: None  # huggingface_hub retries with back-off against the unreachable endpoint
+    from av2ts_cli import weights
+    started = time.perf_counter()
+    model, cfg, doc = weights.resolve_model("combo-r50-s4", subset="s4")
+    seconds = time.perf_counter() - started
+    again = weights.prepare_registry_checkpoint("combo-r50-s4")
+    state = model.state_dict()
+    print(json.dumps({"preset": cfg.preset, "family": cfg.family, "siam": cfg.siam, "seconds": seconds,
+                      "again_converted": again.converted, "folder": str(again.folder), "sha256": again.sha256,
+                      "source_path": again.source_path, "registry": doc["meta"].get("registry"),
+                      "trained_on": doc["trained_on"],
+                      "gamma": float(state["fusion.gamma_visual"].double().sum()),
+                      "vggish": float(state["audio_encoder.features.0.weight"].double().sum())}))
+""")
+
+
+@pytest.mark.slow
+def test_combo_registry_model_is_listed_picked_converted_once_and_used_offline(tmp_path):
+    """combo-r50-s4 against a Hugging Face cache built here (the Hub out of reach, then HF_HUB_OFFLINE=1): the
+    listing falls back to the cached snapshot, the R50 model folder's .pth is picked, downloaded from the cache and
+    converted once (a detectron2 Checkpointer file in the combo-keys-r50-s4 layout, random tensors) into av2ts's
+    cache under the file's sha256; the second process loads that checkpoint offline without converting."""
+    import hashlib
+
+    from _combo_keys import random_combo_state
+
+    state = random_combo_state("combo-keys-r50-s4.tsv", seed=3)
+    source = tmp_path / "model_best.pth"
+    torch.save({"model": state, "trainer": {"iteration": 9}, "iteration": 9}, source)
+    sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
+    readme = tmp_path / "README.md"
+    readme.write_text("COMBO checkpoints")
+    cache = tmp_path / "hub"
+    commit = "d" * 40
+    _write_cached_repo(cache, COMBO_REPO, {commit: {R50_FILE: source, "README.md": readme}}, {"main": commit})
+    source.unlink()  # only the cache holds it now
+    av2ts_cache = tmp_path / "av2ts-cache"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
+           "AV2TS_CACHE": str(av2ts_cache), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    env.pop("HF_HUB_OFFLINE", None)
+
+    def run(**extra):
+        proc = subprocess.run([sys.executable, "-c", COMBO_SCRIPT], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = run()
+    folder = Path(first["folder"])
+    assert folder.parent == av2ts_cache / "converted" and folder.name == f"combo-{sha256[:32]}"
+    assert (first["preset"], first["family"], first["siam"]) == ("combo-r50", "combo", True)
+    assert first["sha256"] == sha256 and first["source_path"] == R50_FILE and not first["again_converted"]
+    assert first["registry"]["source"] == f"hf://{COMBO_REPO}@main/{R50_FILE}"
+    assert first["registry"]["licence"] == "apache-2.0" and "trainer" in first["registry"]["unused_source_entries"]
+    assert first["trained_on"]["published"] == {"J": 81.7, "F": 90.1}
+    assert first["gamma"] == float(state["sem_seg_head.fusion_module.b_attn.gamma_v_list.0"].double().sum())
+    assert first["vggish"] == float(state["audio_backbone.features.0.weight"].double().sum())
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert set(stamps) == {"config.json", "model.safetensors"}  # no temp or lock left inside
+
+    second = run(HF_HUB_OFFLINE="1")
+    assert {k: second[k] for k in ("gamma", "vggish", "folder", "sha256")} == \
+        {k: first[k] for k in ("gamma", "vggish", "folder", "sha256")}
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # loaded, not converted again

@@ -1,6 +1,7 @@
 """``av2ts bench model``: eval forward time per clip of the network, with the share of each part.
 
-Each case builds a randomly initialised preset, feeds one clip of T frames (random frames, maskiges when the preset
+Each case builds a randomly initialised preset (or loads a checkpoint: ``weights.resolve_model``; AV2TS or COMBO),
+feeds one clip of T frames (random frames, maskiges when the preset
 uses the Siam encoder, random log-mel examples) and times ``repeats`` forwards under ``torch.inference_mode`` after
 one warm-up; the median is reported. Forward hooks on the top-level parts time them in the same runs (CPU ops are
 synchronous, so the hooks see the real cost). The baseline, measured in the same process before and after the
@@ -21,25 +22,30 @@ import timm
 import torch
 from rich.table import Table
 
-from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS, get_preset
+from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS
 from av2ts_cli.console import console
-from av2ts_cli.model import build_model
 from av2ts_cli.model.ops import active_backend
+from av2ts_cli.weights import resolve_model
 
-# Top-level modules of AV2TS grouped into the parts reported.
+# Top-level modules of both families grouped into the parts reported: "audio" is CED (AV2TS) or VGGish (COMBO),
+# "fusion" OSA (AV2TS) or the bilateral fusion + audio MLP (COMBO); COMBO has no DSTA (a part a network lacks is
+# left out of its parts_s).
 PARTS = {
     "backbone": ("backbone", "siam_backbone", "siam_gates"),
     "audio": ("audio_encoder",),
     "DSTA": ("acoustic_attention", "visual_attention"),
     "pixel decoder": ("pixel_decoder",),
-    "OSA": ("fusion",),
+    "fusion": ("fusion",),
     "decoder": ("decoder",),
 }
+REFERENCE_CASE = ("av2ts-r50", 224)  # timed beside every --model, so a COMBO figure has AV2TS's in the same run
 
 
 @dataclass
 class ModelTiming:
+    name: str  # what was asked for: a preset or a checkpoint
     preset: str
+    family: str
     input_size: int
     frames: int
     siam: bool
@@ -84,13 +90,13 @@ def baseline_resnet50(frames: int = 5, repeats: int = 5, bf16: bool = False) -> 
         return statistics.median(_time_calls(lambda: trunk(images), repeats))
 
 
-def time_model(preset: str, input_size: int | None = None, frames: int = 5, repeats: int = 5,
+def time_model(name: str, input_size: int | None = None, frames: int = 5, repeats: int = 5,
                bf16: bool = False, seed: int = 0) -> ModelTiming:
-    """Median eval forward time of one clip of ``frames`` frames through ``preset`` (s4 head)."""
-    cfg = get_preset(preset, "s4")
-    size = input_size or cfg.input_size
+    """Median eval forward time of one clip of ``frames`` frames through ``name``: a preset (s4 head, random init)
+    or any checkpoint ``weights.resolve_model`` accepts."""
     torch.manual_seed(seed)
-    model = build_model(cfg).eval()
+    model, cfg, _ = resolve_model(name, presets=True)
+    size = input_size or cfg.input_size
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     images = torch.rand(1, frames, 3, size, size) * 255
@@ -127,14 +133,17 @@ def time_model(preset: str, input_size: int | None = None, frames: int = 5, repe
         runs = _time_calls(forward, repeats)
     for handle in handles:
         handle.remove()
-    parts = {part: statistics.median(times[-repeats:]) for part, times in spent.items()}  # without the warm-up
-    return ModelTiming(preset, size, frames, cfg.siam, sum(p.numel() for p in model.parameters()),
-                       statistics.median(runs), runs, parts)
+    present = {part for part, names in PARTS.items() if any(getattr(model, n, None) is not None for n in names)}
+    parts = {part: statistics.median(times[-repeats:]) for part, times in spent.items()  # without the warm-up
+             if part in present}
+    return ModelTiming(name, cfg.preset, cfg.family, size, frames, cfg.siam,
+                       sum(p.numel() for p in model.parameters()), statistics.median(runs), runs, parts)
 
 
 def run(cases: list[tuple[str, int | None]], frames: int = 5, repeats: int = 5, bf16: bool = False,
         threads: int | None = None) -> dict:
-    """Time every (preset, input size or None for the preset's own) case against the ResNet-50 baseline."""
+    """Time every (preset or checkpoint, input size or None for the model's own) case against the ResNet-50
+    baseline."""
     if threads:
         torch.set_num_threads(threads)
     before = baseline_resnet50(frames, repeats, bf16)
@@ -165,11 +174,12 @@ def print_report(report: dict) -> None:
     for column in ("model", "input", *PARTS):
         shares.add_column(column, justify="left" if column == "model" else "right")
     for r in report["results"]:
-        name = r["preset"] + (" +siam" if r["siam"] else "")
+        name = r["name"] + (f" ({r['preset']})" if r["name"] != r["preset"] else "") + (" +siam" if r["siam"] else "")
         times.add_row(name, f"{r['input_size']}", f"{r['parameters'] / 1e6:.1f} M", f"{r['median_s'] * 1000:.0f}",
                       f"{r['ratio_to_baseline']:.2f}")
         total = sum(r["parts_s"].values()) or 1.0
-        shares.add_row(name, f"{r['input_size']}", *(f"{100 * r['parts_s'][p] / total:.0f}%" for p in PARTS))
+        shares.add_row(name, f"{r['input_size']}", *(f"{100 * r['parts_s'][p] / total:.0f}%" if p in r["parts_s"]
+                                                     else "-" for p in PARTS))
     console.print(times)
     console.print(shares)
     base = report["baseline"]

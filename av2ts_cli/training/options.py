@@ -33,7 +33,7 @@ class TrainOptions:
     poly_power: float = 0.9
     amp: bool | None = None  # fp16 autocast + GradScaler, CUDA only
     bf16: bool = False  # bf16 autocast (CPU or CUDA)
-    eval_every: int = 100  # evaluate and save every N iterations (0: only at the end)
+    eval_every: int | None = None  # evaluate and save every N iterations (0: only at the end)
     eval_split: str = "val"
     augment: bool | None = None  # the reference's training augmentation; False: frames only resized
     ignore_padding: bool | None = None  # 255 pixels weigh 0 in the losses; False: negatives (the reference)
@@ -59,7 +59,8 @@ class TrainOptions:
             backbone_lr_mult=recipe.backbone_lr_mult if self.backbone_lr_mult is None else self.backbone_lr_mult,
             clip_norm=recipe.clip_norm if self.clip_norm is None else self.clip_norm, amp=bool(amp),
             augment=recipe.augment if self.augment is None else self.augment,
-            ignore_padding=recipe.ignore_padding if self.ignore_padding is None else self.ignore_padding)
+            ignore_padding=recipe.ignore_padding if self.ignore_padding is None else self.ignore_padding,
+            eval_every=recipe.eval_every if self.eval_every is None else self.eval_every)
         problems = []
         if out.iters < 1:
             problems.append(f"--iters must be at least 1 (got {out.iters})")

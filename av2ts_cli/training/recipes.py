@@ -18,8 +18,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Recipe:
     """Per-preset training defaults: iterations, global batch (clips), base LR, backbone LR factor, gradient clipping,
-    AMP (CUDA only), the training augmentation, and whether pixels labelled 255 weigh 0 in the losses
-    (``ignore_padding``; off: they are negatives, as in the reference; docs/model.md, "Training fidelity")."""
+    AMP (CUDA only), the training augmentation, whether pixels labelled 255 weigh 0 in the losses
+    (``ignore_padding``; off: they are negatives, as in the reference; docs/model.md, "Training fidelity"), and the
+    evaluation period (``eval_every``)."""
 
     iters: int
     batch: int
@@ -29,6 +30,7 @@ class Recipe:
     amp: bool = False
     augment: bool = True
     ignore_padding: bool = False
+    eval_every: int = 100  # evaluate on --eval-split and save every N iterations (0: only at the end)
 
 
 # r50/pvt: the reference configs (docs/model.md, "Training"). av2ts-tiny trains from random weights (no pretrained
@@ -42,6 +44,9 @@ class Recipe:
 #   (0.88 vs 0.84 at 500 iterations, 0.65 vs 0.39 at 100);
 # - batch 2: more, cheaper steps for the same CPU time.
 _TINY = Recipe(3_000, 2, lr=1e-3, backbone_lr_mult=1.0, clip_norm=0.0, augment=False)
+# combo-tiny: av2ts-tiny's departures, for the same reasons (random weights, synthetic data; the bilateral fusion's
+# layer scales start at 1e-4 as OSA's); measured on synthetic S4 in tests/test_training_trainer.py
+_COMBO_TINY = Recipe(3_000, 2, lr=1e-3, backbone_lr_mult=1.0, clip_norm=0.0, augment=False)
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("av2ts-r50", "s4"): Recipe(90_000, 8),
     ("av2ts-r50", "ms3"): Recipe(20_000, 8),
@@ -52,6 +57,22 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("av2ts-tiny", "s4"): _TINY,
     ("av2ts-tiny", "ms3"): _TINY,
     ("av2ts-tiny", "avss"): _TINY,
+    # COMBO (spec combo.md section 7, its base yamls): the optimiser, schedule, backbone x0.1 (Siam encoder
+    # included), clipping at 0.01 and augmentation of AV2TS; AMP off everywhere; the evaluation period is COMBO's
+    # EVAL_PERIOD (5000, MS3 400), on the val split like every av2ts run (--eval-split val; the AV2TS reference
+    # evaluated on test). PVT trains with batch 8 for 90k (MS3 20k) iterations, half AV2TS's 180k at batch 4; R50
+    # AVSS 90k (AV2TS 180k). Deep supervision covers all 10 outputs of its 9 decoder layers (the learned queries'
+    # prediction and one per layer: the network's aux_outputs, LossConfig.deep_supervision), the cosine loss the 9
+    # masks that feed the layers.
+    ("combo-r50", "s4"): Recipe(90_000, 8, eval_every=5000),
+    ("combo-r50", "ms3"): Recipe(20_000, 8, eval_every=400),
+    ("combo-r50", "avss"): Recipe(90_000, 8, eval_every=5000),
+    ("combo-pvt", "s4"): Recipe(90_000, 8, eval_every=5000),
+    ("combo-pvt", "ms3"): Recipe(20_000, 8, eval_every=400),
+    ("combo-pvt", "avss"): Recipe(90_000, 8, eval_every=5000),
+    ("combo-tiny", "s4"): _COMBO_TINY,
+    ("combo-tiny", "ms3"): _COMBO_TINY,
+    ("combo-tiny", "avss"): _COMBO_TINY,
 }
 _FALLBACK = Recipe(90_000, 8)  # a preset without a row of its own (a checkpoint of a newer av2ts): the r50 S4 one
 
