@@ -130,17 +130,9 @@ def predict(
                                             rich_help_panel="Input")] = False,
     fps: Annotated[int, typer.Option("--fps", min=1, help="Masks per second: F passes, each shifting frames and audio "
                                      "windows by 1/F s.", rich_help_panel="Input")] = 1,
-    maskiges: Annotated[str | None, typer.Option("--maskiges", metavar="auto|DIR", help="Models with the Siam "
-                                                 "encoder: auto (default) makes them with --generator and caches "
-                                                 "them in OUT/<video>/maskiges/; DIR reads DIR/<video>/NNNNNN.png, "
-                                                 "numbered like the masks.", rich_help_panel="Input",
-                                                 show_default=False)] = None,
-    generator: Annotated[str | None, typer.Option("--generator", "-g", help="--maskiges auto: hf://owner/repo"
-                                                  "\\[@rev] or a save_pretrained folder (default: SAM ViT-B, "
-                                                  "pinned).", rich_help_panel="Input")] = None,
-    points_per_side: Annotated[int | None, typer.Option("--points-per-side", min=1, help="--maskiges auto: the "
-                                                        "generator's point grid side (default 32).",
-                                                        rich_help_panel="Input")] = None,
+    maskiges: Annotated[Path | None, typer.Option("--maskiges", help="Maskige images for models with the Siam "
+                                                  "encoder: DIR/<video>/NNNNNN.png, numbered like the masks.",
+                                                  rich_help_panel="Input")] = None,
     require_audio: Annotated[bool, typer.Option("--require-audio", help="Fail a video without an audio stream "
                                                 "(default: silence and a warning).", rich_help_panel="Input")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hf://owner/repo\\[@rev]"
@@ -175,9 +167,8 @@ def predict(
 
     options = predictor.PredictOptions(
         model=model, out=out, fps=fps, window=window, device=device, half=half, batch=batch, recursive=recursive,
-        threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, generator=generator,
-        generator_settings={} if points_per_side is None else {"points_per_side": points_per_side},
-        overlay=overlay, force=force, require_audio=require_audio)
+        threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, overlay=overlay,
+        force=force, require_audio=require_audio)
     report = predictor.run(sources, options)
     predictor.print_report(report)
     if report.failures:
