@@ -371,7 +371,8 @@ def losses_by_hand(outputs: dict, masks: torch.Tensor, supervised: torch.Tensor,
                 bce = (w * (pos * t + neg * (1 - t))).sum() / w.sum()
                 s = torch.sigmoid(x)
                 dice = 1 - (2 * (s * w * t).sum() + 1) / ((s * w).sum() + (t * w).sum() + 1)
-                cost[q, m] = (-loss.class_weight * probs[q, c] + loss.mask_weight * bce + loss.dice_weight * dice).item()
+                cost[q, m] = (-loss.class_weight * probs[q, c] + loss.mask_weight * bce
+                              + loss.dice_weight * dice).item()
         qs, ms = linear_sum_assignment(cost)
         frames.append((r, classes, class_masks, list(zip(qs.tolist(), ms.tolist(), strict=True))))
 
