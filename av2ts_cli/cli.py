@@ -594,6 +594,8 @@ def bench_kernels(
     device: Annotated[str, typer.Option("--device", help="cpu (the C++ kernel) or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="64 px, T=1, 3 runs: a smoke run.")] = False,
+    peer: Annotated[bool, typer.Option("--peer", help="Also time the peer package torch-ms-deform-attn (installed "
+                                       "separately) in the same run, its outputs checked equal.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Deformable-attention kernel vs the pure-PyTorch fallback at the pixel decoder's shapes: speed-ups, memory."""
@@ -608,7 +610,8 @@ def bench_kernels(
     with make_progress(transient=True) as progress:
         task = progress.add_task("timing", total=None)
         report = bench.run(tuple(size or bench.DEFAULT_SIZES), frames=frames, repeats=repeats, device=device,
-                           threads=threads, progress=lambda text: progress.update(task, description=text))
+                           threads=threads, progress=lambda text: progress.update(task, description=text),
+                           peer=peer)
     _print_json(report) if as_json else bench.print_report(report)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -43,3 +44,41 @@ def test_bench_refuses_a_forced_fallback(monkeypatch):
     monkeypatch.setenv("AV2TS_DEFORM_ATTN", "torch")
     result = CliRunner().invoke(cli.app, ["bench", "kernels", "--quick"])
     assert result.exit_code == 2 and "AV2TS_DEFORM_ATTN=torch" in result.output
+
+
+def test_peer_without_the_package_is_a_one_line_usage_error(monkeypatch):
+    # None in sys.modules makes ``import torch_ms_deform_attn`` fail as if it were not installed
+    monkeypatch.setitem(sys.modules, kernels.PEER_MODULE, None)
+    result = CliRunner().invoke(cli.app, ["bench", "kernels", "--quick", "--peer"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: --peer:") and "torch-ms-deform-attn is not installed" in line
+    assert "pip install --no-build-isolation torch-ms-deform-attn==0.1.1" in line and "setuptools" in line
+
+
+def test_peer_quick_case_reports_the_same_operation(cpp_kernel):
+    pytest.importorskip(kernels.PEER_MODULE, reason="the peer package torch-ms-deform-attn is installed by hand "
+                        "(not in av2ts's install, so CI does not have it): " + kernels.PEER_INSTALL)
+    result = CliRunner().invoke(cli.app, ["bench", "kernels", "--quick", "--peer", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["peer"]["package"] == "torch-ms-deform-attn" and report["peer"]["version"] == "0.1.1"
+    (case,) = report["cases"]
+    check = case["peer"]
+    assert check["equal"] and check["output_max_abs_difference"] < 1e-5
+    assert set(check["gradient_max_rel_difference"]) == {"value", "sampling_locations", "attention_weights"}
+    assert max(check["gradient_max_rel_difference"].values()) < 1e-4
+    for name in ("forward", "forward_backward"):
+        timing = case[name]
+        assert timing["peer_ms"] > 0
+        assert timing["peer_over_kernel"] == pytest.approx(timing["peer_ms"] / timing["kernel_ms"], rel=0.01,
+                                                           abs=0.006)
+    assert {"peer_forward", "peer_forward_backward"} <= set(case["peak_memory_mib"])
+
+
+def test_peer_report_prints_ratios_and_the_agreement(cpp_kernel):
+    pytest.importorskip(kernels.PEER_MODULE, reason="the peer package torch-ms-deform-attn is installed by hand "
+                        "(not in av2ts's install, so CI does not have it): " + kernels.PEER_INSTALL)
+    result = CliRunner().invoke(cli.app, ["bench", "kernels", "--quick", "--peer"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "peer / kernel" in result.output and "64 px, peer vs kernel: same operation" in result.output

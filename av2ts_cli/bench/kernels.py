@@ -10,10 +10,16 @@ warm-up calls, each timed call right after an untimed one of the same implementa
 is reported, forward and forward+backward, with the speed-up as a ratio. Peak memory is the most the process grew
 during one call above what it held before: sampled resident memory on CPU (after returning freed memory to the
 OS), the allocator's peak on CUDA.
+
+With ``peer=True`` the peer package ``torch-ms-deform-attn`` (a standalone build of the Deformable-DETR op, kept out
+of av2ts's install) is the third implementation in the same alternation, forward and forward+backward; its output
+and gradients are compared with av2ts's kernel's on the same inputs first, so the ratio (peer / av2ts) is of the
+same operation.
 """
 
 from __future__ import annotations
 
+import importlib
 import platform
 import statistics
 import time
@@ -30,6 +36,14 @@ from av2ts_cli.model.ops import KernelError, KernelUnavailable
 
 HEADS, POINTS, HEAD_DIM = 8, 4, 32
 DEFAULT_SIZES = (224, 512)
+PEER_PACKAGE, PEER_MODULE = "torch-ms-deform-attn", "torch_ms_deform_attn"
+# setuptools.command.bdist_wheel, which the peer's setup.py imports, exists from setuptools 70.1 (measured: with the
+# venv's 65.5 the build stops at "No module named 'setuptools.command.bdist_wheel'").
+PEER_INSTALL = ("pip install 'setuptools>=70.1,<82' packaging wheel ninja && "
+                f"pip install --no-build-isolation {PEER_PACKAGE}==0.1.1")
+# fp32, outputs of magnitude ~1, sums of 12 weighted bilinear samples: two correct kernels differ by rounding only
+# (measured: about 1e-7 at 224 px); a difference above this is a different operation, not rounding.
+PEER_TOLERANCE = 1e-4
 
 
 def level_shapes(input_size: int) -> list[tuple[int, int]]:
@@ -55,6 +69,34 @@ def make_inputs(input_size: int, frames: int, device: str = "cpu", seed: int = 0
     weights = torch.randn(frames, total, HEADS, levels * POINTS, generator=generator).softmax(-1)
     weights = weights.view(frames, total, HEADS, levels, POINTS)
     return tuple(t.to(device) for t in (value, shapes, starts, locations.contiguous(), weights))
+
+
+def _import_peer():
+    """The peer package's module (``import torch_ms_deform_attn``): the one place it is imported, so a test can
+    hide it."""
+    return importlib.import_module(PEER_MODULE)
+
+
+def load_peer() -> tuple[Callable[..., torch.Tensor], str]:
+    """(the peer's op with av2ts's argument order, its version), or a one-line ``UsageError`` saying how to
+    install it. The op takes value [N, S, M, D], spatial_shapes [L, 2], level_start_index [L],
+    sampling_locations [N, Q, M, L, P, 2], attention_weights [N, Q, M, L, P] and returns [N, Q, M*D]."""
+    try:
+        peer = _import_peer()
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == PEER_MODULE:
+            raise UsageError(f"--peer: the peer package {PEER_PACKAGE} is not installed (it is not part of "
+                             f"av2ts's install); install it into this environment with: {PEER_INSTALL}") from None
+        # found but its own import failed, e.g. its compiled extension was built against another torch
+        raise UsageError(f"--peer: {PEER_PACKAGE} is installed but does not load with torch {torch.__version__}; "
+                         f"rebuild it: {PEER_INSTALL} --force-reinstall") from None
+    op = peer.ms_deform_attn
+
+    def call(value, shapes, starts, locations, weights):
+        # im2col_step only chunks the batch on CUDA (the peer's CPU path ignores it); 64 is the peer's default.
+        return op(value, shapes, starts, locations, weights, 64)
+
+    return call, str(getattr(peer, "__version__", "unknown"))
 
 
 def _sync(device: str) -> None:
@@ -118,9 +160,35 @@ def _device_name(device: str) -> str:
 
 
 def _summary(times: dict[str, list[float]]) -> dict:
-    fallback, kernel = statistics.median(times["fallback"]), statistics.median(times["kernel"])
-    return {"fallback_ms": round(fallback * 1e3, 3), "kernel_ms": round(kernel * 1e3, 3),
-            "speedup": round(fallback / kernel, 1), "runs": len(times["kernel"])}
+    medians = {name: statistics.median(runs) for name, runs in times.items()}
+    summary = {"fallback_ms": round(medians["fallback"] * 1e3, 3), "kernel_ms": round(medians["kernel"] * 1e3, 3),
+               "speedup": round(medians["fallback"] / medians["kernel"], 1), "runs": len(times["kernel"])}
+    if "peer" in medians:  # ratios near 1 matter here: two decimals
+        summary.update({"peer_ms": round(medians["peer"] * 1e3, 3),
+                        "peer_over_kernel": round(medians["peer"] / medians["kernel"], 2),
+                        "fallback_over_peer": round(medians["fallback"] / medians["peer"], 1)})
+    return summary
+
+
+def _gradients(attention, inputs, grad_output) -> list[torch.Tensor]:
+    """Gradients of value, sampling_locations and attention_weights for ``grad_output`` [T, Q, 8*32]."""
+    value, shapes, starts, locations, weights = inputs
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    attention(leaves[0], shapes, starts, leaves[1], leaves[2]).backward(grad_output)
+    return [leaf.grad for leaf in leaves]
+
+
+def _peer_agreement(implementations: dict[str, Callable], inputs, outputs, grad_output) -> dict:
+    """Max abs differences of the peer's output and of each gradient from av2ts's kernel's on the same inputs."""
+    output = float((outputs["peer"] - outputs["kernel"]).abs().max())
+    grads = zip(("value", "sampling_locations", "attention_weights"),
+                _gradients(implementations["kernel"], inputs, grad_output),
+                _gradients(implementations["peer"], inputs, grad_output), strict=True)
+    # the location gradient scales with the level's side (a 1.0 step crosses the whole map): compare relative
+    gradients = {name: float((theirs - ours).abs().max() / ours.abs().max().clamp_min(1e-12))
+                 for name, ours, theirs in grads}
+    return {"output_max_abs_difference": output, "gradient_max_rel_difference": gradients,
+            "equal": output <= PEER_TOLERANCE and max(gradients.values()) <= PEER_TOLERANCE}
 
 
 def _time_case(implementations: dict[str, Callable], size: int, inputs: tuple[torch.Tensor, ...], repeats: int,
@@ -128,25 +196,33 @@ def _time_case(implementations: dict[str, Callable], size: int, inputs: tuple[to
     value, shapes, _, locations, _ = inputs
     with torch.no_grad():
         outputs = {name: f(*inputs) for name, f in implementations.items()}
+    grad_output = torch.randn_like(outputs["kernel"])
+    # checked before timing, so the ratios below are of the same operation
+    peer = _peer_agreement(implementations, inputs, outputs, grad_output) if "peer" in implementations else None
+    with torch.no_grad():
         inference = {name: (lambda f=f: f(*inputs)) for name, f in implementations.items()}
         forward = _alternate(inference, repeats, device)
         memory = {f"{name}_forward": _peak_memory_mib(call, device) for name, call in inference.items()}
-    grad_output = torch.randn_like(outputs["kernel"])
     training = {name: _forward_backward(f, inputs, grad_output) for name, f in implementations.items()}
     forward_backward = _alternate(training, max(3, repeats // 2), device)
     memory.update({f"{name}_forward_backward": _peak_memory_mib(call, device) for name, call in training.items()})
-    return {
+    case = {
         "input_size": size, "levels": shapes.tolist(), "queries": value.shape[1],
         "samples": locations[..., 0].numel(),
         "max_abs_difference": float((outputs["kernel"] - outputs["fallback"]).abs().max()),
         "forward": _summary(forward), "forward_backward": _summary(forward_backward),
         "peak_memory_mib": {k: round(v, 1) for k, v in memory.items()},
     }
+    if peer is not None:
+        case["peer"] = peer
+    return case
 
 
 def run(sizes=DEFAULT_SIZES, frames: int = 5, repeats: int = 15, device: str = "cpu", threads: int | None = None,
-        progress: Callable[[str], None] | None = None) -> dict:
-    """Time the kernel of ``device`` against the fallback at each input size; see the module docstring."""
+        progress: Callable[[str], None] | None = None, peer: bool = False) -> dict:
+    """Time the kernel of ``device`` against the fallback (and the peer package's op with ``peer``) at each input
+    size; see the module docstring."""
+    peer_op, peer_version = load_peer() if peer else (None, None)
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     if threads:
@@ -159,29 +235,52 @@ def run(sizes=DEFAULT_SIZES, frames: int = 5, repeats: int = 15, device: str = "
     except KernelUnavailable as err:
         raise KernelError(f"cannot benchmark the {backend} kernel: {err}") from None
     implementations = {"fallback": ops.ms_deform_attn_torch, "kernel": ops.ms_deform_attn}
+    if peer_op is not None:
+        implementations["peer"] = peer_op
     cases = []
     for size in sizes:
         if progress:
             progress(f"{size} px, T={frames}")
         cases.append(_time_case(implementations, size, make_inputs(size, frames, device), repeats, device))
-    return {"device": device, "device_name": _device_name(device), "backend": backend,
-            "threads": torch.get_num_threads(), "frames": frames, "heads": HEADS, "points": POINTS,
-            "head_dim": HEAD_DIM, "dtype": "float32", "repeats": repeats, "cases": cases}
+    report = {"device": device, "device_name": _device_name(device), "backend": backend,
+              "threads": torch.get_num_threads(), "frames": frames, "heads": HEADS, "points": POINTS,
+              "head_dim": HEAD_DIM, "dtype": "float32", "repeats": repeats, "cases": cases}
+    if peer_op is not None:
+        report["peer"] = {"package": PEER_PACKAGE, "version": peer_version, "tolerance": PEER_TOLERANCE}
+    return report
 
 
 def print_report(report: dict) -> None:
-    table = Table(title=f"deformable attention: {report['backend']} kernel vs pure-PyTorch fallback "
+    peer = report.get("peer")
+    versus = f" and {peer['package']} {peer['version']}" if peer else ""
+    table = Table(title=f"deformable attention: {report['backend']} kernel vs pure-PyTorch fallback{versus} "
                         f"({report['device_name']}, T={report['frames']}, fp32)")
-    for column in ("input", "pass", "fallback ms", "kernel ms", "speed-up", "fallback MiB", "kernel MiB"):
+    names = ("fallback", "kernel", "peer") if peer else ("fallback", "kernel")
+    columns = ["input", "pass", *(f"{name} ms" for name in names), "speed-up"]
+    columns += ["peer / kernel"] if peer else []
+    columns += [f"{name} MiB" for name in names]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("input", "pass") else "right")
     for case in report["cases"]:
         memory = case["peak_memory_mib"]
         for name, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
             timing = case[name]
-            table.add_row(f"{case['input_size']} px", label,
-                          f"{timing['fallback_ms']:.2f}", f"{timing['kernel_ms']:.2f}", f"{timing['speedup']:.1f}x",
-                          f"{memory['fallback_' + name]:.1f}", f"{memory['kernel_' + name]:.1f}")
+            row = [f"{case['input_size']} px", label, *(f"{timing[n + '_ms']:.2f}" for n in names),
+                   f"{timing['speedup']:.1f}x"]
+            row += [f"{timing['peer_over_kernel']:.2f}x"] if peer else []
+            row += [f"{memory[n + '_' + name]:.1f}" for n in names]
+            table.add_row(*row)
     console.print(table)
     console.print(f"median of {report['repeats']} forward runs (half as many forward+backward) per implementation, "
                   "alternating in one process on the same inputs; MiB: peak growth during one call; queries = "
                   + ", ".join(f"{c['queries']} at {c['input_size']} px" for c in report["cases"]))
+    if peer:
+        console.print("speed-up: fallback / kernel; peer / kernel: the peer's time over av2ts's kernel's (above 1: "
+                      "av2ts is faster)")
+        for case in report["cases"]:
+            check = case["peer"]
+            verdict = "same operation" if check["equal"] else f"DIFFERENT (tolerance {peer['tolerance']:g})"
+            gradients = ", ".join(f"{k} {v:.1e}" for k, v in check["gradient_max_rel_difference"].items())
+            console.print(f"{case['input_size']} px, peer vs kernel: {verdict}; output max abs difference "
+                          f"{check['output_max_abs_difference']:.1e}; gradients max rel difference {gradients}",
+                          highlight=False)
