@@ -33,3 +33,18 @@ def test_bench_model_rejects_bad_options():
         result = CliRunner().invoke(cli.app, ["bench", "model", *args])
         assert result.exit_code == 2, result.output
         assert "error:" in result.output
+
+
+def test_bench_model_times_a_combo_model_beside_av2ts_r50(monkeypatch):
+    """--model NAME (a preset or checkpoint) gets av2ts-r50 at the same size in the same run; COMBO has no DSTA
+    part, and its fusion (bilateral + audio MLP) and VGGish audio are timed."""
+    monkeypatch.setattr(bench, "baseline_resnet50", lambda frames, repeats, bf16: 0.5)
+    monkeypatch.setattr(bench, "REFERENCE_CASE", ("av2ts-tiny", 224))  # av2ts-r50's stand-in: same wiring, fast
+    args = ["bench", "model", "--model", "combo-tiny", "--size", "64", "--frames", "2", "--repeats", "1", "--json"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    reference, combo = json.loads(result.stdout)["results"]
+    assert (reference["preset"], reference["family"], reference["input_size"]) == ("av2ts-tiny", "av2ts", 64)
+    assert (combo["name"], combo["family"], combo["input_size"]) == ("combo-tiny", "combo", 64)
+    assert set(combo["parts_s"]) == set(PARTS) - {"DSTA"} and all(t > 0 for t in combo["parts_s"].values())
+    assert set(reference["parts_s"]) == set(PARTS)

@@ -17,9 +17,12 @@ def test_recipe_for_falls_back_to_the_presets_s4_row_then_the_default():
 
 
 def test_recipe_defaults_state_the_table():
-    assert recipe_defaults("lr") == "0.0001; av2ts-tiny 0.001"
-    assert recipe_defaults("amp") == "off; av2ts-r50 avss on; av2ts-pvt avss on"
-    assert recipe_defaults("batch") == "av2ts-r50 8; av2ts-pvt 4; av2ts-tiny 2"  # no value shared by most
+    assert recipe_defaults("lr") == "0.0001; av2ts-tiny 0.001; combo-tiny 0.001"
+    assert recipe_defaults("amp") == "off; av2ts-r50 avss on; av2ts-pvt avss on"  # COMBO: AMP off everywhere
+    # no value shared by more than half of the rows
+    assert recipe_defaults("batch") == "av2ts-r50 8; av2ts-pvt 4; av2ts-tiny 2; combo-r50 8; combo-pvt 8; combo-tiny 2"
+    assert recipe_defaults("eval_every") == "100; combo-r50 s4 5000, ms3 400, avss 5000; combo-pvt s4 5000, " \
+                                            "ms3 400, avss 5000"
     for field in dataclasses.fields(Recipe):
         text = recipe_defaults(field.name)
         for (preset, subset), recipe in RECIPES.items():
@@ -33,5 +36,54 @@ def test_recipe_defaults_state_the_table():
 def test_train_help_shows_the_table_not_a_copy(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # one line per option
     text = " ".join(invoke_cli(["train", "--help"]).output.split())
-    for field in ("iters", "batch", "lr", "backbone_lr_mult", "clip_norm", "amp", "augment", "ignore_padding"):
+    for field in ("iters", "batch", "lr", "backbone_lr_mult", "clip_norm", "amp", "augment", "ignore_padding",
+                  "eval_every"):
         assert recipe_defaults(field) in text, field
+
+
+def test_combo_recipes_follow_its_base_configs():
+    """spec combo.md section 7: AV2TS's optimiser settings, AMP off, PVT batch 8 for 90k (MS3 20k), R50 AVSS 90k,
+    COMBO's EVAL_PERIOD (5000, MS3 400)."""
+    for preset in ("combo-r50", "combo-pvt"):
+        for subset, iters, period in (("s4", 90_000, 5000), ("ms3", 20_000, 400), ("avss", 90_000, 5000)):
+            recipe = recipe_for(preset, subset)
+            assert (recipe.iters, recipe.batch, recipe.eval_every) == (iters, 8, period), (preset, subset)
+            assert (recipe.lr, recipe.backbone_lr_mult, recipe.clip_norm, recipe.amp, recipe.augment) == \
+                (1e-4, 0.1, 0.01, False, True)
+    assert recipe_for("av2ts-pvt", "s4").batch == 4 and recipe_for("av2ts-r50", "avss").iters == 180_000
+    assert recipe_for("combo-tiny", "s4").lr == 1e-3 and recipe_for("av2ts-tiny", "s4").eval_every == 100
+
+
+def test_the_eval_period_comes_from_the_recipe_unless_given():
+    import torch
+
+    from av2ts_cli.training.options import new_options
+
+    cpu = torch.device("cpu")
+    options = new_options({"subset": "ms3", "data": "d"})
+    assert options.resolved("combo-r50", cpu).eval_every == 400
+    assert options.resolved("av2ts-r50", cpu).eval_every == 100
+    given = new_options({"subset": "ms3", "data": "d", "eval_every": 7})
+    assert given.resolved("combo-r50", cpu).eval_every == 7
+
+
+def test_combo_deep_supervision_covers_its_10_outputs():
+    """9 decoder layers: the learned queries' prediction and one per layer are supervised (10 sets of class, mask
+    and dice terms), the cosine loss on the 9 masks that feed the layers."""
+    import torch
+
+    from av2ts_cli.config import get_preset
+    from av2ts_cli.model import build_model
+    from av2ts_cli.training.criterion import build_criterion
+
+    cfg = dataclasses.replace(get_preset("combo-tiny", "s4"), decoder_layers=9, input_size=64)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    b, t = 1, 2
+    outputs = model(torch.rand(b, t, 3, 64, 64) * 255, torch.randn(b, t, 96, 64))
+    assert len(outputs["aux_outputs"]) == 9 and len(outputs["middle_masks"]) == 9
+    masks = torch.zeros(b, t, 64, 64, dtype=torch.int64)
+    masks[..., 16:40, 16:40] = 1
+    losses = build_criterion(cfg)(outputs, {"masks": masks, "supervised": torch.ones(b, t, dtype=torch.bool)})
+    assert sum(k.startswith("loss_ce") for k in losses) == 10
+    assert sum(k.startswith("loss_cosine") for k in losses) == 9

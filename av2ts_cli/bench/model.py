@@ -117,12 +117,12 @@ def time_model(name: str, input_size: int | None = None, frames: int = 5, repeat
         return hook
 
     handles = []
-    for part, names in PARTS.items():
-        for name in names:
-            module = getattr(model, name, None)
+    for part, modules in PARTS.items():
+        for module_name in modules:
+            module = getattr(model, module_name, None)
             if module is not None:
-                handles.append(module.register_forward_pre_hook(start(name)))
-                handles.append(module.register_forward_hook(stop(part, name)))
+                handles.append(module.register_forward_pre_hook(start(module_name)))
+                handles.append(module.register_forward_hook(stop(part, module_name)))
 
     def forward():
         for times in spent.values():
