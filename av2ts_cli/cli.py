@@ -130,9 +130,17 @@ def predict(
                                             rich_help_panel="Input")] = False,
     fps: Annotated[int, typer.Option("--fps", min=1, help="Masks per second: F passes, each shifting frames and audio "
                                      "windows by 1/F s.", rich_help_panel="Input")] = 1,
-    maskiges: Annotated[Path | None, typer.Option("--maskiges", help="Maskige images for models with the Siam "
-                                                  "encoder: DIR/<video>/NNNNNN.png, numbered like the masks.",
-                                                  rich_help_panel="Input")] = None,
+    maskiges: Annotated[str | None, typer.Option("--maskiges", metavar="auto|DIR", help="Models with the Siam "
+                                                 "encoder: auto (default) makes them with --generator and caches "
+                                                 "them in OUT/<video>/maskiges/; DIR reads DIR/<video>/NNNNNN.png, "
+                                                 "numbered like the masks.", rich_help_panel="Input",
+                                                 show_default=False)] = None,
+    generator: Annotated[str | None, typer.Option("--generator", "-g", help="--maskiges auto: hf://owner/repo"
+                                                  "\\[@rev] or a save_pretrained folder (default: SAM ViT-B, "
+                                                  "pinned).", rich_help_panel="Input")] = None,
+    points_per_side: Annotated[int | None, typer.Option("--points-per-side", min=1, help="--maskiges auto: the "
+                                                        "generator's point grid side (default 32).",
+                                                        rich_help_panel="Input")] = None,
     require_audio: Annotated[bool, typer.Option("--require-audio", help="Fail a video without an audio stream "
                                                 "(default: silence and a warning).", rich_help_panel="Input")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hf://owner/repo\\[@rev]"
@@ -167,8 +175,9 @@ def predict(
 
     options = predictor.PredictOptions(
         model=model, out=out, fps=fps, window=window, device=device, half=half, batch=batch, recursive=recursive,
-        threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, overlay=overlay,
-        force=force, require_audio=require_audio)
+        threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, generator=generator,
+        generator_settings={} if points_per_side is None else {"points_per_side": points_per_side},
+        overlay=overlay, force=force, require_audio=require_audio)
     report = predictor.run(sources, options)
     predictor.print_report(report)
     if report.failures:
@@ -640,6 +649,31 @@ def bench_predict(
     from av2ts_cli.bench import predict as bench
 
     report = bench.run(quick=quick, threads=threads, progress=not as_json)
+    _print_json(report) if as_json else bench.print_report(report)
+
+
+@bench_app.command("maskiges")
+@_reported
+def bench_maskiges(
+    generator: Annotated[str | None, typer.Option("--generator", "-g", help="hf://owner/repo\\[@rev] or a "
+                                                  "save_pretrained folder (default: SAM ViT-B, pinned).")] = None,
+    points: Annotated[list[int] | None, typer.Option("--points-per-side", min=1, help="Point grid side, "
+                                                     "repeatable (default: 32 and 16).")] = None,
+    frames: Annotated[int, typer.Option("--frames", min=1, help="Timed frames per setting (median).")] = 3,
+    device: Annotated[list[str] | None, typer.Option("--device", help="cpu or cuda, repeatable (default: cpu, and "
+                                                     "cuda where available).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="1 frame at 320x180, 1 encoder run: a smoke run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Maskige masks: seconds per frame at 32 and 16 points per side, as a ratio to one image-encoder forward."""
+    from av2ts_cli.bench import maskiges as bench
+
+    options = {"frames": 1, "size": bench.QUICK_SIZE, "repeats": 1} if quick else {"frames": frames}
+    with make_progress(transient=True) as progress:
+        task = progress.add_task("timing", total=None)
+        report = bench.run(generator, tuple(points or bench.DEFAULT_POINTS), devices=tuple(device) if device else None,
+                           threads=threads, progress=lambda text: progress.update(task, description=text), **options)
     _print_json(report) if as_json else bench.print_report(report)
 
 

@@ -12,7 +12,9 @@ held whole (64 kB/s). The video is probed once, here, and the probe is passed on
 Per video, in ``OUT/<video name>/``: ``masks/NNNNNN.png`` (grey 0/255 for binary models, indexed AVSS palette for
 semantic ones), ``frames.jsonl`` (one line per mask: time, sounding area, classes with area and box),
 ``masks.coco.json`` (COCO RLE), ``summary.json`` (written last, atomically: its presence marks the video done, and
-a re-run skips it unless ``--force`` or the settings changed) and the overlay if asked.
+a re-run skips it unless ``--force`` or the settings changed) and the overlay if asked. Siam models also get
+``maskiges/fps<F>/NNNNNN.png``, their maskiges, made once and reused (``predict_maskiges``; ``--maskiges DIR``
+reads them from a folder instead).
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ from av2ts_cli.console import console, make_progress
 from av2ts_cli.errors import Av2tsError, MediaError, UsageError
 from av2ts_cli.files import write_json
 from av2ts_cli.memory import PeakWatch
+from av2ts_cli.predict_maskiges import (
+    AUTO,
+    LazyGenerator,
+    auto_settings,
+    folder_of,
+    make_auto,
+    maskige_warning,
+    parse_maskiges,
+)
 from av2ts_cli.predict_outputs import (
     COCO_FILE,
     DEFAULT_OVERLAY,
@@ -81,7 +92,9 @@ class PredictOptions:
     recursive: bool = False
     threshold: float = 0.5
     formats: tuple[str, ...] = FORMATS
-    maskiges: Path | None = None
+    maskiges: str | Path | None = None  # Siam models: None or "auto" (made and cached per video) or a folder
+    generator: str | None = None  # --maskiges auto: hf://owner/repo[@rev] or a folder (None: the pinned SAM)
+    generator_settings: dict = field(default_factory=dict)  # GeneratorSettings fields (None: COMBO's run)
     overlay: str | None = None  # None: no overlay; "": OUT/<video>/overlay.mp4; else a file or folder
     force: bool = False
     require_audio: bool = False
@@ -99,6 +112,7 @@ class PredictOptions:
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise UsageError(f"--format {','.join(self.formats)}: choose from {', '.join(FORMATS)}")
+        auto_settings(self.generator, self.generator_settings)  # UsageError for settings out of range
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -163,10 +177,14 @@ class VideoResult:
 
 def settings_of(predictor: Predictor, options: PredictOptions, overlay: Path | None) -> dict:
     """What decides a video's outputs: a finished video is skipped only when these are unchanged."""
+    maskiges = None
+    if predictor.cfg.siam:
+        maskiges = parse_maskiges(options.maskiges)
+        # auto: another generator or other settings make other maskiges, so other masks
+        maskiges = auto_settings(options.generator, options.generator_settings) if maskiges == AUTO else str(maskiges)
     return {"model": predictor.name, "preset": predictor.cfg.preset, "fps": options.fps,
             "window": options.window or predictor.cfg.num_frames, "threshold": options.threshold,
-            "formats": list(options.formats), "maskiges": str(options.maskiges) if options.maskiges else None,
-            "overlay": str(overlay) if overlay else None}
+            "formats": list(options.formats), "maskiges": maskiges, "overlay": str(overlay) if overlay else None}
 
 
 def _read_audio(video: Path, info: media.Probe, duration: float, require_audio: bool) -> tuple[np.ndarray, list[str]]:
@@ -183,20 +201,16 @@ def _read_audio(video: Path, info: media.Probe, duration: float, require_audio: 
 
 
 def predict_video(video: Path, folder: Path, predictor: Predictor, options: PredictOptions,
-                  overlay: Path | None = None, progress=None, task=None) -> VideoResult:
-    """Segment one video into ``folder`` (see the module docstring); ``summary.json`` is written last."""
+                  overlay: Path | None = None, progress=None, task=None,
+                  generator: LazyGenerator | None = None) -> VideoResult:
+    """Segment one video into ``folder`` (see the module docstring); ``summary.json`` is written last.
+    ``generator``: the maskige generator of ``--maskiges auto`` (Siam models; None: made from the options)."""
     started = time.perf_counter()
     timer = Timer()
-    info = media.probe(video)
+    info = media.probe(video, ffprobe=False)  # ffmpeg's start time: the decoders take this probe (media.decoding_probe)
     cfg = predictor.cfg
     schedule = video_schedule(info, options.fps, options.window or cfg.num_frames)
     duration = schedule.duration
-    maskige_for = None
-    if cfg.siam:
-        if options.maskiges is None:
-            raise UsageError(f"model {predictor.name} ({cfg.preset}) uses the Siam encoder: pass --maskiges DIR")
-        own = options.maskiges / folder.name
-        maskige_for = maskige_reader(own if own.is_dir() else options.maskiges, cfg.input_size)
     if overlay is not None and "png" not in options.formats:
         raise UsageError("--overlay paints the PNG masks: add png to --format")
 
@@ -205,6 +219,19 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
     timer.add("audio", start)
     folder.mkdir(parents=True, exist_ok=True)
     clear_outputs(folder)
+    maskige_for, maskiges = None, None
+    if cfg.siam:
+        start = time.perf_counter()
+        source = parse_maskiges(options.maskiges)
+        if source == AUTO:
+            generator = generator or LazyGenerator(options.generator, options.generator_settings,
+                                                   str(predictor.device))
+            maskige_folder, maskiges = make_auto(video, folder, generator, options.fps, progress, task)
+        else:
+            maskige_folder, maskiges = folder_of(source, folder.name)
+        maskige_for = maskige_reader(maskige_folder, cfg.input_size)
+        warnings += [w for w in [maskige_warning(predictor.trained_on, maskiges)] if w]
+        timer.add("maskiges", start)
     if progress is not None:
         progress.update(task, total=len(schedule.windows), completed=0, description=f"windows · {video.name}")
     display = (info.width, info.height)
@@ -217,14 +244,14 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
 
         for frame, mask in stream_masks(video, schedule, predictor, wave, display, threshold=options.threshold,
                                         batch=options.batch, maskige_for=maskige_for, timer=timer,
-                                        on_batch=after_batch):
+                                        on_batch=after_batch, info=info):
             start = time.perf_counter()
             outputs.add(frame, mask)
             timer.add("writing", start)
     model_done = time.perf_counter()
     if overlay is not None:
         start = time.perf_counter()
-        render_overlay(video, outputs.track(), overlay)
+        render_overlay(video, outputs.track(), overlay, info=info)
         timer.add("overlay", start)
 
     windows = len(schedule.windows)
@@ -239,7 +266,7 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
         "sampling": {"seconds": schedule.seconds, "fps": schedule.fps, "frames": len(schedule.frames),
                      "offset": FRAME_OFFSET, "window": schedule.window, "padded_frames": schedule.padded_frames},
         "windows": windows, "batch": options.batch, "sounding_frames": outputs.sounding_frames,
-        "files": outputs.files, "masks": f"{MASKS_DIR}/" if "png" in options.formats else None,
+        "files": outputs.files, "masks": f"{MASKS_DIR}/" if "png" in options.formats else None, "maskiges": maskiges,
         "overlay": str(overlay) if overlay else None, "timings": timings, "peak_memory": memory.report(),
         "warnings": warnings,
     }
@@ -277,9 +304,9 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
         raise UsageError(f"--overlay {options.overlay}: several videos need a folder for their overlays")
     if predictor is None:
         predictor = load_predictor(options.model, options.device, options.half)
-    if predictor.cfg.siam and options.maskiges is None:
-        raise UsageError(f"model {predictor.name} ({predictor.cfg.preset}) uses the Siam encoder: pass --maskiges DIR "
-                         "(maskige images numbered like the masks, one subfolder per video)")
+    generator = None  # one maskige generator for every video; a model without the Siam encoder never makes one
+    if predictor.cfg.siam and parse_maskiges(options.maskiges) == AUTO:
+        generator = LazyGenerator(options.generator, options.generator_settings, str(predictor.device))
     run_dir = Path(options.out) if options.out is not None else numbered_run_folder(DEFAULT_RUNS)
     run_dir.mkdir(parents=True, exist_ok=True)
     report = RunReport(str(run_dir), predictor.describe(), batch=batch)
@@ -299,7 +326,8 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
                     _print(f"{video.name}: already done in {folder}, skipped (--force redoes it)")
                 else:
                     check_overlay_target(overlay, folder, options.overlay, options.force)
-                    result = predict_video(video, folder, predictor, options, overlay, progress, windows_task)
+                    result = predict_video(video, folder, predictor, options, overlay, progress, windows_task,
+                                           generator)
                     _print(_closing_line(result))
                 report.videos.append(result)
             except (Av2tsError, OSError) as err:

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 
 from av2ts_cli import media, weights
 from av2ts_cli.config import ModelConfig
 from av2ts_cli.console import console, warn
 from av2ts_cli.data.images import read_rgb
+from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError
 from av2ts_cli.masks import FrameMask, frame_mask
 from av2ts_cli.runs import resolve_device
@@ -50,6 +50,7 @@ class Predictor:
     name: str  # what --model said (or "demo")
     device: torch.device
     precision: str  # "fp32", "fp16" (CUDA autocast) or "bf16" (CPU autocast, channels_last)
+    trained_on: dict | str | None = None  # config.json's "trained_on" (Siam models: which maskiges, see predict)
 
     @property
     def binary(self) -> bool:
@@ -86,7 +87,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], name: str, device: str = "auto",
-                   half: bool = False) -> Predictor:
+                   half: bool = False, trained_on: dict | str | None = None) -> Predictor:
     """Move ``model`` to the device and pick the precision: ``half`` is fp16 autocast on CUDA, bf16 autocast with
     channels_last on CPUs with native bf16 (otherwise fp32, with a warning)."""
     target = resolve_device(device)
@@ -99,7 +100,7 @@ def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], n
     elif half:
         warn("--half: this CPU has no native bf16 (AVX512-BF16 or AMX); running in fp32")
     model = model.to(target).eval()
-    return Predictor(model, cfg, list(class_names), name, target, precision)
+    return Predictor(model, cfg, list(class_names), name, target, precision, trained_on)
 
 
 def load_predictor(name: str | None, device: str = "auto", half: bool = False) -> Predictor:
@@ -113,7 +114,7 @@ def load_predictor(name: str | None, device: str = "auto", half: bool = False) -
     else:
         source, label = name, name
     model, cfg, doc = weights.resolve_model(source)
-    return make_predictor(model, cfg, doc.get("classes") or [], label, device, half)
+    return make_predictor(model, cfg, doc.get("classes") or [], label, device, half, doc.get("trained_on"))
 
 
 # -------------------------------------------------------------------------------------------------- the stream
@@ -138,12 +139,13 @@ class WindowFeeder:
     """A background thread that decodes frames group by group and yields the ``WindowInputs`` of every window of
     ``schedule`` in its processing order, through a queue of ``depth`` windows (so decoding runs a bounded
     distance ahead of the model). ``wave``: the 16 kHz mono audio [S]; ``maskige_for``: a sampled frame's maskige
-    (Siam models) or None."""
+    (Siam models) or None; ``info``: the video's probe, handed to the decoder (``media.decoding_probe``)."""
 
     def __init__(self, video: Path, schedule: Schedule, size: int, wave: np.ndarray, timer: Timer,
-                 maskige_for: Callable[[SampledFrame], np.ndarray] | None = None, depth: int = 2):
+                 maskige_for: Callable[[SampledFrame], np.ndarray] | None = None, depth: int = 2,
+                 info: media.Probe | None = None):
         self.video, self.schedule, self.size, self.wave, self.timer = video, schedule, size, wave, timer
-        self.maskige_for = maskige_for
+        self.maskige_for, self.info = maskige_for, info
         self.queue: queue.Queue = queue.Queue(maxsize=max(2, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="av2ts-feeder", daemon=True)
@@ -160,7 +162,8 @@ class WindowFeeder:
 
     def _run(self) -> None:
         schedule = self.schedule
-        frames = media.iter_frames_at(self.video, [f.time for f in schedule.frames], (self.size, self.size))
+        frames = media.iter_frames_at(self.video, [f.time for f in schedule.frames], (self.size, self.size),
+                                      info=self.info)
         try:
             for group in range(schedule.groups):
                 start = time.perf_counter()
@@ -222,15 +225,18 @@ def _segmented_batches(feeder: WindowFeeder, predictor: Predictor, batch: int,
 def stream_masks(video: Path, schedule: Schedule, predictor: Predictor, wave: np.ndarray,
                  display: tuple[int, int], *, threshold: float = 0.5, batch: int = 1,
                  maskige_for: Callable[[SampledFrame], np.ndarray] | None = None, timer: Timer | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> Iterator[tuple[SampledFrame, FrameMask]]:
+                 on_batch: Callable[[int], None] | None = None, info: media.Probe | None = None
+                 ) -> Iterator[tuple[SampledFrame, FrameMask]]:
     """(sampled frame, its mask at ``display`` size (W, H)) for every frame of ``schedule``, in index (= time)
     order, each as soon as every pass of its window group has been through the network.
 
     ``wave``: the video's 16 kHz mono audio [S] (silence where it is shorter); ``threshold``: of binary models
     (``masks.frame_mask``); ``batch``: windows per forward pass; ``maskige_for``: a frame's maskige uint8 [S, S, 3]
-    for Siam models; ``on_batch(windows)`` is called after each forward pass (progress, memory samples)."""
+    for Siam models; ``on_batch(windows)`` is called after each forward pass (progress, memory samples);
+    ``info``: the video's probe (``media.probe(video, ffprobe=False)``), so decoding does not inspect it again."""
     timer = timer if timer is not None else Timer()
-    feeder = WindowFeeder(video, schedule, predictor.cfg.input_size, wave, timer, maskige_for, depth=2 * batch)
+    feeder = WindowFeeder(video, schedule, predictor.cfg.input_size, wave, timer, maskige_for, depth=2 * batch,
+                          info=info)
     scores: dict[int, torch.Tensor] = {}  # frame index -> semantic map [K, S, S] until its group is complete
     try:
         for windows, batch_scores in _segmented_batches(feeder, predictor, batch, timer):
@@ -253,15 +259,15 @@ def stream_masks(video: Path, schedule: Schedule, predictor: Predictor, wave: np
 
 
 def maskige_reader(folder: Path, size: int) -> Callable[[SampledFrame], np.ndarray]:
-    """Maskige of a sampled frame: ``folder/NNNNNN.png`` (or .jpg), the mask numbering, resized to S x S."""
+    """Maskige of a sampled frame: ``folder/NNNNNN.png`` (or .jpg), the mask numbering, as uint8 [S, S, 3] RGB."""
     def read(frame: SampledFrame) -> np.ndarray:
         for suffix in (".png", ".jpg", ".jpeg"):
             path = folder / f"{frame.index:06d}{suffix}"
             if path.is_file():
                 image = read_rgb(path, "maskige")
-                if image.shape[:2] != (size, size):
-                    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-                return image
+                # nearest, as COMBO resizes maskiges (and as eval reads them, data.transforms): a bilinear resize
+                # blends two palette colours at every region border into a colour that names no region
+                return resize_images(image[None], size, size, nearest=True)[0]
         raise DataError(folder / f"{frame.index:06d}.png", f"missing maskige for mask {frame.index} "
                         f"(t = {frame.time:.3f} s); maskiges are numbered like the masks")
 

@@ -25,8 +25,8 @@ def test_version_and_help():
         assert command in result.output
 
 
-SUBCOMMANDS = ["predict", "overlay", "train", "eval", "info", "convert", "data synth", "data check", "bench media",
-               "bench kernels", "bench model", "bench predict", "bench train"]
+SUBCOMMANDS = ["predict", "overlay", "train", "eval", "info", "convert", "maskiges", "data synth", "data check",
+               "bench media", "bench kernels", "bench model", "bench predict", "bench train", "bench maskiges"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -168,11 +168,12 @@ def test_semantic_model_writes_palette_pngs(make_clip, tmp_path):
     assert all(c["name"] != "background" and 0 < c["area"] <= 1 for c in line["classes"])
 
 
-def test_siam_models_need_maskiges(make_clip, tmp_path):
+def test_siam_models_read_maskiges_from_a_folder(make_clip, tmp_path):
+    """--maskiges DIR (without it, a Siam model makes its own: tests/test_predict_maskiges.py)."""
     checkpoint = _save_tiny(tmp_path / "siam-model", siam=True)
     clip = make_clip("siam", duration=2.0, size=(40, 30))
-    with pytest.raises(UsageError, match="Siam encoder: pass --maskiges"):
-        predict.run([clip], _options(tmp_path / "run", model=str(checkpoint)))
+    with pytest.raises(UsageError, match="--maskiges .*missing: no such folder"):
+        predict.run([clip], _options(tmp_path / "run", model=str(checkpoint), maskiges=tmp_path / "missing"))
     maskiges = tmp_path / "maskiges" / "siam"
     maskiges.mkdir(parents=True)
     Image.new("RGB", (50, 50), (200, 10, 10)).save(maskiges / "000000.png")
@@ -401,9 +402,6 @@ def test_cuda_half_precision_matches_cpu(make_clip, tiny_checkpoint, tmp_path):
         assert a["sounding_area"] == pytest.approx(b["sounding_area"], abs=0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="predict probes once (media.probe in predict_video), but media.iter_frames_at, "
-                   "media.iter_frames, render.render_overlay, media.encode_video and media.mux_audio take no probe "
-                   "and inspect the input again: 4 media.probe calls, 6 inspections with --overlay (issue 10)")
 def test_a_video_is_probed_once(make_clip, tiny_predictor, tmp_path, monkeypatch):
     """The probe of a video is made once and passed on: media.probe runs once per input, and no other inspection
     of the input (frame decoding, the overlay's frames and audio) runs ffprobe/ffmpeg -i again."""

@@ -79,3 +79,23 @@ def test_the_stream_yields_every_frame_once_in_time_order(make_clip):
     assert batches == [3, 1] and len(schedule.windows) == 4
     for _, mask in pairs:
         assert mask.classes.shape == (30, 40) and mask.probability.shape == (30, 40)
+
+
+def test_maskiges_are_resized_nearest_so_only_palette_colours_remain(tmp_path):
+    """A 224 x 224 maskige read at the model's 128 px keeps exactly its own colours (bilinear would blend the two
+    regions' colours at the border into a third)."""
+    from PIL import Image
+
+    from av2ts_cli.maskiges.render import maskige_rgb
+
+    masks = np.zeros((2, 224, 224), bool)
+    masks[0, 50:101, 37:150] = True
+    masks[1, 0:160, 0:99] = True
+    picture = maskige_rgb(masks, "s4")
+    Image.fromarray(picture).save(tmp_path / "000000.png")
+    frame = sampling.SampledFrame(index=0, second=0, shift=0, time=0.9375)
+    read = predict_stream.maskige_reader(tmp_path, 128)(frame)
+    assert read.shape == (128, 128, 3) and read.dtype == np.uint8
+    colours = {tuple(c) for c in np.unique(read.reshape(-1, 3), axis=0)}
+    assert colours == {tuple(c) for c in np.unique(picture.reshape(-1, 3), axis=0)}
+    assert len(colours) == 3  # the background and the two masks' colours, nothing between them

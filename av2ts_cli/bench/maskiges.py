@@ -1,0 +1,137 @@
+"""``av2ts bench maskiges``: seconds per frame of automatic maskige masks, as a ratio to one image-encoder forward.
+
+One ``MaskGenerator`` per device (``--generator``, default the pinned SAM ViT-B) makes the masks of ``frames``
+frames of ffmpeg's testsrc2 pattern (``media.synthesize_clip``, at ``size``) for each points-per-side setting
+(default 32, COMBO's, and 16); the median per frame is reported with the masks it kept. The baseline is one
+forward of the same model's image encoder (``get_image_embeddings`` on the preprocessed frame) timed in the same
+process before and after the cases (the faster of the two: a process's first seconds are slow in this VM), so a
+ratio holds on a busy machine too. Every frame costs one encoder forward plus ``points_per_side**2`` point prompts
+through the prompt encoder and mask decoder (``points_per_batch`` at a time), and the upscaling, stability
+filter and NMS of the masks that pass the IoU threshold; the ratio says how much the prompts add.
+
+Random weights (a randomly initialised model of the same size) time the encoder and the decoder as trained ones
+do, but pass other numbers of masks to the post-processing; the report gives the masks per frame for that
+reason. CUDA is timed too when available (``torch.cuda.synchronize`` around each call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from av2ts_cli import media
+from av2ts_cli.console import console
+from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings
+
+DEFAULT_POINTS = (32, 16)
+DEFAULT_SIZE = (1280, 720)  # a phone video's frame; SAM resizes it to 1024 on the long side, masks come back at it
+QUICK_SIZE = (320, 180)
+
+
+def _frames(count: int, size: tuple[int, int]):
+    """``count`` RGB frames uint8 [H, W, 3] of the testsrc2 pattern, 1 s apart."""
+    with tempfile.TemporaryDirectory(prefix="av2ts-bench-maskiges-") as folder:
+        clip = media.synthesize_clip(Path(folder) / "pattern.mp4", count, size, fps=5, audio=False)
+        return list(media.decode_frames_at(clip, [k + 0.5 for k in range(count)]))
+
+
+def _timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def time_device(generator, frames: list, points: tuple[int, ...], repeats: int) -> dict:
+    """Encoder and per-setting timings of a loaded ``MaskGenerator`` on its device."""
+    import torch  # local: the CLI module imports this one for --help; torch takes seconds
+
+    device = generator.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    inputs = generator.processor(images=frames[0], return_tensors="pt")
+    pixels = inputs["pixel_values"].to(device, generator.model.dtype)
+
+    def encoder_runs() -> list[float]:
+        with torch.inference_mode():
+            _timed(lambda: generator.model.get_image_embeddings(pixels), sync)  # warm-up (allocations, kernels)
+            return [_timed(lambda: generator.model.get_image_embeddings(pixels), sync) for _ in range(repeats)]
+
+    before = statistics.median(encoder_runs())
+    base = generator.settings
+    cases = []
+    for side in points:
+        generator.settings = dataclasses.replace(base, points_per_side=side)
+        generator.generate(frames[0])  # warm-up at this grid size
+        runs, kept = [], []
+        for frame in frames:
+            out = []
+            runs.append(_timed(lambda f=frame, o=out: o.append(generator.generate(f)), sync))
+            kept.append(len(out[0]))
+        cases.append({"points_per_side": side, "seconds_per_frame": statistics.median(runs), "runs_s": runs,
+                      "masks_per_frame": statistics.median(kept)})
+    generator.settings = base
+    encoder = min(before, statistics.median(encoder_runs()))
+    for case in cases:
+        case["ratio_to_encoder"] = case["seconds_per_frame"] / encoder
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": str(device), "device_name": name, "encoder_s": encoder, "cases": cases}
+
+
+def run(generator: str | None = None, points: tuple[int, ...] = DEFAULT_POINTS, frames: int = 3,
+        size: tuple[int, int] = DEFAULT_SIZE, repeats: int = 3, devices: tuple[str, ...] | None = None,
+        threads: int | None = None, settings: dict | None = None, progress=None) -> dict:
+    """Time the generator on each of ``devices`` (default: cpu, and cuda where available)."""
+    import torch  # local: as in time_device
+
+    # local: transformers (~8 s to import) and torch behind the generator; --help must not wait for them
+    from av2ts_cli.maskiges.generate import MaskGenerator
+
+    if threads:
+        torch.set_num_threads(threads)
+    if devices is None:
+        devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    pictures = _frames(frames, size)
+    results, description, parameters, encoder_parameters = [], {}, 0, 0
+    for device in devices:
+        if progress is not None:
+            progress(f"loading the generator on {device}")
+        model = MaskGenerator(generator, GeneratorSettings(**(settings or {})), device)
+        if progress is not None:
+            progress(f"timing on {device}")
+        results.append(time_device(model, pictures, points, repeats))
+        description = model.describe()
+        parameters = sum(p.numel() for p in model.model.parameters())
+        encoder_parameters = sum(p.numel() for p in model.model.vision_encoder.parameters())
+        del model
+    return {"generator": description.get("generator", generator or DEFAULT_GENERATOR),
+            "repo": description.get("repo"), "revision": description.get("revision"),
+            "model_type": description.get("model_type"), "parameters": parameters,
+            "image_encoder_parameters": encoder_parameters, "settings": description.get("settings", {}),
+            "frames": frames, "frame_size": list(size), "repeats": repeats, "threads": torch.get_num_threads(),
+            "results": results}
+
+
+def print_report(report: dict) -> None:
+    settings = {k: v for k, v in report["settings"].items() if k != "points_per_side"}
+    console.print(f"automatic masks of {report['generator']} ({report['model_type']}, "
+                  f"{report['parameters'] / 1e6:.1f} M parameters, image encoder "
+                  f"{report['image_encoder_parameters'] / 1e6:.1f} M) on {report['frames']} frames of "
+                  f"{report['frame_size'][0]}x{report['frame_size'][1]}, {report['threads']} CPU threads",
+                  highlight=False, soft_wrap=True)
+    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), highlight=False,
+                  soft_wrap=True)
+    table = Table(title="seconds per frame (median)")
+    for column in ("device", "points per side", "s / frame", "masks / frame", "encoder s", "x encoder"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for result in report["results"]:
+        for case in result["cases"]:
+            table.add_row(result["device_name"], str(case["points_per_side"]), f"{case['seconds_per_frame']:.3f}",
+                          f"{case['masks_per_frame']:g}", f"{result['encoder_s']:.3f}",
+                          f"{case['ratio_to_encoder']:.2f}")
+    console.print(table)

@@ -1,0 +1,39 @@
+"""``av2ts bench maskiges`` end to end with a tiny random SAM (tests/_tiny_sam.py) in quick mode: seconds per
+frame for 32 and 16 points per side, each against the same model's image-encoder forward in the same run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import invoke_cli, one_line
+
+pytest.importorskip("transformers")  # the av2ts[sam] extra (part of dev)
+
+from _tiny_sam import save_tiny_sam  # noqa: E402
+
+
+def test_bench_maskiges_quick_json(tmp_path):
+    model = save_tiny_sam(tmp_path / "tiny")
+    result = invoke_cli(["bench", "maskiges", "--generator", str(model), "--quick", "--device", "cpu", "--json"])
+    report = json.loads(result.stdout)
+    assert report["generator"] == str(model) and report["model_type"] == "sam" and report["frames"] == 1
+    assert 0 < report["image_encoder_parameters"] < report["parameters"] < 200_000
+    (cpu,) = report["results"]
+    assert cpu["device"] == "cpu" and cpu["encoder_s"] > 0
+    assert [case["points_per_side"] for case in cpu["cases"]] == [32, 16]
+    for case in cpu["cases"]:
+        assert case["seconds_per_frame"] > 0 and case["masks_per_frame"] >= 0
+        assert case["ratio_to_encoder"] == pytest.approx(case["seconds_per_frame"] / cpu["encoder_s"])
+    # a frame is one encoder forward and then the prompts: more than the encoder alone, more with more points
+    fine, coarse = cpu["cases"]
+    assert coarse["ratio_to_encoder"] > 1 and fine["seconds_per_frame"] > coarse["seconds_per_frame"]
+
+    table = invoke_cli(["bench", "maskiges", "--generator", str(model), "--quick", "--device", "cpu",
+                        "--points-per-side", "4"])
+    assert "x encoder" in table.output and "seconds per frame" in table.output
+
+
+def test_a_missing_generator_is_one_line(tmp_path):
+    result = invoke_cli(["bench", "maskiges", "--generator", str(tmp_path / "nothing"), "--quick"], expect=1)
+    assert "no such generator folder" in one_line(result.output)
