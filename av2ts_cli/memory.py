@@ -63,7 +63,7 @@ class PeakWatch:
         if self.trim:
             trim_heap()
         if self._is_cuda():
-            import torch  # only on CUDA devices, where torch is loaded already
+            import torch  # local: only for CUDA devices (torch is loaded by then); keeps memory.py torch-free
 
             torch.cuda.synchronize(self.device)
             self.cuda_start = torch.cuda.memory_allocated(self.device)
@@ -88,14 +88,14 @@ class PeakWatch:
             self._thread.join()
         self.sample()
         if self._is_cuda():
-            import torch
+            import torch  # local: only for CUDA devices; keeps memory.py torch-free
 
             torch.cuda.synchronize(self.device)
 
     def growth_mib(self) -> float:
         """Most the process grew above its start (MiB): CUDA allocator memory on CUDA, RSS elsewhere."""
         if self._is_cuda():
-            import torch
+            import torch  # local: only for CUDA devices; keeps memory.py torch-free
 
             return (torch.cuda.max_memory_allocated(self.device) - self.cuda_start) / MIB
         return max(0, self.peak - self.start_rss) / MIB
@@ -105,7 +105,7 @@ class PeakWatch:
         self.sample()
         out = {"rss_mb": round(self.peak / MIB, 1)}
         if self._is_cuda():
-            import torch
+            import torch  # local: only for CUDA devices; keeps memory.py torch-free
 
             out["cuda_mb"] = round(torch.cuda.max_memory_allocated(self.device) / MIB, 1)
         return out

@@ -30,7 +30,9 @@ def ms_deform_attn_torch(
     value: [N, S, H, D] with S = sum(h_l * w_l); spatial_shapes: [L, 2] (h, w); level_start_index: [L];
     sampling_locations: [N, Q, H, L, P, 2] as (x, y) in [0, 1]; attention_weights: [N, Q, H, L, P].
     Returns [N, Q, H*D] in value's dtype. Bilinear, zero padding, align_corners=False; half-precision values are
-    sampled in float32, like the kernels do.
+    sampled in float32, like the kernels do. A sample whose pixel position ``loc * size - 0.5`` is at or beyond -1
+    or at or beyond ``size`` is dropped, as the Deformable-DETR CUDA kernel (and av2ts's kernels) drop it: its value
+    is 0 there anyway, but ``grid_sample`` would still give it a location gradient at exactly -1.
     """
     n, _, heads, dim = value.shape
     _, q, _, levels, points, _ = sampling_locations.shape
@@ -40,6 +42,12 @@ def ms_deform_attn_torch(
     # level-major, so each level's grid and weights are contiguous: [L, N*H, Q, P, 2] and [L, N*H, Q, P, 1]
     grids = (2 * sampling_locations.to(dtype) - 1).permute(3, 0, 2, 1, 4, 5).reshape(levels, n * heads, q, points, 2)
     weights = attention_weights.to(dtype).permute(3, 0, 2, 1, 4).reshape(levels, n * heads, q, points, 1)
+    sizes = spatial_shapes.to(device=value.device, dtype=dtype).flip(-1)  # [L, 2] as (w, h), like the locations
+    with torch.no_grad():  # a step function of the locations: no gradient of its own
+        position = sampling_locations.to(dtype) * sizes.view(1, 1, 1, levels, 1, 2) - 0.5
+        inside = ((position > -1) & (position < sizes.view(1, 1, 1, levels, 1, 2))).all(-1)  # [N, Q, H, L, P]
+        inside = inside.permute(3, 0, 2, 1, 4).reshape(levels, n * heads, q, points, 1)
+    weights = weights * inside
     out = None
     for level, ((h, w), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist(), strict=True)):
         plane = planes[:, :, start:start + h * w].view(n * heads, dim, h, w)
