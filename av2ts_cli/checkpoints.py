@@ -74,11 +74,12 @@ class RegistryEntry:
         return self.hub_folder is not None
 
 
-# The COMBO authors' release (yannqi/COMBO-AVS README, "Checkpoints"; spec in docs/model.md, 'COMBO'): trained S4
+# The COMBO authors' release (yannqi/COMBO-AVS README, "Checkpoints"; docs/model.md, 'COMBO'): trained S4
 # checkpoints only, one detectron2 Checkpointer .pth per model folder under checkpoints/avs_s4/ (the folder names
-# say the backbone, e.g. COMBO_R50_bs8_80k). No commit of the repository could be checked from here, so the
-# revision is pinned to "main" (a commit hash belongs here once one is verified); the converted checkpoint is keyed by
-# the downloaded file's content hash, so a changed upstream file is converted anew, never mixed up.
+# say the backbone; expected COMBO_R50_bs8_80k and COMBO_PVTV2B5_bs8_80k from the code's OUTPUT_DIR). No commit of
+# the repository could be checked from here, so the revision is pinned to "main" (a commit hash belongs here once
+# one is verified); the converted checkpoint is keyed by the downloaded file's content hash, so a changed upstream
+# file is converted anew, never mixed up with the old one.
 COMBO_HUB = "hf://YannQi/COMBO-AVS-checkpoints@main"
 COMBO_HUB_FOLDER = "checkpoints/avs_s4"
 _COMBO_LICENCE = "apache-2.0"  # yannqi/COMBO-AVS LICENSE; the checkpoints are the authors' release of that code

@@ -144,11 +144,12 @@ def list_hub_files(ref: HubRef) -> tuple[list[str], str]:
 
 def pick_hub_file(files: list[str], entry: RegistryEntry, label: str) -> str:
     """The one ``.pth`` of ``entry``'s model folder among a repository's ``files``: under ``entry.hub_folder``, in a
-    folder (or with a name) containing ``entry.hub_match`` as a ``_``/``-``/``.``-separated word, case-insensitive
-    (``checkpoints/avs_s4/COMBO_R50_bs8_80k/model_best.pth`` for R50). A CheckpointError naming the candidates
-    when none or several match."""
+    folder (or with a name) with a ``_``/``-``/``.``-separated word that starts with ``entry.hub_match`` and goes on
+    with no digit, case-insensitive (R50: ``checkpoints/avs_s4/COMBO_R50_bs8_80k/model_best.pth``, not ``R500``;
+    PVT: ``COMBO_PVTV2B5_bs8_80k``, ``COMBO_PVT_...``). A CheckpointError naming the candidates when none or
+    several match."""
     prefix = entry.hub_folder.strip("/") + "/"
-    word = re.compile(rf"(^|[_\-./]){re.escape(entry.hub_match)}($|[_\-./])", re.IGNORECASE)
+    word = re.compile(rf"(^|[_\-./]){re.escape(entry.hub_match)}(?![0-9])", re.IGNORECASE)
     under = [f for f in files if f.startswith(prefix) and f.lower().endswith(".pth")]
     # the model folder's path, or the file's own name for a file directly under hub_folder
     picked = [f for f in under if word.search(f[len(prefix):].rpartition("/")[0] or f[len(prefix):])]

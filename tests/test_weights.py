@@ -381,6 +381,8 @@ def test_pick_hub_file_takes_the_one_pth_of_the_model_folder():
     with pytest.raises(CheckpointError, match="no .pth file under checkpoints/avs_s4/"):
         weights.pick_hub_file(["README.md"], entry, "x")
     assert weights.pick_hub_file(["checkpoints/avs_s4/COMBO_R500/a.pth", R50_FILE], entry, "x") == R50_FILE  # words
+    pvt = "checkpoints/avs_s4/COMBO_PVTV2B5_bs8_80k/model_best.pth"  # the name the COMBO code's OUTPUT_DIR gives
+    assert weights.pick_hub_file([R50_FILE, pvt], weights.REGISTRY["combo-pvt-s4"], "x") == pvt
 
 
 COMBO_SCRIPT = textwrap.dedent("""
