@@ -19,7 +19,8 @@ from typer.core import TyperCommand
 
 from av2ts_cli import __version__
 from av2ts_cli.console import console, make_progress, show_library_messages
-from av2ts_cli.errors import EXIT_FAILURE, Av2tsError, UsageError
+from av2ts_cli.console import state as _state
+from av2ts_cli.errors import EXIT_FAILURE, Av2tsError, UsageError, describe
 from av2ts_cli.training.recipes import recipe_defaults
 
 app = typer.Typer(
@@ -35,9 +36,6 @@ bench_app = typer.Typer(help="Benchmarks: speed as ratios against a baseline in 
                         no_args_is_help=True)
 app.add_typer(data_app, name="data", rich_help_panel="Data")
 app.add_typer(bench_app, name="bench", rich_help_panel="Diagnostics")
-
-_state = {"debug": False}
-
 
 def _network_error(err: Exception) -> Av2tsError | None:
     """The project error that a failure of the network stands for, or None. The network cannot import ``errors``
@@ -56,9 +54,42 @@ def _network_error(err: Exception) -> Av2tsError | None:
     return None
 
 
+def _option_values(func, kwargs: dict) -> dict:
+    """Flag -> value of the command's options ("--out" -> Path("x")), read from its Typer declarations (in
+    ``Annotated`` or as the default): the error lines name a path by its option (``--out existing.txt is a file,
+    not a folder``)."""
+    import inspect  # local: only when a command failed
+    import typing
+
+    try:
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception:  # an annotation that does not evaluate: the defaults still declare options
+        hints = {}
+    flags = {}
+    for name, parameter in inspect.signature(func).parameters.items():
+        declared = [*getattr(hints.get(name), "__metadata__", ()), parameter.default]
+        info = next((d for d in declared if isinstance(d, typer.models.OptionInfo)), None)
+        if info is not None and name in kwargs:
+            decls = [d for d in (info.param_decls or ()) if d.startswith("--")]
+            flag = decls[0].split("/")[0] if decls else "--" + name.replace("_", "-")
+            flags[flag] = kwargs[name]
+    return flags
+
+
+def _bug_line(err: Exception) -> str:
+    """One line for an exception no rule describes (a bug): its class and message, whitespace joined; from a
+    DataLoader worker (torch's text holds the whole worker traceback) the original exception's last line."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return f"{' '.join(last.split())} (in a data-loading worker)"
+    return f"{type(err).__name__}: {' '.join(text.split())}"
+
+
 def _reported(func):
-    """Turn project errors into one line and an exit code; ``--debug`` re-raises them with a traceback. The
-    network's warnings and notices are shown as the console's lines while the command runs."""
+    """Turn project errors, OSErrors and running out of memory into one line and an exit code (the path and the
+    problem in words: ``errors.describe``); ``--debug`` re-raises them with a traceback. The network's warnings
+    and notices are shown as the console's lines while the command runs."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -70,14 +101,15 @@ def _reported(func):
         except Exception as err:
             if _state["debug"]:
                 raise
-            project = err if isinstance(err, Av2tsError) else _network_error(err)
-            if project is not None:
-                console.print(f"[red]error:[/red] {escape(project.message)}", markup=True, highlight=False,
-                              soft_wrap=True)
-                raise typer.Exit(project.exit_code) from None
-            # unexpected: still one line, the traceback behind --debug
-            console.print(f"[red]error:[/red] {type(err).__name__}: {escape(str(err))} "
-                          "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
+            project = _network_error(err)
+            line = project.message if project is not None else describe(err, options=_option_values(func, kwargs))
+            if line is not None:
+                code = project.exit_code if project is not None else getattr(err, "exit_code", EXIT_FAILURE)
+                console.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
+                raise typer.Exit(code) from None
+            # a bug: still one line, the traceback behind --debug
+            console.print(f"[red]error:[/red] {escape(_bug_line(err))} (run with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper
