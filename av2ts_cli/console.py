@@ -22,6 +22,17 @@ from rich.progress import (
 )
 
 console = Console(stderr=True, highlight=False)
+state = {"debug": False}  # `av2ts --debug`: tracebacks are shown, also for the failures a batch records and goes on
+
+
+def show_traceback(err: BaseException) -> None:
+    """With ``--debug``, print ``err``'s traceback (for a failure that a batch records and goes on from; a
+    failure that ends the command is re-raised by the CLI instead)."""
+    if state["debug"]:
+        import traceback  # local: only with --debug
+
+        console.print("".join(traceback.format_exception(type(err), err, err.__traceback__)).rstrip(),
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 def make_progress(transient: bool = False) -> Progress:

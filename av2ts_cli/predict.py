@@ -33,8 +33,8 @@ from rich.table import Table
 
 from av2ts_cli import __version__, media
 from av2ts_cli.avsbench import FRAME_OFFSET, SAMPLE_RATE
-from av2ts_cli.console import console, make_progress
-from av2ts_cli.errors import Av2tsError, MediaError, UsageError
+from av2ts_cli.console import console, make_progress, show_traceback
+from av2ts_cli.errors import Av2tsError, MediaError, UsageError, describe_os_error
 from av2ts_cli.files import write_json
 from av2ts_cli.memory import PeakWatch
 from av2ts_cli.predict_maskiges import (
@@ -333,7 +333,9 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
             except (Av2tsError, OSError) as err:
                 if not batch:
                     raise
-                reason = err.message if isinstance(err, Av2tsError) else f"{video}: {err.strerror or err}"
+                show_traceback(err)  # --debug: the traceback of a failure the batch goes on from
+                reason = err.message if isinstance(err, Av2tsError) else describe_os_error(
+                    err, None if err.filename else video)
                 report.failures.append({"input": str(video), "error": reason})
                 _print(f"[red]failed:[/red] {reason}", markup=True)
             if progress is not None:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from av2ts_cli import __version__, files, media
-from av2ts_cli.errors import Av2tsError
+from av2ts_cli.console import show_traceback
+from av2ts_cli.errors import Av2tsError, describe_os_error
 from av2ts_cli.maskiges.dataset import RENDERER
 from av2ts_cli.maskiges.render import write_maskige
 from av2ts_cli.sampling import video_schedule
@@ -116,7 +117,9 @@ def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=
                     on_frame=(lambda: bar.advance(task)) if bar else None)
                 report["videos"].append(result)
             except (Av2tsError, OSError) as err:
-                reason = err.message if isinstance(err, Av2tsError) else f"{video}: {err.strerror or err}"
+                show_traceback(err)  # --debug: the traceback of a failure the batch goes on from
+                reason = err.message if isinstance(err, Av2tsError) else describe_os_error(
+                    err, None if err.filename else video)
                 report["failed"].append({"input": str(video), "error": reason})
     finally:
         if bar:
