@@ -42,7 +42,7 @@ PEER_PACKAGE, PEER_MODULE = "torch-ms-deform-attn", "torch_ms_deform_attn"
 PEER_INSTALL = ("pip install 'setuptools>=70.1,<82' packaging wheel ninja && "
                 f"pip install --no-build-isolation {PEER_PACKAGE}==0.1.1")
 # fp32, outputs of magnitude ~1, sums of 12 weighted bilinear samples: two correct kernels differ by rounding only
-# (measured: about 1e-7 at 224 px); a difference above this is a different operation, not rounding.
+# (measured: 2.3e-6 at 224 px, T=5, outputs up to 2.2); a difference 40x that is another operation, not rounding.
 PEER_TOLERANCE = 1e-4
 
 
