@@ -21,6 +21,7 @@ from av2ts_cli import __version__
 from av2ts_cli.console import console, make_progress, show_library_messages
 from av2ts_cli.console import state as _state
 from av2ts_cli.errors import EXIT_FAILURE, Av2tsError, UsageError, describe
+from av2ts_cli.sources import collect_videos
 from av2ts_cli.training.recipes import recipe_defaults
 
 app = typer.Typer(
@@ -202,7 +203,9 @@ def predict(
                                        rich_help_panel="Performance")] = 1,
 ) -> None:
     """Segment the sounding objects of videos: masks, per-frame JSON, COCO RLE and overlays."""
-    from av2ts_cli import predict as predictor  # local: predict imports torch and the network; `--help` skips it
+    # "no such file" before torch loads: 1.1-1.4 s and 37 MB, was 23-28 s and 835 MB (the busy 2-core machine)
+    collect_videos(sources, recursive)
+    from av2ts_cli import predict as predictor  # local: start-up: predict imports torch and the network
     from av2ts_cli.errors import EXIT_PARTIAL
 
     options = predictor.PredictOptions(
@@ -550,8 +553,7 @@ def train_command(
 
 def _check_bench_cases(presets: list[str] | None, size: int | None) -> None:
     """--preset names and --size of the model benchmarks: UsageError for what cannot run."""
-    from av2ts_cli.config import PRESET_NAMES
-    from av2ts_cli.errors import UsageError
+    from av2ts_cli.config import PRESET_NAMES  # local: start-up: config is read only by the bench commands
 
     if size is not None and size % 32:
         raise UsageError(f"--size {size} is not a multiple of 32")
@@ -575,8 +577,7 @@ def bench_train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Training steps per second and peak memory on CPU, against the pure-PyTorch deform-attn step."""
-    from av2ts_cli.bench import train as bench
-    from av2ts_cli.console import make_progress
+    from av2ts_cli.bench import train as bench  # local: start-up: benchmarks import torch and the network
 
     _check_bench_cases(preset, size)
     warmup = 2
@@ -610,7 +611,7 @@ def bench_model(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Eval forward time per clip of the network on CPU, per part, against a ResNet-50 baseline."""
-    from av2ts_cli.bench import model as bench
+    from av2ts_cli.bench import model as bench  # local: start-up: benchmarks import torch and the network
 
     _check_bench_cases(preset, size)
     cases = [(name, size) for name in preset or []]
@@ -640,9 +641,7 @@ def bench_kernels(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Deformable-attention kernel vs the pure-PyTorch fallback at the pixel decoder's shapes: speed-ups, memory."""
-    from av2ts_cli.bench import kernels as bench
-    from av2ts_cli.console import make_progress
-    from av2ts_cli.errors import UsageError
+    from av2ts_cli.bench import kernels as bench  # local: start-up: benchmarks import torch and the network
 
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {device}: expected cpu or cuda")
@@ -663,7 +662,7 @@ def bench_media(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Decode throughput and peak memory on 1080p clips of 10 s and 120 s (1 frame/s to 224x224), encode speed."""
-    from av2ts_cli.bench import media as bench
+    from av2ts_cli.bench import media as bench  # local: start-up: the media benchmark imports numpy and ffmpeg
 
     options = {"durations": (2, 6), "size": (640, 360), "encode_frames": 20} if quick else {}
     report = bench.run(progress=not as_json, **options)
@@ -678,7 +677,7 @@ def bench_predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """av2ts predict on CPU: windows/s and time outside the network (r50, 60 s 720p), peak RSS 30 s vs 10 min."""
-    from av2ts_cli.bench import predict as bench
+    from av2ts_cli.bench import predict as bench  # local: start-up: benchmarks import torch and the network
 
     report = bench.run(quick=quick, threads=threads, progress=not as_json)
     _print_json(report) if as_json else bench.print_report(report)
@@ -699,7 +698,7 @@ def bench_maskiges(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Maskige masks: seconds per frame at 32 and 16 points per side, as a ratio to one image-encoder forward."""
-    from av2ts_cli.bench import maskiges as bench
+    from av2ts_cli.bench import maskiges as bench  # local: start-up: benchmarks import torch and transformers
 
     options = {"frames": 1, "size": bench.QUICK_SIZE, "repeats": 1} if quick else {"frames": frames}
     with make_progress(transient=True) as progress:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import os
 import time
 from collections.abc import Sequence
@@ -54,7 +53,6 @@ from av2ts_cli.predict_outputs import (
     FRAMES_FILE,
     MASKS_DIR,
     SUMMARY_FILE,
-    VIDEO_SUFFIXES,
     MaskOutputs,
     check_overlay_target,
     clear_outputs,
@@ -69,6 +67,7 @@ from av2ts_cli.predict_stream import Predictor, Timer, load_predictor, make_pred
 from av2ts_cli.render import render_overlay
 from av2ts_cli.runs import numbered_run_folder
 from av2ts_cli.sampling import video_schedule
+from av2ts_cli.sources import collect_videos
 
 # the names other modules use through ``predict`` (bench/predict.py, the CLI, tests)
 __all__ = ["COCO_FILE", "DEFAULT_OVERLAY", "FAILURES_FILE", "FORMATS", "FRAMES_FILE", "MASKS_DIR", "SUMMARY_FILE",
@@ -122,41 +121,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
     if unknown or not names:
         raise UsageError(f"--format {text!r}: choose one or more of {', '.join(FORMATS)} (comma-separated)")
     return tuple(f for f in FORMATS if f in names)
-
-
-# -------------------------------------------------------------------------------------------------- sources
-def collect_videos(sources: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
-    """The videos named by ``sources``: files as given (whatever their suffix), folders' entries with a video
-    suffix (subfolders with ``recursive``; an entry that is not a readable file is kept, so it gets reported),
-    and glob patterns. Duplicates are dropped, order kept. UsageError for a source that names nothing."""
-    found: list[Path] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            entries = sorted(path.rglob("*") if recursive else path.iterdir())
-            videos = [p for p in entries if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith(".")
-                      and not (recursive and p.is_dir())]
-            if not videos:
-                hint = "" if recursive else " (--recursive searches subfolders)"
-                raise UsageError(f"{path}: no videos in this folder{hint}")
-            found += videos
-        elif path.exists() or path.is_symlink():
-            found.append(path)
-        elif glob.has_magic(str(source)):
-            matches = sorted(Path(p) for p in glob.glob(str(source), recursive=recursive))
-            matches = [p for p in matches if not p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES]
-            if not matches:
-                raise UsageError(f"{source}: the pattern matches no files")
-            found += matches
-        else:
-            raise UsageError(f"{source}: no such file or folder")
-    unique, seen = [], set()
-    for path in found:
-        key = os.path.abspath(path)
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique
 
 
 # ----------------------------------------------------------------------------------------------- per video

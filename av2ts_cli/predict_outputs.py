@@ -21,10 +21,9 @@ from av2ts_cli.files import PARTIAL_MARK, atomic_open
 from av2ts_cli.masks import CocoWriter, FrameMask, class_records, write_mask_png
 from av2ts_cli.render import MaskTrack
 from av2ts_cli.sampling import SampledFrame, Schedule
+from av2ts_cli.sources import VIDEO_SUFFIXES
 
 FORMATS = ("png", "json", "rle")
-VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
-                            ".mts", ".m2ts", ".3gp", ".ogv", ".gif"})
 SUMMARY_FILE, FRAMES_FILE, COCO_FILE, FAILURES_FILE = "summary.json", "frames.jsonl", "masks.coco.json", "failures.json"
 MASKS_DIR = "masks"
 DEFAULT_OVERLAY = "overlay.mp4"

@@ -94,8 +94,8 @@ def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=
     # local: predict's modules pull in its output writers; only the video form needs their naming rules
     from av2ts_cli.console import make_progress
     from av2ts_cli.maskiges.generate import MaskGenerator
-    from av2ts_cli.predict import collect_videos
     from av2ts_cli.predict_outputs import folder_names
+    from av2ts_cli.sources import collect_videos
 
     started = time.perf_counter()
     out = Path(out)
