@@ -75,7 +75,7 @@ def find_ffmpeg() -> str:
     if found:
         return found
     try:
-        import imageio_ffmpeg
+        import imageio_ffmpeg  # local: the fallback binary, imported only when ffmpeg is not on PATH
 
         return imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as err:  # imageio-ffmpeg raises RuntimeError when it has no binary for this platform
