@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import sys
@@ -32,7 +33,7 @@ def _ffmpeg_report() -> dict:
 
 
 def _cuda_report() -> dict:
-    import torch  # local: 1-2 s to import; only `av2ts info` reads devices
+    import torch  # local: start-up: 1-2 s to import; only `av2ts info` reads devices
 
     devices = []
     if torch.cuda.is_available():
@@ -56,20 +57,29 @@ def _cache_report() -> dict:
     }
 
 
-def environment_report() -> dict:
-    import timm  # local: timm, torch and torchaudio take seconds to import; only `av2ts info` reports them
-    import torch
-    import torchaudio
+def _installed_version(package: str) -> str:
+    """The installed version of ``package`` from its metadata, without importing it (torchaudio is otherwise
+    never loaded by `av2ts info`)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
-    from av2ts_cli.model import ops  # local: loads torch and the network package; only `av2ts info` needs it
+
+def environment_report() -> dict:
+    """Versions (from the packages' metadata), devices and the deformable-attention backend (these two import
+    torch and the network package: only torch can say what CUDA sees, only ``model.ops`` which kernel runs),
+    ffmpeg, caches and av2ts's environment variables."""
+    import torch  # local: start-up: loaded by model.ops anyway; its __version__ carries the build (+cu130)
+
+    from av2ts_cli.model import ops  # local: start-up: torch and the network package; only `av2ts info` needs it
 
     report = {
         "av2ts": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "torchaudio": torchaudio.__version__,
-        "timm": timm.__version__,
+        **{package: _installed_version(package) for package in ("torchaudio", "timm")},
     }
     report.update(_cuda_report())
     report.update(_ffmpeg_report())

@@ -26,14 +26,14 @@ print(json.dumps({{"code": code, "heavy": sorted(m for m in {heavy!r} if m in sy
 def _start(args: list[str]) -> dict:
     result = run_python(CHECK.format(args=args, heavy=HEAVY))
     assert result.returncode == 0, result.stderr
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), "stderr": result.stderr}
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "stderr": result.stderr, "stdout": result.stdout}
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["predict", "--help"], ["train", "--help"],
                                   ["eval", "--help"], ["data", "synth", "--help"], ["info", "--help"]])
 def test_help_imports_nothing_heavy(args):
     started = _start(args)
-    assert started["code"] == 0 and started["heavy"] == [], started
+    assert started["code"] == 0 and started["heavy"] == [], started["heavy"]
 
 
 def test_predict_of_a_missing_file_answers_before_torch(tmp_path):
@@ -53,3 +53,15 @@ def test_predict_of_an_empty_folder_answers_before_torch(tmp_path):
     started = _start(["predict", str(tmp_path)])
     assert started["code"] == 2 and started["heavy"] == [], started
     assert "no videos in this folder" in started["stderr"]
+
+
+def test_info_reads_versions_from_metadata_and_imports_torch_only_for_devices():
+    """`av2ts info` needs torch for what CUDA sees and model.ops for the kernel backend; the other versions come
+    from the packages' metadata, so torchaudio is never imported."""
+    from importlib.metadata import version
+
+    started = _start(["info", "--json"])
+    assert started["code"] == 0, started
+    assert "torchaudio" not in started["heavy"] and "torch" in started["heavy"]
+    report = json.loads(started["stdout"][:started["stdout"].rindex("\n{")])  # the report, then CHECK's line
+    assert report["torchaudio"] == version("torchaudio") and report["timm"] == version("timm")
