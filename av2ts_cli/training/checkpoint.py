@@ -7,10 +7,14 @@ it is read back with ``torch.load(weights_only=True)``; ``"format"`` and ``"vers
 ``last`` is written whole into a temp folder and swapped in (``files.atomic_folder``), ``trainer.pt`` last of all,
 so a kill at any moment leaves a complete previous or new ``last``. The one moment without a ``last`` (between the
 two renames of the swap) leaves both complete folders beside it; ``find_resume_checkpoint`` takes the newer.
+
+A Siam model's ``config.json`` says which maskiges it trained on (``maskige_provenance``: ``trained_on.maskiges``),
+so that predict can tell whether the maskiges it is given come from the same generator and settings.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,8 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from av2ts_cli.errors import CheckpointError
+from av2ts_cli.data.layout import resolve_root
+from av2ts_cli.errors import CheckpointError, DataError
 from av2ts_cli.files import atomic_folder, atomic_path
+from av2ts_cli.maskiges.dataset import PROVENANCE_FILE, maskige_root
 from av2ts_cli.weights import save_checkpoint
 
 LAST, BEST = "last", "best"
@@ -44,6 +50,28 @@ def write_training_checkpoint(folder: Path, model: nn.Module, cfg, meta: dict, t
             torch.save({"format": TRAINER_FORMAT, "version": TRAINER_VERSION, **trainer_state}, path)
     for leftover in folder.parent.glob(f".{folder.name}.*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+# what a provenance record (maskiges/dataset.py) says about the maskiges; the rest (times, counts) is not kept
+_MASKIGE_KEYS = ("source", "generator", "repo", "revision", "model_type", "settings", "masks_from", "renderer")
+
+
+def maskige_provenance(subset: str, data: str | os.PathLike) -> dict:
+    """The maskiges a Siam model trains on: ``folder`` (``pre_SAM_mask/`` of the subset) and what the
+    ``pre_SAM_mask.json`` beside it records (``source`` "generator" with generator, repo, revision, model_type and
+    settings, or "masks-from"). Without a record the source is "unknown": maskiges not made by ``av2ts maskiges``,
+    such as COMBO's published ones (Semantic-SAM) or ``av2ts data synth``'s. DataError for a broken record."""
+    folder = maskige_root(resolve_root(data, subset), subset)
+    path = folder.parent / PROVENANCE_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"folder": str(folder), "record": None, "source": "unknown"}
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"unreadable provenance record: {err}") from None
+    if not isinstance(record, dict):
+        raise DataError(path, "unreadable provenance record: not a JSON object")
+    return {"folder": str(folder), "record": str(path), **{k: record.get(k) for k in _MASKIGE_KEYS if k in record}}
 
 
 def find_resume_checkpoint(path: str | os.PathLike) -> Path:

@@ -50,6 +50,7 @@ from av2ts_cli.training.checkpoint import (
     LAST,
     TRAINER_FILE,
     find_resume_checkpoint,
+    maskige_provenance,
     read_trainer_state,
     write_training_checkpoint,
 )
@@ -125,6 +126,9 @@ class Trainer:
             self.start = 0
         self.options = options = options.resolved(cfg.preset, device)
         self.cfg = cfg
+        # recorded in config.json: predict compares the maskiges it is given with these (a Siam model sees
+        # different masks when another generator or other settings made them)
+        self.maskiges = maskige_provenance(options.subset, options.data) if cfg.siam else None
         if self.start >= options.iters:
             raise UsageError(f"the run is already at iteration {self.start} of --iters {options.iters}; give a larger "
                              f"--iters to train on")
@@ -314,7 +318,7 @@ class Trainer:
     def _meta(self, iteration: int, row: dict | None) -> dict:
         options = self.options
         meta = {"trained_on": {"subset": options.subset, "data": str(options.data), "split": "train",
-                               "videos": len(self.train_set)},
+                               "videos": len(self.train_set), "maskiges": self.maskiges},
                 "training": {"iteration": iteration, "iters": options.iters, "batch": options.batch,
                              "lr": options.lr, "seed": options.seed, "started_from": options.model}}
         if row is not None and row.get("val_miou") is not None:
