@@ -82,8 +82,12 @@ def _bug_line(err: Exception) -> str:
     DataLoader worker (torch's text holds the whole worker traceback) the original exception's last line."""
     text = str(err)
     if text.startswith("Caught ") and "\nOriginal Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        return f"{' '.join(last.split())} (in a data-loading worker)"
+        import re  # local: only for a bug in a worker
+
+        lines = text.splitlines()
+        heads = [i for i, line in enumerate(lines) if re.match(r"(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*: ", line)]
+        original = " ".join(" ".join(lines[heads[-1] if heads else -1:]).split())  # "Type: message", one line
+        return f"{original} (in a data-loading worker)"
     return f"{type(err).__name__}: {' '.join(text.split())}"
 
 

@@ -495,3 +495,39 @@ def test_train_with_two_workers_names_the_broken_file(restore, tmp_path, how):
                          "--batch", "4", "--eval-every", "0", "--workers", "2", "--out", str(tmp_path / "run"),
                          "--device", "cpu", "--json"], expect=EXIT_FAILURE)
     _assert_error_line(result.output, path, problem)
+
+
+def _commands(app: typer.Typer, prefix: str = ""):
+    for command in app.registered_commands:
+        yield f"{prefix}{command.name or command.callback.__name__}", command.callback
+    for group in app.registered_groups:
+        yield from _commands(group.typer_instance, f"{prefix}{group.name} ")
+
+
+def test_every_verb_reports_through_the_one_handler():
+    """The words for OSErrors and MemoryError apply to every verb: each command runs under ``cli._reported``."""
+    commands = dict(_commands(cli.app))
+    assert {"predict", "train", "eval", "info", "data synth", "bench media"} <= set(commands), sorted(commands)
+    handler = cli._reported(lambda: None).__code__  # every wrapper made by _reported runs this code
+    unwrapped = [name for name, callback in commands.items() if callback.__code__ is not handler]
+    assert not unwrapped
+
+
+class _BuggyDataset(_BrokenDataset):
+    def __getitem__(self, index: int) -> int:
+        raise RuntimeError("stack expects each tensor to be equal size,\n but got [5, 64] and [5, 32]")
+
+
+def test_a_bug_in_a_worker_is_still_one_line(tmp_path):
+    from torch.utils.data import DataLoader  # local: torch, for the one real worker test
+
+    def write(out: Path) -> None:
+        list(DataLoader(_BuggyDataset(), batch_size=None, num_workers=1))
+
+    from typer.testing import CliRunner
+
+    console_state["debug"] = False
+    result = CliRunner().invoke(_cli_raising(write), ["write", "--out", str(tmp_path)])
+    assert result.exit_code == EXIT_FAILURE
+    assert result.output.strip() == ("error: RuntimeError: stack expects each tensor to be equal size, but got [5, 64] "
+                                     "and [5, 32] (in a data-loading worker) (run with --debug for the traceback)")
