@@ -43,6 +43,10 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
         if durable:
             fsync_file(temp)
         os.replace(temp, path)
+    except OSError as err:
+        if err.filename is None:  # a full disk fails a buffered write with no file name: name the one meant
+            err.filename = str(path)
+        raise
     finally:
         temp.unlink(missing_ok=True)
 

@@ -324,8 +324,6 @@ def test_cli_a_full_disk(tmp_path, monkeypatch):
     assert line == f"error: {target}: no space left on device"
 
 
-@pytest.mark.xfail(strict=True, reason="files.atomic_path does not yet name its path on an OSError without one "
-                   "(a buffered write's ENOSPC has none): the change is asked of files.py's owner")
 def test_cli_full_disk_through_the_atomic_writer(tmp_path, monkeypatch):
     """A full disk under the project's one atomic writer, simulated as the kernel reports it to a buffered file
     (ENOSPC without a file name): the line names the file being written, nothing is left behind."""

@@ -118,7 +118,7 @@ def _worker(path: str, width: int, height: int) -> dict:
 def print_report(report: dict) -> None:
     from rich.table import Table  # local: as make_progress above
 
-    from av2ts_cli.console import console
+    from av2ts_cli.console import console  # local: rich stays out of the measuring worker's peak memory
 
     table = Table(title=f"media decode: {report['size']} at {report['fps']:g} fps, 1 frame/s to "
                         f"{report['sample_size']}", title_justify="left")
