@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from av2ts_cli import __version__
-from av2ts_cli.config import PRESET_NAMES, ModelConfig
+from av2ts_cli.avsbench import SUBSET_CLASSES
+from av2ts_cli.config import FAMILIES, PRESET_NAMES, ModelConfig, get_preset
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.files import atomic_folder, fsync_file, write_json
 
@@ -313,7 +314,56 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     return doc
 
 
+def _shown(value) -> str:
+    """A config value as the message quotes it: JSON text ('s4' as "s4", true, 71)."""
+    return json.dumps(value)
+
+
+def _config_contradiction(doc: dict) -> str | None:
+    """The first field of a checkpoint's ``config.json`` that names something unknown or contradicts another field,
+    as one phrase naming the field by its JSON path (``"model.num_classes" is 71 but "model.subset" "s4" has 2
+    classes``), or None. Checked before the network is built, so that a lying config is refused by its field,
+    not by a list of mismatched tensors or a network of the wrong size."""
+    model = doc["model"]
+    preset = model.get("preset")
+    base = None
+    if preset is not None:
+        if preset not in PRESET_NAMES:
+            return f'"model.preset" is {_shown(preset)}, not a preset of this av2ts ({", ".join(PRESET_NAMES)})'
+        base = get_preset(preset, "s4")
+    family = model.get("family", base.family if base is not None else ModelConfig.family)
+    if family not in FAMILIES:
+        return f'"model.family" is {_shown(family)}, not one of {", ".join(FAMILIES)}'
+    if base is not None and family != base.family:
+        return f'"model.family" is {_shown(family)} but "model.preset" {_shown(preset)} is a {base.family} network'
+    subset = model.get("subset", ModelConfig.subset)
+    if subset not in SUBSET_CLASSES:
+        return f'"model.subset" is {_shown(subset)}, not one of {", ".join(SUBSET_CLASSES)}'
+    classes = model.get("num_classes", SUBSET_CLASSES[subset])
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        return f'"model.num_classes" is {_shown(classes)}, not a class count (2 or more, background included)'
+    # S4 and MS3 are binary (background, sounding object); AVSS may have its own label2idx.json, of any length
+    if subset != "avss" and classes != SUBSET_CLASSES[subset]:
+        return (f'"model.num_classes" is {classes} but "model.subset" {_shown(subset)} has '
+                f"{SUBSET_CLASSES[subset]} classes (background and sounding object)")
+    for field in ("preset", "subset", "num_frames", "input_size"):  # the descriptive copies of the top level
+        if field in doc and doc[field] is not None and field in model and doc[field] != model[field]:
+            return f'"{field}" is {_shown(doc[field])} but "model.{field}" is {_shown(model[field])}'
+    names = doc.get("classes")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return '"classes" is not a list of class names'
+        if len(names) != classes:
+            return f'"classes" lists {len(names)} names but "model.num_classes" is {classes}'
+    return None
+
+
 def model_config_from(doc: dict, path: str | os.PathLike):
+    """The ``ModelConfig`` of a checkpoint's config document; a CheckpointError naming ``path`` and the field when
+    a field is unknown, invalid or contradicts another (``_config_contradiction``)."""
+    problem = _config_contradiction(doc)
+    if problem is not None:
+        raise CheckpointError(path, problem)
     try:
         return ModelConfig.from_dict(doc["model"])
     except UsageError as err:
@@ -337,6 +387,42 @@ def first_keys(keys: Iterable[str], n: int = 3) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+# the keys whose shapes tell what a network is, whatever its family (model/decoder.py MaskedAttentionDecoder)
+CLASS_HEAD = "decoder.class_embed.weight"  # [K + 1, hidden_dim]: K classes and the no-object logit
+DSTA_PREFIX = "acoustic_attention."  # AV2TS's temporal attention; COMBO has none
+SIAM_PREFIX = "siam_backbone."  # the Siam encoder of the maskiges (cfg.siam)
+
+
+def check_tensors_fit_config(cfg, state: Mapping, config_path: str | os.PathLike,
+                             weights_path: str | os.PathLike) -> None:
+    """A CheckpointError naming ``config_path`` and the field when the tensors of ``state`` (name -> tensor) say
+    another network than ``cfg`` does: the class count, the width, the family, the Siam encoder. Read from the
+    tensors' shapes and names before the network is built; what these do not cover, ``check_state_dict`` does."""
+    name = Path(weights_path).name
+    head = state.get(CLASS_HEAD)
+    if head is not None and head.dim() == 2:
+        shape = list(head.shape)
+        if head.shape[0] - 1 != cfg.num_classes:
+            raise CheckpointError(config_path, f'"model.num_classes" is {cfg.num_classes} but the class head in '
+                                               f"{name} scores {head.shape[0] - 1} classes ({CLASS_HEAD} {shape}: "
+                                               "the classes and the no-object logit)")
+        if head.shape[1] != cfg.hidden_dim:
+            raise CheckpointError(config_path, f'"model.hidden_dim" is {cfg.hidden_dim} but the tensors in {name} '
+                                               f"are {head.shape[1]} wide ({CLASS_HEAD} {shape})")
+    has_dsta = any(key.startswith(DSTA_PREFIX) for key in state)
+    if cfg.family == "combo" and has_dsta:
+        raise CheckpointError(config_path, f'"model.family" is "combo" but the tensors in {name} are an AV2TS '
+                                           f"network's ({DSTA_PREFIX}* temporal attention)")
+    if cfg.family == "av2ts" and not has_dsta and head is not None:
+        raise CheckpointError(config_path, f'"model.family" is "av2ts" but the tensors in {name} have no '
+                                           f"{DSTA_PREFIX}* (temporal attention): a COMBO network's?")
+    has_siam = any(key.startswith(SIAM_PREFIX) for key in state)
+    if cfg.siam != has_siam and head is not None:
+        held = "hold no" if cfg.siam else "hold a"
+        raise CheckpointError(config_path, f'"model.siam" is {_shown(cfg.siam)} but the tensors in {name} {held} '
+                                           f"Siam encoder ({SIAM_PREFIX}*)")
 
 
 def check_state_dict(expected: Mapping, given: Mapping, path: str | os.PathLike) -> None:
@@ -367,6 +453,7 @@ def load_checkpoint(name_or_path: str | os.PathLike):
     doc = read_checkpoint_config(resolved.config)
     cfg = model_config_from(doc, resolved.config)
     state = read_safetensors(resolved.weights)
+    check_tensors_fit_config(cfg, state, resolved.config, resolved.weights)
     model = build_model(cfg)
     check_state_dict(model.state_dict(), state, resolved.weights)
     with torch.no_grad():

@@ -402,9 +402,12 @@ def eval_command(
                                save_pred=save_pred, shuffle_audio=shuffle_audio, batch=batch, device=device,
                                workers=workers, seed=seed, progress=not as_json)
     if as_json:
-        _print_json({k: report[k] for k in ("subset", "split", "protocol", "videos", "frames", "miou", "fscore")})
+        _print_json({k: report[k] for k in ("subset", "split", "protocol", "videos", "frames", "miou", "fscore",
+                                            "metrics_file")})
     else:
         evaluate.print_report(report)
+    if report["save_error"]:  # after the metrics: a metrics.json that cannot be written does not lose them
+        raise Av2tsError(report["save_error"])
 
 
 @data_app.command("synth")

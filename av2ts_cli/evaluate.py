@@ -3,8 +3,11 @@
 Predictions on disk (``--pred-dir``, and what ``--save-pred`` writes): one 8-bit PNG per labelled frame at the
 ground-truth label's path relative to the split (S4 ``<category>/<video>/<video>_<k>.png``, MS3
 ``<video>/<video>_<k>.png``, AVSS ``<label>/<uid>/<frame>.png``). S4/MS3 pixels are the foreground probability x 255
-(rounded); AVSS pixels are class indices (a palette PNG, so it also looks right). A prediction of another size is
-resized to the label's (bilinear for probabilities, nearest for classes).
+(rounded); AVSS pixels are class indices (a palette PNG, so it also looks right). A prediction has its label's
+size (AVSS: the label file's, resized nearest as the label is, or the 224 x 224 AVSS is scored at); any other size
+is an error naming the file and both sizes: a resized prediction would be scored as if it were right.
+The predictions folder is an input: ``metrics.json`` goes to a new ``runs/eval/expN`` (or ``out``), as for a model
+(with ``--save-pred``: beside the predictions it wrote).
 
 A model's semantic map (``AV2TS.segment``, at its input size) is resized bilinearly to the label size, then turned
 into the foreground probability (S4/MS3, softmax over the two channels as COMBO/AV2TS) or the class map (AVSS).
@@ -28,14 +31,14 @@ from torch.utils.data import DataLoader
 from av2ts_cli.console import console, make_progress
 from av2ts_cli.data.classes import avss_palette
 from av2ts_cli.data.datasets import AVSDataset, build_dataset
-from av2ts_cli.data.images import read_rgb, rgb_to_index, write_png
+from av2ts_cli.data.images import image_header, read_rgb, rgb_to_index, write_png
 from av2ts_cli.data.layout import SUBSET_TITLES, check_split, check_subset
 from av2ts_cli.data.transforms import resize_images
-from av2ts_cli.errors import DataError, UsageError
+from av2ts_cli.errors import DataError, UsageError, describe_os_error
 from av2ts_cli.files import write_json
 from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
 from av2ts_cli.runs import numbered_run_folder, resolve_device
-from av2ts_cli.weights import resolve_model
+from av2ts_cli.weights import check_finite_output, resolve_model
 
 RUNS_FOLDER = Path("runs") / "eval"
 
@@ -46,8 +49,10 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
              save_pred: str | os.PathLike | None = None, shuffle_audio: bool = False, batch: int = 1,
              device: str = "auto", workers: int = 2, seed: int = 0, out: str | os.PathLike | None = None,
              progress: bool = True) -> dict:
-    """Score ``model`` (a ``--model`` name for ``weights.resolve_model``) or the PNGs under ``pred_dir``; write
-    ``metrics.json`` (beside the predictions, else in ``out`` or a new ``runs/eval/expN``) and return the report."""
+    """Score ``model`` (a ``--model`` name for ``weights.resolve_model``) or the PNGs under ``pred_dir`` and return
+    the report. ``metrics.json`` (the report's ``metrics_file``) goes to ``out``, else beside the predictions
+    ``save_pred`` wrote, else to a new ``runs/eval/expN``; never into ``pred_dir``, an input. When it cannot be
+    written, the report's ``save_error`` says why in one line (the caller prints the metrics first)."""
     check_subset(subset)
     check_split(split)
     if protocol not in PROTOCOLS:
@@ -63,10 +68,12 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
         pred_dir = Path(pred_dir)
         if not pred_dir.is_dir():
             raise DataError(pred_dir, "no such prediction folder")
+        if out is not None and Path(out).resolve() == pred_dir.resolve():
+            raise UsageError(f"{out}: is the --pred-dir folder, an input; metrics.json goes to another folder")
         dataset = AVSDataset(data, subset, split, cache=None)
         metrics = score_prediction_folder(dataset, pred_dir, protocol, progress=progress)
         source = {"pred_dir": str(pred_dir)}
-        folder = pred_dir
+        folder = None  # the predictions are an input: nothing is written among them
     else:
         torch_device = resolve_device(device)
         network, cfg, _ = resolve_model(model, subset=subset, device=torch_device)
@@ -76,14 +83,19 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
         if shuffle_audio:
             dataset.audio_from = derangement(len(dataset), seed)
         metrics = evaluate_model(network, dataset, protocol, batch=batch, device=torch_device, workers=workers,
-                                 save_pred=save_pred, progress=progress)
+                                 save_pred=save_pred, progress=progress, name=str(model))
         source = {"model": str(model), "shuffle_audio": shuffle_audio}
         folder = Path(save_pred) if save_pred is not None else None
 
     report = {"subset": subset, "split": split, "protocol": protocol, "videos": metrics["videos"],
               "frames": metrics["frames"], "miou": metrics["miou"], "fscore": metrics["fscore"], **source}
-    folder = folder or (Path(out) if out is not None else numbered_run_folder(RUNS_FOLDER))
-    report["metrics_file"] = str(write_json(folder / "metrics.json", {**report, "details": metrics}))
+    document = {**report, "details": metrics}
+    report["metrics_file"] = report["save_error"] = None
+    try:  # a metrics.json that cannot be written must not lose the metrics: the caller prints them, then this line
+        folder = Path(out) if out is not None else (folder or numbered_run_folder(RUNS_FOLDER))
+        report["metrics_file"] = str(write_json(folder / "metrics.json", document))
+    except OSError as err:
+        report["save_error"] = f"metrics.json not saved: {describe_os_error(err)}"
     return report
 
 
@@ -101,9 +113,11 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 # ------------------------------------------------------------------------------------------------------ models
 def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch: int = 1,
                    device: str | torch.device = "cpu", workers: int = 0,
-                   save_pred: str | os.PathLike | None = None, progress: bool = False) -> dict:
+                   save_pred: str | os.PathLike | None = None, progress: bool = False,
+                   name: str = "the model under evaluation") -> dict:
     """Run ``model`` (an AV2TS network, put in eval mode) over an evaluation dataset and score it. ``batch``: clips
-    per forward pass (clips of equal length only). Returns the metrics' result dict."""
+    per forward pass (clips of equal length only); ``name``: the model as the user named it (for the error when its
+    output is NaN). Returns the metrics' result dict."""
     metric = SemanticMetrics(dataset.num_classes) if dataset.subset == "avss" else BinaryMetrics()
     device = torch.device(device)
     was_training = model.training
@@ -118,6 +132,7 @@ def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch
                 if "maskiges" in items[0]:
                     maskiges = torch.stack([item["maskiges"] for item in items]).to(device).float()
                 semseg = model.segment(frames, audio, maskiges)  # [B, T, K, S, S]
+                check_finite_output(semseg, model, name, f" on {', '.join(str(item['video']) for item in items)}")
                 for item, clip_map in zip(items, semseg, strict=True):
                     _score_clip(item, clip_map, dataset, metric, protocol, save_pred, palette)
                     advance()
@@ -182,13 +197,16 @@ def score_prediction_folder(dataset: AVSDataset, pred_dir: Path, protocol: str =
                 advance()
                 continue
             paths = [pred_dir / video.mask_names[i] for i in annotated]
+            labels = [video.masks[i] for i in annotated]
             if dataset.subset == "avss":
-                pred = np.stack([_read_class_prediction(p, gt.shape[1:], palette) for p in paths])
+                pred = np.stack([_read_class_prediction(p, label, gt.shape[1:], palette)
+                                 for p, label in zip(paths, labels, strict=True)])
                 metric.update(torch.from_numpy(pred), torch.from_numpy(gt).long())
                 if protocol == "avsbench":
                     metric.add_padding(AVSS_PADDED_LENGTH - video.num_frames, gt[0].size)
             else:
-                prob = torch.stack([_read_probability(p, gt.shape[1:]) for p in paths])
+                prob = torch.stack([_read_probability(p, label, gt.shape[1:])
+                                    for p, label in zip(paths, labels, strict=True)])
                 metric.update(prob, torch.from_numpy(gt == 1))
             advance()
     return metric.result() if isinstance(metric, SemanticMetrics) else metric.result(protocol)
@@ -205,19 +223,32 @@ def _prediction_image(path: Path):
         raise DataError(path, f"unreadable prediction PNG: {err}") from None
 
 
-def _read_probability(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """An S4/MS3 prediction PNG -> float32 [h, w] probability (pixel / 255) at the label size."""
+def _wh(size: tuple[int, int]) -> str:
+    """(h, w) -> "WxH", as the other size messages write it."""
+    return f"{size[1]}x{size[0]}"
+
+
+def _read_probability(path: Path, label: Path, size: tuple[int, int]) -> torch.Tensor:
+    """An S4/MS3 prediction PNG -> float32 [h, w] probability (pixel / 255); ``size`` (h, w): its label's, the only
+    size accepted (a DataError naming the file, both sizes and the label otherwise)."""
     image = _prediction_image(path)
+    if (image.height, image.width) != tuple(size):
+        raise DataError(path, f"prediction is {image.width}x{image.height} but its label {label} is {_wh(size)}")
     pixels = np.asarray(image if image.mode == "L" else image.convert("L")).astype(np.float32) / 255.0
-    prob = torch.from_numpy(pixels)
-    if prob.shape != tuple(size):
-        prob = F.interpolate(prob[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    return prob
+    return torch.from_numpy(pixels)
 
 
-def _read_class_prediction(path: Path, size: tuple[int, int], palette: np.ndarray) -> np.ndarray:
-    """An AVSS prediction PNG (class indices; palette colours if it is RGB) -> int64 [h, w] at the label size."""
+def _read_class_prediction(path: Path, label: Path, size: tuple[int, int], palette: np.ndarray) -> np.ndarray:
+    """An AVSS prediction PNG (class indices; palette colours if it is RGB) -> int64 [h, w] at ``size`` (h, w), the
+    size AVSS is scored at. Accepted: that size, or its label file's (resized nearest, as the label is); any other
+    size is a DataError naming the file, both sizes and the label."""
     image = _prediction_image(path)
+    own = (image.height, image.width)
+    if own != tuple(size):
+        label_w, label_h = image_header(label)
+        if own != (label_h, label_w):
+            raise DataError(path, f"prediction is {image.width}x{image.height} but its label {label} is "
+                                  f"{label_w}x{label_h} (AVSS is scored at {_wh(size)}; either size is accepted)")
     if image.mode in ("L", "P", "I", "I;16"):
         classes = np.asarray(image).astype(np.int64)
     else:
@@ -256,4 +287,5 @@ def print_report(report: dict) -> None:
     table.add_row(f"{what}{suffix}", str(report["videos"]), str(report["frames"]), f"{report['miou']:.4f}",
                   f"{report['fscore']:.4f}")
     console.print(table)
-    console.print(f"Results saved to {report['metrics_file']}")
+    if report.get("metrics_file"):
+        console.print(f"Results saved to {report['metrics_file']}", markup=False)

@@ -71,6 +71,7 @@ class Predictor:
         with torch.inference_mode(), context:
             out = self.model.segment(as_input(frames), audio.to(self.device),
                                      None if maskiges is None else as_input(maskiges))
+        weights.check_finite_output(out, self.model, self.name)  # NaN weights: an error, not empty masks
         return out.float().cpu()
 
     def describe(self) -> dict:

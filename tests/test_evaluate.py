@@ -25,7 +25,9 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
+    """A private cache, and the test's folder as the working directory: runs/eval/expN is written there."""
     monkeypatch.setenv("AV2TS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
 
 
 def invoke(args: list[str], expect: int = 0):
@@ -90,7 +92,10 @@ def test_ground_truth_as_predictions_scores_one(synth_data, tmp_path, subset, pr
     assert report["miou"] == pytest.approx(perfect, abs=1e-6) and report["fscore"] == pytest.approx(perfect, abs=1e-6)
     assert report["videos"] == {"s4": 3, "ms3": 2, "avss": 3}[subset]
     assert report["frames"] == {"s4": 15, "ms3": 10, "avss": 20}[subset]
-    saved = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    # the predictions are an input: metrics.json goes to a new runs/eval/expN, as for a model
+    assert not (tmp_path / "pred" / "metrics.json").exists()
+    assert report["metrics_file"] == str(Path("runs") / "eval" / "exp" / "metrics.json")
+    saved = json.loads((tmp_path / "runs" / "eval" / "exp" / "metrics.json").read_text())
     assert saved["miou"] == report["miou"] and saved["protocol"] == protocol
 
 
@@ -130,7 +135,7 @@ def test_avss_all_background_predictions(synth_data, tmp_path):
             f_background.append(f_at_zero((labels == 0).mean()))
             target = tmp_path / "pred" / video.mask_names[i]
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.zeros((32, 32), np.uint8)).save(target)  # another size: resized (nearest)
+            Image.fromarray(np.zeros((64, 64), np.uint8)).save(target)  # the label file's size: resized (nearest)
     data = ["--subset", "avss", "--data", str(synth_data), "--pred-dir", str(tmp_path / "pred")]
     # background: IoU = its area fraction per frame; every sounding class: counted with IoU 0; mean over 71
     report = eval_json(*data)
@@ -157,9 +162,12 @@ def test_model_predictions_saved_and_rescored(synth_data, random_models, tmp_pat
     assert rescored["miou"] == pytest.approx(report["miou"], abs=2e-3)  # probabilities stored as x/255
     assert rescored["fscore"] == pytest.approx(report["fscore"], abs=2e-2)
 
+    assert rescored["metrics_file"] == str(Path("runs") / "eval" / "exp" / "metrics.json")  # not among the PNGs
+    assert report["metrics_file"] == str(tmp_path / "pred" / "metrics.json")  # --save-pred's own output folder
+
     monkeypatch.chdir(tmp_path)  # without --save-pred, metrics.json goes to a new runs/eval/expN
     shuffled = eval_json(*data, "--model", str(random_models["s4"]), "--shuffle-audio")
-    saved = json.loads((tmp_path / "runs" / "eval" / "exp" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "runs" / "eval" / "exp2" / "metrics.json").read_text())
     assert shuffled["videos"] == 3 and saved["shuffle_audio"] is True and saved["miou"] == shuffled["miou"]
 
 
