@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -28,13 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from av2ts_cli import __version__, media
+from av2ts_cli import __version__, locks, media
 from av2ts_cli.avsbench import FRAME_OFFSET, SAMPLE_RATE
 from av2ts_cli.console import console, make_progress, show_traceback
 from av2ts_cli.errors import Av2tsError, MediaError, UsageError, describe_os_error
 from av2ts_cli.files import write_json
+from av2ts_cli.interrupts import Interrupted, signum_of, stop_on_signals
 from av2ts_cli.memory import PeakWatch
 from av2ts_cli.predict_maskiges import (
     AUTO,
@@ -56,6 +61,7 @@ from av2ts_cli.predict_outputs import (
     MaskOutputs,
     check_overlay_target,
     clear_outputs,
+    discard_unfinished,
     folder_names,
     input_identity,
     is_complete,
@@ -66,7 +72,7 @@ from av2ts_cli.predict_outputs import (
 from av2ts_cli.predict_stream import Predictor, Timer, load_predictor, make_predictor, maskige_reader, stream_masks
 from av2ts_cli.render import render_overlay
 from av2ts_cli.runs import numbered_run_folder
-from av2ts_cli.sampling import video_schedule
+from av2ts_cli.sampling import sampled_seconds, video_duration, video_schedule
 from av2ts_cli.sources import collect_videos
 
 # the names other modules use through ``predict`` (bench/predict.py, the CLI, tests)
@@ -151,6 +157,62 @@ def settings_of(predictor: Predictor, options: PredictOptions, overlay: Path | N
             "formats": list(options.formats), "maskiges": maskiges, "overlay": str(overlay) if overlay else None}
 
 
+# Peak memory of one forward pass grows by this much per frame at 128 x 128 px (av2ts-tiny on the CPU, measured
+# with a 2 ms RSS sampler: +106 MB at T = 5, +336 MB at T = 20, +630 MB at T = 40, so 15.3 MB/frame); it scales
+# with the pixels. Bigger backbones need more, so a window refused by this bound surely does not fit.
+_MB_PER_FRAME_AT_128 = 15.3
+# still pictures: ffmpeg's image decoders (a motion-JPEG *video* has frames and a rate, so it passes)
+_IMAGE_CODECS = frozenset({"png", "mjpeg", "jpeg2000", "bmp", "tiff", "webp", "jpegls", "pam", "ppm", "pgm", "qoi"})
+
+
+def available_mb(device) -> float | None:
+    """Free memory on ``device`` in MB (CPU: MemAvailable; CUDA: the driver's free memory), None if unknown."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch  # local: predict_stream has loaded it already; only the CUDA branch needs it here
+
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_bounds(video: Path, info: media.Probe, options: PredictOptions, predictor: Predictor) -> None:
+    """UsageError (exit 2) naming the limit for options this video cannot take: ``--fps`` above its frame rate
+    (every mask past it repeats a frame, at the cost of a pass each), ``--window`` longer than both the video and
+    the model's clip (padding only) or than the free memory holds for ``--batch`` windows."""
+    rate = info.fps
+    if math.isfinite(rate) and rate > 0 and options.fps > max(1, round(rate)):
+        raise UsageError(f"--fps {options.fps}: {video} has {rate:g} frames per second; at most --fps "
+                         f"{max(1, round(rate))}")
+    if options.window is None:
+        return
+    seconds = sampled_seconds(video_duration(info))
+    longest = max(seconds, predictor.cfg.num_frames)
+    if options.window > longest:
+        raise UsageError(f"--window {options.window}: {video} has {seconds} sampled second"
+                         f"{'s' if seconds != 1 else ''} and the model's clip is {predictor.cfg.num_frames}; at "
+                         f"most --window {longest}")
+    free = available_mb(predictor.device)
+    per_frame = _MB_PER_FRAME_AT_128 * (predictor.cfg.input_size / 128) ** 2
+    if free is not None and options.window * options.batch * per_frame > free:
+        fits = max(1, int(free // (per_frame * options.batch)))
+        raise UsageError(f"--window {options.window} with --batch {options.batch}: needs over "
+                         f"{options.window * options.batch * per_frame:.0f} MB, {free:.0f} MB free on "
+                         f"{predictor.device}; at most --window {fits}")
+
+
+def still_image_warning(info: media.Probe) -> str | None:
+    """A warning for a still picture named like a video (a PNG renamed .mp4): one frame, no sound; it is
+    segmented (one mask), as the sampler shows the last frame for every later second."""
+    if info.video_codec in _IMAGE_CODECS and info.frame_count <= 1 and not info.has_audio:
+        return f"a still {info.video_codec} image, not a video: one frame, no sound"
+    return None
+
+
 def _read_audio(video: Path, info: media.Probe, duration: float, require_audio: bool) -> tuple[np.ndarray, list[str]]:
     """The 16 kHz mono audio [S] of ``video`` (empty: silence) and the warnings it gives."""
     if not info.has_audio:
@@ -173,6 +235,9 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
     timer = Timer()
     info = media.probe(video, ffprobe=False)  # ffmpeg's start time: the decoders take this probe (media.decoding_probe)
     cfg = predictor.cfg
+    if info.frame_count == 0:  # before the audio: its decoder would blame the file as a whole
+        raise MediaError(video, f"no decodable video frames (a {info.video_codec} stream without frames)")
+    check_bounds(video, info, options, predictor)
     schedule = video_schedule(info, options.fps, options.window or cfg.num_frames)
     duration = schedule.duration
     if overlay is not None and "png" not in options.formats:
@@ -180,6 +245,7 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
 
     start = time.perf_counter()
     wave, warnings = _read_audio(video, info, duration, options.require_audio)
+    warnings = [w for w in [still_image_warning(info)] if w] + warnings
     timer.add("audio", start)
     folder.mkdir(parents=True, exist_ok=True)
     clear_outputs(folder)
@@ -197,7 +263,8 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
         warnings += [w for w in [maskige_warning(predictor.trained_on, maskiges)] if w]
         timer.add("maskiges", start)
     if progress is not None:
-        progress.update(task, total=len(schedule.windows), completed=0, description=f"windows · {video.name}")
+        progress.update(task, total=len(schedule.windows), completed=0,
+                        description=f"windows · {escape(video.name)}")  # a description is markup
     display = (info.width, info.height)
     with PeakWatch(predictor.device) as memory, MaskOutputs(folder, schedule, predictor.class_names,
                                                              predictor.binary, display, options.formats) as outputs:
@@ -249,16 +316,24 @@ class RunReport:
     videos: list[VideoResult] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)  # {"input", "error"}
     batch: bool = False
+    busy: list[dict] = field(default_factory=list)  # {"input", "pid"}: locked by another run, left to it
 
     def to_dict(self) -> dict:
         return {"out": self.out, "model": self.model, "batch": self.batch,
-                "videos": [dataclasses.asdict(v) for v in self.videos], "failures": self.failures}
+                "videos": [dataclasses.asdict(v) for v in self.videos], "failures": self.failures,
+                "busy": self.busy}
 
 
 def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor: Predictor | None = None
         ) -> RunReport:
     """Predict every video of ``sources``. One video: its error propagates. Several: failures are collected
-    (``failures.json``) and the others go on. ``predictor``: an already loaded model (else ``options.model``)."""
+    (``failures.json``, merged with what other runs recorded there) and the others go on. ``predictor``: an
+    already loaded model (else ``options.model``).
+
+    Each video is done under the lock of its folder (``locks``): a video another run holds is left to it (a
+    line ``x.mp4: in use by av2ts pid N``, counted in ``busy``, not a failure), so two runs into one ``--out``
+    share the work. SIGINT/SIGTERM: the current video's unfinished outputs are removed and ``Interrupted`` (exit
+    130/143) says what was left."""
     options.check()
     videos = collect_videos(sources, options.recursive)
     if options.overlay is not None and "png" not in options.formats:
@@ -266,34 +341,58 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
     batch = len(videos) > 1
     if options.overlay and batch and is_video_name(options.overlay):
         raise UsageError(f"--overlay {options.overlay}: several videos need a folder for their overlays")
-    if predictor is None:
-        predictor = load_predictor(options.model, options.device, options.half)
-    generator = None  # one maskige generator for every video; a model without the Siam encoder never makes one
-    if predictor.cfg.siam and parse_maskiges(options.maskiges) == AUTO:
-        generator = LazyGenerator(options.generator, options.generator_settings, str(predictor.device))
-    run_dir = Path(options.out) if options.out is not None else numbered_run_folder(DEFAULT_RUNS)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    report = RunReport(str(run_dir), predictor.describe(), batch=batch)
+    run_dir: Path | None = None
+    created = False
+    current: list[Path] = []  # the video being done, for the interrupt's line
+    report = None
+    with stop_on_signals():
+        try:
+            if predictor is None:
+                predictor = load_predictor(options.model, options.device, options.half)
+            generator = None  # one maskige generator for every video; a model without the Siam encoder never makes one
+            if predictor.cfg.siam and parse_maskiges(options.maskiges) == AUTO:
+                generator = LazyGenerator(options.generator, options.generator_settings, str(predictor.device))
+            if options.out is not None:
+                run_dir = Path(options.out)
+                created = not run_dir.exists()
+                run_dir.mkdir(parents=True, exist_ok=True)
+            else:
+                run_dir, created = numbered_run_folder(DEFAULT_RUNS), True
+            report = RunReport(str(run_dir), predictor.describe(), batch=batch)
+            _run_videos(videos, run_dir, predictor, options, generator, report, current)
+        except KeyboardInterrupt as stop:
+            done = len(report.videos) + len(report.failures) + len(report.busy) if report else 0
+            left = f"{current[0]} left unfinished" if current else "no video started"
+            rest = len(videos) - done - len(current)
+            raise Interrupted(signum_of(stop), f"{left}; {done} of {len(videos)} videos done or skipped, {rest} not "
+                              "started; the same command finishes them") from None
+        finally:
+            if batch and report is not None:
+                _merge_failures(run_dir, report)
+            if created and run_dir is not None:  # nothing written (a single failed video): no empty expN
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+    return report
+
+
+def _run_videos(videos: list[Path], run_dir: Path, predictor: Predictor, options: PredictOptions,
+                generator: LazyGenerator | None, report: RunReport, current: list[Path]) -> None:
+    batch = report.batch
     names = folder_names(videos, run_dir)
     progress = make_progress() if options.progress else None
     with progress if progress is not None else contextlib.nullcontext():
         videos_task = progress.add_task("videos", total=len(videos)) if progress else None
         windows_task = progress.add_task("windows", total=None) if progress else None
         for video, name in zip(videos, names, strict=True):
-            folder = run_dir / name
+            current[:] = [video]
             try:
-                overlay = overlay_path(options.overlay, folder, name, batch)
-                settings = settings_of(predictor, options, overlay)
-                if not options.force and is_complete(folder, video, settings):
-                    result = VideoResult(str(video), str(folder), video.name, skipped=True,
-                                         overlay=settings["overlay"])
-                    _print(f"{video.name}: already done in {folder}, skipped (--force redoes it)")
+                result = _locked_video(video, run_dir / name, predictor, options, batch, progress, windows_task,
+                                       generator)
+                if isinstance(result, locks.Busy):
+                    report.busy.append({"input": str(video), "pid": result.pid})
+                    _print(result.message)
                 else:
-                    check_overlay_target(overlay, folder, options.overlay, options.force)
-                    result = predict_video(video, folder, predictor, options, overlay, progress, windows_task,
-                                           generator)
-                    _print(_closing_line(result))
-                report.videos.append(result)
+                    report.videos.append(result)
             except (Av2tsError, OSError) as err:
                 if not batch:
                     raise
@@ -301,12 +400,58 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
                 reason = err.message if isinstance(err, Av2tsError) else describe_os_error(
                     err, None if err.filename else video)
                 report.failures.append({"input": str(video), "error": reason})
-                _print(f"[red]failed:[/red] {reason}", markup=True)
+                _print(f"[red]failed:[/red] {escape(reason)}", markup=True)
+            current.clear()
             if progress is not None:
                 progress.advance(videos_task)
-    if batch:
-        write_json(run_dir / FAILURES_FILE, report.failures)
-    return report
+
+
+def _locked_video(video: Path, folder: Path, predictor: Predictor, options: PredictOptions, batch: bool,
+                  progress, task, generator: LazyGenerator | None) -> VideoResult | locks.Busy:
+    """One video under its folder's lock: the temps a killed run left are swept first, a finished video is
+    skipped, a failed or interrupted one leaves no unfinished outputs (and no folder, when nothing else is in
+    it). Returns the Busy error, not raised, when another run holds the folder."""
+    try:
+        lock = locks.acquire(folder, label=video)
+    except locks.Busy as busy:
+        return busy
+    finished = False
+    try:
+        locks.sweep_temps(folder)
+        overlay = overlay_path(options.overlay, folder, folder.name, batch)
+        if overlay is not None and overlay.parent != folder:  # a shared overlay folder: only this overlay's temps
+            locks.sweep_temps(overlay.parent, recursive=False, stem=overlay.stem)
+        settings = settings_of(predictor, options, overlay)
+        if not options.force and is_complete(folder, video, settings):
+            _print(f"{video.name}: already done in {folder}, skipped (--force redoes it)")
+            finished = True
+            return VideoResult(str(video), str(folder), video.name, skipped=True, overlay=settings["overlay"])
+        check_overlay_target(overlay, folder, options.overlay, options.force)
+        result = predict_video(video, folder, predictor, options, overlay, progress, task, generator)
+        _print(_closing_line(result))
+        finished = True
+        return result
+    finally:
+        if not finished and not (folder / SUMMARY_FILE).exists():  # outputs of no finished video: removed
+            discard_unfinished(folder)
+        lock.release(remove_empty_folder=True)
+
+
+def _merge_failures(run_dir: Path, report: RunReport) -> None:
+    """``failures.json``: this run's failures, and the entries of earlier or concurrent runs for the inputs this
+    run did not handle (an input it did or failed replaces its old entry; one it left busy keeps it), written
+    atomically under the run folder's lock."""
+    handled = {os.path.abspath(v.input) for v in report.videos} | {
+        os.path.abspath(f["input"]) for f in report.failures}
+    with locks.held(run_dir, wait=60, label=run_dir):
+        locks.sweep_temps(run_dir, recursive=False, stem=Path(FAILURES_FILE).stem)
+        try:
+            previous = json.loads((run_dir / FAILURES_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = []
+        kept = [f for f in previous if isinstance(f, dict) and os.path.abspath(str(f.get("input"))) not in handled] \
+            if isinstance(previous, list) else []
+        write_json(run_dir / FAILURES_FILE, kept + report.failures)
 
 
 def _print(text: str, markup: bool = False) -> None:
@@ -331,7 +476,11 @@ def print_report(report: RunReport) -> None:
         for failure in report.failures:
             reason = failure["error"]
             prefix = f"{failure['input']}: "
-            table.add_row(failure["input"], reason[len(prefix):] if reason.startswith(prefix) else reason)
+            # Text, not str: a cell string is rich markup, and "[red]x.mp4" is a file name here
+            table.add_row(Text(failure["input"]), Text(reason[len(prefix):] if reason.startswith(prefix) else reason))
         console.print(table)
         _print(f"Failures listed in {Path(report.out) / FAILURES_FILE}")
+    if report.busy:
+        _print(f"{len(report.busy)} video{'s' if len(report.busy) > 1 else ''} in use by another av2ts run, left to "
+               "it (not failed; the same command afterwards reports them done)")
     _print(f"Results saved to {report.out}")

@@ -150,6 +150,14 @@ def clear_outputs(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def discard_unfinished(folder: Path) -> None:
+    """After a failed or interrupted video: its unfinished outputs and temps go (``clear_outputs``), and the masks
+    folder when empty; what is worth keeping (cached maskiges) stays."""
+    clear_outputs(folder)
+    with contextlib.suppress(OSError):  # not empty or not there: kept or nothing to do
+        (folder / MASKS_DIR).rmdir()
+
+
 def folder_names(videos: Sequence[Path], run_dir: Path) -> list[str]:
     """One output folder name per video: its stem, then stem-2, stem-3, ... when the stem is already used in this
     run or a folder of that name holds another input's outputs."""

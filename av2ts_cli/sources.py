@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from av2ts_cli.errors import UsageError
+from av2ts_cli.errors import DataError, UsageError, describe_os_error
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
                             ".mts", ".m2ts", ".3gp", ".ogv", ".gif"})
@@ -18,12 +18,13 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".m
 def collect_videos(sources: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
     """The videos named by ``sources``: files as given (whatever their suffix), folders' entries with a video
     suffix (subfolders with ``recursive``; an entry that is not a readable file is kept, so it gets reported),
-    and glob patterns. Duplicates are dropped, order kept. UsageError for a source that names nothing."""
+    and glob patterns. Duplicates are dropped, order kept. UsageError for a source that names nothing;
+    DataError for a subfolder that cannot be listed (a run must not skip part of its input unsaid)."""
     found: list[Path] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            entries = sorted(path.rglob("*") if recursive else path.iterdir())
+            entries = sorted(_walk(path) if recursive else path.iterdir())
             videos = [p for p in entries if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith(".")
                       and not (recursive and p.is_dir())]
             if not videos:
@@ -47,3 +48,17 @@ def collect_videos(sources: Sequence[str | os.PathLike], recursive: bool = False
             seen.add(key)
             unique.append(path)
     return unique
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every entry under ``folder`` (files, and folders, not followed through symlinks, as ``Path.rglob``), but a
+    subfolder that cannot be listed is an error, not skipped: ``rglob`` passes over it in silence."""
+    found: list[Path] = []
+
+    def refuse(err: OSError) -> None:
+        raise DataError(err.filename or folder, f"cannot list this folder under --recursive: "
+                        f"{describe_os_error(err, err.filename or folder).partition(': ')[2]}")
+
+    for top, dirs, names in os.walk(folder, onerror=refuse):
+        found += [Path(top, name) for name in (*dirs, *names)]
+    return found
