@@ -242,7 +242,7 @@ def overlay(
     report = render.render_overlay(video, masks_dir, out, alpha=alpha, contour=contour, palette=palette)
     sound = "with the original audio" if report["audio"] else "no audio in the input"
     console.print(f"Overlay saved to {report['output']} ({report['frames']} frames, {report['duration']:.2f} s, "
-                  f"{sound})", highlight=False, soft_wrap=True)
+                  f"{sound})", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command(rich_help_panel="Data")

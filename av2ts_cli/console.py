@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,11 +51,12 @@ def make_progress(transient: bool = False) -> Progress:
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    """``warning: message``; the message is plain text (a file named ``[red]x.mp4`` prints as it is named)."""
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def info(message: str) -> None:
-    console.print(message)
+    console.print(message, markup=False, soft_wrap=True)
 
 
 _PACKAGE = str(Path(__file__).resolve().parent)  # a warning whose frame is in this folder is av2ts's own
