@@ -76,3 +76,59 @@ def test_missing_metadata_is_a_one_line_error(synth_data, tmp_path):
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [f"error: {root / 'ms3_meta_data.csv'}: missing metadata CSV"]
+
+
+def _listing(root) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every file under root: a check must leave the tree as it was."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_every_malformed_csv_line_and_unknown_split_is_listed_in_one_run(synth_data, tmp_path):
+    """Four bad lines of the S4 CSV (short, empty name, two unknown splits) and a blank line: each listed by its line
+    in the file, and the videos of the good lines still checked (a missing frame among them found too)."""
+    root = shutil.copytree(synth_data / "AVSBench_object" / "Single-source", tmp_path / "Single-source")
+    csv = root / "s4_meta_data.csv"
+    header, *lines = csv.read_text().splitlines()
+    test = list_videos(root, "s4", "test")
+    test[1].frames[0].unlink()
+    # line 1 header, 2-9 the videos; then: a blank line 10, and the bad lines 11-14
+    csv.write_text("\n".join([header, *lines, "", "onlyname,0", ",0,playing_tabla,test", "x1,0,playing_tabla,Test",
+                              "x2,0,playing_tabla,validation"]) + "\n")
+    before = _listing(root)
+
+    result = invoke(["data", "check", "--subset", "s4", "--data", str(root), "--json"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert [p["problem"] for p in report["problems"] if p["path"] == str(csv)] == [
+        "line 11: 2 columns, expected at least 4",
+        "line 12: empty video name",
+        "line 13: unknown split 'Test' (expected train, val, test)",
+        "line 14: unknown split 'validation' (expected train, val, test)",
+    ]
+    assert {p["path"]: p["problem"] for p in report["problems"]}[str(test[1].frames[0])].startswith("missing")
+    assert len(report["problems"]) == 5
+    assert report["splits"]["test"]["videos"] == 3 and report["splits"]["test"]["frames"] == 14
+    assert _listing(root) == before  # nothing written, nothing touched
+
+    table = invoke(["data", "check", "--subset", "s4", "--data", str(root)])
+    assert table.exit_code == 1 and "5 problem(s)" in table.output
+    assert "line 11: 2 columns" in table.output and "line 14: unknown split 'validation'" in table.output
+
+
+def test_avss_unknown_label_sets_and_a_csv_of_only_bad_lines(synth_data, tmp_path):
+    root = shutil.copytree(synth_data / "AVSBench_semantic", tmp_path / "AVSBench_semantic")
+    csv = root / "metadata.csv"
+    header, first, second, *rest = csv.read_text().splitlines()
+    cells = second.split(",")
+    cells[6] = "v3"
+    csv.write_text("\n".join([header, first, ",".join(cells), *rest]) + "\n")
+    report = json.loads(invoke(["data", "check", "--subset", "avss", "--data", str(root), "--json"]).stdout)
+    assert report["problems"] == [{"path": str(csv), "problem": f"line 3: video {cells[1]}: unknown label 'v3' "
+                                                                "(expected one of v1s, v1m, v2)"}]
+
+    csv.write_text(header + "\nonly,two\n")  # no good line: the bad line, and no videos in any split
+    result = invoke(["data", "check", "--subset", "avss", "--data", str(root), "--json"])
+    assert result.exit_code == 1
+    problems = [p["problem"] for p in json.loads(result.stdout)["problems"]]
+    assert problems == ["line 2: 2 columns, expected at least 7", "no videos in any split"]

@@ -1,5 +1,9 @@
 """``av2ts data check``: counts per split and every missing, unreadable or mis-sized file of a dataset.
 
+Every problem is listed in one run: each malformed line of the metadata CSV (too few columns, an empty name, a
+split other than train/val/test, an unknown AVSS label set) is a problem naming its line, and the videos of the
+well-formed lines are still checked. Only a CSV that cannot be read at all (missing, not text, empty) stops it.
+
 Every frame, label and maskige named by the metadata is opened and its structure checked without decoding the
 pixels (PIL ``verify``: PNG chunk CRCs, JPEG markers), every WAV header parsed (a file shorter than its header says
 is reported). Sizes: the labels (and S4/MS3 maskiges) of a video must match its frames, the frames of a video must
@@ -10,6 +14,7 @@ when the subset has a ``pre_SAM_mask`` folder; a WAV may be missing when its log
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +26,18 @@ from av2ts_cli.avsbench import EXAMPLE_SECONDS, SAMPLE_RATE
 from av2ts_cli.console import console
 from av2ts_cli.data.audio import read_wav_info
 from av2ts_cli.data.images import image_header
-from av2ts_cli.data.layout import DATA_FOLDERS, SPLITS, Video, list_videos, read_metadata, resolve_root
+from av2ts_cli.data.layout import (
+    DATA_FOLDERS,
+    METADATA,
+    SPLITS,
+    Video,
+    _avss_video,
+    _columns,
+    _ms3_video,
+    _s4_video,
+    read_rows,
+    resolve_root,
+)
 from av2ts_cli.errors import DataError
 
 OBJECT_FRAME_SIZE = (224, 224)  # S4/MS3 frames as the official preprocessing saved them
@@ -37,17 +53,14 @@ def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
     maskige_root = _maskige_root(root, subset)
     report = {"subset": subset, "root": str(root), "splits": {}, "problems": [], "notes": [], "frame_size": None,
               "maskige_size": None}
-    per_split: dict[str, list[Video]] = {}
-    for split in SPLITS:
-        try:
-            per_split[split] = list_videos(root, subset, split)
-        except DataError as err:
-            if "no videos in split" not in err.reason:
-                raise
-            per_split[split] = []
-            report["notes"].append({"path": err.path, "note": err.reason})
+    per_split, csv_problems = _videos_per_split(root, subset)
+    report["problems"] += csv_problems
+    csv_path = str(root / METADATA[subset])
+    for split, videos in per_split.items():
+        if not videos:
+            report["notes"].append({"path": csv_path, "note": f"no videos in split {split!r}"})
     if not any(per_split.values()):
-        report["problems"].append({"path": report["notes"][0]["path"], "problem": "no videos in any split"})
+        report["problems"].append({"path": csv_path, "problem": "no videos in any split"})
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for split, videos in per_split.items():
             counts = {"videos": len(videos), "frames": 0, "masks": 0, "wavs": 0, "maskiges": 0}
@@ -61,9 +74,53 @@ def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
 
 
 def total_videos(data: str | os.PathLike, subset: str) -> int:
-    """How many videos ``check_dataset`` will visit (for a progress bar)."""
-    root = resolve_root(data, subset)
-    return sum(1 for _, split, _ in read_metadata(root, subset) if split in SPLITS)
+    """How many videos ``check_dataset`` will visit (for a progress bar): those of the well-formed CSV lines."""
+    per_split, _ = _videos_per_split(resolve_root(data, subset), subset)
+    return sum(len(videos) for videos in per_split.values())
+
+
+def _numbered_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number in the file, cells stripped) of every non-empty row of a metadata CSV, the header first.
+    ``layout.read_rows`` is called first for its one-line errors (missing, unreadable, empty CSV)."""
+    read_rows(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        return [(reader.line_num, [cell.strip() for cell in row]) for row in reader if any(c.strip() for c in row)]
+
+
+def _videos_per_split(root: Path, subset: str) -> tuple[dict[str, list[Video]], list[dict]]:
+    """({split: its videos in CSV order, from the well-formed lines}, [a problem per malformed line]): the whole
+    CSV is read, so that every bad line is listed at once (``layout.list_videos`` stops at the first)."""
+    path = root / METADATA[subset]
+    (_, header), *rows = _numbered_rows(path)
+    name_at, split_at, group_at = _columns(path, header, [], subset)  # positions only; each row is checked below
+    width = max(name_at, split_at, group_at or 0) + 1
+    per_split: dict[str, list[Video]] = {split: [] for split in SPLITS}
+    problems = []
+
+    def bad(line: int, problem: str) -> None:
+        problems.append({"path": str(path), "problem": f"line {line}: {problem}"})
+
+    for line, row in rows:
+        if len(row) < width:
+            bad(line, f"{len(row)} columns, expected at least {width}")
+            continue
+        name, split = row[name_at], row[split_at]
+        group = row[group_at] if group_at is not None else ""
+        if not name:
+            bad(line, "empty video name")
+        elif split not in SPLITS:
+            bad(line, f"unknown split {split!r} (expected {', '.join(SPLITS)})")
+        elif subset == "s4":
+            per_split[split].append(_s4_video(root, split, name, group))
+        elif subset == "ms3":
+            per_split[split].append(_ms3_video(root, split, name))
+        else:
+            try:
+                per_split[split].append(_avss_video(root, split, name, group, "auto"))
+            except DataError as err:  # an unknown label set
+                bad(line, err.reason)
+    return per_split, problems
 
 
 def _maskige_root(root: Path, subset: str) -> Path | None:
