@@ -70,4 +70,6 @@ def _print_videos(report: dict, as_json: bool) -> None:
               f"{result['skipped']} already there) in {result['seconds']:.1f} s")
     for failure in report["failed"]:
         _line(f"failed: {failure['error']}")
+    for busy in report.get("busy", []):
+        _line(f"{busy['input']}: in use by av2ts pid {busy['pid']} (left to that run)")
     _line(f"Maskiges saved to {report['out']} (predict --maskiges {report['out']})")

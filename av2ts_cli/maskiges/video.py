@@ -16,7 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from av2ts_cli import __version__, files, media
+from rich.markup import escape
+
+from av2ts_cli import __version__, files, locks, media
 from av2ts_cli.console import show_traceback
 from av2ts_cli.errors import Av2tsError, describe_os_error
 from av2ts_cli.maskiges.dataset import RENDERER
@@ -89,8 +91,9 @@ def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bo
 def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=None, settings=None, fps: int = 1,
         device: str = "auto", force: bool = False, recursive: bool = False, progress: bool = True) -> dict:
     """The maskiges of every video of ``sources`` (files, folders, globs as ``predict`` takes them) under
-    ``out``. One failing video is reported and the others go on. Returns {"out", "videos": [...], "failed":
-    [{"input", "error"}], "generator": {...}, "seconds"}."""
+    ``out``. One failing video is reported and the others go on; one that another run holds (its folder's lock,
+    ``locks``) is left to it. Returns {"out", "videos": [...], "failed": [{"input", "error"}], "busy": [{"input",
+    "pid"}], "generator": {...}, "seconds"}."""
     # local: predict's modules pull in its output writers; only the video form needs their naming rules
     from av2ts_cli.console import make_progress
     from av2ts_cli.maskiges.generate import MaskGenerator
@@ -102,7 +105,7 @@ def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=
     videos = collect_videos(sources, recursive)
     names = folder_names(videos, out)
     model = generator if isinstance(generator, MaskGenerator) else MaskGenerator(generator, settings, device)
-    report = {"out": str(out), "videos": [], "failed": [], "generator": model.describe()}
+    report = {"out": str(out), "videos": [], "failed": [], "busy": [], "generator": model.describe()}
     bar = make_progress() if progress else None
     try:
         if bar:
@@ -110,10 +113,17 @@ def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=
         task = bar.add_task("maskiges", total=None) if bar else None
         for video, name in zip(videos, names, strict=True):
             try:
+                # one run per video folder: another run's video is left to it (a line, counted, not failed)
+                lock = locks.acquire(out / name, label=video)
+            except locks.Busy as busy:
+                report["busy"].append({"input": str(video), "pid": busy.pid})
+                continue
+            try:
+                locks.sweep_temps(out / name)  # what a killed run left; under the lock, so never a live temp
                 result = video_maskiges(
                     video, out / name, model, fps=fps, force=force,
-                    on_start=(lambda n, v=video: bar.update(task, description=f"maskiges · {v.name}", completed=0,
-                                                            total=n)) if bar else None,
+                    on_start=(lambda n, v=video: bar.update(task, description=f"maskiges · {escape(v.name)}",
+                                                            completed=0, total=n)) if bar else None,
                     on_frame=(lambda: bar.advance(task)) if bar else None)
                 report["videos"].append(result)
             except (Av2tsError, OSError) as err:
@@ -121,6 +131,8 @@ def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=
                 reason = err.message if isinstance(err, Av2tsError) else describe_os_error(
                     err, None if err.filename else video)
                 report["failed"].append({"input": str(video), "error": reason})
+            finally:
+                lock.release(remove_empty_folder=True)  # a video that failed before its first maskige: no folder
     finally:
         if bar:
             bar.stop()

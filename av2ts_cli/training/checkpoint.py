@@ -89,6 +89,18 @@ def find_resume_checkpoint(path: str | os.PathLike) -> Path:
                                 f"holds {LAST}/{TRAINER_FILE})")
 
 
+def has_checkpoint(run: str | os.PathLike) -> bool:
+    """Whether the run folder holds a checkpoint (``last/``, or a complete one an interrupted swap left beside
+    it): a folder with only a log.csv is a run that failed before its first checkpoint."""
+    if (Path(run) / LAST).exists():
+        return True
+    try:
+        find_resume_checkpoint(run)
+    except CheckpointError:
+        return False
+    return True
+
+
 def read_trainer_state(path: Path) -> dict:
     """``trainer.pt`` read with ``weights_only=True``; CheckpointError (one line) when unreadable or not ours."""
     try:

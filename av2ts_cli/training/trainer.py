@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from av2ts_cli import locks
 from av2ts_cli.console import console, make_progress, warn
 from av2ts_cli.data import build_dataset
 from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
@@ -50,6 +51,7 @@ from av2ts_cli.training.checkpoint import (
     LAST,
     TRAINER_FILE,
     find_resume_checkpoint,
+    has_checkpoint,
     maskige_provenance,
     read_trainer_state,
     write_training_checkpoint,
@@ -102,13 +104,21 @@ class StopSignals:
 class Trainer:
     """One run: set up from the user's options (a new run) or from a run's ``last/`` (``resume``), then ``fit``."""
 
-    def __init__(self, given: dict, resume: str | os.PathLike | None, processes: Processes, progress: bool):
+    def __init__(self, given: dict, resume: str | os.PathLike | None, processes: Processes, progress: bool,
+                 held: contextlib.ExitStack | None = None):
+        """``held``: where the run folder's lock is kept (``locks``; rank 0 only, the one process that writes the
+        run); the caller closes it when the run is over, also when this constructor fails."""
         self.processes = processes
         self.progress = progress and processes.main
+        self._held = held if held is not None else contextlib.ExitStack()
         device = processes.device
         state = None
         if resume is not None:
             checkpoint = find_resume_checkpoint(resume)
+            if processes.main:  # "runs/train/exp: in use by av2ts pid N" while another run trains it
+                self._held.enter_context(locks.held(checkpoint.parent))
+                checkpoint = find_resume_checkpoint(resume)  # again, locked: its last holder may have swapped last/
+                locks.sweep_temps(checkpoint.parent, recursive=False, folders=False)  # a log temp a kill left
             state = read_trainer_state(checkpoint / TRAINER_FILE)
             try:
                 saved = TrainOptions(**state["options"])
@@ -173,13 +183,24 @@ class Trainer:
         if self.processes.main:
             if self.options.out is not None:
                 run = Path(self.options.out)
-                if (run / LAST).exists() or (run / LOG_FILE).exists():
+                # made if missing; removed again if the run leaves it empty (a refused or failed start)
+                self._held.enter_context(locks.held(run, remove_empty_folder=True))
+                if has_checkpoint(run):  # a log.csv alone is a run that failed before its first checkpoint: reused
                     raise UsageError(f"{run} already holds a training run; continue it with --resume {run} or "
                                      f"choose another --out")
-                run.mkdir(parents=True, exist_ok=True)
+                # files only: a checkpoint's temp folder may be the newest complete one (find_resume_checkpoint)
+                locks.sweep_temps(run, recursive=False, folders=False)
             else:
                 run = numbered_run_folder(RUNS_FOLDER)
+                self._held.enter_context(locks.held(run, remove_empty_folder=True))
         return Path(self.processes.gather(str(run) if run else None)[0])
+
+    def discard_unsaved(self) -> None:
+        """After a failure: a new run without a checkpoint loses its log.csv, so the folder (removed when empty as
+        its lock is released) does not look like a run, and the same command starts again in it."""
+        run = getattr(self, "run", None)
+        if self.processes.main and run is not None and self.start == 0 and not has_checkpoint(run):
+            (run / LOG_FILE).unlink(missing_ok=True)
 
     def _restore(self, state: dict) -> None:
         try:
@@ -344,7 +365,15 @@ def train(resume: str | os.PathLike | None = None, progress: bool = True, **opti
         given["data"] = str(given["data"])
     processes = Processes.start(given.get("device", "auto"))
     try:
-        report = Trainer(given, resume, processes, progress).fit()
+        with contextlib.ExitStack() as held:  # the run folder's lock, released (and an empty folder removed) last
+            trainer = None
+            try:
+                trainer = Trainer(given, resume, processes, progress, held)
+                report = trainer.fit()
+            except BaseException:
+                if trainer is not None:
+                    trainer.discard_unsaved()
+                raise
         return report if processes.main else None
     finally:
         processes.stop()
@@ -354,5 +383,5 @@ def print_report(report: dict) -> None:
     """The report of ``train`` in two lines."""
     best = (f"; best {report['eval_split']} mIoU {report['best_miou']:.4f} at iteration {report['best_iteration']}"
             if report.get("best_miou") is not None else "")
-    console.print(f"Trained {report['iterations']} iterations in {report['seconds']:.0f} s{best}")
-    console.print(f"Results saved to {report['run']}")
+    console.print(f"Trained {report['iterations']} iterations in {report['seconds']:.0f} s{best}", markup=False)
+    console.print(f"Results saved to {report['run']}", markup=False)
