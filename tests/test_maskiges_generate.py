@@ -1,6 +1,6 @@
 """av2ts_cli/maskiges/generate.py on tiny random SAM and SAM-HQ models (the real transformers code, no mocks):
 in process from a save_pretrained folder, end to end as hf://... from a local Hugging Face cache with
-HF_HUB_OFFLINE=1, the offline-missing-model error, the missing-extra error, and the small-region clean-up."""
+HF_HUB_OFFLINE=1, the offline-missing-model error, the missing-package error, and the small-region clean-up."""
 
 from __future__ import annotations
 
@@ -12,16 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _tiny_sam import FAKE_COMMIT, hub_cache_with, save_tiny_sam
+from conftest import one_line
 
-pytest.importorskip("transformers")  # the av2ts[sam] extra (part of dev)
-
-from _tiny_sam import FAKE_COMMIT, hub_cache_with, save_tiny_sam  # noqa: E402
-from conftest import one_line  # noqa: E402
-
-from av2ts_cli.data.datasets import AVSDataset  # noqa: E402
-from av2ts_cli.data.synth import SynthOptions, synthesize  # noqa: E402
-from av2ts_cli.errors import Av2tsError  # noqa: E402
-from av2ts_cli.maskiges.generate import (  # noqa: E402
+from av2ts_cli.data.datasets import AVSDataset
+from av2ts_cli.data.synth import SynthOptions, synthesize
+from av2ts_cli.errors import Av2tsError
+from av2ts_cli.maskiges.generate import (
     DEFAULT_REPO,
     DEFAULT_REVISION,
     INSTALL_HINT,

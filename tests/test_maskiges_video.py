@@ -12,16 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _tiny_sam import save_tiny_sam
 from PIL import Image
 
-pytest.importorskip("transformers")  # the av2ts[sam] extra (part of dev)
-
-from _tiny_sam import save_tiny_sam  # noqa: E402
-
-from av2ts_cli import media  # noqa: E402
-from av2ts_cli.maskiges.video import RECORD_FILE  # noqa: E402
-from av2ts_cli.predict_stream import maskige_reader  # noqa: E402
-from av2ts_cli.sampling import video_schedule  # noqa: E402
+from av2ts_cli import media
+from av2ts_cli.maskiges.video import RECORD_FILE
+from av2ts_cli.predict_stream import maskige_reader
+from av2ts_cli.sampling import video_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Automatic class-agnostic masks from a SAM-family model of ``transformers`` (the optional ``av2ts[sam]`` extra).
+"""Automatic class-agnostic masks from a SAM-family model of ``transformers`` (a dependency of av2ts).
 
 COMBO made its maskiges with Semantic-SAM (Swin-L, granularity level 3), which is not pip-installable; the
 ``transformers`` models are the nearest ones a user can install: SAM (``SamModel``, default
@@ -33,7 +33,7 @@ from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
 DEFAULT_REPO = "facebook/sam-vit-base"
 DEFAULT_REVISION = "70c1a07f894ebb5b307fd9eaaee97b9dfc16068f"  # main on 2026-08-10 (Apache-2.0, 375 MB)
 DEFAULT_GENERATOR = f"hf://{DEFAULT_REPO}@{DEFAULT_REVISION}"
-INSTALL_HINT = "pip install 'av2ts[sam]'"
+INSTALL_HINT = "pip install 'transformers>=5.0'"
 SUPPORTED_TYPES = ("sam", "sam_hq")  # model_type of config.json -> SamModel, SamHQModel
 MODEL_FILES = ["*.json", "*.safetensors"]  # config, image processor, weights (never pickled .bin weights)
 
@@ -66,9 +66,9 @@ class GeneratorSettings:
 
 
 def import_transformers():
-    """The ``transformers`` module, or one line saying how to install the extra."""
+    """The ``transformers`` module, or one line saying how to install it (an install that left it out)."""
     try:
-        import transformers  # local: the optional av2ts[sam] extra, and ~8 s to import
+        import transformers  # local: ~8 s to import, only when maskiges are made
     except ImportError:
         raise Av2tsError(f"automatic maskiges need the transformers package: {INSTALL_HINT}") from None
     return transformers
