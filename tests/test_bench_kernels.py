@@ -81,4 +81,4 @@ def test_peer_report_prints_ratios_and_the_agreement(cpp_kernel):
                         "(not in av2ts's install, so CI does not have it): " + kernels.PEER_INSTALL)
     result = CliRunner().invoke(cli.app, ["bench", "kernels", "--quick", "--peer"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "peer / kernel" in result.output and "64 px, peer vs kernel: same operation" in result.output
+    assert "peer/kernel" in result.output and "64 px, peer vs kernel: same operation" in result.output

@@ -256,11 +256,15 @@ def print_report(report: dict) -> None:
     table = Table(title=f"deformable attention: {report['backend']} kernel vs pure-PyTorch fallback{versus} "
                         f"({report['device_name']}, T={report['frames']}, fp32)")
     names = ("fallback", "kernel", "peer") if peer else ("fallback", "kernel")
-    columns = ["input", "pass", *(f"{name} ms" for name in names), "speed-up"]
-    columns += ["peer / kernel"] if peer else []
-    columns += [f"{name} MiB" for name in names]
-    for column in columns:
+    # with the peer, peak memory gets a table of its own so each fits 80 columns
+    memory_table = Table(title="peak memory growth during one call (MiB)") if peer else table
+    times = names if peer else [f"{name} ms" for name in names]  # with the peer: "ms" in the notes, to fit
+    columns = ["input", "pass", *times, "speed-up", *(["peer/kernel"] if peer else [])]
+    for column in columns + ([] if peer else [f"{name} MiB" for name in names]):
         table.add_column(column, justify="left" if column in ("input", "pass") else "right")
+    if peer:
+        for column in ("input", "pass", *names):
+            memory_table.add_column(column, justify="left" if column in ("input", "pass") else "right")
     for case in report["cases"]:
         memory = case["peak_memory_mib"]
         for name, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
@@ -268,15 +272,19 @@ def print_report(report: dict) -> None:
             row = [f"{case['input_size']} px", label, *(f"{timing[n + '_ms']:.2f}" for n in names),
                    f"{timing['speedup']:.1f}x"]
             row += [f"{timing['peer_over_kernel']:.2f}x"] if peer else []
-            row += [f"{memory[n + '_' + name]:.1f}" for n in names]
-            table.add_row(*row)
+            mib = [f"{memory[n + '_' + name]:.1f}" for n in names]
+            table.add_row(*row, *([] if peer else mib))
+            if peer:
+                memory_table.add_row(f"{case['input_size']} px", label, *mib)
     console.print(table)
+    if peer:
+        console.print(memory_table)
     console.print(f"median of {report['repeats']} forward runs (half as many forward+backward) per implementation, "
                   "alternating in one process on the same inputs; MiB: peak growth during one call; queries = "
                   + ", ".join(f"{c['queries']} at {c['input_size']} px" for c in report["cases"]))
     if peer:
-        console.print("speed-up: fallback / kernel; peer / kernel: the peer's time over av2ts's kernel's (above 1: "
-                      "av2ts is faster)")
+        console.print("fallback, kernel, peer: ms; speed-up: fallback / kernel; peer/kernel: the peer's time over "
+                      "av2ts's kernel's (above 1: av2ts is faster)")
         for case in report["cases"]:
             check = case["peer"]
             verdict = "same operation" if check["equal"] else f"DIFFERENT (tolerance {peer['tolerance']:g})"
