@@ -24,7 +24,7 @@ from PIL import Image
 from av2ts_cli import media
 from av2ts_cli.avsbench import frame_time
 from av2ts_cli.console import warn
-from av2ts_cli.data.classes import avss_palette
+from av2ts_cli.data.classes import AVSS_NUM_CLASSES, avss_palette
 from av2ts_cli.data.images import rgb_to_index
 from av2ts_cli.errors import DataError, MediaError, UsageError
 
@@ -94,22 +94,52 @@ def _trailing_number(path: Path) -> int:
 
 def read_mask(path: Path) -> tuple[np.ndarray, str]:
     """A mask image -> (uint8 [H, W] values, kind): "avss" for class ids (indexed PNG, colour labels matched
-    against the AVSS palette, grey class indices), "binary" for 0/255 or 0/1 masks (values become 0/1)."""
+    against the AVSS palette, grey class indices), "binary" for 0/255 or 0/1 masks (values become 0/1).
+    DataError for a picture that is no mask: colours of no AVSS class, grey levels that are no class id."""
     try:
         with Image.open(path) as image:
             image.load()
             mode = image.mode
             if mode == "P":
-                return np.asarray(image), "avss"
-            if mode in ("RGB", "RGBA"):
-                return rgb_to_index(np.asarray(image.convert("RGB")), avss_palette()), "avss"
-            values = np.asarray(image if mode in ("L", "1") else image.convert("L")).astype(np.uint8)
+                values = np.asarray(image)
+            elif mode in ("RGB", "RGBA"):
+                rgb = np.asarray(image.convert("RGB"))
+                if (rgb == rgb[..., :1]).all():  # grey stored as RGB (a 0/255 mask saved by an RGB writer)
+                    values = rgb[..., 0]
+                    mode = "L"
+                else:
+                    return _palette_indices(path, rgb), "avss"
+            else:
+                values = np.asarray(image if mode in ("L", "1") else image.convert("L")).astype(np.uint8)
     except (OSError, ValueError, SyntaxError) as err:
         raise DataError(path, f"unreadable mask image: {err}") from None
-    present = np.unique(values)
-    if set(present.tolist()) <= {0, 1, 255}:
+    present = set(np.unique(values).tolist())
+    if mode != "P" and present <= {0, 1, 255}:
         return (values > 0).astype(np.uint8), "binary"
+    strays = sorted(present - _CLASS_VALUES)
+    if strays:
+        raise DataError(path, f"not a mask: {'indices' if mode == 'P' else 'grey levels'} up to {strays[-1]} "
+                        f"({len(strays)} values that are no class id; masks hold 0/255 or class ids below "
+                        f"{AVSS_NUM_CLASSES})")
     return values, "avss"
+
+
+# class ids of the AVSS classes, and 255 (AVSBench's "ignore")
+_CLASS_VALUES = frozenset(range(AVSS_NUM_CLASSES)) | {255}
+# an RGB mask may have a few colours outside the palette (a resized or antialiased border); more than this share
+# of the pixels, and it is a picture, not a mask (RGB noise: 100 % off the palette)
+_OFF_PALETTE_SHARE = 0.01
+
+
+def _palette_indices(path: Path, rgb: np.ndarray) -> np.ndarray:
+    """Colour labels uint8 [H, W, 3] -> class ids [H, W]; DataError when too many colours name no class."""
+    palette = avss_palette()
+    values = rgb_to_index(rgb, palette)
+    off = (palette[values] != rgb).any(axis=-1).mean()
+    if off > _OFF_PALETTE_SHARE:
+        raise DataError(path, f"not a mask: {100 * off:.0f}% of its pixels have colours of no AVSS class (a picture, "
+                        "not a colour label?)")
+    return values
 
 
 class MaskPainter:
@@ -139,6 +169,7 @@ class MaskPainter:
             return self._cached[1:]
         values, kind = read_mask(path)
         if values.shape[::-1] != tuple(size):
+            check_mask_size(path, values.shape[::-1], size)
             values = cv2.resize(values, size, interpolation=cv2.INTER_NEAREST)
         layer = self.colour_table(kind)[values]
         fill = values > 0
@@ -156,6 +187,30 @@ class MaskPainter:
         if edge is not None:
             np.copyto(out, layer, where=edge[..., None])
         return out
+
+
+def check_mask_size(path: Path, mask_size: tuple[int, int], size: tuple[int, int]) -> None:
+    """A mask of another size than the frames is scaled to them when it has their aspect ratio (a mask made at a
+    smaller size); of another aspect ratio it is the mask of another video (or of the stored, unrotated frames),
+    and stretching it would paint the wrong places: DataError naming both sizes."""
+    (mw, mh), (w, h) = mask_size, size
+    if abs(mw * h - mh * w) > 0.02 * w * mh:  # aspect ratios 2 % apart: more than rounding of a scaled mask
+        raise DataError(path, f"the mask is {mw}x{mh}, the video is {w}x{h} (display size): another aspect ratio, "
+                        "so not a mask of this video")
+
+
+def check_coverage(track: MaskTrack, duration: float, where: str | os.PathLike) -> None:
+    """A warning when the masks end well before the video: its last mask would stay on for the rest."""
+    if not track.times or duration <= 0:
+        return
+    last = track.times[-1]
+    # predict's last mask of N sampled seconds is at N - 1/16 s, within a second of the end
+    if duration - last > max(_COVERAGE_SLACK, 0.25 * duration):
+        warn(f"{where}: the masks cover {last:.1f} s of the {duration:.1f} s video; the last one stays on for the "
+             f"other {duration - last:.1f} s (masks of another or a cut version of this video?)")
+
+
+_COVERAGE_SLACK = 2.0  # seconds
 
 
 def _edges(values: np.ndarray, thickness: int) -> np.ndarray:
@@ -213,6 +268,8 @@ def render_overlay(video: str | os.PathLike, masks: str | os.PathLike | MaskTrac
     if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
         raise UsageError(f"{out}: the overlay must be an .mp4, .mov or .mkv file")
     fps = info.fps if info.fps > 0 and math.isfinite(info.fps) else 25.0
+    check_coverage(track, info.duration, track.paths[0].parent if track.paths else masks)
+    painter.prepare(track.paths[0], (info.width, info.height))  # a picture that is no mask: refused before encoding
     frames = overlay_frames(video, track, painter, info, fps)
     media.encode_video(frames, out, fps, audio_from=video if info.has_audio else None, audio_info=info)
     count = max(1, round(info.duration * fps))

@@ -220,3 +220,57 @@ def test_cli_overlay(make_clip, tmp_path):
                                       "--palette", "rainbow"])
     assert palette.exit_code == EXIT_USAGE and "rainbow" in palette.output
     assert not (tmp_path / "p.mp4").exists() and not (tmp_path / "r.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------- masks that are not masks
+def test_pictures_that_are_no_masks_are_refused_with_the_file_named(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    with pytest.raises(DataError) as caught:
+        render.read_mask(tmp_path / "noise.png")
+    assert str(caught.value).startswith(f"{tmp_path / 'noise.png'}: not a mask: ")
+    assert "% of its pixels have colours of no AVSS class" in str(caught.value)
+    grey = np.random.default_rng(1).integers(0, 256, (48, 64), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    with pytest.raises(DataError, match=r"grey.png: not a mask: grey levels up to \d+ .*class ids below 71"):
+        render.read_mask(tmp_path / "grey.png")
+    # a 0/255 mask written as RGB is still a binary mask (not "colours of no class")
+    white = np.zeros((4, 4, 3), np.uint8)
+    white[1:3, 1:3] = 255
+    Image.fromarray(white).save(tmp_path / "rgb-binary.png")
+    values, kind = render.read_mask(tmp_path / "rgb-binary.png")
+    assert kind == "binary" and values.sum() == 4
+
+
+def test_masks_of_another_aspect_ratio_are_refused_the_same_one_scaled(tmp_path):
+    Image.fromarray(np.full((224, 224), 255, np.uint8)).save(tmp_path / "square.png")
+    painter = render.MaskPainter()
+    with pytest.raises(DataError) as caught:
+        painter.prepare(tmp_path / "square.png", (64, 48))
+    assert str(caught.value) == (f"{tmp_path / 'square.png'}: the mask is 224x224, the video is 64x48 (display "
+                                 "size): another aspect ratio, so not a mask of this video")
+    Image.fromarray(np.full((24, 32), 255, np.uint8)).save(tmp_path / "half.png")
+    _, fill, _ = painter.prepare(tmp_path / "half.png", (64, 48))
+    assert fill.shape == (48, 64) and fill.all()
+
+
+def test_overlay_with_bad_masks_names_the_file_and_leaves_nothing(make_clip, tmp_path):
+    clip = make_clip("bad-masks", duration=2.0)
+    masks_dir = _write_masks(tmp_path / "pred", [np.full((30, 30), 255, np.uint8)] * 2, [0.9375, 1.9375])
+    result = runner.invoke(cli.app, ["overlay", str(clip), str(masks_dir), "-o", str(tmp_path / "o.mp4")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"error: {masks_dir / '000000.png'}: the mask is 30x30, the video is 64x48 (display size): "
+                     "another aspect ratio, so not a mask of this video"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no overlay, no temp
+
+
+def test_masks_covering_far_less_than_the_video_are_warned_about(make_clip, tmp_path):
+    clip = make_clip("long-for-masks", duration=6.0, size=(32, 24))
+    masks_dir = _write_masks(tmp_path / "pred", [np.full((24, 32), 255, np.uint8)], [0.9375])
+    result = runner.invoke(cli.app, ["overlay", str(clip), str(masks_dir), "-o", str(tmp_path / "o.mp4")])
+    assert result.exit_code == 0, result.output
+    warning = " ".join(result.output.split())
+    assert (f"warning: {masks_dir}: the masks cover 0.9 s of the 6.0 s video; the last one stays on for the other "
+            "5.1 s") in warning
+    assert (tmp_path / "o.mp4").is_file()
