@@ -46,6 +46,7 @@ from av2ts_cli.checkpoints import (
     checkpoint_config,
     first_keys,
     hub_download,
+    hub_unreachable,
     model_config_from,
     parse_hub_ref,
     part_of,
@@ -64,7 +65,8 @@ __all__ = [
     "FAMILY_PARTS", "FORMAT_VERSION", "HF_PREFIX", "PARTS", "REGISTRY", "WEIGHTS_FILE", "CheckpointError", "HubRef",
     "PreparedCheckpoint", "RegistryEntry", "ResolvedCheckpoint", "check_finite_output", "check_state_dict",
     "checkpoint_config",
-    "converted_folder", "describe_parameters", "first_keys", "hub_download", "list_hub_files", "load_checkpoint",
+    "converted_folder", "describe_parameters", "first_keys", "hub_download", "hub_unreachable",
+    "list_hub_files", "load_checkpoint",
     "load_checkpoint_files", "load_model", "model_config_from", "parse_hub_ref", "part_of", "parts_of_family",
     "pick_hub_file", "prepare_registry_checkpoint", "read_checkpoint_config", "read_safetensors",
     "resolve_checkpoint", "resolve_model", "save_checkpoint",
@@ -116,8 +118,11 @@ def list_hub_files(ref: HubRef) -> tuple[list[str], str]:
     """
     _, api, constants, errors = _hub()
     revision = ref.revision or "main"
-    why = "HF_HUB_OFFLINE is set"
-    if not constants.HF_HUB_OFFLINE:
+    why = "HF_HUB_OFFLINE is set (offline mode: only the cache is read)"
+    unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable()  # seconds, not huggingface_hub's 24 s
+    if unreachable is not None:
+        why = f"the Hub could not be reached (no network? {unreachable})"
+    elif not constants.HF_HUB_OFFLINE:
         hub_logger = logging.getLogger("huggingface_hub")
         level = hub_logger.level
         hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error of the CLI

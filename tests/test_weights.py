@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _hub import write_cached_repo
 from conftest import ced_hf_names, one_line, tiny_cfg
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -186,25 +187,6 @@ def test_mismatched_weights_name_the_file_and_keys(tiny_checkpoint, tmp_path, fa
 
 
 # ----------------------------------------------------------------------------------------------------- hf:// hub
-def _write_cached_repo(cache: Path, repo_id: str, commits: dict[str, dict[str, Path]], refs: dict[str, str]) -> None:
-    """The huggingface_hub cache layout, written by hand: blobs named by content hash, snapshots of symlinks."""
-    import hashlib
-
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    for commit, files in commits.items():
-        for name, source in files.items():
-            data = source.read_bytes()
-            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            blob.write_bytes(data)
-            link = repo / "snapshots" / commit / name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref, commit in refs.items():
-        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-
-
 HUB_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
@@ -241,10 +223,10 @@ def test_hf_references_load_through_the_offline_cache(tmp_path, ced_base, ced_st
     old, new = "a" * 40, "b" * 40
     files = lambda name, sub="": {f"{sub}{f}": checkpoints[name] / f for f in ("config.json", "model.safetensors")}  # noqa: E731
     cache = tmp_path / "hub"
-    _write_cached_repo(cache, "own/rep", {old: {**files("v1"), **files("v1-sub", "sub/")}, new: files("main")},
+    write_cached_repo(cache, "own/rep", {old: {**files("v1"), **files("v1-sub", "sub/")}, new: files("main")},
                        {"main": new, "v1": old})
     save_file(ced_hf_names(ced_state), str(tmp_path / "ced.safetensors"))
-    _write_cached_repo(cache, "mispeech/ced-mini", {"c" * 40: {"model.safetensors": tmp_path / "ced.safetensors"}},
+    write_cached_repo(cache, "mispeech/ced-mini", {"c" * 40: {"model.safetensors": tmp_path / "ced.safetensors"}},
                        {"main": "c" * 40})
     refs = ["hf://own/rep", "hf://own/rep@v1", f"hf://own/rep@{old}", "hf://own/rep@v1/sub", "hf://own/rep/sub",
             "hf://own/absent", "hf://own/rep@v2"]
@@ -421,7 +403,7 @@ def test_combo_registry_model_is_listed_picked_converted_once_and_used_offline(t
     readme.write_text("COMBO checkpoints")
     cache = tmp_path / "hub"
     commit = "d" * 40
-    _write_cached_repo(cache, COMBO_REPO, {commit: {R50_FILE: source, "README.md": readme}}, {"main": commit})
+    write_cached_repo(cache, COMBO_REPO, {commit: {R50_FILE: source, "README.md": readme}}, {"main": commit})
     source.unlink()  # only the cache holds it now
     av2ts_cache = tmp_path / "av2ts-cache"
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
