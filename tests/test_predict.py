@@ -20,10 +20,10 @@ from conftest import wait_until
 from PIL import Image
 from typer.testing import CliRunner
 
-from av2ts_cli import cli, media, predict, predict_stream, weights
+from av2ts_cli import cli, media, predict, weights
 from av2ts_cli.config import get_preset
 from av2ts_cli.errors import EXIT_PARTIAL, EXIT_USAGE, MediaError, UsageError
-from av2ts_cli.model import build_model
+from av2ts_cli.model import build_model, inference
 
 runner = CliRunner()
 
@@ -377,16 +377,43 @@ def test_cli_subprocess_single_video(make_clip, tiny_checkpoint, tmp_path):
 # ---------------------------------------------------------------------------------------- precision and memory
 def test_half_on_cpu_is_bf16_where_the_cpu_has_it(make_clip, tiny_checkpoint, tmp_path, monkeypatch):
     clip = make_clip("half", duration=1.0)
-    fp32 = predict.run([clip], _options(tmp_path / "fp32", model=str(tiny_checkpoint), device="cpu"))
-    monkeypatch.setattr(predict_stream, "cpu_supports_bf16", lambda: True)
+    fp32 = predict.run([clip], _options(tmp_path / "fp32", model=str(tiny_checkpoint), device="cpu",
+                                        precision="fp32"))
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
     half = predict.run([clip], _options(tmp_path / "bf16", model=str(tiny_checkpoint), device="cpu", half=True))
     assert half.model["precision"] == "bf16" and fp32.model["precision"] == "fp32"
     (a,), (b,) = (_lines(Path(r.videos[0].folder) / "frames.jsonl") for r in (fp32, half))
     assert a["sounding_area"] == pytest.approx(b["sounding_area"], abs=0.05)  # bf16 rounding, same masks
-    monkeypatch.setattr(predict_stream, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     plain = predict.make_predictor(build_model(get_preset("av2ts-tiny")), get_preset("av2ts-tiny"), ["b", "s"],
                                    "x", device="cpu", half=True)
     assert plain.precision == "fp32"  # with a warning: no native bf16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_precision_follows_the_cpu(native, monkeypatch):
+    """No --precision: bf16 (the weights cast, the whole forward in bf16) on a CPU with native bf16, else fp32; only
+    the capability check is mocked, the model really runs in that precision."""
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    cfg = get_preset("av2ts-tiny")
+    predictor = predict.make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu")
+    assert predictor.precision == ("bf16" if native else "fp32")
+    assert next(predictor.model.decoder.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    frames = np.random.default_rng(0).integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8)
+    scores = predictor.segment(frames, torch.randn(1, 2, 96, 64))
+    assert scores.dtype == torch.float32 and scores.shape == (1, 2, 2, 64, 64) and torch.isfinite(scores).all()
+
+
+def test_precision_option_usage_errors(tmp_path):
+    result = CliRunner().invoke(cli.app, ["predict", str(tmp_path / "missing.mp4"), "--precision", "fp8"])
+    assert result.exit_code == EXIT_USAGE
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: --precision 'fp8' is not one of fp32, bf16, fp16"]
+    cfg = get_preset("av2ts-tiny")
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        predict.make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu", precision="fp16")
+    with pytest.raises(UsageError, match="--half is --precision bf16 on cpu"):
+        predict.make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu", precision="fp32", half=True)
 
 
 @pytest.mark.gpu
@@ -422,3 +449,181 @@ def test_a_video_is_probed_once(make_clip, tiny_predictor, tmp_path, monkeypatch
     predict.run([clip], _options(tmp_path / "run", overlay=""), predictor=tiny_predictor)
     assert probed.count(clip) == 1
     assert inspected.count(clip) == 1
+
+
+# ----------------------------------------------------------------------------- reliability: bounds, odd inputs
+def _no_frames_clip(make_clip, folder: Path) -> Path:
+    """An MP4 whose container and stream headers are intact but whose packets are zeros: no frame decodes."""
+    data = bytearray(make_clip("nodecode-source", duration=1.0).read_bytes())
+    start = data.find(b"mdat")
+    size = int.from_bytes(data[start - 4:start], "big")
+    data[start + 4:start - 4 + size] = bytes(size - 8)
+    path = folder / "nodecode.mp4"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_fps_above_the_frame_rate_and_window_beyond_the_video_are_usage_errors(make_clip, tiny_predictor,
+                                                                               tiny_checkpoint, tmp_path):
+    clip = make_clip("short-bounds", duration=0.3, fps=25)
+    out = tmp_path / "run"
+    with pytest.raises(UsageError) as caught:
+        predict.run([clip], _options(out, fps=1000), predictor=tiny_predictor)
+    assert caught.value.message == f"--fps 1000: {clip} has 25 frames per second; at most --fps 25"
+    with pytest.raises(UsageError) as caught:
+        predict.run([clip], _options(out, window=50), predictor=tiny_predictor)
+    assert caught.value.message == (f"--window 50: {clip} has 1 sampled second and the model's clip is 5; at most "
+                                    "--window 5")
+    assert not out.exists()  # nothing written, not even the run folder
+    result = runner.invoke(cli.app, ["predict", str(clip), "--model", str(tiny_checkpoint), "--out", str(out),
+                                     "--fps", "26"])
+    assert result.exit_code == EXIT_USAGE
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        f"error: --fps 26: {clip} has 25 frames per second; at most --fps 25"]
+    assert predict.run([clip], _options(out, fps=25), predictor=tiny_predictor).videos[0].frames == 25
+
+
+def test_a_window_that_cannot_fit_in_memory_is_refused(make_clip, tiny_predictor, tmp_path, monkeypatch):
+    clip = make_clip("short-memory", duration=1.0)
+    monkeypatch.setattr(predict, "available_mb", lambda device: 100.0)  # 15.3 MB a frame at 128 px
+    with pytest.raises(UsageError) as caught:
+        predict.run([clip], _options(tmp_path / "run", window=5, batch=4), predictor=tiny_predictor)
+    assert caught.value.message == ("--window 5 with --batch 4: needs over 306 MB, 100 MB free on cpu; at most "
+                                    "--window 1")
+
+
+def test_a_stream_without_decodable_frames_is_named_and_leaves_no_folder(make_clip, tiny_predictor, tmp_path):
+    video = _no_frames_clip(make_clip, tmp_path)
+    with pytest.raises(MediaError) as caught:
+        predict.run([video], _options(tmp_path / "run"), predictor=tiny_predictor)
+    assert caught.value.message == f"{video}: no decodable video frames (a h264 stream without frames)"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_still_image_named_mp4_is_segmented_with_a_warning(make_clip, tiny_predictor, tmp_path):
+    still = tmp_path / "photo.mp4"
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(still, format="PNG")
+    (result,) = predict.run([still], _options(tmp_path / "run"), predictor=tiny_predictor).videos
+    assert result.frames == 1 and "a still png image, not a video: one frame, no sound" in result.warnings
+
+
+def test_a_failure_mid_video_leaves_no_outputs_and_a_single_one_no_run_folder(make_clip, tiny_predictor, tmp_path,
+                                                                              monkeypatch):
+    clip = make_clip("fails-mid-way", duration=3.0)
+    monkeypatch.setattr(predict, "DEFAULT_RUNS", tmp_path / "runs" / "predict")
+    real = predict.MaskOutputs.add
+    calls = []
+
+    def add(self, frame, mask):  # the disk fills after the first mask
+        calls.append(frame.index)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device", str(self.folder / "masks" / "000001.png"))
+        real(self, frame, mask)
+
+    monkeypatch.setattr(predict.MaskOutputs, "add", add)
+    with pytest.raises(OSError):
+        predict.run([clip], predict.PredictOptions(progress=False), predictor=tiny_predictor)
+    assert calls == [0, 1] and sorted(p.name for p in (tmp_path / "runs" / "predict").iterdir()) == []
+
+
+def test_markup_in_file_names_is_printed_literally(make_clip, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(make_clip("markup-good", duration=1.0), folder / "[bold]good.mp4")
+    (folder / "[red]bad.mp4").write_text("not a video")
+    result = runner.invoke(cli.app, ["predict", str(folder), "--model", str(tiny_checkpoint), "--out",
+                                     str(tmp_path / "run")], env={"COLUMNS": "300"})
+    assert result.exit_code == EXIT_PARTIAL, result.output
+    assert f"failed: {folder / '[red]bad.mp4'}: not a video" in result.output
+    assert "[bold]good.mp4: 1.0 s, 1 masks" in result.output
+    assert "│ " + str(folder / "[red]bad.mp4") in result.output  # the failures table
+
+
+# ------------------------------------------------------------------- reliability: locks, leftovers, signals
+def test_a_video_another_run_holds_is_left_to_it_and_failures_json_is_merged(make_clip, tiny_predictor, tmp_path,
+                                                                              capsys):
+    from av2ts_cli import locks
+
+    first, second = make_clip("held-a", duration=1.0), make_clip("held-b", duration=1.0)
+    out = tmp_path / "run"
+    out.mkdir()
+    other = str(tmp_path / "elsewhere.mp4")
+    (out / "failures.json").write_text(json.dumps([{"input": str(first), "error": "theirs"},
+                                                   {"input": str(second), "error": "old"},
+                                                   {"input": other, "error": "kept"}]))
+    with locks.held(out / "held-a"):  # as another run would (flock: a second open file conflicts, same process too)
+        report = predict.run([first, second], _options(out), predictor=tiny_predictor)
+    assert report.busy == [{"input": str(first), "pid": os.getpid()}] and report.failures == []
+    assert [v.name for v in report.videos] == ["held-b.mp4"]
+    assert f"{first}: in use by av2ts pid {os.getpid()}" in capsys.readouterr().err
+    failures = json.loads((out / "failures.json").read_text())
+    assert failures == [{"input": str(first), "error": "theirs"}, {"input": other, "error": "kept"}]
+    assert not (out / "held-a" / "summary.json").exists() and (out / "held-b" / "summary.json").is_file()
+    assert not [p for p in out.rglob("*") if p.name == locks.LOCK_FILE]
+
+
+def test_temps_a_kill_left_are_swept_by_the_next_run_even_when_it_skips(make_clip, tiny_predictor, tmp_path):
+    from av2ts_cli import files
+
+    clip = make_clip("swept", duration=1.0)
+    out, overlays = tmp_path / "run", tmp_path / "overlays"
+    options = _options(out, overlay=str(overlays))
+    predict.run([clip, make_clip("swept-2", duration=1.0)], options, predictor=tiny_predictor)
+    folder = out / "swept"
+    # what SIGKILLs at different moments leave: an overlay's silent temp and its encoding temp, a mask's, a JSON's
+    left = [files.temp_name_for(files.temp_name_for(overlays / "swept.mp4")), files.temp_name_for(overlays /
+            "swept.mp4"), files.temp_name_for(folder / "masks" / "000000.png"),
+            files.temp_name_for(folder / "frames.jsonl"), files.temp_name_for(out / "failures.json")]
+    for path in left:
+        path.write_bytes(b"half")
+    theirs = files.temp_name_for(overlays / "other.mp4")  # another video's overlay in the shared folder: not ours
+    theirs.write_bytes(b"live")
+    report = predict.run([clip, make_clip("swept-2", duration=1.0)], options, predictor=tiny_predictor)
+    assert all(v.skipped for v in report.videos)
+    assert not any(p.exists() for p in left) and theirs.exists()
+    report = predict.run([clip], _options(out, overlay=str(overlays / "swept.mp4"), force=True),
+                         predictor=tiny_predictor)
+    assert not [p for p in [*out.rglob("*"), *overlays.iterdir()] if ".partial" in p.name and p != theirs]
+
+
+@pytest.mark.slow
+def test_two_runs_into_one_folder_share_the_videos(make_clip, tiny_checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(4):
+        shutil.copy(make_clip(f"shared{i}", duration=1.0, size=(32, 24)), inputs / f"shared{i}.mp4")
+    out = tmp_path / "run"
+    command = [*_av2ts(), "predict", str(inputs), "--model", str(tiny_checkpoint), "--out", str(out), "--device",
+               "cpu"]
+    runs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert "No such file" not in "".join(errors) and "failed:" not in "".join(errors)
+    assert json.loads((out / "failures.json").read_text()) == []
+    for i in range(4):
+        summary = json.loads((out / f"shared{i}" / "summary.json").read_text())
+        assert summary["complete"] and len(_masks(out / f"shared{i}")) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["failures.json", *[f"shared{i}" for i in range(4)]]
+    # every video made exactly once, by one of the two: the other skipped it (done or in use)
+    made = sum(err.count("ms/window") for err in errors)
+    assert made == 4, errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_run_cleans_up_says_what_was_left_and_exits_128_plus_it(signum, make_clip, tiny_checkpoint,
+                                                                              tmp_path):
+    clip = make_clip("terminated", duration=30.0, size=(64, 48))
+    out = tmp_path / "run"
+    folder = out / "terminated"
+    process = subprocess.Popen([*_av2ts(), "predict", str(clip), "--model", str(tiny_checkpoint), "--out", str(out),
+                                "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (folder / "masks").is_dir() and len(_masks(folder)) >= 1, process, "the first mask")
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err  # 143, 130
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: {signal.Signals(signum).name}: {clip} left unfinished; 0 of 1 videos done or "
+                     "skipped, 0 not started; the same command finishes them"], err
+    assert "Traceback" not in err and not out.exists()  # no outputs, no temps, no empty folders
