@@ -324,7 +324,7 @@ def check_finite_output(output, model, name: str, where: str = "") -> None:
     if bad:
         cause = f"{len(bad)} of its weight tensors hold NaN or infinite values ({first_keys(bad)}): a broken checkpoint"
     else:
-        cause = "its weights are finite, so the computation overflowed (without --half it runs in fp32)"
+        cause = "its weights are finite, so the computation overflowed (in fp16 or bf16, fp32 avoids that)"
     raise CheckpointError(name, f"the network's output is NaN or infinite{where}; {cause}")
 
 

@@ -226,3 +226,26 @@ def test_usage_errors_exit_2(synth_data, tmp_path):
     assert "exactly one of --model and --pred-dir" in one_line_error(base, code=2)
     assert "--pred-dir" in one_line_error([*base, "--pred-dir", str(tmp_path), "--shuffle-audio"], code=2)
     assert "unknown protocol" in one_line_error([*base, "--pred-dir", str(tmp_path), "--protocol", "x"], code=2)
+
+
+def _nan_checkpoint(source: Path, folder: Path, key: str = "decoder.class_embed.weight") -> Path:
+    """A copy of a checkpoint whose tensor ``key`` is all NaN (its shapes and config intact: it loads)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_a_model_whose_output_is_nan_is_an_error_naming_it(synth_data, random_models, tmp_path):
+    """NaN weights give a NaN semantic map: an error naming the model and the tensor, not a score of empty masks;
+    nothing is written (no runs/eval, no --save-pred PNGs)."""
+    nan = _nan_checkpoint(random_models["s4"], tmp_path / "nan-model")
+    videos = list_videos(resolve_root(synth_data, "s4"), "s4", "test")
+    line = one_line_error(["eval", "--subset", "s4", "--data", str(synth_data), "--workers", "0", "--model", str(nan),
+                           "--save-pred", str(tmp_path / "pred")])
+    assert line == (f"error: {nan}: the network's output is NaN or infinite on {videos[0].name}; 1 of its weight "
+                    "tensors hold NaN or infinite values (decoder.class_embed.weight): a broken checkpoint")
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("pred/**/*.png"))

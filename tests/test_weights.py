@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -434,3 +435,45 @@ def test_combo_registry_model_is_listed_picked_converted_once_and_used_offline(t
     assert {k: second[k] for k in ("gamma", "vggish", "folder", "sha256")} == \
         {k: first[k] for k in ("gamma", "vggish", "folder", "sha256")}
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # loaded, not converted again
+
+
+# ------------------------------------------------------------------------------------------- non-finite output
+def test_check_finite_output_names_the_model_and_the_cause(tiny_model):
+    model, _ = tiny_model
+    weights.check_finite_output(torch.rand(1, 5, 2, 8, 8), model, "m")  # finite: nothing to say
+    nan_map = torch.rand(1, 5, 2, 8, 8)
+    nan_map[0, 3, 1, 2, 2] = float("nan")
+    with pytest.raises(CheckpointError) as caught:
+        weights.check_finite_output(nan_map, model, "my-model", " at t = 3.0 s")
+    assert caught.value.message == ("my-model: the network's output is NaN or infinite at t = 3.0 s; its weights "
+                                    "are finite, so the computation overflowed (in fp16 or bf16, fp32 avoids that)")
+    broken = build_model(tiny_model[1]).eval()
+    with torch.no_grad():
+        broken.decoder.query_feat.weight.fill_(float("inf"))
+        broken.decoder.class_embed.bias[0] = float("nan")
+    inf_map = torch.rand(1, 5, 2, 8, 8)
+    inf_map[0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(CheckpointError) as caught:
+        weights.check_finite_output(inf_map, broken, "ckpt")
+    assert caught.value.message == ("ckpt: the network's output is NaN or infinite; 2 of its weight tensors hold NaN "
+                                    "or infinite values (decoder.class_embed.bias, decoder.query_feat.weight): a "
+                                    "broken checkpoint")
+
+
+def test_predict_with_nan_weights_is_an_error_naming_the_model(make_clip, tmp_path):
+    """The bundled demo model with one NaN tensor: predict says so (exit 1), instead of writing empty masks."""
+    from safetensors.torch import load_file, save_file
+
+    nan = tmp_path / "nan-model"
+    shutil.copytree(weights.DEMO_MODEL_DIR, nan)
+    state = load_file(str(nan / "model.safetensors"))
+    state["decoder.class_embed.weight"] = torch.full_like(state["decoder.class_embed.weight"], float("nan"))
+    save_file(state, str(nan / "model.safetensors"))
+    clip = make_clip("nan-clip", duration=1.0)
+    cli._state["debug"] = False
+    result = runner.invoke(cli.app, ["predict", str(clip), "--model", str(nan), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {nan}: the network's output is NaN or infinite; 1 of its weight tensors hold NaN or "
+                      "infinite values (decoder.class_embed.weight): a broken checkpoint"], result.output
+    assert "Traceback" not in result.output and not list(tmp_path.glob("out/**/*.png"))
