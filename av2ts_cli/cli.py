@@ -120,6 +120,19 @@ def _reported(func):
     return wrapper
 
 
+# model.inference.PRECISIONS (a test keeps them equal): spelled here so that a wrong value fails before torch loads
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_PRECISION_HELP = ("fp32, bf16 or fp16 (CUDA only). Default: bf16 on CPUs with AVX512-BF16 or AMX (the whole "
+                   "forward in bf16), fp32 elsewhere.")
+
+
+def _check_precision(value: str | None) -> str | None:
+    """--precision: UsageError for a value other than fp32, bf16 and fp16."""
+    if value is not None and value not in _PRECISIONS:
+        raise UsageError(f"--precision {value!r} is not one of {', '.join(_PRECISIONS)}")
+    return value
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -201,19 +214,23 @@ def predict(
                                         rich_help_panel="Output")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.",
                                         rich_help_panel="Performance")] = "auto",
-    half: Annotated[bool, typer.Option("--half", help="fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX.",
-                                       rich_help_panel="Performance")] = False,
+    precision: Annotated[str | None, typer.Option("--precision", metavar="fp32|bf16|fp16", help=_PRECISION_HELP,
+                                                  rich_help_panel="Performance", show_default=False)] = None,
+    half: Annotated[bool, typer.Option("--half", help="The fast path: fp16 on CUDA, bf16 on CPUs with AVX512-BF16 "
+                                       "or AMX.", rich_help_panel="Performance")] = False,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Windows per forward pass.",
                                        rich_help_panel="Performance")] = 1,
 ) -> None:
     """Segment the sounding objects of videos: masks, per-frame JSON, COCO RLE and overlays."""
     # "no such file" before torch loads: 1.1-1.4 s and 37 MB, was 23-28 s and 835 MB (the busy 2-core machine)
+    _check_precision(precision)
     collect_videos(sources, recursive)
     from av2ts_cli import predict as predictor  # local: start-up: predict imports torch and the network
     from av2ts_cli.errors import EXIT_PARTIAL
 
     options = predictor.PredictOptions(
-        model=model, out=out, fps=fps, window=window, device=device, half=half, batch=batch, recursive=recursive,
+        model=model, out=out, fps=fps, window=window, device=device, half=half, precision=precision, batch=batch,
+        recursive=recursive,
         threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, generator=generator,
         generator_settings={} if points_per_side is None else {"points_per_side": points_per_side},
         overlay=overlay, force=force, require_audio=require_audio)
@@ -391,16 +408,21 @@ def eval_command(
                                                 "fixed derangement): a control for audio use.")] = False,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Clips per forward pass.")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str | None, typer.Option("--precision", metavar="fp32|bf16|fp16", help=_PRECISION_HELP,
+                                                  show_default=False)] = None,
+    half: Annotated[bool, typer.Option("--half", help="The fast path: fp16 on CUDA, bf16 on CPUs with AVX512-BF16 "
+                                       "or AMX.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --shuffle-audio pairing.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Official AVSBench metrics (mIoU, F-score) of a model or of saved predictions."""
+    _check_precision(precision)
     from av2ts_cli import evaluate  # local: imports torch (seconds); `--help` must not wait for it
 
     report = evaluate.evaluate(subset, data, split=split, protocol=protocol, model=model, pred_dir=pred_dir,
                                save_pred=save_pred, shuffle_audio=shuffle_audio, batch=batch, device=device,
-                               workers=workers, seed=seed, progress=not as_json)
+                               workers=workers, seed=seed, progress=not as_json, precision=precision, half=half)
     if as_json:
         _print_json({k: report[k] for k in ("subset", "split", "protocol", "videos", "frames", "miou", "fscore",
                                             "metrics_file")})
@@ -612,15 +634,38 @@ def bench_model(
     size: Annotated[int | None, typer.Option("--size", help="Input side for every --preset and --model (multiple "
                                              "of 32).")] = None,
     frames: Annotated[int, typer.Option("--frames", "-t", min=1, help="Frames per clip (T).")] = 5,
-    repeats: Annotated[int, typer.Option("--repeats", "-r", min=1, help="Timed runs per case (median).")] = 5,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast and channels_last.")] = False,
+    repeats: Annotated[int | None, typer.Option("--repeats", "-r", min=1, help="Timed runs per case (median; "
+                                                "default 3 with the levers, 5 per part).")] = None,
+    levers: Annotated[bool | None, typer.Option("--levers/--parts", help="The inference levers one by one against "
+                                                "fp32 eager (default without --preset/--model; on av2ts-r50 and "
+                                                "av2ts-pvt unless --preset), or the time of each part.",
+                                                show_default=False)] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="--levers: also time torch.compile of the backbones "
+                                           "(compile time reported; cached).")] = False,
+    demo: Annotated[bool, typer.Option("--demo/--no-demo", help="--levers: also the default path's argmax "
+                                       "agreement on the bundled demo model and video.")] = True,
+    bf16: Annotated[bool, typer.Option("--bf16", help="--parts: the bf16 default path (weights bf16, BatchNorm "
+                                       "folded, channels_last) instead of fp32.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """Eval forward time per clip of the network on CPU, per part, against a ResNet-50 baseline."""
+    """CPU forward time per clip: the inference levers against fp32 eager, or per part against a ResNet-50."""
     from av2ts_cli.bench import model as bench  # local: start-up: benchmarks import torch and the network
 
     _check_bench_cases(preset, size)
+    if levers or (levers is None and not preset and not model):
+        if model:
+            raise UsageError("--levers times presets (random weights): give --preset, not --model")
+        lever_cases = [(name, size or 224) for name in preset] if preset else None
+        if size is not None and not preset:
+            lever_cases = [(name, size) for name, _ in bench.LEVER_CASES]
+        with make_progress(transient=True) as progress:
+            task = progress.add_task("timing", total=None)
+            report = bench.run_levers(lever_cases, frames=frames, repeats=repeats or 3, compile_backbones=compile_,
+                                      threads=threads, demo=demo,
+                                      progress=lambda text: progress.update(task, description=text))
+        _print_json(report) if as_json else bench.print_levers(report)
+        return
     cases = [(name, size) for name in preset or []]
     if model:
         reference = (bench.REFERENCE_CASE[0], size or bench.REFERENCE_CASE[1])
@@ -628,7 +673,7 @@ def bench_model(
         cases += [(name, size) for name in model]
     if not cases:
         cases = [("av2ts-r50", 224), ("combo-r50", 224), ("av2ts-tiny", 224), ("av2ts-tiny", None)]
-    report = bench.run(cases, frames=frames, repeats=repeats, bf16=bf16, threads=threads)
+    report = bench.run(cases, frames=frames, repeats=repeats or 5, bf16=bf16, threads=threads)
     _print_json(report) if as_json else bench.print_report(report)
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from av2ts_cli.console import console, make_progress
+from av2ts_cli.console import console, make_progress, warn
 from av2ts_cli.data.classes import avss_palette
 from av2ts_cli.data.datasets import AVSDataset, build_dataset
 from av2ts_cli.data.images import image_header, read_rgb, rgb_to_index, write_png
@@ -37,6 +37,7 @@ from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError, describe_os_error
 from av2ts_cli.files import write_json
 from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
+from av2ts_cli.model.inference import choose_precision, precision_context, prepare_for_inference
 from av2ts_cli.runs import numbered_run_folder, resolve_device
 from av2ts_cli.weights import check_finite_output, resolve_model
 
@@ -48,11 +49,12 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
              model: str | None = None, pred_dir: str | os.PathLike | None = None,
              save_pred: str | os.PathLike | None = None, shuffle_audio: bool = False, batch: int = 1,
              device: str = "auto", workers: int = 2, seed: int = 0, out: str | os.PathLike | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, precision: str | None = None, half: bool = False) -> dict:
     """Score ``model`` (a ``--model`` name for ``weights.resolve_model``) or the PNGs under ``pred_dir`` and return
     the report. ``metrics.json`` (the report's ``metrics_file``) goes to ``out``, else beside the predictions
     ``save_pred`` wrote, else to a new ``runs/eval/expN``; never into ``pred_dir``, an input. When it cannot be
-    written, the report's ``save_error`` says why in one line (the caller prints the metrics first)."""
+    written, the report's ``save_error`` says why in one line (the caller prints the metrics first). ``precision``
+    (None: the device's default) and ``half`` as predict's (``model.inference.choose_precision``)."""
     check_subset(subset)
     check_split(split)
     if protocol not in PROTOCOLS:
@@ -76,15 +78,22 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
         folder = None  # the predictions are an input: nothing is written among them
     else:
         torch_device = resolve_device(device)
+        try:
+            chosen, note = choose_precision(precision, torch_device, half)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if note:
+            warn(note)
         network, cfg, _ = resolve_model(model, subset=subset, device=torch_device)
+        network = prepare_for_inference(network, chosen, torch_device)
         dataset = build_dataset(subset, data, split, cfg=cfg, train=False)
         if cfg.num_classes != dataset.num_classes:
             raise UsageError(f"model {model} predicts {cfg.num_classes} classes, {subset} has {dataset.num_classes}")
         if shuffle_audio:
             dataset.audio_from = derangement(len(dataset), seed)
         metrics = evaluate_model(network, dataset, protocol, batch=batch, device=torch_device, workers=workers,
-                                 save_pred=save_pred, progress=progress, name=str(model))
-        source = {"model": str(model), "shuffle_audio": shuffle_audio}
+                                 save_pred=save_pred, progress=progress, name=str(model), precision=chosen)
+        source = {"model": str(model), "shuffle_audio": shuffle_audio, "precision": chosen}
         folder = Path(save_pred) if save_pred is not None else None
 
     report = {"subset": subset, "split": split, "protocol": protocol, "videos": metrics["videos"],
@@ -114,17 +123,19 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch: int = 1,
                    device: str | torch.device = "cpu", workers: int = 0,
                    save_pred: str | os.PathLike | None = None, progress: bool = False,
-                   name: str = "the model under evaluation") -> dict:
+                   name: str = "the model under evaluation", precision: str = "fp32") -> dict:
     """Run ``model`` (an AV2TS network, put in eval mode) over an evaluation dataset and score it. ``batch``: clips
     per forward pass (clips of equal length only); ``name``: the model as the user named it (for the error when its
-    output is NaN). Returns the metrics' result dict."""
+    output is NaN); ``precision``: the autocast of its forward (``model.inference.precision_context``; a bf16 CPU
+    model is prepared by ``prepare_for_inference`` first). Returns the metrics' result dict."""
     metric = SemanticMetrics(dataset.num_classes) if dataset.subset == "avss" else BinaryMetrics()
     device = torch.device(device)
     was_training = model.training
     model.eval()
     palette = avss_palette(dataset.num_classes)
     try:
-        with _Progress(progress, len(dataset), "evaluating") as advance, torch.inference_mode():
+        with (_Progress(progress, len(dataset), "evaluating") as advance, torch.inference_mode(),
+              precision_context(precision, device)):
             for items in _batches(dataset, batch, workers):
                 frames = torch.stack([item["frames"] for item in items]).to(device).float()
                 audio = torch.stack([item["audio"] for item in items]).to(device)

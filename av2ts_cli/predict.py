@@ -92,7 +92,8 @@ class PredictOptions:
     fps: int = 1
     window: int | None = None  # None: the model's num_frames
     device: str = "auto"
-    half: bool = False
+    half: bool = False  # the fast path: --precision fp16 on CUDA, bf16 on a CPU with native bf16
+    precision: str | None = None  # fp32, bf16 or fp16; None: model.inference.default_precision
     batch: int = 1
     recursive: bool = False
     threshold: float = 0.5
@@ -348,7 +349,7 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
     with stop_on_signals():
         try:
             if predictor is None:
-                predictor = load_predictor(options.model, options.device, options.half)
+                predictor = load_predictor(options.model, options.device, options.half, options.precision)
             generator = None  # one maskige generator for every video; a model without the Siam encoder never makes one
             if predictor.cfg.siam and parse_maskiges(options.maskiges) == AUTO:
                 generator = LazyGenerator(options.generator, options.generator_settings, str(predictor.device))

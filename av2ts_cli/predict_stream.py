@@ -10,7 +10,6 @@ frame's mask comes out as soon as every pass of its window group is done.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -29,6 +28,7 @@ from av2ts_cli.data.images import read_rgb
 from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError
 from av2ts_cli.masks import FrameMask, frame_mask
+from av2ts_cli.model.inference import choose_precision, precision_context, prepare_for_inference
 from av2ts_cli.runs import resolve_device
 from av2ts_cli.sampling import SampledFrame, Schedule, Window
 
@@ -49,7 +49,7 @@ class Predictor:
     class_names: list[str]
     name: str  # what --model said (or "demo")
     device: torch.device
-    precision: str  # "fp32", "fp16" (CUDA autocast) or "bf16" (CPU autocast, channels_last)
+    precision: str  # "fp32", "bf16" or "fp16" (model.inference: bf16 on a CPU is the whole forward in bf16)
     trained_on: dict | str | None = None  # config.json's "trained_on" (Siam models: which maskiges, see predict)
 
     @property
@@ -63,12 +63,7 @@ class Predictor:
         def as_input(array):
             return torch.from_numpy(array).permute(0, 1, 4, 2, 3).to(self.device, non_blocking=True)
 
-        context = contextlib.nullcontext()
-        if self.precision == "fp16":
-            context = torch.autocast("cuda", dtype=torch.float16)
-        elif self.precision == "bf16":
-            context = torch.autocast("cpu", dtype=torch.bfloat16)
-        with torch.inference_mode(), context:
+        with torch.inference_mode(), precision_context(self.precision, self.device):
             out = self.model.segment(as_input(frames), audio.to(self.device),
                                      None if maskiges is None else as_input(maskiges))
         weights.check_finite_output(out, self.model, self.name)  # NaN weights: an error, not empty masks
@@ -81,30 +76,24 @@ class Predictor:
                 "precision": self.precision}
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
 def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], name: str, device: str = "auto",
-                   half: bool = False, trained_on: dict | str | None = None) -> Predictor:
-    """Move ``model`` to the device and pick the precision: ``half`` is fp16 autocast on CUDA, bf16 autocast with
-    channels_last on CPUs with native bf16 (otherwise fp32, with a warning)."""
+                   half: bool = False, trained_on: dict | str | None = None, precision: str | None = None
+                   ) -> Predictor:
+    """Move ``model`` to the device, pick the precision (``--precision``, None: the default; ``--half``: the fast
+    path) and prepare the model for it (``model.inference.choose_precision`` and ``prepare_for_inference``)."""
     target = resolve_device(device)
-    precision = "fp32"
-    if half and target.type == "cuda":
-        precision = "fp16"
-    elif half and cpu_supports_bf16():
-        precision = "bf16"
-        model = model.to(memory_format=torch.channels_last)
-    elif half:
-        warn("--half: this CPU has no native bf16 (AVX512-BF16 or AMX); running in fp32")
-    model = model.to(target).eval()
+    try:
+        precision, note = choose_precision(precision, target, half)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if note:
+        warn(note)
+    model = prepare_for_inference(model, precision, target)
     return Predictor(model, cfg, list(class_names), name, target, precision, trained_on)
 
 
-def load_predictor(name: str | None, device: str = "auto", half: bool = False) -> Predictor:
+def load_predictor(name: str | None, device: str = "auto", half: bool = False, precision: str | None = None
+                   ) -> Predictor:
     """The model of ``--model`` (``weights.resolve_model``: a checkpoint folder or file, hf://..., a registry
     name; None: the demo model)."""
     if name is None:
@@ -115,7 +104,8 @@ def load_predictor(name: str | None, device: str = "auto", half: bool = False) -
     else:
         source, label = name, name
     model, cfg, doc = weights.resolve_model(source)
-    return make_predictor(model, cfg, doc.get("classes") or [], label, device, half, doc.get("trained_on"))
+    return make_predictor(model, cfg, doc.get("classes") or [], label, device, half, doc.get("trained_on"),
+                          precision)
 
 
 # -------------------------------------------------------------------------------------------------- the stream

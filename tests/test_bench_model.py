@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from av2ts_cli import cli
@@ -48,3 +49,39 @@ def test_bench_model_times_a_combo_model_beside_av2ts_r50(monkeypatch):
     assert (combo["name"], combo["family"], combo["input_size"]) == ("combo-tiny", "combo", 64)
     assert set(combo["parts_s"]) == set(PARTS) - {"DSTA"} and all(t > 0 for t in combo["parts_s"].values())
     assert set(reference["parts_s"]) == set(PARTS)
+
+
+def test_bench_model_levers_one_run():
+    """--levers on a small preset: every step of the ladder timed in one run, fp32 eager first, the default path
+    marked, gains and ratios computed from the medians, and each step's argmax agreement with fp32."""
+    args = ["bench", "model", "--levers", "--preset", "av2ts-tiny", "--size", "64", "--frames", "2", "--repeats", "1",
+            "--threads", "2", "--no-demo", "--json"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (case,) = report["levers"]
+    steps = [row["step"] for row in case["steps"]]
+    assert steps[:5] == ["fp32 eager", "bf16 autocast + channels_last", "bf16 weights", "+ channels_last",
+                         "+ BN folded"]
+    assert steps[-1] == "+ BN folded, 1 thread"  # the thread lever: the same model with 1 thread instead of 2
+    assert case["default_step"] == ("+ BN folded" if report["default_precision"] == "bf16" else "fp32 eager")
+    rows = case["steps"]
+    for previous, row in zip(rows, rows[1:], strict=False):
+        assert row["gain"] == pytest.approx(previous["median_s"] / row["median_s"])
+        assert row["x_fp32"] == pytest.approx(rows[0]["median_s"] / row["median_s"])
+    assert case["ratio"] == pytest.approx(case["fp32_median_s"] / case["default_median_s"])
+    assert all(row["argmax_agreement"] >= 0.995 for row in rows) and rows[0]["argmax_agreement"] == 1.0
+    assert report["demo"] is None
+
+
+def test_demo_agreement_of_the_default_path():
+    """The bundled demo model (trained weights) on every whole 5 s clip of the demo video: the default path's
+    argmax equals fp32's on at least 99.5% of the pixels."""
+    demo = bench.demo_agreement()
+    assert demo["clips"] == 3 and demo["frames"] == 15
+    assert demo["argmax_agreement"] >= 0.995
+
+
+def test_bench_model_levers_refuses_checkpoints():
+    result = CliRunner().invoke(cli.app, ["bench", "model", "--levers", "--model", "weights/x"])
+    assert result.exit_code == 2 and "give --preset, not --model" in result.output

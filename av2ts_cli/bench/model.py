@@ -1,4 +1,12 @@
-"""``av2ts bench model``: eval forward time per clip of the network, with the share of each part.
+"""``av2ts bench model``: eval forward time per clip of the network: the inference levers one by one against the
+fp32 eager forward (``run_levers``, the default run), or the share of each part (``run``, for --preset/--model).
+
+The levers (model/inference.py), timed on one model in one run, interleaved (round robin, so a load change on a
+shared machine hits every step alike), each step adding one to the previous: bf16 autocast + channels_last
+(``--half`` before issue 14), the weights cast to bf16 once (the whole forward in bf16, pixel decoder included),
+channels_last, FrozenBatchNorm folded (the default path), optionally ``torch.compile`` of the backbones, and
+the default path with one thread. Each step's argmax agreement with fp32 is measured on its last output (random
+weights), and the default path's again on the bundled demo model (real weights) over the demo video's clips.
 
 Each case builds a randomly initialised preset (or loads a checkpoint: ``weights.resolve_model``; AV2TS or COMBO),
 feeds one clip of T frames (random frames, maskiges when the preset
@@ -14,6 +22,7 @@ core is taken.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -97,8 +106,10 @@ def time_model(name: str, input_size: int | None = None, frames: int = 5, repeat
     torch.manual_seed(seed)
     model, cfg, _ = resolve_model(name, presets=True)
     size = input_size or cfg.input_size
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
+    if bf16:  # the default path on a CPU with native bf16 (model/inference.py)
+        from av2ts_cli.model.inference import prepare_for_inference  # local: keeps this module's import light
+
+        model = prepare_for_inference(model, "bf16", "cpu")
     images = torch.rand(1, frames, 3, size, size) * 255
     audio = torch.randn(1, frames, EXAMPLE_FRAMES, MEL_BANDS) - 2.0
     maskiges = torch.rand(1, frames, 3, size, size) * 255 if cfg.siam else None
@@ -156,7 +167,7 @@ def run(cases: list[tuple[str, int | None]], frames: int = 5, repeats: int = 5, 
     return {
         "deform_attn_backend": active_backend(),
         "threads": torch.get_num_threads(),
-        "precision": "bf16 autocast + channels_last" if bf16 else "fp32",
+        "precision": "bf16 (weights bf16, BatchNorm folded, channels_last)" if bf16 else "fp32",
         "frames_per_clip": frames,
         "repeats": repeats,
         "baseline": {"name": f"resnet50 trunk, {frames} frames at 224 px", "median_s": baseline},
@@ -184,3 +195,191 @@ def print_report(report: dict) -> None:
     console.print(shares)
     base = report["baseline"]
     console.print(f"baseline: {base['name']}: {base['median_s'] * 1000:.0f} ms (median of {report['repeats']})")
+
+
+# ------------------------------------------------------------------------------------------------------ levers
+LEVER_CASES = [("av2ts-r50", 224), ("av2ts-pvt", 224)]  # AV2TS presets: the Siam encoder on
+
+
+@dataclass
+class Step:
+    """One configuration of the ladder: how to prepare the model and run it."""
+
+    name: str
+    lever: str  # what this step adds to the previous one
+    precision: str
+    prepare: dict | None  # prepare_for_inference keywords; None: the model as loaded (eager, no preparation)
+    channels_last_only: bool = False  # the old --half: channels_last + autocast on fp32 weights
+    threads: int | None = None
+
+
+def lever_steps(compile_backbones: bool, threads: int) -> list[Step]:
+    """The ladder, cumulative: each step is the previous one plus its lever."""
+    steps = [
+        Step("fp32 eager", "-", "fp32", None),
+        Step("bf16 autocast + channels_last", "bf16 autocast, channels_last (the old --half)", "bf16", None,
+             channels_last_only=True),
+        Step("bf16 weights", "weights cast to bf16 once: the whole forward in bf16", "bf16",
+             {"fold": False, "channels_last": False}),
+        Step("+ channels_last", "channels_last", "bf16", {"fold": False}),
+        Step("+ BN folded", "FrozenBatchNorm folded into the convolutions", "bf16", {}),
+    ]
+    if compile_backbones:
+        steps.append(Step("+ compiled backbones", "torch.compile (inductor) of the backbones", "bf16",
+                          {"compile": True}))
+    if threads > 1:
+        last = steps[-1]
+        steps.append(Step(f"{last.name}, 1 thread", f"1 thread instead of {threads}", last.precision, last.prepare,
+                          threads=1))
+    return steps
+
+
+def _prepared(model, step: Step):
+    from av2ts_cli.model.inference import prepare_for_inference  # local: keeps this module's import light
+
+    if step.prepare is None:
+        copy_ = copy.deepcopy(model).eval()
+        return copy_.to(memory_format=torch.channels_last) if step.channels_last_only else copy_
+    return prepare_for_inference(copy.deepcopy(model), step.precision, "cpu", **step.prepare)
+
+
+def agreement(scores: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of pixels whose argmax class agrees: scores, reference [..., K, H, W] semantic maps."""
+    return float((scores.argmax(-3) == reference.argmax(-3)).double().mean())
+
+
+def time_levers(name: str, input_size: int, frames: int = 5, repeats: int = 3, compile_backbones: bool = False,
+                seed: int = 0, progress=None) -> dict:
+    """The ladder of ``lever_steps`` on ``name`` (random init): median wall and CPU seconds of ``segment`` per
+    clip, each step's gain over the previous, its ratio to fp32 eager and its argmax agreement with fp32."""
+    from av2ts_cli.model.inference import compile_seconds, default_precision, precision_context  # local: as above
+
+    torch.manual_seed(seed)
+    model, cfg, _ = resolve_model(name, presets=True)
+    model.eval()
+    images = torch.rand(1, frames, 3, input_size, input_size) * 255
+    audio = torch.randn(1, frames, EXAMPLE_FRAMES, MEL_BANDS) - 2.0
+    maskiges = torch.rand(1, frames, 3, input_size, input_size) * 255 if cfg.siam else None
+    threads = torch.get_num_threads()
+    steps = lever_steps(compile_backbones, threads)
+    prepared = [_prepared(model, step) for step in steps]
+    del model
+    wall: list[list[float]] = [[] for _ in steps]
+    cpu: list[list[float]] = [[] for _ in steps]
+    outputs: list[torch.Tensor | None] = [None] * len(steps)
+    compile_s = 0.0
+    # round 0 is the warm-up (fresh pages, oneDNN primitives, the kernel JIT, compilation), then ``repeats`` rounds
+    for round_ in range(repeats + 1):
+        for i, (step, net) in enumerate(zip(steps, prepared, strict=True)):
+            if progress is not None:
+                progress(f"{name}: {step.name} ({round_}/{repeats})")
+            torch.set_num_threads(step.threads or threads)
+            try:
+                with torch.inference_mode(), precision_context(step.precision, "cpu"):
+                    start_cpu, start = time.process_time(), time.perf_counter()
+                    outputs[i] = net.segment(images, audio, maskiges)
+                    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            finally:
+                torch.set_num_threads(threads)
+            if round_ == 0 and step.prepare is not None and step.prepare.get("compile"):
+                compile_s = compile_seconds(net)
+            if round_ > 0:
+                wall[i].append(elapsed)
+                cpu[i].append(elapsed_cpu)
+    fp32 = statistics.median(wall[0])
+    rows = []
+    for i, step in enumerate(steps):
+        median = statistics.median(wall[i])
+        previous = statistics.median(wall[i - 1]) if i else median  # the thread step follows its own model's
+        rows.append({"step": step.name, "lever": step.lever, "median_s": median, "runs_s": wall[i],
+                     "cpu_s": statistics.median(cpu[i]), "gain": previous / median, "x_fp32": fp32 / median,
+                     "argmax_agreement": agreement(outputs[i], outputs[0])})
+    default = _default_step(steps, default_precision("cpu"))
+    return {"name": name, "preset": cfg.preset, "input_size": input_size, "frames": frames, "siam": cfg.siam,
+            "threads": threads, "steps": rows, "default_step": steps[default].name,
+            "default_median_s": rows[default]["median_s"], "fp32_median_s": fp32,
+            "ratio": fp32 / rows[default]["median_s"], "default_argmax_agreement": rows[default]["argmax_agreement"],
+            "compile_s": compile_s}
+
+
+def _default_step(steps: list[Step], precision: str) -> int:
+    """Index of the step that is the default path (prepare_for_inference's defaults in ``precision``)."""
+    if precision == "fp32":
+        return 0
+    return next(i for i, step in enumerate(steps) if step.prepare == {} and step.threads is None)
+
+
+def demo_agreement(frames: int = 5) -> dict:
+    """The bundled demo model (av2ts-tiny, trained weights) on every whole ``frames``-second clip of the demo video:
+    argmax agreement of the default path with fp32, over all pixels of all clips."""
+    from av2ts_cli import media  # local: ffmpeg plumbing, only for this measurement
+    from av2ts_cli.avsbench import frame_time
+    from av2ts_cli.checkpoints import DEMO_MODEL_DIR
+    from av2ts_cli.model.audio import waveform_to_examples
+    from av2ts_cli.model.inference import default_precision, precision_context, prepare_for_inference
+
+    video = DEMO_MODEL_DIR.parent / "demo.mp4"
+    model, cfg, _ = resolve_model(str(DEMO_MODEL_DIR))
+    precision = default_precision("cpu")
+    fast = prepare_for_inference(copy.deepcopy(model), precision, "cpu")
+    model.eval()
+    info = media.probe(video)
+    clips = int(info.duration) // frames
+    size = cfg.input_size
+    images = media.decode_frames_at(video, [frame_time(k) for k in range(clips * frames)], (size, size))
+    examples = waveform_to_examples(torch.from_numpy(media.decode_audio(video)).float(), clips * frames)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float().reshape(clips, frames, 3, size, size)
+    audio = examples.reshape(clips, frames, EXAMPLE_FRAMES, MEL_BANDS)
+    with torch.inference_mode():
+        reference = model.segment(images, audio)
+        with precision_context(precision, "cpu"):
+            scores = fast.segment(images, audio)
+    return {"model": "demo (av2ts-tiny, trained)", "video": video.name, "clips": clips, "frames": clips * frames,
+            "input_size": size, "precision": precision, "argmax_agreement": agreement(scores, reference),
+            "max_abs_difference": float((scores - reference).abs().max())}
+
+
+def run_levers(cases: list[tuple[str, int]] | None = None, frames: int = 5, repeats: int = 3,
+               compile_backbones: bool = False, threads: int | None = None, demo: bool = True,
+               progress=None) -> dict:
+    """``time_levers`` for every (preset, input size) case (default ``LEVER_CASES``) and the demo model's agreement."""
+    from av2ts_cli.model.inference import cpu_has_native_bf16, default_precision  # local: as above
+
+    if threads:
+        torch.set_num_threads(threads)
+    results = [time_levers(name, size, frames, repeats, compile_backbones, progress=progress)
+               for name, size in (cases or LEVER_CASES)]
+    return {"deform_attn_backend": active_backend(), "threads": torch.get_num_threads(),
+            "native_bf16": cpu_has_native_bf16(), "default_precision": default_precision("cpu"),
+            "frames_per_clip": frames, "repeats": repeats, "levers": results,
+            "demo": demo_agreement(frames) if demo else None}
+
+
+def print_levers(report: dict) -> None:
+    console.print(f"CPU forward (segment) per clip of {report['frames_per_clip']} frames, {report['threads']} threads, "
+                  f"native bf16: {'yes' if report['native_bf16'] else 'no'}, default precision "
+                  f"{report['default_precision']}, deform-attn backend: {report['deform_attn_backend']}; median of "
+                  f"{report['repeats']} interleaved runs", highlight=False, soft_wrap=True)
+    for case in report["levers"]:
+        title = f"{case['preset']}{' + Siam' if case['siam'] else ''}, {case['input_size']} px"
+        table = Table(title=title)
+        for column in ("step", "ms", "CPU ms", "gain", "x fp32", "argmax = fp32"):
+            table.add_column(column, justify="left" if column == "step" else "right")
+        for row in case["steps"]:
+            mark = " (default)" if row["step"] == case["default_step"] else ""
+            table.add_row(row["step"] + mark, f"{row['median_s'] * 1000:.0f}", f"{row['cpu_s'] * 1000:.0f}",
+                          "-" if row["lever"] == "-" else f"{row['gain']:.2f}x", f"{row['x_fp32']:.2f}",
+                          f"{100 * row['argmax_agreement']:.2f}%")
+        console.print(table)
+        line = (f"{title}: fp32 eager {case['fp32_median_s'] * 1000:.0f} ms, default path "
+                f"{case['default_median_s'] * 1000:.0f} ms: {case['ratio']:.2f}x; argmax agreement "
+                f"{100 * case['default_argmax_agreement']:.2f}%")
+        if case["compile_s"]:
+            line += f"; backbone compile {case['compile_s']:.1f} s (first call, cached for the next process)"
+        console.print(line, highlight=False, soft_wrap=True)
+    demo = report.get("demo")
+    if demo:
+        console.print(f"demo model on {demo['video']} ({demo['clips']} clips, {demo['frames']} frames at "
+                      f"{demo['input_size']} px), {demo['precision']} vs fp32: argmax agreement "
+                      f"{100 * demo['argmax_agreement']:.2f}%, max |difference| {demo['max_abs_difference']:.3g}",
+                      highlight=False, soft_wrap=True)

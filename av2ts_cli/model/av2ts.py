@@ -95,19 +95,22 @@ class AV2TS(nn.Module):
         ``torch.no_grad()`` / ``torch.inference_mode()``."""
         b, t = frames.shape[:2]
         out = self(frames, audio, maskiges)
-        masks = F.interpolate(out["pred_masks"].float(), size=frames.shape[-2:], mode="bilinear",
-                              align_corners=False)
-        probs = out["pred_logits"].float().softmax(-1)[..., :-1]  # drop the no-object class
-        semseg = torch.einsum("nqk,nqhw->nkhw", probs, masks.sigmoid())
+        # float32 from here, also under autocast (which would run the sum over queries in bf16)
+        with torch.autocast(frames.device.type, enabled=False):
+            masks = F.interpolate(out["pred_masks"].float(), size=frames.shape[-2:], mode="bilinear",
+                                  align_corners=False)
+            probs = out["pred_logits"].float().softmax(-1)[..., :-1]  # drop the no-object class
+            semseg = torch.einsum("nqk,nqhw->nkhw", probs, masks.sigmoid())
         return semseg.reshape(b, t, *semseg.shape[1:])
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, T, 3, H, W] 0..255 -> [B*T, 3, H, W] normalised, in the backbone's memory format."""
+        """[B, T, 3, H, W] 0..255 -> [B*T, 3, H, W] normalised (in fp32), in the backbone's memory format and
+        weight dtype (bf16 once ``model.inference.prepare_for_inference`` cast it), in one copy."""
         x = (images.flatten(0, 1).float() - self.pixel_mean) / self.pixel_std
-        return x.contiguous(memory_format=self._memory_format())
-
-    def _memory_format(self) -> torch.memory_format:
         weight = next(p for p in self.backbone.parameters() if p.dim() == 4)
+        return x.to(dtype=weight.dtype, memory_format=self._memory_format(weight))
+
+    def _memory_format(self, weight: torch.Tensor) -> torch.memory_format:
         channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         return torch.channels_last if channels_last else torch.contiguous_format
 

@@ -3,8 +3,9 @@
 
 The inputs are already at the hidden width (TVA projected them), so there is no input projection. Deliberately
 absent, although the reference builds them: ``input_proj`` (per-level 1x1 conv + GroupNorm, bypassed by AV2TS)
-and ``linear1`` (a 4096 -> 256 1x1 conv, never called). The whole decoder runs in fp32 (autocast disabled), as the
-reference does; the deformable-attention sampling locations are therefore fp32 too.
+and ``linear1`` (a 4096 -> 256 1x1 conv, never called). The decoder runs with autocast disabled in its weights'
+dtype: fp32 in training, as the reference does, and bf16 in a model cast for inference (model/inference.py: the
+whole forward in bf16). The deformable-attention sampling locations and attention weights are fp32 either way.
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ class DeformableAttention(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         v = self.value_proj(value).view(n, value.shape[1], heads, -1)
         offsets = self.sampling_offsets(query).view(n, q, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(n, q, heads, levels * points).softmax(-1)
+        weights = self.attention_weights(query).view(n, q, heads, levels * points).float().softmax(-1)
+        # fp32 whatever the weights' dtype: bf16 locations would be off by a quarter pixel at 64 px
+        offsets = offsets.float()
         normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (w, h) per level
         locations = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations.float(),
-                             weights.view(n, q, heads, levels, points))
+        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights.view(n, q, heads, levels, points))
         return self.output_proj(out)
 
 
@@ -130,10 +132,13 @@ class PixelDecoder(nn.Module):
         nn.init.zeros_(self.mask_projection.bias)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """features: [res2..res5], [N, C_l, H/s, W/s] -> (mask features [N, C, H/4, W/4], memories [N, C, h, w]
+        at strides 32, 16, 8), in the weights' dtype."""
+        dtype = self.level_embed.dtype
         with torch.autocast(features[0].device.type, enabled=False):
-            return self._forward_fp32([f.float() for f in features])
+            return self._forward([f.to(dtype) for f in features])
 
-    def _forward_fp32(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n, device = features[0].shape[0], features[0].device
         levels = features[1:][::-1]  # res5, res4, res3: low to high resolution
         if hasattr(self, "input_proj"):
@@ -142,7 +147,7 @@ class PixelDecoder(nn.Module):
         shapes = [tuple(f.shape[-2:]) for f in levels]
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in levels], dim=1)  # [N, S, C]
         pos = torch.cat([sine_position_embedding(h, w, dim, device).flatten(1).t() + self.level_embed[i]
-                         for i, (h, w) in enumerate(shapes)], dim=0)[None]  # [1, S, C]
+                         for i, (h, w) in enumerate(shapes)], dim=0)[None].to(src.dtype)  # [1, S, C]
         spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
         sizes = spatial_shapes.prod(1)
         level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
