@@ -190,3 +190,39 @@ def test_two_processes_follow_the_single_process_loss_curve(small_s4, ddp_start,
 def test_a_new_run_never_overwrites_an_old_one(straight_run, small_s4):
     train_error(["--subset", "s4", "--data", str(small_s4), "--model", "av2ts-tiny", "--out", str(straight_run)],
                 2, str(straight_run), "--resume")
+
+
+# ------------------------------------------------------------------------------------- locks and failed starts
+def test_a_run_in_use_is_refused_with_the_holders_pid(small_s4, tmp_path):
+    from av2ts_cli import locks
+
+    run = tmp_path / "run"
+    (run / "last").mkdir(parents=True)
+    (run / "last" / TRAINER_FILE).write_bytes(b"not read: the lock comes first")
+    with locks.held(run):  # as another `av2ts train` would hold it (flock: a second open file conflicts)
+        line = train_error(["--resume", str(run)], 1)
+        assert line == f"error: {run}: in use by av2ts pid {os.getpid()}"
+        fresh = tmp_path / "fresh"
+        with locks.held(fresh):
+            line = train_error(["--subset", "s4", "--data", str(small_s4), *SMALL_RUN, "--out", str(fresh)], 1)
+            assert line == f"error: {fresh}: in use by av2ts pid {os.getpid()}"
+    assert sorted(p.name for p in run.iterdir()) == ["last"]
+
+
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_a_folder_the_command_reuses(small_s4, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(small_s4, broken)
+    frames = [p for p in broken.rglob("*.png") if "visual_frames" in p.parts and "train" in p.parts]
+    for frame in frames:
+        frame.write_bytes(frame.read_bytes()[:40])  # every training frame truncated: the first batch fails
+    run = tmp_path / "run"
+    args = ["--subset", "s4", *SMALL_RUN, "--iters", "1", "--eval-every", "0", "--out", str(run)]
+    line = train_error(["--data", str(broken), *args, "--json"], 1)  # --json: no progress bar
+    assert line.startswith(f"error: {broken}") and ": unreadable frame" in line
+    assert not run.exists()  # it made the folder; with no checkpoint in it, the folder is gone
+    run.mkdir()
+    (run / LOG_FILE).write_text("iteration,loss\n")  # what an older failed start left: a log, no checkpoint
+    invoke_cli(["train", "--data", str(small_s4), *args])
+    assert (run / "last" / TRAINER_FILE).is_file() and read_log(run / LOG_FILE)[-1]["iteration"] == 1
