@@ -61,10 +61,10 @@ def test_bench_model_levers_one_run():
     report = json.loads(result.stdout)
     (case,) = report["levers"]
     steps = [row["step"] for row in case["steps"]]
-    assert steps[:5] == ["fp32 eager", "bf16 autocast + channels_last", "bf16 weights", "+ channels_last",
-                         "+ BN folded"]
-    assert steps[-1] == "+ BN folded, 1 thread"  # the thread lever: the same model with 1 thread instead of 2
-    assert case["default_step"] == ("+ BN folded" if report["default_precision"] == "bf16" else "fp32 eager")
+    assert steps[:6] == ["fp32 eager", "bf16 autocast + channels_last", "bf16 weights", "+ channels_last",
+                         "+ BN folded", "+ lean decoder"]
+    assert steps[-1] == "+ lean decoder, 1 thread"  # the thread lever: the same model with 1 thread instead of 2
+    assert case["default_step"] == ("+ lean decoder" if report["default_precision"] == "bf16" else "fp32 eager")
     rows = case["steps"]
     for previous, row in zip(rows, rows[1:], strict=False):
         assert row["gain"] == pytest.approx(previous["median_s"] / row["median_s"])

@@ -142,7 +142,13 @@ def test_fast_path_agrees_with_fp32(preset):
         exact = folded.segment(*clip)
     assert scores.dtype == torch.float32 and scores.shape == reference.shape
     assert _agreement(scores, reference) >= 0.995
+    # fp32: folding and the lean decoder (intermediate masks at the attention sizes) are equal up to rounding
     torch.testing.assert_close(exact, reference, rtol=1e-3, atol=1e-4)
+    assert not folded.decoder.full_masks and model.decoder.full_masks
+    with torch.inference_mode():
+        lean, full = folded(*clip), model(*clip)
+    assert lean["aux_outputs"] == [] and len(full["aux_outputs"]) == cfg.decoder_layers
+    torch.testing.assert_close(lean["pred_masks"], full["pred_masks"], rtol=1e-3, atol=1e-3)
 
 
 def test_fast_path_on_the_demo_model_and_synthetic_eval(synth_data, monkeypatch, tmp_path):

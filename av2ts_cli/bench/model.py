@@ -4,7 +4,8 @@ fp32 eager forward (``run_levers``, the default run), or the share of each part 
 The levers (model/inference.py), timed on one model in one run, interleaved (round robin, so a load change on a
 shared machine hits every step alike), each step adding one to the previous: bf16 autocast + channels_last
 (``--half`` before issue 14), the weights cast to bf16 once (the whole forward in bf16, pixel decoder included),
-channels_last, FrozenBatchNorm folded (the default path), optionally ``torch.compile`` of the backbones, and
+channels_last, FrozenBatchNorm folded, the decoder's intermediate masks made at the attention sizes only (the
+default path), optionally ``torch.compile`` of the backbones, and
 the default path with one thread. Each step's argmax agreement with fp32 is measured on its last output (random
 weights), and the default path's again on the bundled demo model (real weights) over the demo video's clips.
 
@@ -220,9 +221,11 @@ def lever_steps(compile_backbones: bool, threads: int) -> list[Step]:
         Step("bf16 autocast + channels_last", "bf16 autocast, channels_last (the old --half)", "bf16", None,
              channels_last_only=True),
         Step("bf16 weights", "weights cast to bf16 once: the whole forward in bf16", "bf16",
-             {"fold": False, "channels_last": False}),
-        Step("+ channels_last", "channels_last", "bf16", {"fold": False}),
-        Step("+ BN folded", "FrozenBatchNorm folded into the convolutions", "bf16", {}),
+             {"fold": False, "channels_last": False, "lean_decoder": False}),
+        Step("+ channels_last", "channels_last", "bf16", {"fold": False, "lean_decoder": False}),
+        Step("+ BN folded", "FrozenBatchNorm folded into the convolutions", "bf16", {"lean_decoder": False}),
+        Step("+ lean decoder", "intermediate decoder masks at the attention sizes only (no copies at H/4)", "bf16",
+             {}),
     ]
     if compile_backbones:
         steps.append(Step("+ compiled backbones", "torch.compile (inductor) of the backbones", "bf16",

@@ -102,6 +102,9 @@ class MaskedAttentionDecoder(nn.Module):
         self.level_embed = nn.Embedding(self.num_memory_levels, dim)
         self.class_embed = nn.Linear(dim, num_classes + 1)
         self.mask_embed = MaskMlp(dim)
+        # False (model/inference.py, for inference): the intermediate masks are computed at the attention sizes
+        # only and aux_outputs/middle_masks are left empty (training's deep supervision needs them at H/4)
+        self.full_masks = True
 
     def forward(self, memories: list[torch.Tensor], audio: torch.Tensor, mask_features: torch.Tensor) -> dict:
         """memories: 4 maps [N, C, h_i, w_i]; audio: [N, Q, C]; mask_features: [N, C, H/4, W/4]."""
@@ -111,6 +114,20 @@ class MaskedAttentionDecoder(nn.Module):
                for m, (h, w) in zip(memories, sizes, strict=True)]
         query_pos = self.query_embed.weight.unsqueeze(0)
         x = self.query_feat.weight.unsqueeze(0) + audio
+        if not self.full_masks:
+            # bilinear resizing and the mask dot product are both linear, so resizing the mask features once per
+            # size equals resizing every mask: 12 of the 13 [N, Q, H/4, W/4] masks are never made
+            small = {size: F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                     for size in set(sizes)}
+            visible = self._attention_heads(x, small[sizes[0]])
+            for i, layer in enumerate(self.layers[:-1]):
+                x = layer(x, query_pos, srcs[i % self.num_memory_levels], pos[i % self.num_memory_levels], visible)
+                visible = self._attention_heads(x, small[sizes[(i + 1) % self.num_memory_levels]])
+            last = len(self.layers) - 1
+            x = self.layers[-1](x, query_pos, srcs[last % self.num_memory_levels], pos[last % self.num_memory_levels],
+                                visible)
+            logits, mask, _ = self._heads(x, mask_features, sizes[0])
+            return {"pred_logits": logits, "pred_masks": mask, "aux_outputs": [], "middle_masks": []}
 
         classes, masks, middle = [], [], []
         logits, mask, visible = self._heads(x, mask_features, sizes[0])
@@ -138,6 +155,16 @@ class MaskedAttentionDecoder(nn.Module):
         logits = self.class_embed(x)
         mask = torch.einsum("nqc,nchw->nqhw", self.mask_embed(x), mask_features)
         small = F.interpolate(mask, size=attn_size, mode="bilinear", align_corners=False)
-        visible = (small.sigmoid().flatten(2) >= 0.5).detach()  # the reference hides sigmoid < 0.5
-        visible[~visible.any(dim=-1)] = True  # a query that would see nothing sees everything
-        return logits, mask, visible.unsqueeze(1)
+        return logits, mask, _visible(small)
+
+    def _attention_heads(self, x: torch.Tensor, small_features: torch.Tensor):
+        """x: [N, Q, C]; small_features: mask features resized to the next layer's attention size [N, C, h, w] ->
+        visible bool [N, 1, Q, h*w]: ``_heads`` without the class logits and the H/4 masks."""
+        return _visible(torch.einsum("nqc,nchw->nqhw", self.mask_embed(self.norm(x)), small_features))
+
+
+def _visible(small: torch.Tensor) -> torch.Tensor:
+    """Mask logits [N, Q, h, w] -> what the next layer may attend to, bool [N, 1, Q, h*w]."""
+    visible = (small.sigmoid().flatten(2) >= 0.5).detach()  # the reference hides sigmoid < 0.5
+    visible[~visible.any(dim=-1)] = True  # a query that would see nothing sees everything
+    return visible.unsqueeze(1)

@@ -221,17 +221,22 @@ def compile_seconds(model: nn.Module) -> float:
 
 # ------------------------------------------------------------------------------------------------------ prepare
 def prepare_for_inference(model: nn.Module, precision: str, device: torch.device | str, *, fold: bool = True,
-                          cast: bool = True, channels_last: bool = True, compile: bool = False) -> nn.Module:
+                          cast: bool = True, channels_last: bool = True, lean_decoder: bool = True,
+                          compile: bool = False) -> nn.Module:
     """``model`` (AV2TS or COMBO) on ``device`` in eval mode, made ready for forwards in ``precision`` (in place;
     returned). On a CPU in bf16: FrozenBatchNorms folded, weights cast to bf16, convolutions channels_last (each a
-    keyword to switch off, for ``bench model``'s one-lever-at-a-time figures); ``compile``: ``compile_backbones``.
-    fp32 and CUDA: folding only (exact up to rounding). Its forward runs in ``precision_context``."""
+    keyword to switch off, for ``bench model``'s one-lever-at-a-time figures); ``lean_decoder``: the decoder makes
+    its intermediate masks at the attention sizes only (``MaskedAttentionDecoder.full_masks``; exact up to rounding,
+    no aux_outputs); ``compile``: ``compile_backbones``. fp32 and CUDA: folding and the lean decoder only. Its
+    forward runs in ``precision_context``."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     device = torch.device(device)
     model = model.to(device).eval()
     if fold:
         fold_frozen_batch_norm(model)
+    if lean_decoder and hasattr(model, "decoder"):
+        model.decoder.full_masks = False
     if device.type == "cpu" and precision != "fp32":
         if cast:
             model = model.to(DTYPES[precision])
