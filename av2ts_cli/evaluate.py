@@ -134,15 +134,17 @@ def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch
     model.eval()
     palette = avss_palette(dataset.num_classes)
     try:
-        with (_Progress(progress, len(dataset), "evaluating") as advance, torch.inference_mode(),
-              precision_context(precision, device)):
+        with _Progress(progress, len(dataset), "evaluating") as advance, torch.inference_mode():
             for items in _batches(dataset, batch, workers):
                 frames = torch.stack([item["frames"] for item in items]).to(device).float()
                 audio = torch.stack([item["audio"] for item in items]).to(device)
                 maskiges = None
                 if "maskiges" in items[0]:
                     maskiges = torch.stack([item["maskiges"] for item in items]).to(device).float()
-                semseg = model.segment(frames, audio, maskiges)  # [B, T, K, S, S]
+                # the autocast covers the forward only: with --workers 0 the loader's log-mel features are computed
+                # in this thread, and under a bf16 autocast they came out bf16 (and the audio cache's np.save failed)
+                with precision_context(precision, device):
+                    semseg = model.segment(frames, audio, maskiges)  # [B, T, K, S, S]
                 check_finite_output(semseg, model, name, f" on {', '.join(str(item['video']) for item in items)}")
                 for item, clip_map in zip(items, semseg, strict=True):
                     _score_clip(item, clip_map, dataset, metric, protocol, save_pred, palette)
