@@ -250,3 +250,58 @@ def test_a_model_whose_output_is_nan_is_an_error_naming_it(synth_data, random_mo
     assert line == (f"error: {nan}: the network's output is NaN or infinite on {videos[0].name}; 1 of its weight "
                     "tensors hold NaN or infinite values (decoder.class_embed.weight): a broken checkpoint")
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("pred/**/*.png"))
+
+
+# ------------------------------------------------------------------------------------- pred-dir is an input
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every entry under ``root`` (folders as (0, mtime))."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("subset", ["s4", "avss"])
+def test_a_prediction_of_another_size_names_the_file_and_both_sizes(synth_data, tmp_path, subset):
+    videos = copy_labels(synth_data, subset, "test", tmp_path / "pred")
+    video = videos[1]
+    frame = video.annotated[-1]
+    wrong = tmp_path / "pred" / video.mask_names[frame]
+    Image.fromarray(np.zeros((48, 80), np.uint8)).save(wrong)  # 80 x 48, the label is 64 x 64
+    before = _listing(tmp_path / "pred")
+    line = one_line_error(["eval", "--subset", subset, "--data", str(synth_data), "--pred-dir", str(tmp_path / "pred")])
+    if subset == "s4":
+        assert line == f"error: {wrong}: prediction is 80x48 but its label {video.masks[frame]} is 64x64"
+    else:
+        assert line == (f"error: {wrong}: prediction is 80x48 but its label {video.masks[frame]} is 64x64 (AVSS is "
+                        "scored at 224x224; either size is accepted)")
+    assert _listing(tmp_path / "pred") == before and not (tmp_path / "runs").exists()
+
+    if subset == "avss":  # the scored size is accepted as well as the label's
+        Image.fromarray(np.zeros((224, 224), np.uint8)).save(wrong)
+        assert eval_json("--subset", "avss", "--data", str(synth_data), "--pred-dir", str(tmp_path / "pred"))
+
+
+def test_eval_pred_dir_writes_nothing_into_the_predictions(synth_data, tmp_path):
+    copy_labels(synth_data, "ms3", "test", tmp_path / "pred")
+    before = _listing(tmp_path / "pred")
+    for run in (1, 2):  # each run its own runs/eval/expN
+        result = invoke(["eval", "--subset", "ms3", "--data", str(synth_data), "--pred-dir", str(tmp_path / "pred")])
+        assert "1.0000" in result.output  # the metrics printed (the table)
+        expected = Path("runs") / "eval" / ("exp" if run == 1 else "exp2") / "metrics.json"
+        assert f"Results saved to {expected}" in result.output and (tmp_path / expected).is_file()
+    assert _listing(tmp_path / "pred") == before
+
+
+def test_metrics_are_printed_when_metrics_json_cannot_be_written(synth_data, tmp_path):
+    """A file named runs where runs/eval/expN would go: the metrics still come out, then one error line, exit 1."""
+    copy_labels(synth_data, "s4", "test", tmp_path / "pred")
+    (tmp_path / "runs").write_text("not a folder")
+    args = ["eval", "--subset", "s4", "--data", str(synth_data), "--pred-dir", str(tmp_path / "pred")]
+    result = invoke([*args, "--json"], expect=1)
+    report = json.loads(result.stdout)
+    assert report["miou"] == pytest.approx(1.0) and report["metrics_file"] is None
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        "error: metrics.json not saved: runs is a file, not a folder"]
+    table = invoke(args, expect=1)
+    assert "1.0000" in table.output and "Results saved" not in table.output
+    assert table.output.strip().splitlines()[-1] == "error: metrics.json not saved: runs is a file, not a folder"
+    assert (tmp_path / "runs").read_text() == "not a folder"
