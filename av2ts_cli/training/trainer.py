@@ -121,7 +121,8 @@ class Trainer:
                 locks.sweep_temps(checkpoint.parent, recursive=False, folders=False)  # a log temp a kill left
             state = read_trainer_state(checkpoint / TRAINER_FILE)
             try:
-                saved = TrainOptions(**state["options"])
+                # a run saved before --ignore-padding existed trained with that rule: resume it with the same rule
+                saved = TrainOptions(**{"ignore_padding": True, **state["options"]})
             except TypeError as err:
                 raise CheckpointError(checkpoint / TRAINER_FILE, f"unexpected run options: {err}") from None
             options = merge_resume_options(saved, given)
@@ -153,7 +154,7 @@ class Trainer:
         if processes.distributed and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
         self.model = model.to(device).train()
-        self.criterion = build_criterion(cfg).to(device)
+        self.criterion = build_criterion(cfg, ignore_padding=options.ignore_padding).to(device)
         self.optimizer = build_optimizer(self.model, options.lr, options.weight_decay, options.backbone_lr_mult)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            PolySchedule(options.iters, options.poly_power))
