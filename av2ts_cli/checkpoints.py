@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,10 @@ def parse_hub_ref(text: str) -> HubRef:
 # of silence for `hf://own/rep` with the endpoint's port closed, before its own "cannot reach" error. One request
 # with this bound says the same within seconds; HF_HUB_ETAG_TIMEOUT, when set, is the bound instead.
 HUB_PROBE_SECONDS = 4.0
+# An endpoint found unreachable stays so for this long within one process: a checkpoint is two files (config and
+# weights), and a black-holed endpoint would otherwise cost the bound twice before the cached copy is used.
+_UNREACHABLE_MEMORY_SECONDS = 60.0
+_unreachable: dict[str, tuple[float, str]] = {}  # endpoint -> (time.monotonic() of the verdict, the verdict)
 _NETWORK_MODULES = ("httpx", "httpx2", "requests", "urllib3", "httpcore", "httpcore2")
 
 
@@ -260,6 +265,9 @@ def hub_unreachable(timeout: float | None = None) -> str | None:
         timeout = float(os.environ["HF_HUB_ETAG_TIMEOUT"]) if os.environ.get("HF_HUB_ETAG_TIMEOUT") else \
             HUB_PROBE_SECONDS
     endpoint = constants.ENDPOINT
+    remembered = _unreachable.get(endpoint)
+    if remembered is not None and time.monotonic() - remembered[0] < _UNREACHABLE_MEMORY_SECONDS:
+        return remembered[1]
     outcome: list = []
 
     def probe() -> None:
@@ -273,13 +281,16 @@ def hub_unreachable(timeout: float | None = None) -> str | None:
     thread.start()
     thread.join(timeout + 1.0)
     if not outcome:
-        return f"{endpoint}: no answer within {timeout:g} s (HF_HUB_ETAG_TIMEOUT sets this bound)"
-    if outcome[0] is None:
+        verdict = f"{endpoint}: no answer within {timeout:g} s (HF_HUB_ETAG_TIMEOUT sets this bound)"
+    elif outcome[0] is None:
         return None
-    err = outcome[0]
-    if not (isinstance(err, OSError) or type(err).__module__.split(".")[0] in _NETWORK_MODULES):
-        raise err
-    return f"{endpoint}: {_network_cause(err, timeout)}"
+    else:
+        err = outcome[0]
+        if not (isinstance(err, OSError) or type(err).__module__.split(".")[0] in _NETWORK_MODULES):
+            raise err
+        verdict = f"{endpoint}: {_network_cause(err, timeout)}"
+    _unreachable[endpoint] = (time.monotonic(), verdict)
+    return verdict
 
 
 def _cached_file(ref: HubRef, where: str) -> Path:
