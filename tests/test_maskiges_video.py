@@ -69,3 +69,22 @@ def test_a_bad_video_is_reported_and_the_others_done(tmp_path, make_clip):
     assert len(failures) == 1 and failures[0].startswith(f"failed: {broken}") and "Traceback" not in result.stderr
     assert (out / "ok" / "000000.png").is_file()
     assert np.asarray(Image.open(out / "ok" / "000000.png")).shape == (224, 224)
+
+
+def test_a_video_another_run_holds_is_left_to_it(tmp_path, make_clip):
+    from av2ts_cli import files, locks
+    from av2ts_cli.maskiges import video
+    from av2ts_cli.maskiges.generate import GeneratorSettings
+
+    held, free = make_clip("held", duration=1.0, size=(64, 48)), make_clip("free", duration=1.0, size=(64, 48))
+    out = tmp_path / "maskiges"
+    (out / "free").mkdir(parents=True)
+    left = files.temp_name_for(out / "free" / "000000.png")  # what a kill -9 left
+    left.write_bytes(b"half")
+    with locks.held(out / "held", remove_empty_folder=True):  # as another `av2ts maskiges` would hold it
+        report = video.run([held, free], out, generator=str(save_tiny_sam(tmp_path / "tiny")),
+                           settings=GeneratorSettings(points_per_side=2), device="cpu", progress=False)
+    assert report["busy"] == [{"input": str(held), "pid": os.getpid()}] and report["failed"] == []
+    assert [Path(v["input"]).name for v in report["videos"]] == ["free.mp4"]
+    assert (out / "free" / "000000.png").is_file() and not left.exists()
+    assert not (out / "held").exists()  # the holder made it; released, and nothing in it
