@@ -141,6 +141,10 @@ class AVSDataset(Dataset):
         labels = {i: read_mask(video.masks[i], video.mask_format, palette) for i in frames
                   if video.masks[i] is not None}
         label_shape = next(iter(labels.values())).shape if labels else images.shape[1:3]
+        if label_shape != images.shape[1:3]:  # transforms move frames and labels together: their sizes must agree
+            first = next(iter(labels))
+            raise DataError(video.masks[first], f"mask is {label_shape[1]}x{label_shape[0]}, its frames are "
+                                                f"{images.shape[2]}x{images.shape[1]}")
         for i, label in labels.items():
             if label.shape != label_shape:
                 raise DataError(video.masks[i], f"mask is {label.shape[1]}x{label.shape[0]}, the video's first "
