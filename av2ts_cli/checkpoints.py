@@ -9,7 +9,7 @@ An av2ts checkpoint is a folder holding two files:
   ``"model"`` is read back to build the network (AV2TS or COMBO: ``model.family``); the other fields describe it.
 
 ``load_checkpoint`` reads one from a local folder (or a ``.safetensors`` file with ``config.json`` beside it),
-``hf://owner/repo[@revision][/subfolder]`` (huggingface_hub's cache, ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` /
+``hf://owner/repo[@revision][/subfolder]`` (``hub.py``: huggingface_hub's cache, ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` /
 ``HF_HOME``) or a ``REGISTRY`` name with a ready checkpoint. Registry names whose source must be converted first
 (the COMBO checkpoints on the Hub) are resolved one level up, by ``weights.resolve_model`` (THE resolver of
 ``--model``), which converts them once with ``convert_combo``; this module sits below the converters
@@ -22,10 +22,7 @@ anywhere; COMBO's trained S4 checkpoints (``hf://YannQi/COMBO-AVS-checkpoints``)
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +30,14 @@ from pathlib import Path
 from av2ts_cli import __version__
 from av2ts_cli.avsbench import SUBSET_CLASSES
 from av2ts_cli.config import FAMILIES, PRESET_NAMES, ModelConfig, get_preset
-from av2ts_cli.errors import CheckpointError, UsageError, describe_os_error
+from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.files import atomic_folder, fsync_file, write_json
+from av2ts_cli.hub import HF_PREFIX, hub_download, parse_hub_ref
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FORMAT = "av2ts-checkpoint"
 FORMAT_VERSION = 1
-HF_PREFIX = "hf://"
 
 
 def _find_demo_model_dir() -> Path:
@@ -187,183 +184,6 @@ class ResolvedCheckpoint:
     weights: Path
     config: Path
     label: str
-
-
-@dataclass(frozen=True)
-class HubRef:
-    repo_id: str
-    revision: str | None
-    subfolder: str | None
-
-    @property
-    def label(self) -> str:
-        rev = f"@{self.revision}" if self.revision else ""
-        sub = f"/{self.subfolder}" if self.subfolder else ""
-        return f"{HF_PREFIX}{self.repo_id}{rev}{sub}"
-
-
-_HUB_RE = re.compile(r"^hf://(?P<owner>[\w.\-]+)/(?P<repo>[\w.\-]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+?))?/?$")
-
-
-def parse_hub_ref(text: str) -> HubRef:
-    """``hf://owner/repo[@revision][/subfolder]`` (a revision is a branch, tag or commit without '/')."""
-    match = _HUB_RE.match(text)
-    if not match:
-        raise UsageError(f"{text}: not a Hugging Face reference; expected hf://owner/repo[@revision][/subfolder]")
-    return HubRef(f"{match['owner']}/{match['repo']}", match["rev"], match["sub"])
-
-
-# How long the Hub may take to answer one request before av2ts calls it unreachable. huggingface_hub retries a
-# failed metadata request 5 times with back-off (1 + 2 + 4 + 8 + 8 s) when the file is not cached: measured 24 s
-# of silence for `hf://own/rep` with the endpoint's port closed, before its own "cannot reach" error. One request
-# with this bound says the same within seconds; HF_HUB_ETAG_TIMEOUT, when set, is the bound instead.
-HUB_PROBE_SECONDS = 4.0
-# An endpoint found unreachable stays so for this long within one process: a checkpoint is two files (config and
-# weights), and a black-holed endpoint would otherwise cost the bound twice before the cached copy is used.
-_UNREACHABLE_MEMORY_SECONDS = 60.0
-_unreachable: dict[str, tuple[float, str]] = {}  # endpoint -> (time.monotonic() of the verdict, the verdict)
-_NETWORK_MODULES = ("httpx", "httpx2", "requests", "urllib3", "httpcore", "httpcore2")
-
-
-def _network_cause(err: BaseException, timeout: float | None = None) -> str:
-    """What a failed connection attempt says, in words (the exception chain's socket error or timeout;
-    ``timeout``: the bound the request had, for the words)."""
-    import errno  # local: only when the Hub failed
-    import socket  # local: as above
-
-    seen = err
-    while seen is not None:
-        if isinstance(seen, socket.gaierror):
-            return "its host name could not be resolved (no network, or no DNS)"
-        if isinstance(seen, TimeoutError) or "timeout" in type(seen).__name__.lower():
-            bound = f" within {timeout:g} s (HF_HUB_ETAG_TIMEOUT sets this bound)" if timeout else " in time"
-            return f"no answer{bound}"
-        if isinstance(seen, OSError) and seen.errno in (errno.ECONNREFUSED,):
-            return "the connection was refused"
-        if isinstance(seen, OSError) and seen.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-            return "the network is unreachable"
-        seen = seen.__cause__ or seen.__context__
-    text = " ".join(str(err).split())
-    if "name resolution" in text.lower() or "name or service not known" in text.lower():
-        return "its host name could not be resolved (no network, or no DNS)"
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def hub_unreachable(timeout: float | None = None) -> str | None:
-    """None when the Hugging Face endpoint (``HF_ENDPOINT``) answers one HEAD request (any HTTP status) within
-    ``timeout`` seconds (``HF_HUB_ETAG_TIMEOUT`` when set, else ``HUB_PROBE_SECONDS``); otherwise why not, in words
-    (``"http://127.0.0.1:9: the connection was refused"``). The request goes through huggingface_hub's own client
-    (its proxies, certificates, headers), in a thread with a deadline, so that a name lookup that hangs is bounded
-    as well as the connection."""
-    import threading  # local: only hf:// references need it
-
-    # local: huggingface_hub takes ~0.3 s to import; only hf:// needs it
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    if timeout is None:
-        timeout = float(os.environ["HF_HUB_ETAG_TIMEOUT"]) if os.environ.get("HF_HUB_ETAG_TIMEOUT") else \
-            HUB_PROBE_SECONDS
-    endpoint = constants.ENDPOINT
-    remembered = _unreachable.get(endpoint)
-    if remembered is not None and time.monotonic() - remembered[0] < _UNREACHABLE_MEMORY_SECONDS:
-        return remembered[1]
-    outcome: list = []
-
-    def probe() -> None:
-        try:
-            get_session().head(endpoint, timeout=timeout)
-            outcome.append(None)
-        except Exception as err:  # any transport failure: the reason is worded below
-            outcome.append(err)
-
-    thread = threading.Thread(target=probe, name="av2ts-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    if not outcome:
-        verdict = f"{endpoint}: no answer within {timeout:g} s (HF_HUB_ETAG_TIMEOUT sets this bound)"
-    elif outcome[0] is None:
-        return None
-    else:
-        err = outcome[0]
-        if not (isinstance(err, OSError) or type(err).__module__.split(".")[0] in _NETWORK_MODULES):
-            raise err
-        verdict = f"{endpoint}: {_network_cause(err, timeout)}"
-    _unreachable[endpoint] = (time.monotonic(), verdict)
-    return verdict
-
-
-def _cached_file(ref: HubRef, where: str) -> Path:
-    """``where`` (a path in the repository) of ``ref``'s revision from the huggingface_hub cache, looked up on disk
-    only (``hf_hub_download(local_files_only=True)`` first asks the endpoint for an agent registry: 3 s more
-    against an endpoint that drops packets); the LocalEntryNotFoundError of huggingface_hub when it is not there."""
-    # local: huggingface_hub takes ~0.3 s to import; only hf:// needs it
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        from huggingface_hub.errors import LocalEntryNotFoundError  # local: as above
-    except ImportError:  # huggingface_hub < 0.23 keeps them in utils
-        from huggingface_hub.utils import LocalEntryNotFoundError  # local: as above
-    found = try_to_load_from_cache(ref.repo_id, where, revision=ref.revision)
-    if isinstance(found, str) and Path(found).is_file():
-        return Path(found)
-    raise LocalEntryNotFoundError(f"{where} is not in the cache")
-
-
-def hub_download(ref: HubRef, filename: str) -> Path:
-    """One file of a hub repository through the huggingface_hub cache; every failure is one CheckpointError line
-    whose hint fits the situation: offline mode (``HF_HUB_OFFLINE=1``) and the file not cached; no network (the
-    endpoint does not answer within seconds, ``hub_unreachable``) and the file not cached; the repository, the
-    revision or the file not found. With no network, a cached copy is used, as huggingface_hub itself does."""
-    # local: huggingface_hub takes ~0.3 s to import; only hf:// needs it. Imported first: it configures its logger
-    from huggingface_hub import constants, hf_hub_download
-
-    try:
-        from huggingface_hub import errors  # local: as above
-    except ImportError:  # huggingface_hub < 0.23 keeps them in utils
-        from huggingface_hub import utils as errors  # local: as above
-    where = f"{ref.subfolder}/{filename}" if ref.subfolder else filename
-    revision = ref.revision or "main"
-    fetch = f"`hf download {ref.repo_id} {where} --revision {revision}`"
-    cache = constants.HF_HUB_CACHE
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error of the CLI
-    unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable()
-    try:
-        if unreachable is not None:  # the cache alone, as huggingface_hub would answer after its retries
-            return _cached_file(ref, where)
-        return Path(hf_hub_download(ref.repo_id, filename, subfolder=ref.subfolder, revision=ref.revision))
-    except errors.RepositoryNotFoundError:
-        reason = "repository not found on the Hugging Face Hub (or private/gated: log in with `hf auth login`)"
-    except errors.RevisionNotFoundError:
-        reason = f"revision {revision!r} not found in the repository"
-    except (errors.LocalEntryNotFoundError, getattr(errors, "OfflineModeIsEnabled", errors.LocalEntryNotFoundError)):
-        # offline, or no connection, and not in the cache
-        missing = f"{where} (revision {revision}) is not in the Hugging Face cache {cache}"
-        if constants.HF_HUB_OFFLINE:
-            reason = (f"{missing} and HF_HUB_OFFLINE is set (offline mode: only the cache is read); unset "
-                      f"HF_HUB_OFFLINE to download it, or fetch it once with {fetch}")
-        else:
-            cause = unreachable or "the Hub could not be reached"
-            reason = (f"{missing} and the Hub could not be reached (no network? {cause}); connect and retry, or "
-                      f"fetch it on a machine with a network ({fetch}) into the cache this one reads (HF_HUB_CACHE)")
-    except errors.EntryNotFoundError:
-        reason = f"{where} not found in the repository at revision {revision}"
-    except errors.HfHubHTTPError as err:
-        reason = f"Hugging Face Hub error for {where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-    except OSError as err:  # a cache folder that cannot be written, a full disk; network failures (requests)
-        cause = describe_os_error(err) if err.errno is not None else _network_cause(err)
-        reason = f"could not download {where}: {cause}"
-    except ValueError as err:
-        reason = f"could not download {where}: {' '.join(str(err).split())}"
-    except Exception as err:  # httpx errors are not OSErrors
-        if type(err).__module__.split(".")[0] not in _NETWORK_MODULES:
-            raise
-        reason = f"could not reach the Hugging Face Hub for {where}: {_network_cause(err)}"
-    finally:
-        hub_logger.setLevel(level)
-    raise CheckpointError(ref.label, reason)
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:

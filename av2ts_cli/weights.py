@@ -35,20 +35,15 @@ from av2ts_cli.checkpoints import (
     DEMO_MODEL_DIR,
     FAMILY_PARTS,
     FORMAT_VERSION,
-    HF_PREFIX,
     PARTS,
     REGISTRY,
     WEIGHTS_FILE,
-    HubRef,
     RegistryEntry,
     ResolvedCheckpoint,
     check_state_dict,
     checkpoint_config,
     first_keys,
-    hub_download,
-    hub_unreachable,
     model_config_from,
-    parse_hub_ref,
     part_of,
     parts_of_family,
     read_checkpoint_config,
@@ -59,6 +54,7 @@ from av2ts_cli.checkpoints import load_checkpoint as load_checkpoint_files
 from av2ts_cli.checkpoints import resolve_checkpoint as resolve_checkpoint_files
 from av2ts_cli.config import PRESET_NAMES, cache_root, get_preset
 from av2ts_cli.errors import CheckpointError, UsageError
+from av2ts_cli.hub import HF_PREFIX, HubRef, hub_download, hub_unreachable, parse_hub_ref
 
 __all__ = [
     "CHECKPOINT_FORMAT", "COMBO_HUB", "COMBO_HUB_FOLDER", "COMBO_PARTS", "CONFIG_FILE", "DEMO_MODEL_DIR",
