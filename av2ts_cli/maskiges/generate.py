@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
+from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError, describe_os_error
+from av2ts_cli.hub import hub_unreachable
 
 DEFAULT_REPO = "facebook/sam-vit-base"
 DEFAULT_REVISION = "70c1a07f894ebb5b307fd9eaaee97b9dfc16068f"  # main on 2026-08-10 (Apache-2.0, 375 MB)
@@ -112,20 +113,24 @@ def _snapshot(repo_id: str, revision: str | None, subfolder: str | None, label: 
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error of the CLI
+    # without a network huggingface_hub retries for ~24 s before it looks in its cache: probe once (a few seconds)
+    unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable()
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                      local_files_only=unreachable is not None))
     except hub_errors.RepositoryNotFoundError:
         reason = "repository not found on the Hugging Face Hub (or private/gated: log in with `hf auth login`)"
     except hub_errors.RevisionNotFoundError:
         reason = f"revision {revision!r} not found in the repository"
     except hub_errors.LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else f"the Hub could not be reached ({unreachable})" if unreachable else "the Hub could not be reached")
         reason = (f"{repo_id} (revision {revision}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
                   f"{why}; prefetch it once online with `{prefetch}`")
     except hub_errors.HfHubHTTPError as err:
         reason = f"Hugging Face Hub error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     except OSError as err:
-        reason = f"could not download the model: {type(err).__name__}: {err}"
+        reason = f"could not download the model: {describe_os_error(err)}"
     finally:
         hub_logger.setLevel(level)
     raise CheckpointError(label, reason)
