@@ -44,7 +44,9 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
             fsync_file(temp)
         os.replace(temp, path)
     except OSError as err:
-        if err.filename is None:  # a full disk fails a buffered write with no file name: name the one meant
+        # a full disk fails a buffered write with no file name: name the one meant (only for errno errors: a
+        # message-only OSError, e.g. PIL's "cannot write mode RGBA as JPEG", would lose its text)
+        if err.filename is None and err.errno is not None:
             err.filename = str(path)
         raise
     finally:
