@@ -37,12 +37,13 @@ class Busy(Av2tsError):
 
     def __init__(self, path: str | os.PathLike, pid: int | None):
         self.path, self.pid = str(path), pid
-        super().__init__(f"{self.path}: in use by av2ts pid {pid if pid is not None else '(unknown)'}")
+        self.reason = f"in use by av2ts pid {pid if pid is not None else '(unknown)'}"
+        super().__init__(f"{self.path}: {self.reason}")
 
     @classmethod
     def _state_from_message(cls, message: str) -> dict:
         path, _, rest = message.rpartition(": in use by av2ts pid ")
-        return {"path": path, "pid": int(rest) if rest.isdigit() else None}
+        return {"path": path, "pid": int(rest) if rest.isdigit() else None, "reason": f"in use by av2ts pid {rest}"}
 
 
 class FolderLock:

@@ -56,6 +56,7 @@ EXCEPTIONS = _package_exceptions()
 # constructor arguments where "value 0", "value 1", ... do not fit the signature
 SAMPLES = {
     "TrainingInterrupted": (signal.SIGTERM, 12, Path("runs/train/exp")),
+    "Interrupted": (signal.SIGTERM, "clip.mp4 left unfinished; 1 of 3 videos done or skipped, 1 not started"),
     "MediaError": ("clip [red].mp4", "no video stream\n(ffmpeg said more)"),
     "DataError": ("AVS/Single-source/x/0.png", "mask is 32x32, the video's first frame 64x64"),
     "CheckpointError": ("ckpt/model.safetensors", "truncated"),
