@@ -2,7 +2,7 @@
 
 Heavy imports (torch, timm, the model) happen inside the commands so ``--help`` and ``--version`` stay instant.
 Every command runs under ``_reported``: a project error becomes one line on stderr and its exit code
-(design.md section 3); ``--debug`` shows the traceback instead.
+(docs/architecture.md, 'Errors and exit codes'); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations

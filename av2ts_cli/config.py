@@ -2,7 +2,7 @@
 
 A preset is a network (``av2ts-r50``, ``av2ts-pvt``, ``av2ts-tiny``) crossed with a subset (``s4`` and ``ms3``: 2
 classes, background and sounding object; ``avss``: 71 classes) and the Siam encoder on or off. The reference
-presets are the AV2TS configs of model.md section 10 (Siam encoder on); ``av2ts-tiny`` is the same architecture
+presets are the AV2TS configs of docs/model.md, 'Training' (Siam encoder on); ``av2ts-tiny`` is the same architecture
 scaled down so that it trains from scratch on a CPU in minutes (tests, the demo model).
 
 This module is also the network's only window on the rest of the package (``model/`` imports torch, timm, numpy,
@@ -33,7 +33,7 @@ FAMILIES = ("av2ts", "combo")  # the top-level networks av2ts builds (ModelConfi
 
 @dataclass
 class LossConfig:
-    """Weights and sampling of the training criterion (model.md section 9; the reference values by default)."""
+    """Weights and sampling of the training criterion (docs/model.md, 'Losses'; the reference values by default)."""
 
     class_weight: float = 2.0
     mask_weight: float = 5.0
@@ -186,7 +186,7 @@ def _r50(subset: str, siam: bool) -> ModelConfig:
 
 
 def _pvt(subset: str, siam: bool) -> ModelConfig:
-    # PVT-v2-b5: embed dims 64/128/320/512, depths 3/6/40/3, drop path 0.1 (model.md section 2)
+    # PVT-v2-b5: embed dims 64/128/320/512, depths 3/6/40/3, drop path 0.1 (docs/model.md, 'Visual backbones')
     return ModelConfig(preset="av2ts-pvt", subset=subset, num_classes=SUBSET_CLASSES[subset], siam=siam,
                        backbone="pvt_v2_b5", backbone_out_indices=(0, 1, 2, 3), frozen_bn=False, drop_path_rate=0.1)
 
@@ -216,7 +216,7 @@ def _tiny(subset: str, siam: bool) -> ModelConfig:
 
 def _combo(base, preset: str, subset: str, siam: bool, **changes) -> ModelConfig:
     """COMBO (CVPR 2024) on the visual side of an AV2TS preset ``base``: VGGish audio (128-d), bilateral fusion,
-    100 queries, 9 decoder layers over 3 memory levels (docs/model.md, 'COMBO'; spec combo.md sections 1-5)."""
+    100 queries, 9 decoder layers over 3 memory levels (docs/model.md, 'COMBO')."""
     cfg = dataclasses.replace(base(subset, siam), preset=preset, family="combo", audio_dim=128,
                               decoder_layers=9, object_queries=100)
     return dataclasses.replace(cfg, **changes)

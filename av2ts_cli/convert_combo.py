@@ -1,5 +1,5 @@
 """Importing COMBO-AVS files (``av2ts convert --kind combo`` / ``--kind vggish``): the rename rules from the COMBO
-reference's state-dict layout (yannqi/COMBO-AVS ``MaskFormer``, spec combo-keys-*.tsv) to ``model/combo.py``.
+reference's state-dict layout (yannqi/COMBO-AVS ``MaskFormer``, tests/data/combo-keys-*.tsv) to ``model/combo.py``.
 
 - ``--kind combo``: a checkpoint written by the COMBO code, a detectron2 Checkpointer file
   ``{"model": state_dict, "trainer": {...}, "iteration": int}`` read with ``torch.load(weights_only=True)``. Only
@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from av2ts_cli.checkpoints import part_of
 from av2ts_cli.config import get_preset
 from av2ts_cli.convert import (
     D2_RESNET_RULES,
@@ -37,7 +38,6 @@ from av2ts_cli.convert import (
     read_torch_weights,
 )
 from av2ts_cli.errors import CheckpointError, UsageError
-from av2ts_cli.checkpoints import part_of
 
 COMBO_KINDS = ("combo", "vggish")
 

@@ -1,7 +1,8 @@
 """The project's typed errors, and the words for the operating system's.
 
 Every error a user can cause is one of these. The CLI turns them into a single line on stderr (no traceback
-unless ``--debug``) and the exit code given by ``exit_code`` (design.md section 3: 1 runtime failure, 2 usage).
+unless ``--debug``) and the exit code given by ``exit_code`` (docs/architecture.md, 'Errors and exit codes': 1 runtime
+failure, 2 usage).
 Messages name the file or thing at fault first, then the cause: ``clip.mp4: no video stream``.
 
 The network (``model/``) stands alone and raises Python's own exceptions instead (``ValueError`` for inputs it

@@ -1,4 +1,4 @@
-"""The official AVSBench metrics (data-and-metrics.md section 2), vectorised.
+"""The official AVSBench metrics (docs/data-and-metrics.md, 'Metrics'), vectorised.
 
 S4/MS3 (``BinaryMetrics``), per frame, from the foreground probability p and the binary ground truth G:
 

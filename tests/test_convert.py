@@ -2,7 +2,8 @@
 
 Converter inputs are built here from the documented key names and shapes with random values: the reference
 checkpoint from ``tests/data/reference-keys-*.tsv``, the detectron2 pickles and CED files from the names of
-model.md section 12 (and, for ``mispeech/ced-mini``, the rename of its public conversion script).
+docs/model.md, 'Checkpoints and the reference key mapping' (and, for ``mispeech/ced-mini``, the rename of its public
+conversion script).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The official metrics (av2ts_cli/metrics.py) on hand-computed cases of every rule of data-and-metrics.md section 2."""
+"""The official metrics (av2ts_cli/metrics.py) on hand-computed cases of every rule of docs/data-and-metrics.md,
+'Metrics'"""
 
 from __future__ import annotations
 

@@ -347,7 +347,8 @@ def test_decoder_attention_equals_torch_multihead_attention():
 
 
 def test_dsta_follows_the_reference_data_flow():
-    """TAA and TVA against a step-by-step computation written from model.md section 5 (views, permutes and the
+    """TAA and TVA against a step-by-step computation written from docs/model.md, 'DSTA: temporal attention' (views,
+    permutes and the
     per-location repeat of the shared map exactly as described), reusing only the blocks' weights."""
     from av2ts_cli.model.temporal import TemporalAcousticAttention, TemporalVisualAttention
 

@@ -10,7 +10,8 @@ from av2ts_cli.model.audio import SAMPLE_RATE, CEDEncoder, log_mel_spectrogram, 
 
 
 def _vggish_numpy(wave: np.ndarray) -> np.ndarray:
-    """VGGish log-mel examples written from the recipe (model.md 1.2), float64 throughout -> [N, 96, 64]."""
+    """VGGish log-mel examples written from the recipe (docs/model.md, 'Audio front end'), float64 throughout -> [N,
+    96, 64]."""
     window, hop, fft = 400, 160, 512  # 25 ms, 10 ms at 16 kHz; FFT = next power of two
     count = 1 + (len(wave) - window) // hop
     frames = np.stack([wave[i * hop: i * hop + window] for i in range(count)])

@@ -43,7 +43,7 @@ def test_train_help_shows_the_table_not_a_copy(monkeypatch):
 
 
 def test_combo_recipes_follow_its_base_configs():
-    """spec combo.md section 7: AV2TS's optimiser settings, AMP off, PVT batch 8 for 90k (MS3 20k), R50 AVSS 90k,
+    """docs/model.md, 'COMBO': AV2TS's optimiser settings, AMP off, PVT batch 8 for 90k (MS3 20k), R50 AVSS 90k,
     COMBO's EVAL_PERIOD (5000, MS3 400)."""
     for preset in ("combo-r50", "combo-pvt"):
         for subset, iters, period in (("s4", 90_000, 5000), ("ms3", 20_000, 400), ("avss", 90_000, 5000)):

@@ -14,7 +14,8 @@ feeds one clip of T frames (random frames, maskiges when the preset
 uses the Siam encoder, random log-mel examples) and times ``repeats`` forwards under ``torch.inference_mode`` after
 one warm-up; the median is reported. Forward hooks on the top-level parts time them in the same runs (CPU ops are
 synchronous, so the hooks see the real cost). The baseline, measured in the same process before and after the
-cases, is a ResNet-50 trunk on the same T frames at 224 px (performance.md 4.1: 351-356 ms fp32 with 2 threads on
+cases, is a ResNet-50 trunk on the same T frames at 224 px (docs/model.md, 'Cost on a CPU': 351-356 ms fp32 with 2
+threads on
 this machine kind when it is idle), so figures taken on a busy machine still compare. On a machine shared with
 other jobs, ``--threads 1`` gives steadier figures: two threads spin at every op's barrier whenever the other
 core is taken.

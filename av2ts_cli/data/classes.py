@@ -1,4 +1,4 @@
-"""Class names and colours of the AVSBench subsets (data-and-metrics.md sections 1.1 and 1.3).
+"""Class names and colours of the AVSBench subsets (docs/data-and-metrics.md, 'Classes and palettes').
 
 S4 and MS3 are binary (background, sounding object); S4 videos also carry one of 23 categories. AVSS has 71 classes,
 background first, in the key order of the official ``label2idx.json``; its colour-coded labels use the PASCAL-VOC

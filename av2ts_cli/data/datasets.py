@@ -1,6 +1,6 @@
-"""PyTorch datasets of the official AVSBench layouts: S4, MS3 and AVSS (data-and-metrics.md section 1).
+"""PyTorch datasets of the official AVSBench layouts: S4, MS3 and AVSS (docs/data-and-metrics.md, 'Dataset layouts').
 
-An item is one clip (common.md data-item contract)::
+An item is one clip (docs/data-and-metrics.md, 'Dataset items')::
 
     frames      uint8 [T, 3, S, S]    RGB, S = the model's input size
     audio       float32 [T, 96, 64]   one VGGish log-mel example per frame
@@ -13,7 +13,8 @@ An item is one clip (common.md data-item contract)::
     mask_paths  list of T str         each frame's label path relative to the split (the predictions' layout)
 
 T is 5 for S4/MS3; for AVSS, evaluation gives all real frames (5 for v1s/v1m, 10 for v2) and training a window of
-``clip_frames`` (5) frames, a random one for v2 clips (model.md section 5). S4 training clips (and AVSS v1s ones)
+``clip_frames`` (5) frames, a random one for v2 clips (docs/model.md, 'Frames per clip'). S4 training clips (and AVSS
+v1s ones)
 have only their first frame labelled. Items are built with PIL/OpenCV and numpy, no per-pixel Python; the dataset
 holds only paths and small caches, so it pickles into DataLoader workers. Use ``collate_clips`` as collate_fn.
 """

@@ -1,4 +1,4 @@
-"""Where every file of the official AVSBench layouts lives (data-and-metrics.md section 1).
+"""Where every file of the official AVSBench layouts lives (docs/data-and-metrics.md, 'Dataset layouts').
 
 ``resolve_root`` accepts the dataset root of the seed layout (``AVS_dataset/`` with ``AVSBench_object/Single-source``,
 ``AVSBench_object/Multi-sources`` and ``AVSBench_semantic``) or a subset's own folder. ``list_videos`` reads the

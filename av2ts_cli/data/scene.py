@@ -1,4 +1,5 @@
-""""Sounding shapes": a continuous-time synthetic audio-visual scene (design.md section 6).
+""""Sounding shapes": a continuous-time synthetic audio-visual scene (docs/data-and-metrics.md, 'Synthetic data:
+sounding shapes').
 
 A ``Scene`` holds two or more shapes of different categories drifting over a textured background, and for every
 second which of them sound. Each category has its own form, colour and sound; the sounds sit in different bands

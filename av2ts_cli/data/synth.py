@@ -1,4 +1,5 @@
-"""``av2ts data synth``: synthetic "sounding shapes" data in the exact official layouts (design.md section 6).
+"""``av2ts data synth``: synthetic "sounding shapes" data in the exact official layouts (docs/data-and-metrics.md,
+'Synthetic data: sounding shapes').
 
 The output folder becomes a dataset root of the seed layout: S4 goes to ``AVSBench_object/Single-source``, MS3 to
 ``AVSBench_object/Multi-sources``, AVSS to ``AVSBench_semantic`` (so several subsets can share one root, and

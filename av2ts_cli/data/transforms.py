@@ -1,4 +1,5 @@
-"""Clip transforms: the reference training augmentation and the evaluation resize (model.md section 1.1; the rules
+"""Clip transforms: the reference training augmentation and the evaluation resize (docs/model.md, 'Frames and
+augmentation'; the rules
 that follow the reference are listed in docs/model.md, "Training fidelity").
 
 Training, S4/MS3 (COMBO/AV2TS mapper): one random resize of the shortest edge (the reference's list of 16 sides,

@@ -1,6 +1,6 @@
 """Audio side of AV2TS: the VGGish log-mel front end.
 
-AV2TS feeds CED-Mini with VGGish log-mel examples, not with CED's own front end (model.md section 1.2):
+AV2TS feeds CED-Mini with VGGish log-mel examples, not with CED's own front end (docs/model.md, 'Audio front end'):
 16 kHz mono, |STFT| with a 400-sample periodic Hann window, hop 160, 512-point FFT; 64 HTK mel bands from 125 to
 7500 Hz; log(mel + 0.01); non-overlapping examples of 96 frames (0.96 s). The CED encoder lives in this file too.
 """
@@ -84,7 +84,8 @@ class CEDEncoder(nn.Module):
 
     One log-mel example [96 frames, 64 mels] -> frozen BatchNorm over the mel bins -> 16x16 patches (a 4 x 6 grid:
     frequency x time) -> + time and frequency position embeddings -> ``depth`` pre-norm blocks -> LayerNorm ->
-    24 tokens, token index 6 * f + t (model.md section 4). Deliberately absent: CED's own front end (AV2TS feeds
+    24 tokens, token index 6 * f + t (docs/model.md, 'Audio encoder (CED)'). Deliberately absent: CED's own front end
+    (AV2TS feeds
     VGGish log-mel) and its classification head ``outputlayer`` (never used by AV2TS).
     """
 

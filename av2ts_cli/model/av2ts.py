@@ -1,4 +1,5 @@
-"""AV2TS: frames + audio (+ maskiges) -> class logits and mask logits per query and frame (model.md section 0).
+"""AV2TS: frames + audio (+ maskiges) -> class logits and mask logits per query and frame (docs/model.md, 'End-to-end
+forward').
 
 Top-level parts and the reference (OrigamiSL/AV2TS ``MaskFormer``) state-dict prefixes they replace, one tensor
 for one tensor (the converter in ``convert.py`` is a rename table):
@@ -90,7 +91,7 @@ class AV2TS(nn.Module):
 
     def segment(self, frames: torch.Tensor, audio: torch.Tensor, maskiges: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """Semantic maps [B, T, K, H, W] at the input size (model.md section 11): the sum over queries of
+        """Semantic maps [B, T, K, H, W] at the input size (docs/model.md, 'Semantic maps'): the sum over queries of
         softmax(class)[:K] times sigmoid(mask), masks upsampled bilinearly first. Run it under the caller's
         ``torch.no_grad()`` / ``torch.inference_mode()``."""
         b, t = frames.shape[:2]

@@ -3,7 +3,8 @@
 The backbone returns four feature maps at strides 4, 8, 16, 32 (res2..res5 in detectron2 terms). ResNet-50 keeps
 detectron2's FrozenBN (statistics and affine fixed, convolutions trained); PVT-v2-b5 has LayerNorms only. The Siam
 encoder is a second backbone of the same architecture with its own weights, run on the maskiges; its features are
-added to the frame features through squeeze-and-excitation gates: ``F_l += SE_l(G_l) * G_l`` (model.md section 3).
+added to the frame features through squeeze-and-excitation gates: ``F_l += SE_l(G_l) * G_l`` (docs/model.md, 'Siam
+encoder').
 """
 
 from __future__ import annotations

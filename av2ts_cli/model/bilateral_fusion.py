@@ -1,5 +1,5 @@
 """COMBO's bilateral fusion of the stride-4 mask features with one audio embedding per frame, and the audio MLP
-that turns the fused audio into the width of the queries (docs/model.md, 'COMBO'; spec combo.md section 3).
+that turns the fused audio into the width of the queries (docs/model.md, 'COMBO').
 
 Per frame: the mask features [C, H, W] get a level embedding and are flattened to H*W visual tokens; the audio
 embedding is a single token. Both are layer-normalised. One bi-directional attention with 8 heads then computes,

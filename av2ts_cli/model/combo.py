@@ -1,5 +1,5 @@
 """COMBO (CVPR 2024), the second network family: frames + audio (+ maskiges) -> class and mask logits per query and
-frame (docs/model.md, 'COMBO'; spec combo.md sections 1-5). AV2TS was forked from it file for file.
+frame (docs/model.md, 'COMBO'). AV2TS was forked from it file for file.
 
 Shared with AV2TS, one implementation each: the visual backbone and the Siam encoder with its gates
 (model/backbone.py), the deformable-attention pixel decoder (model/pixel_decoder.py, here with its input

@@ -1,5 +1,5 @@
 """Masked-attention transformer decoder with class and mask heads (Mask2Former's decoder as AV2TS modifies it,
-model.md section 8).
+docs/model.md, 'Transformer decoder').
 
 Each query is a learnt embedding plus its own fused audio token. Layer i cross-attends to memory level i % 4:
 the pixel decoder's strides 32, 16, 8, then the OSA visual map, each with a sine position encoding and a level

@@ -1,4 +1,4 @@
-"""Downsampling and one-stream audio-visual attention (OSA, model.md section 7).
+"""Downsampling and one-stream audio-visual attention (OSA, docs/model.md, 'Downsampling and OSA').
 
 The stride-4 mask features are folded 4x4 into channels (space-to-depth, channel index c*16 + dy*4 + dx) and
 projected back to the hidden width by a 1x1 conv. The resulting stride-16 visual tokens and the audio queries are

@@ -1,5 +1,5 @@
 """Pixel decoder: multi-scale deformable attention encoder on strides 32/16/8 and an FPN step to stride 4
-(Mask2Former's MSDeformAttnPixelDecoder as AV2TS uses it, model.md section 6).
+(Mask2Former's MSDeformAttnPixelDecoder as AV2TS uses it, docs/model.md, 'Pixel decoder').
 
 The inputs are already at the hidden width (TVA projected them), so there is no input projection. Deliberately
 absent, although the reference builds them: ``input_proj`` (per-level 1x1 conv + GroupNorm, bypassed by AV2TS)

@@ -1,4 +1,5 @@
-"""DSTA: temporal acoustic attention (TAA) and temporal visual attention (TVA) with a shared map (model.md 5).
+"""DSTA: temporal acoustic attention (TAA) and temporal visual attention (TVA) with a shared map (docs/model.md,
+'DSTA: temporal attention').
 
 TAA runs three transformer blocks over time, separately for each of the 24 audio tokens of a frame. The last
 block also returns its raw q·kᵀ logits; their mean over the 24 tokens is the one temporal attention map of the

@@ -57,7 +57,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("av2ts-tiny", "s4"): _TINY,
     ("av2ts-tiny", "ms3"): _TINY,
     ("av2ts-tiny", "avss"): _TINY,
-    # COMBO (spec combo.md section 7, its base yamls): the optimiser, schedule, backbone x0.1 (Siam encoder
+    # COMBO (docs/model.md, 'COMBO', its base yamls): the optimiser, schedule, backbone x0.1 (Siam encoder
     # included), clipping at 0.01 and augmentation of AV2TS; AMP off everywhere; the evaluation period is COMBO's
     # EVAL_PERIOD (5000, MS3 400), on the val split like every av2ts run (--eval-split val; the AV2TS reference
     # evaluated on test). PVT trains with batch 8 for 90k (MS3 20k) iterations, half AV2TS's 180k at batch 4; R50
