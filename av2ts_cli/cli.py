@@ -1,4 +1,6 @@
-"""The av2ts command line (Typer). Thin: parse options, call the module that does the work, report.
+"""The av2ts command line (Typer); past 500 lines only in option declarations: each verb's work lives in its module.
+
+Thin: parse options, call the module that does the work, report.
 
 Heavy imports (torch, timm, the model) happen inside the commands so ``--help`` and ``--version`` stay instant.
 Every command runs under ``_reported``: a project error becomes one line on stderr and its exit code
