@@ -27,10 +27,6 @@ from pathlib import Path
 
 from rich.table import Table
 
-from av2ts_cli.config import get_preset
-from av2ts_cli.console import console
-from av2ts_cli.errors import CheckpointError, UsageError
-from av2ts_cli.safe_pickle import read_numpy_pickle
 from av2ts_cli.checkpoints import (
     HF_PREFIX,
     PARTS,
@@ -44,6 +40,10 @@ from av2ts_cli.checkpoints import (
     read_safetensors,
     save_checkpoint,
 )
+from av2ts_cli.config import get_preset
+from av2ts_cli.console import console
+from av2ts_cli.errors import CheckpointError, UsageError
+from av2ts_cli.safe_pickle import read_numpy_pickle
 
 
 # ------------------------------------------------------------------------------------------- reading foreign files
@@ -358,23 +358,26 @@ def _build_target(arch: str | None, path, preset, subset, siam, base):
     return build_model(cfg), cfg, None
 
 
-def _reference_config(state: Mapping, path, preset, subset, siam):
+def config_from_keys(state: Mapping, path, preset, subset, siam, presets: Mapping[str, str], network: str):
+    """``(arch, cfg)`` of a checkpoint written by a reference code base, read from its keys (backbone, Siam encoder,
+    class count) and checked against the options given; ``presets`` maps "r50"/"pvt" to the family's preset,
+    ``network`` names the code base in messages ("an AV2TS reference", "a COMBO")."""
     arch = _backbone_of(state, "backbone.", path)
-    if preset and preset != _ARCH_PRESET[arch]:
-        raise UsageError(f"{path}: holds a {_ARCH_TIMM[arch]} model, not {preset}")
+    if preset and preset != presets[arch]:
+        raise UsageError(f"{path}: holds a {presets[arch]} model, not {preset}")
     has_siam = any(k.startswith("pre_sam_backbone.") for k in state)
     if siam is not None and siam != has_siam:
         raise UsageError(f"{path}: the checkpoint {'has' if has_siam else 'has no'} Siam encoder "
                          f"(pre_sam_backbone); --{'no-' if siam is False else ''}siam contradicts it")
     class_key = "sem_seg_head.predictor.class_embed.weight"
     if class_key not in state:
-        raise CheckpointError(path, f"no {class_key}: not an AV2TS reference checkpoint")
+        raise CheckpointError(path, f"no {class_key}: not {network} checkpoint")
     num_classes = state[class_key].shape[0] - 1  # the last class is "no object"
     if subset is None:
         subset = {2: "s4", 71: "avss"}.get(num_classes)
         if subset is None:
             raise CheckpointError(path, f"{num_classes} classes: no AVSBench subset has that many")
-    cfg = get_preset(_ARCH_PRESET[arch], subset, has_siam)
+    cfg = get_preset(presets[arch], subset, has_siam)
     if cfg.num_classes != num_classes:
         raise UsageError(f"{path}: holds {num_classes} classes, but subset {subset} has {cfg.num_classes}")
     return arch, cfg
@@ -401,7 +404,7 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
     if kind == "reference":
         if base is not None:
             raise UsageError("--base does not apply to --kind reference: the checkpoint gives every tensor")
-        arch, cfg = _reference_config(state, path, preset, subset, siam)
+        arch, cfg = config_from_keys(state, path, preset, subset, siam, _ARCH_PRESET, "an AV2TS reference")
         model = build_model(cfg)
         groups = [(src, dst, rules) for src, dst, rules in _REFERENCE_PREFIXES[arch]] + [("", "", REFERENCE_RULES)]
         required = [""]

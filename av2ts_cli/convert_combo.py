@@ -22,16 +22,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from av2ts_cli.checkpoints import part_of
-from av2ts_cli.config import get_preset
 from av2ts_cli.convert import (
     D2_RESNET_RULES,
     PVT_RULES,
     REFERENCE_RULES,
     KeyMapping,
     Rule,
-    _backbone_of,
     _build_target,
     _source_file,
+    config_from_keys,
     fill_model,
     map_state_dict,
     read_state_dict_file,
@@ -108,25 +107,7 @@ def _combo_config(state: Mapping, path, preset, subset, siam):
             k.startswith("sem_seg_head.audio_transformation.") for k in state):
         raise CheckpointError(path, "no VGGish (audio_backbone.features.*) or audio MLP "
                                     "(sem_seg_head.audio_transformation.*) keys: not a COMBO checkpoint")
-    arch = _backbone_of(state, "backbone.", path)
-    if preset and preset != _PRESETS[arch]:
-        raise UsageError(f"{path}: holds a {_PRESETS[arch]} model, not {preset}")
-    has_siam = any(k.startswith("pre_sam_backbone.") for k in state)
-    if siam is not None and siam != has_siam:
-        raise UsageError(f"{path}: the checkpoint {'has' if has_siam else 'has no'} Siam encoder "
-                         f"(pre_sam_backbone); --{'no-' if siam is False else ''}siam contradicts it")
-    class_key = "sem_seg_head.predictor.class_embed.weight"
-    if class_key not in state:
-        raise CheckpointError(path, f"no {class_key}: not a COMBO checkpoint")
-    num_classes = state[class_key].shape[0] - 1  # the last logit is "no object"
-    if subset is None:
-        subset = {2: "s4", 71: "avss"}.get(num_classes)
-        if subset is None:
-            raise CheckpointError(path, f"{num_classes} classes: no AVSBench subset has that many")
-    cfg = get_preset(_PRESETS[arch], subset, has_siam)
-    if cfg.num_classes != num_classes:
-        raise UsageError(f"{path}: holds {num_classes} classes, but subset {subset} has {cfg.num_classes}")
-    return arch, cfg
+    return config_from_keys(state, path, preset, subset, siam, _PRESETS, "a COMBO")
 
 
 def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, subset: str | None = None,
