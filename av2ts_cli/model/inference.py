@@ -1,5 +1,6 @@
 """Inference preparation of a loaded network: the precision choice, FrozenBatchNorm folding, the bf16 cast,
-channels_last and (opt-in) ``torch.compile`` of the backbones (docs/model.md, 'Inference').
+channels_last, the lean decoder and (opt-in) ``torch.compile`` of the backbones; each lever's measured gain is in
+the README ('Benchmarks', from ``av2ts bench model``).
 
 ``prepare_for_inference(model, precision, device)`` is what predict, eval and ``bench model`` call on a model they will
 only run forward; ``precision_context(precision, device)`` is the context its forward runs in. The default precision
