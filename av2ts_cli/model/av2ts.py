@@ -48,11 +48,7 @@ class AV2TS(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.hidden_dim
-        self.backbone = create_backbone(cfg)
-        channels = backbone_channels(self.backbone)
-        if cfg.siam:
-            self.siam_backbone = create_backbone(cfg)
-            self.siam_gates = SiamGates(channels, cfg.siam_gate_reduction)
+        channels = self._build_visual_encoders(cfg)
         self.audio_encoder = CEDEncoder(cfg.audio_dim, cfg.audio_depth, cfg.audio_heads, cfg.audio_patch,
                                         cfg.audio_max_frames)
         self.audio_encoder.requires_grad_(False)  # frozen: never trained, run under no_grad
@@ -64,6 +60,20 @@ class AV2TS(nn.Module):
                                       cfg.layer_scale_init)
         self.decoder = MaskedAttentionDecoder(dim, cfg.num_classes, cfg.num_queries, cfg.decoder_layers,
                                               cfg.decoder_heads, cfg.decoder_ffn_dim)
+        self._register_pixel_statistics()
+
+    def _build_visual_encoders(self, cfg: ModelConfig) -> list[int]:
+        """The frame backbone and, with the Siam encoder, its unshared twin for maskiges and the gates that add it
+        (both families build them alike); returns the backbone's channels per stage."""
+        self.backbone = create_backbone(cfg)
+        channels = backbone_channels(self.backbone)
+        if cfg.siam:
+            self.siam_backbone = create_backbone(cfg)
+            self.siam_gates = SiamGates(channels, cfg.siam_gate_reduction)
+        return channels
+
+    def _register_pixel_statistics(self) -> None:
+        """ImageNet mean and std [1, 3, 1, 1] for normalising 0..255 frames (buffers, not saved)."""
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 

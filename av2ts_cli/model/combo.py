@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from av2ts_cli.config import ModelConfig
-from av2ts_cli.model.av2ts import AV2TS, PIXEL_MEAN, PIXEL_STD
-from av2ts_cli.model.backbone import SiamGates, backbone_channels, create_backbone
+from av2ts_cli.model.av2ts import AV2TS
 from av2ts_cli.model.bilateral_fusion import BilateralFusion
 from av2ts_cli.model.decoder import MaskedAttentionDecoder
 from av2ts_cli.model.pixel_decoder import PixelDecoder
@@ -84,11 +83,7 @@ class COMBO(AV2TS):
             raise ValueError(f"model config {cfg.preset!r} is of family {cfg.family!r}, not combo")
         self.cfg = cfg
         dim = cfg.hidden_dim
-        self.backbone = create_backbone(cfg)
-        channels = backbone_channels(self.backbone)
-        if cfg.siam:
-            self.siam_backbone = create_backbone(cfg)
-            self.siam_gates = SiamGates(channels, cfg.siam_gate_reduction)
+        channels = self._build_visual_encoders(cfg)
         self.audio_encoder = VGGish(cfg.vggish_widths, cfg.vggish_hidden, cfg.audio_dim)
         self.audio_encoder.requires_grad_(False)  # frozen: never trained, run under no_grad
         self.pixel_decoder = PixelDecoder(dim, cfg.encoder_layers, cfg.encoder_heads, cfg.encoder_points,
@@ -96,8 +91,7 @@ class COMBO(AV2TS):
         self.fusion = BilateralFusion(dim, cfg.audio_dim, cfg.fusion_heads, cfg.audio_mlp_dim, cfg.layer_scale_init)
         self.decoder = MaskedAttentionDecoder(dim, cfg.num_classes, cfg.num_queries, cfg.decoder_layers,
                                               cfg.decoder_heads, cfg.decoder_ffn_dim, MEMORY_LEVELS)
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self._register_pixel_statistics()
 
     def forward(self, frames: torch.Tensor, audio: torch.Tensor, maskiges: torch.Tensor | None = None) -> dict:
         """frames: [B, T, 3, H, W] RGB 0..255 (H, W multiples of 32); audio: [B, T, 96, 64] log-mel examples, one
