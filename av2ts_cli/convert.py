@@ -29,7 +29,6 @@ from rich.table import Table
 
 from av2ts_cli.checkpoints import (
     HF_PREFIX,
-    PARTS,
     REGISTRY,
     WEIGHTS_FILE,
     first_keys,
@@ -423,16 +422,23 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
         trained_on = None
     mapping = map_state_dict(state, groups, model.state_dict(), path)
     fill_model(model, mapping, required, path)
+    return model.eval(), cfg, mapping, conversion_meta(kind, source, mapping, cfg.family, base_doc, trained_on)
+
+
+def conversion_meta(kind: str, source: str, mapping: KeyMapping, family: str, base_doc: Mapping | None,
+                    trained_on) -> dict:
+    """The checkpoint meta of an import: the base checkpoint's (if any), with this import appended to
+    ``initialised_from`` (kind, source, the parts it filled), and where the weights were trained."""
     meta = dict((base_doc or {}).get("meta") or {})
     history = list(meta.get("initialised_from") or [])
-    history.append({"kind": kind, "source": source, "parts": sorted({part_of(k) for k in mapping.tensors})})
+    history.append({"kind": kind, "source": source, "parts": sorted({part_of(k, family) for k in mapping.tensors})})
     meta["initialised_from"] = history
     if base_doc is not None:
         meta["trained_on"] = base_doc.get("trained_on")
         meta["classes"] = base_doc.get("classes")
     else:
         meta["trained_on"] = trained_on
-    return model.eval(), cfg, mapping, meta
+    return meta
 
 
 def convert_to_checkpoint(source: str, kind: str, out: str | os.PathLike, *, converter=None, **options) -> dict:
@@ -448,7 +454,7 @@ def convert_to_checkpoint(source: str, kind: str, out: str | os.PathLike, *, con
     save_checkpoint(model, cfg, out, meta)
     parts: dict[str, int] = {}
     for key in mapping.tensors:
-        parts[part_of(key)] = parts.get(part_of(key), 0) + 1
+        parts[part_of(key, cfg.family)] = parts.get(part_of(key, cfg.family), 0) + 1
     reasons: dict[str, int] = {}
     for reason in mapping.dropped.values():
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -463,9 +469,8 @@ def print_conversion_report(report: dict) -> None:
                         f"{'on' if report['siam'] else 'off'}")
     table.add_column(f"part filled from {report['kind']}")
     table.add_column("tensors", justify="right")
-    for part in dict.fromkeys(PARTS.values()):
-        if part in report["filled_per_part"]:
-            table.add_row(part, str(report["filled_per_part"][part]))
+    for part, count in report["filled_per_part"].items():
+        table.add_row(part, str(count))
     console.print(table)
     for reason, count in report["dropped"].items():
         console.print(f"dropped {count} source tensors: {reason}")

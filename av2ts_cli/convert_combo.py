@@ -21,7 +21,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from av2ts_cli.checkpoints import part_of
 from av2ts_cli.convert import (
     D2_RESNET_RULES,
     PVT_RULES,
@@ -31,6 +30,7 @@ from av2ts_cli.convert import (
     _build_target,
     _source_file,
     config_from_keys,
+    conversion_meta,
     fill_model,
     map_state_dict,
     read_state_dict_file,
@@ -148,16 +148,7 @@ def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, sub
     mapping: KeyMapping = map_state_dict(state, groups, model.state_dict(), path)
     fill_model(model, mapping, required, path)
     mapping.dropped.update(others)
-    meta = dict((base_doc or {}).get("meta") or {})
-    history = list(meta.get("initialised_from") or [])
-    history.append({"kind": kind, "source": source, "parts": sorted({part_of(k) for k in mapping.tensors})})
-    meta["initialised_from"] = history
-    if base_doc is not None:
-        meta["trained_on"] = base_doc.get("trained_on")
-        meta["classes"] = base_doc.get("classes")
-    else:
-        meta["trained_on"] = trained_on
-    return model.eval(), cfg, mapping, meta
+    return model.eval(), cfg, mapping, conversion_meta(kind, source, mapping, cfg.family, base_doc, trained_on)
 
 
 # ------------------------------------------------------------------------------------- data for the registry
