@@ -24,7 +24,8 @@ def test_bench_kernels_quick_json(cpp_kernel):
     for name in ("forward", "forward_backward"):
         timing = case[name]
         assert timing["fallback_ms"] > 0 and timing["kernel_ms"] > 0
-        assert timing["speedup"] == pytest.approx(timing["fallback_ms"] / timing["kernel_ms"], rel=0.01, abs=0.06)
+        # both ms figures are rounded to 0.01 ms: at ~0.5 ms that alone moves their ratio by ~1%
+        assert timing["speedup"] == pytest.approx(timing["fallback_ms"] / timing["kernel_ms"], rel=0.03, abs=0.06)
     assert set(case["peak_memory_mib"]) == {"fallback_forward", "kernel_forward", "fallback_forward_backward",
                                             "kernel_forward_backward"}
 

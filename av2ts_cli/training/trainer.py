@@ -116,7 +116,8 @@ class Trainer:
         if resume is not None:
             checkpoint = find_resume_checkpoint(resume)
             if processes.main:  # "runs/train/exp: in use by av2ts pid N" while another run trains it
-                self._held.enter_context(locks.held(checkpoint.parent))
+                # wait=15: DataLoader workers of a killed run still hold its lock until they notice (every 5 s)
+                self._held.enter_context(locks.held(checkpoint.parent, wait=15.0))
                 checkpoint = find_resume_checkpoint(resume)  # again, locked: its last holder may have swapped last/
                 locks.sweep_temps(checkpoint.parent, recursive=False, folders=False)  # a log temp a kill left
             state = read_trainer_state(checkpoint / TRAINER_FILE)
