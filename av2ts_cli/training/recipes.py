@@ -45,7 +45,9 @@ class Recipe:
 # - batch 2: more, cheaper steps for the same CPU time.
 _TINY = Recipe(3_000, 2, lr=1e-3, backbone_lr_mult=1.0, clip_norm=0.0, augment=False)
 # combo-tiny: av2ts-tiny's departures, for the same reasons (random weights, synthetic data; the bilateral fusion's
-# layer scales start at 1e-4 as OSA's); measured on synthetic S4 in tests/test_training_trainer.py
+# layer scales start at 1e-4 as OSA's). On the CI's synthetic S4 (tests/test_training_recipes.py) it reaches val mIoU
+# 0.965 after 300 iterations (0.52 with shuffled audio), once its random frozen VGGish hears the clips apart (He init,
+# model/vggish.py; with PyTorch's default init it gave every clip the same embedding and stalled at 0.50).
 _COMBO_TINY = Recipe(3_000, 2, lr=1e-3, backbone_lr_mult=1.0, clip_norm=0.0, augment=False)
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("av2ts-r50", "s4"): Recipe(90_000, 8),
