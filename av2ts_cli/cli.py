@@ -237,7 +237,8 @@ def predict(
         generator_settings={} if points_per_side is None else {"points_per_side": points_per_side},
         overlay=overlay, force=force, require_audio=require_audio)
     report = predictor.run(sources, options)
-    predictor.print_report(report)
+    if report.rank == 0:  # torchrun: rank 0 reports for every process; every process exits alike
+        predictor.print_report(report)
     if report.failures:
         raise typer.Exit(EXIT_PARTIAL)
 
@@ -425,9 +426,11 @@ def eval_command(
     report = evaluate.evaluate(subset, data, split=split, protocol=protocol, model=model, pred_dir=pred_dir,
                                save_pred=save_pred, shuffle_audio=shuffle_audio, batch=batch, device=device,
                                workers=workers, seed=seed, progress=not as_json, precision=precision, half=half)
+    if report["rank"] != 0:  # torchrun: rank 0 reports for every process
+        return
     if as_json:
         _print_json({k: report[k] for k in ("subset", "split", "protocol", "videos", "frames", "miou", "fscore",
-                                            "metrics_file")})
+                                            "metrics_file", "processes")})
     else:
         evaluate.print_report(report)
     if report["save_error"]:  # after the metrics: a metrics.json that cannot be written does not lose them

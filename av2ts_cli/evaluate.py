@@ -13,6 +13,10 @@ A model's semantic map (``AV2TS.segment``, at its input size) is resized bilinea
 into the foreground probability (S4/MS3, softmax over the two channels as COMBO/AV2TS) or the class map (AVSS).
 ``--shuffle-audio`` feeds each clip the audio of another clip (a fixed, seeded derangement): a control showing how
 much the model uses sound.
+
+Under torchrun (``torchrun --nproc-per-node N -m av2ts_cli eval --model ...``) each process scores every N-th clip
+on its own device and the per-clip metrics of all processes are merged in CSV order: the result equals a
+one-process eval to the last bit. Rank 0 writes ``metrics.json`` and prints.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from rich.table import Table
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from av2ts_cli.console import console, make_progress, warn
 from av2ts_cli.data.classes import avss_palette
@@ -38,7 +42,8 @@ from av2ts_cli.errors import DataError, UsageError, describe_os_error
 from av2ts_cli.files import write_json
 from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
 from av2ts_cli.model.inference import choose_precision, precision_context, prepare_for_inference
-from av2ts_cli.runs import numbered_run_folder, resolve_device
+from av2ts_cli.processes import Processes, environment
+from av2ts_cli.runs import numbered_run_folder
 from av2ts_cli.weights import check_finite_output, resolve_model
 
 RUNS_FOLDER = Path("runs") / "eval"
@@ -66,6 +71,8 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
     if batch < 1:
         raise UsageError(f"--batch must be at least 1, got {batch}")
 
+    # --pred-dir under torchrun: every rank scores the whole folder (it is quick) and rank 0 alone writes and prints
+    processes = Processes(*environment())
     if pred_dir is not None:
         pred_dir = Path(pred_dir)
         if not pred_dir.is_dir():
@@ -77,7 +84,8 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
         source = {"pred_dir": str(pred_dir)}
         folder = None  # the predictions are an input: nothing is written among them
     else:
-        torch_device = resolve_device(device)
+        processes = Processes.start(device, backend="gloo")  # torchrun: this rank's device and its shard of clips
+        torch_device = processes.device
         try:
             chosen, note = choose_precision(precision, torch_device, half)
         except ValueError as err:
@@ -91,8 +99,12 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
             raise UsageError(f"model {model} predicts {cfg.num_classes} classes, {subset} has {dataset.num_classes}")
         if shuffle_audio:
             dataset.audio_from = derangement(len(dataset), seed)
-        metrics = evaluate_model(network, dataset, protocol, batch=batch, device=torch_device, workers=workers,
-                                 save_pred=save_pred, progress=progress, name=str(model), precision=chosen)
+        try:
+            metrics = evaluate_model(network, dataset, protocol, batch=batch, device=torch_device, workers=workers,
+                                     save_pred=save_pred, progress=progress and processes.main, name=str(model),
+                                     precision=chosen, processes=processes)
+        finally:
+            processes.stop()
         source = {"model": str(model), "shuffle_audio": shuffle_audio, "precision": chosen}
         folder = Path(save_pred) if save_pred is not None else None
 
@@ -100,6 +112,9 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
               "frames": metrics["frames"], "miou": metrics["miou"], "fscore": metrics["fscore"], **source}
     document = {**report, "details": metrics}
     report["metrics_file"] = report["save_error"] = None
+    report["processes"], report["rank"] = processes.world_size, processes.rank
+    if not processes.main:  # rank 0 writes metrics.json and prints; every rank has the same metrics
+        return report
     try:  # a metrics.json that cannot be written must not lose the metrics: the caller prints them, then this line
         folder = Path(out) if out is not None else (folder or numbered_run_folder(RUNS_FOLDER))
         report["metrics_file"] = str(write_json(folder / "metrics.json", document))
@@ -123,19 +138,29 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch: int = 1,
                    device: str | torch.device = "cpu", workers: int = 0,
                    save_pred: str | os.PathLike | None = None, progress: bool = False,
-                   name: str = "the model under evaluation", precision: str = "fp32") -> dict:
+                   name: str = "the model under evaluation", precision: str = "fp32",
+                   processes: Processes | None = None) -> dict:
     """Run ``model`` (an AV2TS network, put in eval mode) over an evaluation dataset and score it. ``batch``: clips
     per forward pass (clips of equal length only); ``name``: the model as the user named it (for the error when its
     output is NaN); ``precision``: the autocast of its forward (``model.inference.precision_context``; a bf16 CPU
-    model is prepared by ``prepare_for_inference`` first). Returns the metrics' result dict."""
-    metric = SemanticMetrics(dataset.num_classes) if dataset.subset == "avss" else BinaryMetrics()
+    model is prepared by ``prepare_for_inference`` first). ``processes``: under torchrun, this rank scores its
+    shard of the clips and the per-video scores of all ranks are merged (every rank gets the result). Returns the
+    metrics' result dict.
+
+    Each clip is scored into its own metric and the clips' metrics are merged in CSV order, with one process or
+    several: the result is the same to the last bit however the clips were shared out (``SemanticMetrics.merge``).
+    """
+    processes = processes or Processes()
+    new_metric = (lambda: SemanticMetrics(dataset.num_classes)) if dataset.subset == "avss" else BinaryMetrics
     device = torch.device(device)
     was_training = model.training
     model.eval()
     palette = avss_palette(dataset.num_classes)
+    indices = processes.shard(list(range(len(dataset))))
+    scored: list[tuple[int, BinaryMetrics | SemanticMetrics]] = []  # (clip index, that clip's metric)
     try:
-        with _Progress(progress, len(dataset), "evaluating") as advance, torch.inference_mode():
-            for items in _batches(dataset, batch, workers):
+        with _Progress(progress, len(indices), "evaluating") as advance, torch.inference_mode():
+            for items in _batches(Subset(dataset, indices), batch, workers):
                 frames = torch.stack([item["frames"] for item in items]).to(device).float()
                 audio = torch.stack([item["audio"] for item in items]).to(device)
                 maskiges = None
@@ -147,10 +172,15 @@ def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch
                     semseg = model.segment(frames, audio, maskiges)  # [B, T, K, S, S]
                 check_finite_output(semseg, model, name, f" on {', '.join(str(item['video']) for item in items)}")
                 for item, clip_map in zip(items, semseg, strict=True):
-                    _score_clip(item, clip_map, dataset, metric, protocol, save_pred, palette)
+                    clip_metric = new_metric()
+                    _score_clip(item, clip_map, dataset, clip_metric, protocol, save_pred, palette)
+                    scored.append((indices[len(scored)], clip_metric))
                     advance()
     finally:
         model.train(was_training)
+    metric = new_metric()
+    for _, clip_metric in sorted((pair for part in processes.gather(scored) for pair in part), key=lambda p: p[0]):
+        metric.merge(clip_metric)
     return metric.result() if isinstance(metric, SemanticMetrics) else metric.result(protocol)
 
 

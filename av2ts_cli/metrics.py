@@ -96,6 +96,12 @@ class BinaryMetrics:
         self.curve_sums.append(curves[counted].double().sum(0).cpu())
         self.curve_counts.append(int(counted.sum()))
 
+    def merge(self, other: BinaryMetrics) -> None:
+        """Append ``other``'s videos after this one's (merge in CSV order: groups follow it)."""
+        self.ious += other.ious
+        self.curve_sums += other.curve_sums
+        self.curve_counts += other.curve_counts
+
     @property
     def frames(self) -> int:
         return sum(len(i) for i in self.ious)
@@ -173,6 +179,18 @@ class SemanticMetrics:
         self.f_sum[0] += frames
         self.counts[0] += frames
         self.padded_frames += frames
+
+    def merge(self, other: SemanticMetrics) -> None:
+        """Add ``other``'s sums and counts. Float sums depend on their order: merging per-video metrics in one fixed
+        order gives the same bits however the videos were shared out (``evaluate``)."""
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge metrics of {other.num_classes} classes into {self.num_classes}")
+        self.iou_sum += other.iou_sum
+        self.f_sum += other.f_sum
+        self.counts += other.counts
+        self.frames += other.frames
+        self.padded_frames += other.padded_frames
+        self.videos += other.videos
 
     def result(self) -> dict:
         """{"miou", "fscore", "videos", "frames", "padded_frames", "per_class": {"iou", "fscore", "frames"}}."""

@@ -70,6 +70,7 @@ from av2ts_cli.predict_outputs import (
     read_summary,
 )
 from av2ts_cli.predict_stream import Predictor, Timer, load_predictor, make_predictor, maskige_reader, stream_masks
+from av2ts_cli.processes import Processes
 from av2ts_cli.render import render_overlay
 from av2ts_cli.runs import numbered_run_folder
 from av2ts_cli.sampling import sampled_seconds, video_duration, video_schedule
@@ -318,11 +319,18 @@ class RunReport:
     failures: list[dict] = field(default_factory=list)  # {"input", "error"}
     batch: bool = False
     busy: list[dict] = field(default_factory=list)  # {"input", "pid"}: locked by another run, left to it
+    processes: int = 1  # torchrun: the processes that shared the videos (the report covers all of them)
+    rank: int = 0  # this process's rank: rank 0 prints the report
+
+    @property
+    def collects(self) -> bool:
+        """Whether a video's failure is recorded and the run goes on (several videos or processes), or raised."""
+        return self.batch or self.processes > 1
 
     def to_dict(self) -> dict:
         return {"out": self.out, "model": self.model, "batch": self.batch,
                 "videos": [dataclasses.asdict(v) for v in self.videos], "failures": self.failures,
-                "busy": self.busy}
+                "busy": self.busy, "processes": self.processes}
 
 
 def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor: Predictor | None = None
@@ -334,7 +342,14 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
     Each video is done under the lock of its folder (``locks``): a video another run holds is left to it (a
     line ``x.mp4: in use by av2ts pid N``, counted in ``busy``, not a failure), so two runs into one ``--out``
     share the work. SIGINT/SIGTERM: the current video's unfinished outputs are removed and ``Interrupted`` (exit
-    130/143) says what was left."""
+    130/143) says what was left.
+
+    Under torchrun (WORLD_SIZE > 1) the processes share the videos: process r does every WORLD_SIZE-th video from
+    the r-th on, on its own device (``--device cuda``: the GPU of its LOCAL_RANK), into the one output folder rank
+    0 chose, with the folder names rank 0 gave. Failures are always collected, not raised; each process records
+    its own in ``failures.json`` (under the folder's lock) and, at the end, every process returns the combined
+    report, so all of them exit alike (3 when any video failed). A re-run of the same command skips the videos
+    that are done, whichever process did them."""
     options.check()
     videos = collect_videos(sources, options.recursive)
     if options.overlay is not None and "png" not in options.formats:
@@ -342,49 +357,82 @@ def run(sources: Sequence[str | os.PathLike], options: PredictOptions, predictor
     batch = len(videos) > 1
     if options.overlay and batch and is_video_name(options.overlay):
         raise UsageError(f"--overlay {options.overlay}: several videos need a folder for their overlays")
+    processes = Processes.start(options.device, backend="gloo")
+    try:
+        return _run(videos, options, predictor, batch, processes)
+    finally:
+        processes.stop()
+
+
+def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | None, batch: bool,
+         processes: Processes) -> RunReport:
     run_dir: Path | None = None
     created = False
     current: list[Path] = []  # the video being done, for the interrupt's line
-    report = None
+    report = None  # this process's
+    shard: list[tuple[Path, str]] = []
     with stop_on_signals():
         try:
             if predictor is None:
-                predictor = load_predictor(options.model, options.device, options.half, options.precision)
+                predictor = load_predictor(options.model, str(processes.device), options.half, options.precision)
             generator = None  # one maskige generator for every video; a model without the Siam encoder never makes one
             if predictor.cfg.siam and parse_maskiges(options.maskiges) == AUTO:
                 generator = LazyGenerator(options.generator, options.generator_settings, str(predictor.device))
-            if options.out is not None:
-                run_dir = Path(options.out)
-                created = not run_dir.exists()
-                run_dir.mkdir(parents=True, exist_ok=True)
-            else:
-                run_dir, created = numbered_run_folder(DEFAULT_RUNS), True
-            report = RunReport(str(run_dir), predictor.describe(), batch=batch)
-            _run_videos(videos, run_dir, predictor, options, generator, report, current)
+            if processes.main:
+                if options.out is not None:
+                    run_dir = Path(options.out)
+                    created = not run_dir.exists()
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                else:
+                    run_dir, created = numbered_run_folder(DEFAULT_RUNS), True
+            run_dir, names = processes.broadcast((run_dir, folder_names(videos, run_dir) if processes.main else None))
+            report = RunReport(str(run_dir), predictor.describe(), batch=batch, processes=processes.world_size,
+                               rank=processes.rank)
+            shard = processes.shard(list(zip(videos, names, strict=True)))
+            _run_videos(shard, run_dir, predictor, options, generator, report, current)
+            if processes.distributed:  # every process waits for the others here and gets the combined report
+                _merge_failures(run_dir, report)
+                return _combined(processes.gather(report), videos, processes.rank)
+            return report
         except KeyboardInterrupt as stop:
             done = len(report.videos) + len(report.failures) + len(report.busy) if report else 0
             left = f"{current[0]} left unfinished" if current else "no video started"
-            rest = len(videos) - done - len(current)
-            raise Interrupted(signum_of(stop), f"{left}; {done} of {len(videos)} videos done or skipped, {rest} not "
+            total = len(shard) if report else len(videos)
+            rest = total - done - len(current)
+            raise Interrupted(signum_of(stop), f"{left}; {done} of {total} videos done or skipped, {rest} not "
                               "started; the same command finishes them") from None
         finally:
-            if batch and report is not None:
+            if report is not None and report.collects and not processes.distributed:
                 _merge_failures(run_dir, report)
             if created and run_dir is not None:  # nothing written (a single failed video): no empty expN
                 with contextlib.suppress(OSError):
                     run_dir.rmdir()
-    return report
 
 
-def _run_videos(videos: list[Path], run_dir: Path, predictor: Predictor, options: PredictOptions,
+def _combined(reports: list[RunReport], videos: list[Path], rank: int) -> RunReport:
+    """The processes' reports as one, in the order of ``videos``."""
+    order = {str(video): i for i, video in enumerate(videos)}
+    combined = dataclasses.replace(reports[0], rank=rank, videos=[], failures=[], busy=[])
+    for part in reports:
+        combined.videos += part.videos
+        combined.failures += part.failures
+        combined.busy += part.busy
+    for entries, key in ((combined.videos, lambda v: order.get(v.input, -1)),
+                         (combined.failures, lambda f: order.get(f["input"], -1)),
+                         (combined.busy, lambda b: order.get(b["input"], -1))):
+        entries.sort(key=key)
+    return combined
+
+
+def _run_videos(shard: list[tuple[Path, str]], run_dir: Path, predictor: Predictor, options: PredictOptions,
                 generator: LazyGenerator | None, report: RunReport, current: list[Path]) -> None:
+    """The videos of ``shard`` (video, folder name), one after the other."""
     batch = report.batch
-    names = folder_names(videos, run_dir)
-    progress = make_progress() if options.progress else None
+    progress = make_progress() if options.progress and report.rank == 0 else None
     with progress if progress is not None else contextlib.nullcontext():
-        videos_task = progress.add_task("videos", total=len(videos)) if progress else None
+        videos_task = progress.add_task("videos", total=len(shard)) if progress else None
         windows_task = progress.add_task("windows", total=None) if progress else None
-        for video, name in zip(videos, names, strict=True):
+        for video, name in shard:
             current[:] = [video]
             try:
                 result = _locked_video(video, run_dir / name, predictor, options, batch, progress, windows_task,
@@ -395,7 +443,7 @@ def _run_videos(videos: list[Path], run_dir: Path, predictor: Predictor, options
                 else:
                     report.videos.append(result)
             except (Av2tsError, OSError) as err:
-                if not batch:
+                if not report.collects:
                     raise
                 show_traceback(err)  # --debug: the traceback of a failure the batch goes on from
                 reason = err.message if isinstance(err, Av2tsError) else describe_os_error(

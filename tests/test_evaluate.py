@@ -4,7 +4,10 @@ predictions saved and re-scored, shuffled audio, and the one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from av2ts_cli.config import get_preset
 from av2ts_cli.data.layout import list_videos, resolve_root
 from av2ts_cli.evaluate import derangement
 from av2ts_cli.model import build_model
-from av2ts_cli.weights import save_checkpoint
+from av2ts_cli.weights import DEMO_MODEL_DIR, save_checkpoint
 
 runner = CliRunner()
 
@@ -305,3 +308,43 @@ def test_metrics_are_printed_when_metrics_json_cannot_be_written(synth_data, tmp
     assert "1.0000" in table.output and "Results saved" not in table.output
     assert table.output.strip().splitlines()[-1] == "error: metrics.json not saved: runs is a file, not a folder"
     assert (tmp_path / "runs").read_text() == "not a folder"
+
+
+@pytest.mark.slow
+def test_torchrun_eval_equals_one_process_to_the_last_bit(synth_data, random_models, tmp_path):
+    """Two CPU processes (gloo) share the clips; the metrics equal a one-process eval exactly, for S4 under the
+    avsbench protocol (F over groups of 4 consecutive videos: 9 videos, so the groups straddle the shards) and for
+    AVSS with padding; rank 0 alone prints and writes metrics.json; each clip's prediction is written once."""
+    s4 = tmp_path / "s4data"
+    invoke(["data", "synth", "--subset", "s4", "--out", str(s4), "--videos", "1", "--val", "1", "--test", "9",
+            "--size", "128", "--seed", "3", "--no-maskiges"])
+    # S4 with the demo model (trained on synthetic S4): videos that score differently, so a merge in another order
+    # gives other F groups
+    models = {"s4": str(DEMO_MODEL_DIR), "avss": str(random_models["avss"])}
+    cases = {"s4": ["--subset", "s4", "--data", str(s4)], "avss": ["--subset", "avss", "--data", str(synth_data)]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AV2TS_CACHE": str(tmp_path / "cache")}
+    for subset, data in cases.items():
+        common = ["eval", *data, "--model", models[subset], "--protocol", "avsbench", "--workers", "0"]
+        # one thread in both runs: the forward's float sums follow the thread count
+        one_process = subprocess.run([sys.executable, "-m", "av2ts_cli", *common, "--json", "--save-pred",
+                                      str(tmp_path / f"one-{subset}")], capture_output=True, text=True, timeout=600,
+                                     env=env, cwd=tmp_path)
+        assert one_process.returncode == 0, one_process.stderr[-3000:]
+        single = json.loads(one_process.stdout)
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+             "av2ts_cli", *common, "--json", "--save-pred", str(tmp_path / f"two-{subset}")],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout)  # one document: rank 0's
+        assert report["processes"] == 2
+        assert {k: report[k] for k in ("miou", "fscore", "videos", "frames")} == \
+            {k: single[k] for k in ("miou", "fscore", "videos", "frames")}
+        one = json.loads((tmp_path / f"one-{subset}" / "metrics.json").read_text())["details"]
+        two = json.loads((tmp_path / f"two-{subset}" / "metrics.json").read_text())["details"]
+        assert one == two
+        pngs = sorted(p.relative_to(tmp_path / f"one-{subset}") for p in (tmp_path / f"one-{subset}").rglob("*.png"))
+        assert len(pngs) == single["frames"]
+        assert all((tmp_path / f"one-{subset}" / p).read_bytes() == (tmp_path / f"two-{subset}" / p).read_bytes()
+                   for p in pngs)
+    assert single["videos"] == 3 and one["padded_frames"] == 10

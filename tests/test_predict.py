@@ -627,3 +627,49 @@ def test_a_signal_mid_run_cleans_up_says_what_was_left_and_exits_128_plus_it(sig
     assert lines == [f"error: {signal.Signals(signum).name}: {clip} left unfinished; 0 of 1 videos done or "
                      "skipped, 0 not started; the same command finishes them"], err
     assert "Traceback" not in err and not out.exists()  # no outputs, no temps, no empty folders
+
+
+# ------------------------------------------------------------------------------------------------------ torchrun
+def _torchrun(args: list[str], logs: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m av2ts_cli ARGS`` on the CPU, each rank's stdout and stderr in ``logs``."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--log-dir", str(logs), "--redirects", "3", "-m", "av2ts_cli", *args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+
+
+def _rank_logs(logs: Path, name: str) -> dict[int, str]:
+    """{rank: the text of its ``name`` (stdout.log or stderr.log)} from torchrun's --log-dir."""
+    return {int(path.parent.name): path.read_text() for path in logs.rglob(name)}
+
+
+@pytest.mark.slow
+def test_torchrun_shares_the_videos_and_combines_the_failures(make_clip, tiny_checkpoint, tmp_path):
+    """Two CPU processes: each video is done by exactly one of them, one failures.json lists the bad file, both
+    exit 3 (a failure on one process is the job's), and the same command afterwards redoes nothing."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copy(make_clip(f"ddp{i}", duration=1.0, size=(32 + 2 * i, 24)), folder / f"v{i}.mp4")
+    (folder / "v4.mp4").write_text("This is a text file, not a video.\n")  # rank 0's third video (v0, v2, v4)
+    out = tmp_path / "run"
+    args = ["predict", str(folder), "--model", str(tiny_checkpoint), "--out", str(out), "--device", "cpu"]
+    result = _torchrun(args, tmp_path / "logs", tmp_path)
+    assert result.returncode != 0 and result.stderr.count("exitcode  : 3") == 2, result.stderr[-3000:]
+    stderr = _rank_logs(tmp_path / "logs", "stderr.log")
+    assert sorted(stderr) == [0, 1]
+    assert all("Traceback" not in text for text in stderr.values()), stderr
+    for i in range(4):  # each good video once, by the rank its place in the list gives it
+        summary = json.loads((out / f"v{i}" / "summary.json").read_text())
+        assert Path(summary["input"]).name == f"v{i}.mp4"
+        owners = [rank for rank, text in stderr.items() if f"v{i}.mp4" in text]
+        assert owners == [i % 2], (i, owners)
+    failures = json.loads((out / "failures.json").read_text())
+    assert [Path(f["input"]).name for f in failures] == ["v4.mp4"] and "not a video" in failures[0]["error"]
+    assert "1 of 5 inputs failed" in stderr[0] and "inputs failed" not in stderr[1]  # rank 0 reports for both
+
+    again = _torchrun(args, tmp_path / "logs2", tmp_path)
+    assert again.returncode != 0  # v4 still fails
+    stderr = _rank_logs(tmp_path / "logs2", "stderr.log")
+    assert sum(text.count("already done") for text in stderr.values()) == 4
+    assert [Path(f["input"]).name for f in json.loads((out / "failures.json").read_text())] == ["v4.mp4"]

@@ -30,6 +30,7 @@ from av2ts_cli.errors import DataError, UsageError
 from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings, MaskGenerator, resolve_generator
 from av2ts_cli.maskiges.render import MAX_ID, write_maskige
 from av2ts_cli.maskiges.sources import MaskSource
+from av2ts_cli.processes import device_for, environment
 
 MASKIGE_FOLDER = "pre_SAM_mask"
 PROVENANCE_FILE = "pre_SAM_mask.json"
@@ -51,18 +52,6 @@ class FrameJob:
 def maskige_root(root: Path, subset: str) -> Path:
     """``pre_SAM_mask/`` of a subset folder (``resolve_root``)."""
     return (root if subset == "avss" else root / DATA_FOLDERS[subset]) / MASKIGE_FOLDER
-
-
-def distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) outside it."""
-    try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"RANK {rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE {world})")
-    return rank, world, local
 
 
 def frame_jobs(root: Path, subset: str, splits: tuple[str, ...] = SPLITS) -> list[FrameJob]:
@@ -136,16 +125,6 @@ def _read_json(path: Path) -> dict:
         raise DataError(path, f"unreadable: {err}") from None
 
 
-def _device_for(device: str, local_rank: int, world: int) -> str:
-    """torchrun with CUDA: one GPU per process (cuda:LOCAL_RANK)."""
-    if world > 1 and device in ("cuda", "auto"):
-        import torch  # local: --masks-from runs need no torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{local_rank % torch.cuda.device_count()}"
-    return device
-
-
 def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathLike | None = None,
                 generator=None, settings=None, device: str = "auto", force: bool = False,
                 splits: tuple[str, ...] = SPLITS, progress: bool = True) -> dict:
@@ -155,11 +134,11 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
     shard), "total_frames", "written", "skipped", "failed": [{"path", "error"}], "seconds",
     "seconds_per_written_frame"}."""
     started = time.perf_counter()
-    rank, world, local_rank = distributed()
+    rank, world, local_rank = environment()
     root = resolve_root(data, subset)
     out = maskige_root(root, subset)
     record_path = out.parent / PROVENANCE_FILE
-    masks = _Masks(subset, masks_from, generator, settings, _device_for(device, local_rank, world))
+    masks = _Masks(subset, masks_from, generator, settings, device_for(device, local_rank, world))
     record = {"made_by": f"av2ts {__version__} maskiges", **masks.record(), "renderer": RENDERER}
     previous = _read_record(record_path)
     changed = previous is not None and _identity(previous) != _identity(record)

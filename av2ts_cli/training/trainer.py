@@ -45,6 +45,7 @@ from av2ts_cli.console import console, make_progress, warn
 from av2ts_cli.data import build_dataset
 from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
 from av2ts_cli.evaluate import evaluate_model
+from av2ts_cli.processes import Processes
 from av2ts_cli.runs import numbered_run_folder
 from av2ts_cli.training.checkpoint import (
     BEST,
@@ -61,7 +62,6 @@ from av2ts_cli.training.data_order import ClipOrder, training_loader
 from av2ts_cli.training.log import LOG_FILE, TrainLog
 from av2ts_cli.training.optim import LOSS_GROUPS, PolySchedule, build_optimizer, optimisation_step
 from av2ts_cli.training.options import TrainOptions, merge_resume_options, new_options
-from av2ts_cli.training.processes import Processes
 from av2ts_cli.training.rng import preserved_rng, rng_state, seed_everything, set_rng_state
 from av2ts_cli.weights import load_checkpoint, resolve_model, save_checkpoint
 

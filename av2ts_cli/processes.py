@@ -1,0 +1,130 @@
+"""This process's place in a job: one process, or one rank of a ``torchrun`` job (``train``, ``predict``, ``eval``,
+``data maskiges``).
+
+``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; ``environment`` reads and checks them. With WORLD_SIZE > 1 the
+processes that talk to each other join one group through ``Processes.start``: ``train`` over nccl on CUDA (the
+gradients) and gloo on CPU; ``predict`` and ``eval`` over gloo everywhere, since they pass only a few small
+objects (reports, per-video scores) and gloo also runs across nodes without GPUs. With CUDA each rank takes the
+GPU of its LOCAL_RANK (``device_for``).
+
+The environment check and ``device_for`` load no torch: ``data maskiges --masks-from`` shards frames without it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from av2ts_cli.errors import UsageError
+
+# How long a rank waits at a collective for the others. predict and eval meet once, after their shards: a rank
+# that drew the longer videos may finish hours after the others. A rank that dies does not leave the rest
+# waiting that long: torchrun stops every process of the job when one fails.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) outside it."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK {rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE {world})")
+    return rank, world, local
+
+
+def device_for(device: str, local_rank: int, world: int) -> str:
+    """The device a rank uses for ``--device``: with several processes, ``cuda`` and ``auto`` (on a machine with
+    CUDA) become ``cuda:LOCAL_RANK`` (modulo the GPUs there are); anything else stays as given."""
+    if world > 1 and device in ("cuda", "auto"):
+        import torch  # local: data maskiges --masks-from shards load no torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def _distributed():
+    import torch.distributed  # local: see the module docstring (environment and device_for load no torch)
+
+    return torch.distributed
+
+
+@dataclass
+class Processes:
+    """This process's place in a (possibly one-process) job, and the collectives between its processes (identities
+    for one process). ``device``: this rank's ``torch.device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: Any = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def start(cls, device: str, backend: str | None = None) -> Processes:
+        """This process's place; under torchrun (WORLD_SIZE > 1) join the group: ``backend`` None picks nccl for a
+        CUDA device and gloo otherwise."""
+        import torch  # local: see the module docstring
+
+        from av2ts_cli.runs import resolve_device  # local: runs imports torch (see the module docstring)
+
+        rank, world_size, local_rank = environment()
+        requested = resolve_device(device_for(device, local_rank, world_size))
+        if world_size <= 1:
+            return cls(device=requested)
+        if requested.type == "cuda":
+            torch.cuda.set_device(requested)
+        dist = _distributed()
+        if not dist.is_initialized():
+            dist.init_process_group(backend or ("nccl" if requested.type == "cuda" else "gloo"),
+                                    timeout=COLLECTIVE_TIMEOUT)
+        return cls(rank, world_size, local_rank, requested)
+
+    def stop(self) -> None:
+        if self.distributed and _distributed().is_initialized():
+            _distributed().destroy_process_group()
+
+    def sum(self, values):
+        """``values`` (a tensor) summed over the processes (an all-reduce), on the CPU."""
+        if self.distributed:
+            dist = _distributed()
+            values = values.to(self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(values)
+        return values.cpu()
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj`` (picklable), in rank order, on every process."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        _distributed().all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` (picklable), on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        _distributed().broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            _distributed().barrier()
+
+    def shard(self, items: list) -> list:
+        """This rank's share of ``items``: every ``world_size``-th from its rank on, so each item goes to exactly
+        one process and neighbours in the list (often videos of similar length) spread over the processes."""
+        return items[self.rank::self.world_size]

@@ -1,0 +1,52 @@
+"""av2ts_cli/processes.py: without torchrun a run is one process whose collectives are identities; the torchrun
+environment checked; shards (the two-process runs are in tests/test_training_trainer.py, tests/test_predict.py,
+tests/test_evaluate.py and tests/test_maskiges_dataset.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from av2ts_cli.errors import UsageError
+from av2ts_cli.processes import Processes, device_for, environment
+
+
+def test_one_process_without_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    processes = Processes.start("cpu")
+    assert (processes.rank, processes.world_size, processes.main, processes.distributed) == (0, 1, True, False)
+    assert processes.device == torch.device("cpu")
+    values = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert torch.equal(processes.sum(values), values) and processes.gather({"a": 1}) == [{"a": 1}]
+    processes.barrier()
+    processes.stop()
+
+
+@pytest.mark.parametrize(("env", "message"), [({"RANK": "x", "WORLD_SIZE": "2"}, "must be integers"),
+                                              ({"RANK": "2", "WORLD_SIZE": "2"}, "not in 0..WORLD_SIZE-1"),
+                                              ({"RANK": "0", "WORLD_SIZE": "0"}, "not in 0..WORLD_SIZE-1")])
+def test_a_bad_torchrun_environment_is_one_usage_line(monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UsageError, match=message):
+        environment()
+
+
+def test_the_environment_and_the_device_of_a_rank(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert environment() == (3, 4, 3)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert environment() == (3, 4, 1)
+    assert device_for("cpu", 1, 4) == "cpu" and device_for("cuda:0", 1, 4) == "cuda:0"
+    if not torch.cuda.is_available():
+        assert device_for("auto", 1, 4) == "auto"  # resolved to the CPU later
+
+
+def test_shards_cover_every_item_once():
+    items = list(range(11))
+    shards = [Processes(rank=r, world_size=3).shard(items) for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert sorted(sum(shards, [])) == items
+    assert Processes().shard(items) == items and Processes().broadcast("x") == "x"
