@@ -32,7 +32,7 @@ from PIL import Image
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
-from av2ts_cli.console import console, make_progress, warn
+from av2ts_cli.console import console, make_progress
 from av2ts_cli.data.classes import avss_palette
 from av2ts_cli.data.datasets import AVSDataset, build_dataset
 from av2ts_cli.data.images import image_header, read_rgb, rgb_to_index, write_png
@@ -41,9 +41,9 @@ from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError, describe_os_error
 from av2ts_cli.files import write_json
 from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
-from av2ts_cli.model.inference import choose_precision, precision_context, prepare_for_inference
+from av2ts_cli.model.inference import precision_context, prepare_for_inference
 from av2ts_cli.processes import Processes, environment
-from av2ts_cli.runs import numbered_run_folder
+from av2ts_cli.runs import numbered_run_folder, resolve_precision
 from av2ts_cli.weights import check_finite_output, resolve_model
 
 RUNS_FOLDER = Path("runs") / "eval"
@@ -86,12 +86,7 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
     else:
         processes = Processes.start(device, backend="gloo")  # torchrun: this rank's device and its shard of clips
         torch_device = processes.device
-        try:
-            chosen, note = choose_precision(precision, torch_device, half)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        if note:
-            warn(note)
+        chosen = resolve_precision(precision, torch_device, half)
         network, cfg, _ = resolve_model(model, subset=subset, device=torch_device)
         network = prepare_for_inference(network, chosen, torch_device)
         dataset = build_dataset(subset, data, split, cfg=cfg, train=False)

@@ -23,13 +23,13 @@ import torch
 
 from av2ts_cli import media, weights
 from av2ts_cli.config import ModelConfig
-from av2ts_cli.console import console, warn
+from av2ts_cli.console import console
 from av2ts_cli.data.images import read_rgb
 from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError
 from av2ts_cli.masks import FrameMask, frame_mask
-from av2ts_cli.model.inference import choose_precision, precision_context, prepare_for_inference
-from av2ts_cli.runs import resolve_device
+from av2ts_cli.model.inference import precision_context, prepare_for_inference
+from av2ts_cli.runs import resolve_device, resolve_precision
 from av2ts_cli.sampling import SampledFrame, Schedule, Window
 
 if TYPE_CHECKING:
@@ -82,12 +82,7 @@ def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], n
     """Move ``model`` to the device, pick the precision (``--precision``, None: the default; ``--half``: the fast
     path) and prepare the model for it (``model.inference.choose_precision`` and ``prepare_for_inference``)."""
     target = resolve_device(device)
-    try:
-        precision, note = choose_precision(precision, target, half)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if note:
-        warn(note)
+    precision = resolve_precision(precision, target, half)
     model = prepare_for_inference(model, precision, target)
     return Predictor(model, cfg, list(class_names), name, target, precision, trained_on)
 

@@ -1,6 +1,6 @@
 """What ``train``, ``eval`` and ``predict`` share about their outputs and where they run: numbered run folders
-(``runs/<command>/exp``, ``exp2``, ...) and the ``--device`` choice. (JSON is written atomically by
-``files.write_json``.)"""
+(``runs/<command>/exp``, ``exp2``, ...), the ``--device`` choice and the ``--precision`` choice. (JSON is written
+atomically by ``files.write_json``.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from av2ts_cli.console import warn
 from av2ts_cli.errors import UsageError
+from av2ts_cli.model.inference import choose_precision
 
 
 def numbered_run_folder(base: str | os.PathLike, name: str = "exp") -> Path:
@@ -36,3 +38,16 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} asked for, but CUDA is not available")
     return resolved
+
+
+def resolve_precision(precision: str | None, device: torch.device, half: bool = False) -> str:
+    """The precision ``eval`` and ``predict`` run at for ``--precision`` (None: the device's default) and ``--half``
+    (``model.inference.choose_precision``): a choice the device cannot run is a UsageError, and the note on a
+    choice that was changed (``--half`` on a CPU without native bf16) is shown as a warning."""
+    try:
+        chosen, note = choose_precision(precision, device, half)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if note:
+        warn(note)
+    return chosen

@@ -55,7 +55,6 @@ def _package_exceptions() -> dict[str, type]:
 EXCEPTIONS = _package_exceptions()
 # constructor arguments where "value 0", "value 1", ... do not fit the signature
 SAMPLES = {
-    "TrainingInterrupted": (signal.SIGTERM, 12, Path("runs/train/exp")),
     "Interrupted": (signal.SIGTERM, "clip.mp4 left unfinished; 1 of 3 videos done or skipped, 1 not started"),
     "MediaError": ("clip [red].mp4", "no video stream\n(ffmpeg said more)"),
     "DataError": ("AVS/Single-source/x/0.png", "mask is 32x32, the video's first frame 64x64"),
@@ -77,14 +76,14 @@ def _sample(cls: type) -> BaseException:
 
 def test_the_walk_finds_the_known_classes():
     names = {cls.__qualname__ for cls in EXCEPTIONS.values()}
-    assert {"Av2tsError", "MediaError", "DataError", "CheckpointError", "UsageError", "TrainingInterrupted",
+    assert {"Av2tsError", "MediaError", "DataError", "CheckpointError", "UsageError", "Interrupted",
             "KernelError", "KernelUnavailable"} <= names, names
 
 
 def _same(a: BaseException, b: BaseException) -> None:
     assert type(a) is type(b)
     assert a.args == b.args and str(a) == str(b)
-    assert a.__dict__ == b.__dict__  # path, reason, an instance's exit code (TrainingInterrupted: 128 + signal)
+    assert a.__dict__ == b.__dict__  # path, reason, an instance's exit code (Interrupted: 128 + signal)
     assert getattr(a, "exit_code", None) == getattr(b, "exit_code", None)
 
 
@@ -96,7 +95,7 @@ def test_every_exception_class_pickles_intact(name):
 
 
 def test_an_interrupted_run_keeps_its_exit_code_across_pickling():
-    err = _sample(next(cls for cls in EXCEPTIONS.values() if cls.__name__ == "TrainingInterrupted"))
+    err = _sample(next(cls for cls in EXCEPTIONS.values() if cls.__name__ == "Interrupted"))
     assert err.exit_code == 128 + signal.SIGTERM
     assert pickle.loads(pickle.dumps(err)).exit_code == 128 + signal.SIGTERM
 
@@ -155,7 +154,7 @@ def test_a_data_error_comes_out_of_dataloader_workers_intact():
 def _fail_in_child(kind: str):
     if kind == "data":
         raise DataError("clips/x.png", "truncated")
-    raise _sample(next(cls for cls in EXCEPTIONS.values() if cls.__name__ == "TrainingInterrupted"))
+    raise _sample(next(cls for cls in EXCEPTIONS.values() if cls.__name__ == "Interrupted"))
 
 
 @pytest.mark.parametrize("kind", ["data", "interrupted"])
@@ -165,7 +164,7 @@ def test_errors_cross_processes_pickled(kind):
         with pytest.raises(Av2tsError) as raised:
             pool.submit(_fail_in_child, kind).result()
     expected = DataError("clips/x.png", "truncated") if kind == "data" else _sample(
-        next(cls for cls in EXCEPTIONS.values() if cls.__name__ == "TrainingInterrupted"))
+        next(cls for cls in EXCEPTIONS.values() if cls.__name__ == "Interrupted"))
     _same(raised.value, expected)
 
 

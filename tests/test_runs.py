@@ -1,4 +1,4 @@
-"""runs.py: numbered run folders, the --device choice; and the atomic JSON (files.write_json) the runs write."""
+"""runs.py: numbered run folders, the --device and --precision choices; and the atomic JSON (files.write_json) the runs write."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from av2ts_cli.errors import UsageError
 from av2ts_cli.files import write_json
-from av2ts_cli.runs import numbered_run_folder, resolve_device
+from av2ts_cli.model import inference
+from av2ts_cli.runs import numbered_run_folder, resolve_device, resolve_precision
 
 
 def test_run_folders_are_numbered_and_never_reused(tmp_path):
@@ -35,3 +36,17 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_precision_choice_is_a_usage_error_or_a_warning(monkeypatch, capsys, native):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision(None, cpu) == ("bf16" if native else "fp32")
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(UsageError, match="contradicts --precision fp32"):
+        resolve_precision("fp32", cpu, half=True)
+    capsys.readouterr()
+    assert resolve_precision(None, cpu, half=True) == ("bf16" if native else "fp32")
+    assert ("no native bf16" in capsys.readouterr().err) is not native  # the changed choice is said once

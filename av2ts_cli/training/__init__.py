@@ -25,12 +25,12 @@ if TYPE_CHECKING:
     from av2ts_cli.training.log import read_log
     from av2ts_cli.training.options import TrainOptions
     from av2ts_cli.training.recipes import RECIPES, Recipe, recipe_for
-    from av2ts_cli.training.trainer import TrainingInterrupted, print_report, train
+    from av2ts_cli.training.trainer import print_report, train
 
-_HOMES = {"train": "trainer", "print_report": "trainer", "TrainingInterrupted": "trainer",
+_HOMES = {"train": "trainer", "print_report": "trainer",
           "TrainOptions": "options", "Recipe": "recipes", "RECIPES": "recipes", "recipe_for": "recipes",
           "find_resume_checkpoint": "checkpoint", "read_trainer_state": "checkpoint", "read_log": "log"}
-__all__ = ["RECIPES", "Recipe", "TrainOptions", "TrainingInterrupted", "find_resume_checkpoint", "print_report",
+__all__ = ["RECIPES", "Recipe", "TrainOptions", "find_resume_checkpoint", "print_report",
            "read_log", "read_trainer_state", "recipe_for", "train"]
 
 

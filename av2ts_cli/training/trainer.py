@@ -45,6 +45,7 @@ from av2ts_cli.console import console, make_progress, warn
 from av2ts_cli.data import build_dataset
 from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
 from av2ts_cli.evaluate import evaluate_model
+from av2ts_cli.interrupts import Interrupted
 from av2ts_cli.processes import Processes
 from av2ts_cli.runs import numbered_run_folder
 from av2ts_cli.training.checkpoint import (
@@ -66,16 +67,6 @@ from av2ts_cli.training.rng import preserved_rng, rng_state, seed_everything, se
 from av2ts_cli.weights import load_checkpoint, resolve_model, save_checkpoint
 
 RUNS_FOLDER = Path("runs") / "train"
-
-
-class TrainingInterrupted(Av2tsError):
-    """SIGINT/SIGTERM: ``last`` was saved; the exit code is 128 + the signal number."""
-
-    def __init__(self, signum: int, iteration: int, run: Path):
-        self.exit_code = 128 + signum
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} at iteration {iteration}: saved {run / LAST}; continue with "
-                         f"`av2ts train --resume {run}`")
 
 
 class StopSignals:
@@ -230,7 +221,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
-        """Train from ``start`` to ``options.iters`` -> the report (see ``train``); TrainingInterrupted on a
+        """Train from ``start`` to ``options.iters`` -> the report (see ``train``); interrupts.Interrupted on a
         signal, after saving ``last``."""
         options, processes = self.options, self.processes
         if self._rng_to_restore is not None:
@@ -283,7 +274,8 @@ class Trainer:
                     self.elapsed = time.perf_counter() - started
                     self._save(iteration, None)
                     signum = stop.signum or signal.SIGTERM
-                    raise TrainingInterrupted(signum, iteration, self.run)
+                    raise Interrupted(signum, f"stopped at iteration {iteration}, saved {self.run / LAST}; "
+                                      f"continue with `av2ts train --resume {self.run}`")
         return self._report(iteration, time.perf_counter() - started)
 
     def _step(self, batch: dict) -> torch.Tensor:
@@ -361,7 +353,7 @@ def train(resume: str | os.PathLike | None = None, progress: bool = True, **opti
     """Train a new run (``options``: TrainOptions fields; None means "not given": the recipe's or the default
     value) or continue one (``resume``: a run folder or its last/; given options must agree with the run, except
     data, workers, device, iters, eval_every, log_every). Returns {run, iterations, seconds, last, best, best_miou,
-    best_iteration, eval_split, processes, device}. On SIGINT/SIGTERM: saves ``last``, raises TrainingInterrupted."""
+    best_iteration, eval_split, processes, device}. On SIGINT/SIGTERM: saves ``last``, raises interrupts.Interrupted."""
     given = {k: v for k, v in options.items() if v is not None}
     if "data" in given:
         given["data"] = str(given["data"])
