@@ -1,4 +1,5 @@
-"""runs.py: numbered run folders, the --device and --precision choices; and the atomic JSON (files.write_json) the runs write."""
+"""runs.py: numbered run folders, the --device and --precision choices; and the atomic JSON (files.write_json)
+the runs write."""
 
 from __future__ import annotations
 
