@@ -306,7 +306,7 @@ def fill_model(model, mapping: KeyMapping, required_prefixes: Iterable[str], pat
     assert not incompatible.unexpected_keys, incompatible.unexpected_keys
 
 
-def _source_file(source: str) -> Path:
+def converter_input(source: str) -> Path:
     """A local converter input: the file itself, or the weights of an hf:// repository (or of a registry name that
     points at one, e.g. ``ced-mini``): its model.safetensors, else a pytorch_model.bin."""
     if not Path(source).expanduser().exists() and source in REGISTRY and REGISTRY[source].convert_kind:
@@ -338,8 +338,10 @@ _ARCH_PRESET = {"r50": "av2ts-r50", "pvt": "av2ts-pvt"}
 _ARCH_TIMM = {"r50": "resnet50", "pvt": "pvt_v2_b5"}
 
 
-def _build_target(arch: str | None, path, preset, subset, siam, base):
-    """(model, cfg, base config doc or None) to convert into: the ``base`` checkpoint, or a fresh preset model."""
+def conversion_target(arch: str | None, path, preset, subset, siam, base):
+    """(model, cfg, base config doc or None) to convert into: the ``base`` checkpoint, or a fresh preset model
+    (``preset``, ``subset``, ``siam``; None: the defaults of ``arch``, a backbone file's architecture, or
+    av2ts-r50). ``path``: the converter's input, named in errors. Shared with ``convert_combo``."""
     from av2ts_cli.model import build_model  # local: the network imports torch and timm
 
     if base is not None:
@@ -397,7 +399,7 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
         raise UsageError(f"unknown --kind {kind!r}; choose from {', '.join(CONVERT_KINDS)}")
     if kind in ("combo", "vggish"):  # convert_combo.py builds on this module, so this one cannot call it
         raise UsageError(f"--kind {kind} is imported by convert_combo.convert_combo_kind (the CLI calls it)")
-    path = _source_file(source)
+    path = converter_input(source)
     state = read_state_dict_file(path)
     base_doc = None
     if kind == "reference":
@@ -410,13 +412,13 @@ def convert(source: str, kind: str, *, preset: str | None = None, subset: str | 
         trained_on = f"unknown: converted from the reference-implementation checkpoint {path.name}"
     elif kind == "detectron2":
         arch = _backbone_of(state, "", path)
-        model, cfg, base_doc = _build_target(arch, path, preset, subset, siam, base)
+        model, cfg, base_doc = conversion_target(arch, path, preset, subset, siam, base)
         rules = D2_RESNET_RULES if arch == "r50" else PVT_RULES
         required = ["backbone."] + (["siam_backbone."] if cfg.siam else [])
         groups = [("", prefix, rules) for prefix in required]
         trained_on = None
     else:
-        model, cfg, base_doc = _build_target(None, path, preset, subset, siam, base)
+        model, cfg, base_doc = conversion_target(None, path, preset, subset, siam, base)
         groups = [("", "audio_encoder.", CED_RULES if kind == "ced" else CED_HF_RULES)]
         required = ["audio_encoder."]
         trained_on = None

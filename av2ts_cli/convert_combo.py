@@ -27,10 +27,10 @@ from av2ts_cli.convert import (
     REFERENCE_RULES,
     KeyMapping,
     Rule,
-    _build_target,
-    _source_file,
     config_from_keys,
     conversion_meta,
+    conversion_target,
+    converter_input,
     fill_model,
     map_state_dict,
     read_state_dict_file,
@@ -122,7 +122,7 @@ def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, sub
 
     if kind not in COMBO_KINDS:
         raise UsageError(f"unknown COMBO --kind {kind!r}; choose from {', '.join(COMBO_KINDS)}")
-    path = _source_file(source)
+    path = converter_input(source)
     base_doc = None
     if kind == "combo":
         if base is not None:
@@ -137,7 +137,7 @@ def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, sub
         trained_on = f"unknown: converted from the COMBO reference checkpoint {path.name}"
     else:
         state, others = read_state_dict_file(path), {}
-        model, cfg, base_doc = _build_target(None, path, preset or (None if base else "combo-r50"), subset, siam,
+        model, cfg, base_doc = conversion_target(None, path, preset or (None if base else "combo-r50"), subset, siam,
                                                 base)
         if cfg.family != "combo":
             raise UsageError(f"{path}: VGGish is COMBO's audio encoder; {cfg.preset} is an {cfg.family} model "

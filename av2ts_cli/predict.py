@@ -258,7 +258,7 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
         if source == AUTO:
             generator = generator or LazyGenerator(options.generator, options.generator_settings,
                                                    str(predictor.device))
-            maskige_folder, maskiges = make_auto(video, folder, generator, options.fps, progress, task)
+            maskige_folder, maskiges = make_auto(video, folder, generator, options.fps, progress, task, info)
         else:
             maskige_folder, maskiges = folder_of(source, folder.name)
         maskige_for = maskige_reader(maskige_folder, cfg.input_size)

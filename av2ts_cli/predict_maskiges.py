@@ -81,8 +81,9 @@ def auto_folder(video_folder: Path, fps: int) -> Path:
 
 
 def make_auto(video: Path, video_folder: Path, generator: LazyGenerator, fps: int, progress=None,
-              task=None) -> tuple[Path, dict]:
-    """The cached maskiges of ``video``'s sampled frames (made where missing): (folder, the summary's record)."""
+              task=None, info=None) -> tuple[Path, dict]:
+    """The cached maskiges of ``video``'s sampled frames (made where missing): (folder, the summary's record).
+    ``info``: predict's ``media.Probe`` of the video (it is probed once per video)."""
     folder = auto_folder(video_folder, fps)
 
     def started(count: int) -> None:
@@ -90,7 +91,7 @@ def make_auto(video: Path, video_folder: Path, generator: LazyGenerator, fps: in
             progress.update(task, total=count, completed=0, description=f"maskiges · {video.name}")
 
     result = video_maskiges(video, folder, generator, fps=fps, on_start=started,
-                            on_frame=(lambda: progress.advance(task)) if progress is not None else None)
+                            on_frame=(lambda: progress.advance(task)) if progress is not None else None, info=info)
     return folder, {"mode": AUTO, "folder": str(folder), **generator.describe(), "written": result["written"],
                     "reused": result["skipped"]}
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import invoke_cli
 
-from av2ts_cli import predict
+from av2ts_cli import media, predict
 from av2ts_cli.config import get_preset
 from av2ts_cli.errors import CheckpointError
 from av2ts_cli.model import build_model
@@ -72,13 +72,17 @@ def _summary(run: Path, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_predict_makes_caches_and_reuses_the_maskiges_of_a_siam_model(make_clip, tmp_path, offline_hub, counted):
+def test_predict_makes_caches_and_reuses_the_maskiges_of_a_siam_model(make_clip, tmp_path, offline_hub, counted,
+                                                                       monkeypatch):
     hub_cache_with(save_tiny_sam(tmp_path / "tiny-sam"), offline_hub, DEFAULT_REPO, DEFAULT_REVISION)
     model = _siam_checkpoint(tmp_path / "siam")
     clip = make_clip("siam talk", duration=2.0, size=(64, 48), pattern="testsrc")  # with sound
     run = tmp_path / "run"
     command = ["predict", str(clip), "--model", str(model), "--out", str(run), "--device", "cpu", "--overlay"]
+    probed, probe = [], media.probe
+    monkeypatch.setattr(media, "probe", lambda path, *a, **k: probed.append(Path(path)) or probe(path, *a, **k))
     invoke_cli(command)
+    assert probed.count(clip) == 1  # the maskiges' frames are decoded with predict's probe
     folder = run / "siam talk"
     cache = folder / "maskiges" / "fps1"
     assert sorted(p.name for p in (folder / "masks").glob("*.png")) == ["000000.png", "000001.png"]

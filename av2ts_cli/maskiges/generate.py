@@ -194,6 +194,8 @@ class MaskGenerator:
 
         s = self.settings
         h, w = image.shape[:2]
+        if not image.flags.writeable:  # PIL's np.asarray is read-only, and torch.from_numpy inside transformers warns
+            image = image.copy()
         with torch.inference_mode():
             inputs = self.processor(images=image, return_tensors="pt")
             pixel_values = inputs["pixel_values"].to(self.device, self.model.dtype)

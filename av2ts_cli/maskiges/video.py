@@ -49,12 +49,12 @@ def _read_record(path: Path) -> dict | None:
 
 
 def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bool = False,
-                   on_start=None, on_frame=None) -> dict:
+                   on_start=None, on_frame=None, info: media.Probe | None = None) -> dict:
     """The maskiges of one video into ``folder``; ``generator``: a loaded ``MaskGenerator``. Returns {"input",
     "folder", "frames", "written", "skipped", "seconds"}. Progress: ``on_start(frames to make)``, then
-    ``on_frame()`` after each."""
+    ``on_frame()`` after each. ``info``: the caller's probe of ``video`` (predict's), else it is probed here."""
     started = time.perf_counter()
-    info = media.probe(video)
+    info = info or media.probe(video)
     schedule = video_schedule(info, fps, 1)
     record = {"made_by": f"av2ts {__version__} maskiges", **_video_identity(video), "fps": fps,
               **generator.describe(), "renderer": RENDERER, "frames": len(schedule.frames),
@@ -74,7 +74,7 @@ def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bo
         # iter_frames_at yields in ascending time; the schedule's times ascend with the index, and sorted()
         # keeps equal (clamped) times in index order, so the pairs line up
         frames = sorted(needed, key=lambda f: f.time)
-        decoded = media.iter_frames_at(video, [f.time for f in frames])
+        decoded = media.iter_frames_at(video, [f.time for f in frames], info=info)
         try:
             for frame, (_, rgb) in zip(frames, decoded, strict=True):
                 write_maskige(folder / f"{frame.index:06d}.png", generator.generate(rgb), "s4")
