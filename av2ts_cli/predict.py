@@ -370,6 +370,7 @@ def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | Non
     created = False
     current: list[Path] = []  # the video being done, for the interrupt's line
     report = None  # this process's
+    merged = False  # its failures recorded in failures.json
     shard: list[tuple[Path, str]] = []
     with stop_on_signals():
         try:
@@ -390,8 +391,10 @@ def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | Non
                                rank=processes.rank)
             shard = processes.shard(list(zip(videos, names, strict=True)))
             _run_videos(shard, run_dir, predictor, options, generator, report, current)
+            if report.collects:
+                _merge_failures(run_dir, report)  # each process its own, under the run folder's lock
+                merged = True
             if processes.distributed:  # every process waits for the others here and gets the combined report
-                _merge_failures(run_dir, report)
                 return _combined(processes.gather(report), videos, processes.rank)
             return report
         except KeyboardInterrupt as stop:
@@ -402,7 +405,7 @@ def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | Non
             raise Interrupted(signum_of(stop), f"{left}; {done} of {total} videos done or skipped, {rest} not "
                               "started; the same command finishes them") from None
         finally:
-            if report is not None and report.collects and not processes.distributed:
+            if report is not None and report.collects and not merged:  # interrupted: what was done so far
                 _merge_failures(run_dir, report)
             if created and run_dir is not None:  # nothing written (a single failed video): no empty expN
                 with contextlib.suppress(OSError):
