@@ -428,3 +428,20 @@ def test_sine_position_embedding_is_detr_normalised_sine():
     py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
     expected = torch.cat((py, px), dim=3).permute(0, 3, 1, 2)[0]
     torch.testing.assert_close(sine_position_embedding(h, w, dim), expected)
+
+
+@pytest.mark.parametrize(("preset", "subset"), [("av2ts-tiny", "s4"), ("av2ts-tiny", "avss"), ("combo-tiny", "s4")])
+def test_the_semantic_map_is_the_batched_formula_bit_for_bit(preset, subset):
+    """segment() works frame by frame (docs/model.md, 'Semantic maps'); the numbers are those of upsampling every
+    frame's masks at once: sum over queries of softmax(class)[:K] * sigmoid(bilinear(mask))."""
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset, subset)).eval()
+    frames, audio = torch.rand(2, 3, 3, 128, 128) * 255, torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        semseg = model.segment(frames, audio)
+        out = model(frames, audio)
+    masks = torch.nn.functional.interpolate(out["pred_masks"], size=(128, 128), mode="bilinear", align_corners=False)
+    probs = out["pred_logits"].softmax(-1)[..., :-1]
+    expected = torch.einsum("nqk,nqhw->nkhw", probs, masks.sigmoid()).reshape(semseg.shape)
+    assert semseg.shape == (2, 3, model.cfg.num_classes, 128, 128)
+    assert torch.equal(semseg, expected)
