@@ -673,3 +673,37 @@ def test_torchrun_shares_the_videos_and_combines_the_failures(make_clip, tiny_ch
     stderr = _rank_logs(tmp_path / "logs2", "stderr.log")
     assert sum(text.count("already done") for text in stderr.values()) == 4
     assert [Path(f["input"]).name for f in json.loads((out / "failures.json").read_text())] == ["v4.mp4"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_torchrun_predict_is_finished_by_the_same_command(make_clip, tiny_checkpoint, tmp_path):
+    """SIGTERM to torchrun (it passes the signal on to its processes) once some videos are done: each process
+    cleans up its current video and exits 143, nothing unfinished stands under a final name, and the same command
+    then does exactly the videos that were not done."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i in range(6):
+        shutil.copy(make_clip(f"stop{i}", duration=6.0, size=(96, 64)), folder / f"s{i}.mp4")
+    out = tmp_path / "run"
+    args = ["predict", str(folder), "--model", str(tiny_checkpoint), "--out", str(out), "--device", "cpu"]
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                "2", "--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m", "av2ts_cli",
+                                *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_until(lambda: len(list(out.glob("*/summary.json"))) >= 1, process, "a finished video", timeout=300)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    logs = _rank_logs(tmp_path / "logs", "stderr.log")
+    assert all("SIGTERM" in text and "Traceback" not in text for text in logs.values()), logs
+    done = {p.parent.name for p in out.glob("*/summary.json")}
+    assert 1 <= len(done) < 6
+    for name in {f"s{i}" for i in range(6)} - done:
+        if (out / name).exists():
+            _assert_nothing_partial_under_a_final_name(out / name, 6)
+    again = _torchrun(args, tmp_path / "logs2", tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    logs = _rank_logs(tmp_path / "logs2", "stderr.log")
+    assert sum(text.count("already done") for text in logs.values()) == len(done)
+    assert all((out / f"s{i}" / "summary.json").is_file() for i in range(6))
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
