@@ -85,16 +85,17 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
         folder = None  # the predictions are an input: nothing is written among them
     else:
         processes = Processes.start(device, backend="gloo")  # torchrun: this rank's device and its shard of clips
-        torch_device = processes.device
-        chosen = resolve_precision(precision, torch_device, half)
-        network, cfg, _ = resolve_model(model, subset=subset, device=torch_device)
-        network = prepare_for_inference(network, chosen, torch_device)
-        dataset = build_dataset(subset, data, split, cfg=cfg, train=False)
-        if cfg.num_classes != dataset.num_classes:
-            raise UsageError(f"model {model} predicts {cfg.num_classes} classes, {subset} has {dataset.num_classes}")
-        if shuffle_audio:
-            dataset.audio_from = derangement(len(dataset), seed)
-        try:
+        try:  # the group is left on any error too
+            torch_device = processes.device
+            chosen = resolve_precision(precision, torch_device, half)
+            network, cfg, _ = resolve_model(model, subset=subset, device=torch_device)
+            network = prepare_for_inference(network, chosen, torch_device)
+            dataset = build_dataset(subset, data, split, cfg=cfg, train=False)
+            if cfg.num_classes != dataset.num_classes:
+                raise UsageError(f"model {model} predicts {cfg.num_classes} classes, {subset} has "
+                                 f"{dataset.num_classes}")
+            if shuffle_audio:
+                dataset.audio_from = derangement(len(dataset), seed)
             metrics = evaluate_model(network, dataset, protocol, batch=batch, device=torch_device, workers=workers,
                                      save_pred=save_pred, progress=progress and processes.main, name=str(model),
                                      precision=chosen, processes=processes)

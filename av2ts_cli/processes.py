@@ -38,9 +38,10 @@ def environment() -> tuple[int, int, int]:
 
 
 def device_for(device: str, local_rank: int, world: int) -> str:
-    """The device a rank uses for ``--device``: with several processes, ``cuda`` and ``auto`` (on a machine with
-    CUDA) become ``cuda:LOCAL_RANK`` (modulo the GPUs there are); anything else stays as given."""
-    if world > 1 and device in ("cuda", "auto"):
+    """The device a rank uses for ``--device``: with several processes, ``auto`` and any CUDA device (``cuda``,
+    ``cuda:N``; on a machine with CUDA) become ``cuda:LOCAL_RANK`` (modulo the GPUs there are), as ``train`` always
+    placed its ranks; ``cpu`` stays."""
+    if world > 1 and (device == "auto" or device.startswith("cuda")):
         import torch  # local: data maskiges --masks-from shards load no torch
 
         if torch.cuda.is_available():
