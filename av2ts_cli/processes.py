@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +96,15 @@ class Processes:
         return cls(rank, world_size, local_rank, requested)
 
     def stop(self) -> None:
-        if self.distributed and _distributed().is_initialized():
+        """Leave the group. From here on a SIGTERM is ignored: this process's work is done and combined, and
+        torchrun stops every other process of the job (SIGTERM, then SIGKILL 30 s later) as soon as one exits
+        non-zero, so a rank that exits 3 first would otherwise cut rank 0 off while it prints the combined report
+        (seen in CI: rank 0 ended as -15 instead of 3, its table half printed)."""
+        if not self.distributed:
+            return
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if _distributed().is_initialized():
             _distributed().destroy_process_group()
 
     def sum(self, values):
