@@ -346,6 +346,23 @@ def test_decoder_attention_equals_torch_multihead_attention():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_deformable_attention_weights_are_the_softmax_in_inference_and_training():
+    """The CPU inference form of the attention weights' softmax (whole-tensor ops, in place) is torch's softmax,
+    leaves its input alone, and training (autograd) gets torch's own."""
+    from av2ts_cli.model.pixel_decoder import _softmax_last
+
+    logits = torch.randn(2, 9, 8, 12) * 4
+    logits[0, 0, 0] = torch.tensor([80.0] * 6 + [-80.0] * 6)  # exp would overflow without the max taken out
+    kept = logits.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(_softmax_last(logits), logits.softmax(-1), atol=1e-6, rtol=0)
+    assert torch.equal(logits, kept)
+    trained = logits.clone().requires_grad_()
+    weights = _softmax_last(trained)
+    (weights * torch.arange(12.0)).sum().backward()
+    assert torch.equal(weights, logits.softmax(-1)) and trained.grad is not None and trained.grad.abs().sum() > 0
+
+
 def test_dsta_follows_the_reference_data_flow():
     """TAA and TVA against a step-by-step computation written from docs/model.md, 'DSTA: temporal attention' (views,
     permutes and the

@@ -57,13 +57,23 @@ class DeformableAttention(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         v = self.value_proj(value).view(n, value.shape[1], heads, -1)
         offsets = self.sampling_offsets(query).view(n, q, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(n, q, heads, levels * points).float().softmax(-1)
+        weights = _softmax_last(self.attention_weights(query).view(n, q, heads, levels * points).float())
         # fp32 whatever the weights' dtype: bf16 locations would be off by a quarter pixel at 64 px
         offsets = offsets.float()
         normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (w, h) per level
         locations = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights.view(n, q, heads, levels, points))
         return self.output_proj(out)
+
+
+def _softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of ``x`` [..., L*P]. On the CPU without autograd, in whole-tensor ops in
+    place: PyTorch's CPU softmax goes row by row, slow for rows this short (12 weights: 4.3 ms for av2ts-r50's
+    [5, 1029, 8, 12] at 224 px against 0.9 ms, six times per forward; the results differ by at most 4e-7)."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return x.softmax(-1)
+    e = (x - x.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
 
 
 class DeformableEncoderLayer(nn.Module):
