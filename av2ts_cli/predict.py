@@ -413,18 +413,15 @@ def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | Non
 
 
 def _combined(reports: list[RunReport], videos: list[Path], rank: int) -> RunReport:
-    """The processes' reports as one, in the order of ``videos``."""
+    """The processes' reports as one, each list in the order of ``videos``."""
     order = {str(video): i for i, video in enumerate(videos)}
-    combined = dataclasses.replace(reports[0], rank=rank, videos=[], failures=[], busy=[])
-    for part in reports:
-        combined.videos += part.videos
-        combined.failures += part.failures
-        combined.busy += part.busy
-    for entries, key in ((combined.videos, lambda v: order.get(v.input, -1)),
-                         (combined.failures, lambda f: order.get(f["input"], -1)),
-                         (combined.busy, lambda b: order.get(b["input"], -1))):
-        entries.sort(key=key)
-    return combined
+
+    def merged(field: str) -> list:
+        entries = [entry for part in reports for entry in getattr(part, field)]
+        return sorted(entries, key=lambda e: order.get(e.input if isinstance(e, VideoResult) else e["input"], -1))
+
+    return dataclasses.replace(reports[0], rank=rank, videos=merged("videos"), failures=merged("failures"),
+                               busy=merged("busy"))
 
 
 def _run_videos(shard: list[tuple[Path, str]], run_dir: Path, predictor: Predictor, options: PredictOptions,

@@ -643,6 +643,23 @@ def _rank_logs(logs: Path, name: str) -> dict[int, str]:
     return {int(path.parent.name): path.read_text() for path in logs.rglob(name)}
 
 
+def test_the_processes_reports_combine_in_the_order_of_the_videos():
+    """Rank r did videos[r::2]: the combined report lists videos, failures and busy ones as the run listed the
+    inputs, whichever rank had them, and keeps the rank of the process that combines."""
+    videos = [Path(f"v{i}.mp4") for i in range(6)]
+
+    def report(rank, done, failed, busy):
+        done = [predict.VideoResult(str(videos[i]), f"v{i}", f"v{i}") for i in done]
+        return predict.RunReport("out", {}, videos=done,
+                                 failures=[{"input": str(videos[i]), "error": "bad"} for i in failed],
+                                 busy=[{"input": str(videos[i]), "pid": 7} for i in busy], processes=2, rank=rank)
+
+    combined = predict._combined([report(0, [4, 0], [2], []), report(1, [5, 1], [], [3])], videos, rank=1)
+    assert [v.name for v in combined.videos] == ["v0", "v1", "v4", "v5"]
+    assert [f["input"] for f in combined.failures] == ["v2.mp4"] and [b["input"] for b in combined.busy] == ["v3.mp4"]
+    assert combined.rank == 1 and combined.processes == 2
+
+
 @pytest.mark.slow
 def test_torchrun_shares_the_videos_and_combines_the_failures(make_clip, tiny_checkpoint, tmp_path):
     """Two CPU processes: each video is done by exactly one of them, one failures.json lists the bad file, both
