@@ -4,6 +4,10 @@ tests/test_evaluate.py and tests/test_maskiges_dataset.py)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -20,6 +24,17 @@ def test_one_process_without_torchrun(monkeypatch):
     assert torch.equal(processes.sum(values), values) and processes.gather({"a": 1}) == [{"a": 1}]
     processes.barrier()
     processes.stop()
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # one process: its signals are left alone
+
+
+def test_a_rank_that_left_the_group_finishes_through_a_sigterm():
+    """torchrun SIGTERMs the others as soon as one rank exits non-zero: a rank whose work is combined (it has
+    left the group) goes on printing and exits with its own code, not -15."""
+    code = ("import os, signal, sys; from av2ts_cli.processes import Processes; "
+            "Processes(rank=0, world_size=2).stop(); os.kill(os.getpid(), signal.SIGTERM); "
+            "print('report printed'); sys.exit(3)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (3, "report printed\n"), done.stderr
 
 
 @pytest.mark.parametrize(("env", "message"), [({"RANK": "x", "WORLD_SIZE": "2"}, "must be integers"),
