@@ -70,7 +70,7 @@ def _softmax_last(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension of ``x`` [..., L*P]. On the CPU without autograd, in whole-tensor ops in
     place: PyTorch's CPU softmax goes row by row, slow for rows this short (12 weights: 4.3 ms for av2ts-r50's
     [5, 1029, 8, 12] at 224 px against 0.9 ms, six times per forward; the results differ by at most 4e-7)."""
-    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+    if x.device.type != "cpu" or x.requires_grad:  # (False under no_grad and inference_mode)
         return x.softmax(-1)
     e = (x - x.amax(-1, keepdim=True)).exp_()
     return e.div_(e.sum(-1, keepdim=True))
