@@ -394,3 +394,21 @@ def straight_run(small_s4, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("straight") / "run"
     run_train(["--subset", "s4", "--data", str(small_s4), *SMALL_RUN, "--eval-every", "3", "--out", str(run)])
     return run
+
+
+# ------------------------------------------------------------------------------------------------- the session
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """Every test (and every process a test starts) uses a cache root of its own for the session: a CI run wrote
+    about 900 MB of log-mel examples of generated clips into ~/.cache/av2ts/log-mel, and a new run adds to it
+    (the clips are new files). The kernel builds are shared with the real cache (``kernels`` links to it), so a
+    rerun here compiles nothing; tests that need an empty cache set ``AV2TS_CACHE`` themselves."""
+    from av2ts_cli.model.ops.build import build_root
+
+    kernels = build_root()
+    kernels.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("av2ts-cache")
+    (cache / "kernels").symlink_to(kernels, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AV2TS_CACHE", str(cache))
+        yield cache
