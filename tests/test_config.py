@@ -78,3 +78,17 @@ def test_bad_configs_fail_in_one_line():
         ModelConfig(hidden_dim=96, decoder_heads=7)
     with pytest.raises(UsageError, match="subset"):
         ModelConfig(subset="avs")
+
+
+def test_the_tests_cache_root_is_the_sessions_own(tmp_path_factory):
+    """conftest.session_cache: what tests (and the processes they start) cache lands in the session's base folder,
+    which pytest deletes after a passing run, never in the user's ~/.cache/av2ts; the kernel builds are shared."""
+    import os
+
+    from av2ts_cli.config import cache_root
+    from av2ts_cli.model.ops.build import build_root
+
+    base = tmp_path_factory.getbasetemp().resolve()
+    assert os.environ["AV2TS_CACHE"] == str(cache_root())
+    assert cache_root().resolve().is_relative_to(base)
+    assert build_root().is_symlink() and not build_root().resolve().is_relative_to(base)
