@@ -398,17 +398,28 @@ def straight_run(small_s4, tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------- the session
 @pytest.fixture(scope="session", autouse=True)
-def session_cache(tmp_path_factory):
-    """Every test (and every process a test starts) uses a cache root of its own for the session: a CI run wrote
-    about 900 MB of log-mel examples of generated clips into ~/.cache/av2ts/log-mel, and a new run adds to it
-    (the clips are new files). The kernel builds are shared with the real cache (``kernels`` links to it), so a
-    rerun here compiles nothing; tests that need an empty cache set ``AV2TS_CACHE`` themselves."""
+def session_folders(tmp_path_factory):
+    """Every test, and every process a test starts, caches and makes temporary files in folders of the session's
+    own, which pytest deletes after a passing run:
+
+    - ``AV2TS_CACHE``: a CI run wrote about 900 MB of log-mel examples of generated clips into
+      ~/.cache/av2ts/log-mel, and each run added more (the clips are new files). The kernel builds are shared
+      with the real cache (``kernels`` links to it), so a rerun here compiles nothing; tests that need an empty
+      cache set ``AV2TS_CACHE`` themselves.
+    - ``TMPDIR`` (and ``tempfile.tempdir`` in this process): processes the tests stop with a signal leave what
+      torch made in the temp folder behind (torchrun's torchelastic_* logs, multiprocessing's pymp-* sockets,
+      inductor's cache); one CI run left seven such folders in /tmp."""
+    import tempfile
+
     from av2ts_cli.model.ops.build import build_root
 
     kernels = build_root()
     kernels.mkdir(parents=True, exist_ok=True)
     cache = tmp_path_factory.mktemp("av2ts-cache")
     (cache / "kernels").symlink_to(kernels, target_is_directory=True)
+    temp = tmp_path_factory.mktemp("temp")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AV2TS_CACHE", str(cache))
+        mp.setenv("TMPDIR", str(temp))
+        mp.setattr(tempfile, "tempdir", str(temp))
         yield cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,10 +81,14 @@ def test_bad_configs_fail_in_one_line():
         ModelConfig(subset="avs")
 
 
-def test_the_tests_cache_root_is_the_sessions_own(tmp_path_factory):
-    """conftest.session_cache: what tests (and the processes they start) cache lands in the session's base folder,
-    which pytest deletes after a passing run, never in the user's ~/.cache/av2ts; the kernel builds are shared."""
+def test_the_tests_cache_and_temp_are_the_sessions_own(tmp_path_factory):
+    """conftest.session_folders: what tests (and the processes they start) cache or make as temporary files lands
+    in the session's base folder, which pytest deletes after a passing run, never in the user's ~/.cache/av2ts or
+    in /tmp; the kernel builds are shared."""
     import os
+    import subprocess
+    import sys
+    import tempfile
 
     from av2ts_cli.config import cache_root
     from av2ts_cli.model.ops.build import build_root
@@ -92,3 +97,7 @@ def test_the_tests_cache_root_is_the_sessions_own(tmp_path_factory):
     assert os.environ["AV2TS_CACHE"] == str(cache_root())
     assert cache_root().resolve().is_relative_to(base)
     assert build_root().is_symlink() and not build_root().resolve().is_relative_to(base)
+    assert Path(tempfile.gettempdir()).resolve().is_relative_to(base)
+    child = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(child).resolve().is_relative_to(base)
