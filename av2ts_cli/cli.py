@@ -10,7 +10,6 @@ Every command runs under ``_reported``: a project error becomes one line on stde
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +19,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from av2ts_cli import __version__
-from av2ts_cli.console import console, make_progress, show_library_messages
+from av2ts_cli.console import console, make_progress, print_json, show_library_messages
 from av2ts_cli.console import state as _state
 from av2ts_cli.errors import EXIT_FAILURE, Av2tsError, UsageError, describe
 from av2ts_cli.sources import collect_videos
@@ -135,10 +134,6 @@ def _check_precision(value: str | None) -> str | None:
     return value
 
 
-def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"av2ts {__version__}")
@@ -226,7 +221,7 @@ def predict(
     """Segment the sounding objects of videos: masks, per-frame JSON, COCO RLE and overlays."""
     # "no such file" before torch loads: 1.1-1.4 s and 37 MB, was 23-28 s and 835 MB (the busy 2-core machine)
     _check_precision(precision)
-    collect_videos(sources, recursive)
+    videos = collect_videos(sources, recursive)  # once, here: the run takes this list
     from av2ts_cli import predict as predictor  # local: start-up: predict imports torch and the network
     from av2ts_cli.errors import EXIT_PARTIAL
 
@@ -236,7 +231,7 @@ def predict(
         threshold=threshold, formats=predictor.parse_formats(formats), maskiges=maskiges, generator=generator,
         generator_settings={} if points_per_side is None else {"points_per_side": points_per_side},
         overlay=overlay, force=force, require_audio=require_audio)
-    report = predictor.run(sources, options)
+    report = predictor.run(videos, options)
     if report.rank == 0:  # torchrun: rank 0 reports for every process; every process exits alike
         predictor.print_report(report)
     if report.failures:
@@ -325,7 +320,7 @@ def info(
 
     if model is not None:
         report = environment.model_report(model)
-        _print_json(report) if as_json else environment.print_model_report(report)
+        print_json(report) if as_json else environment.print_model_report(report)
         registry = report.get("registry")
         if registry and not as_json:  # a registry name: where it comes from, its published scores, its licence
             published = registry.get("published") or {}
@@ -336,7 +331,7 @@ def info(
                           highlight=False, soft_wrap=True)
         return
     report = environment.environment_report()
-    _print_json(report) if as_json else environment.print_environment_report(report)
+    print_json(report) if as_json else environment.print_environment_report(report)
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -361,13 +356,10 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Import upstream weights into an av2ts checkpoint (torch weights_only / safetensors / numpy-only pickles)."""
-    from av2ts_cli import convert as converter  # local: the importers and the checkpoint code: not for --help
-    from av2ts_cli import convert_combo  # local: the COMBO importer builds on convert; only this command needs it
+    from av2ts_cli.weights import convert as converter  # local: the importers and torch: not for --help
 
-    combo = convert_combo.convert_combo_kind if kind in convert_combo.COMBO_KINDS else None
-    report = converter.convert_to_checkpoint(source, kind, out, converter=combo, preset=preset, subset=subset,
-                                             siam=siam, base=base)
-    _print_json(report) if as_json else converter.print_conversion_report(report)
+    report = converter.convert_to_checkpoint(source, kind, out, preset=preset, subset=subset, siam=siam, base=base)
+    print_json(report) if as_json else converter.print_conversion_report(report)
 
 
 @app.command(rich_help_panel="Models")
@@ -384,7 +376,7 @@ def download(
                                                                soft_wrap=True))
     results = downloader.download(names, on_done=show)
     if as_json:
-        _print_json({"downloads": results})
+        print_json({"downloads": results})
 
 
 # ----------------------------------------------------------------------------------------------- data and eval
@@ -429,7 +421,7 @@ def eval_command(
     if report["rank"] != 0:  # torchrun: rank 0 reports for every process
         return
     if as_json:
-        _print_json({k: report[k] for k in ("subset", "split", "protocol", "videos", "frames", "miou", "fscore",
+        print_json({k: report[k] for k in ("subset", "split", "protocol", "videos", "frames", "miou", "fscore",
                                             "metrics_file", "processes")})
     else:
         evaluate.print_report(report)
@@ -467,7 +459,7 @@ def data_synth(
         task = progress.add_task("writing videos", total=sum(options.counts.values()))
         report = synth.synthesize(out, options, force=force, on_video=lambda *_: progress.advance(task))
     if as_json:
-        _print_json(report)
+        print_json(report)
     else:
         splits = ", ".join(f"{split} {n}" for split, n in report["splits"].items())
         console.print(f"Wrote synthetic {subset.upper()} ({splits} videos, {report['frames']} frames, "
@@ -495,7 +487,7 @@ def data_clip(
     report = synth.write_clip(out, kind=kind, seconds=seconds, size=size, fps=fps, seed=seed, categories=categories,
                               force=force)
     if as_json:
-        _print_json(report)
+        print_json(report)
     else:
         console.print(f"Wrote {report['video']} ({seconds} s, {size}x{size}, {report['fps']:g} fps, with sound) and "
                       f"its known masks in {report['masks']}")
@@ -510,13 +502,13 @@ def data_check(
 ) -> None:
     """Counts per split and every missing, unreadable or mis-sized file; exit 1 if there is any."""
     from av2ts_cli.data import check  # local: imports torch (seconds, through data.audio); `--help` must not wait
-    from av2ts_cli.data.layout import check_subset  # local: numpy (through data.classes), not for `--help`
+    from av2ts_cli.data.layout import check_subset  # local: numpy (through classes), not for `--help`
 
     check_subset(subset)
     with make_progress(transient=True) as progress:
         task = progress.add_task("checking videos", total=check.total_videos(data, subset))
         report = check.check_dataset(data, subset, on_video=lambda: progress.advance(task))
-    _print_json(report) if as_json else check.print_report(report)
+    print_json(report) if as_json else check.print_report(report)
     if report["problems"]:
         raise typer.Exit(EXIT_FAILURE)
 
@@ -582,7 +574,7 @@ def train_command(
                             log_every=log_every, workers=workers, seed=seed, device=device)
     if report is None:  # a process other than rank 0 of a torchrun job
         return
-    _print_json(report) if as_json else training.print_report(report)
+    print_json(report) if as_json else training.print_report(report)
 
 
 def _check_bench_cases(presets: list[str] | None, size: int | None) -> None:
@@ -625,7 +617,7 @@ def bench_train(
         task = progress.add_task("timing", total=None)
         report = bench.run(cases, steps=steps, warmup=warmup, threads=threads,
                            progress=lambda text: progress.update(task, description=text))
-    _print_json(report) if as_json else bench.print_report(report)
+    print_json(report) if as_json else bench.print_report(report)
 
 
 @bench_app.command("model")
@@ -669,7 +661,7 @@ def bench_model(
             report = bench.run_levers(lever_cases, frames=frames, repeats=repeats or 3, compile_backbones=compile_,
                                       threads=threads, demo=demo,
                                       progress=lambda text: progress.update(task, description=text))
-        _print_json(report) if as_json else bench.print_levers(report)
+        print_json(report) if as_json else bench.print_levers(report)
         return
     cases = [(name, size) for name in preset or []]
     if model:
@@ -679,7 +671,7 @@ def bench_model(
     if not cases:
         cases = [("av2ts-r50", 224), ("combo-r50", 224), ("av2ts-tiny", 224), ("av2ts-tiny", None)]
     report = bench.run(cases, frames=frames, repeats=repeats or 5, bf16=bf16, threads=threads)
-    _print_json(report) if as_json else bench.print_report(report)
+    print_json(report) if as_json else bench.print_report(report)
 
 
 @bench_app.command("kernels")
@@ -709,7 +701,7 @@ def bench_kernels(
         report = bench.run(tuple(size or bench.DEFAULT_SIZES), frames=frames, repeats=repeats, device=device,
                            threads=threads, progress=lambda text: progress.update(task, description=text),
                            peer=peer)
-    _print_json(report) if as_json else bench.print_report(report)
+    print_json(report) if as_json else bench.print_report(report)
 
 
 @bench_app.command("media")
@@ -723,7 +715,7 @@ def bench_media(
 
     options = {"durations": (2, 6), "size": (640, 360), "encode_frames": 20} if quick else {}
     report = bench.run(progress=not as_json, **options)
-    _print_json(report) if as_json else bench.print_report(report)
+    print_json(report) if as_json else bench.print_report(report)
 
 
 @bench_app.command("predict")
@@ -737,7 +729,7 @@ def bench_predict(
     from av2ts_cli.bench import predict as bench  # local: start-up: benchmarks import torch and the network
 
     report = bench.run(quick=quick, threads=threads, progress=not as_json)
-    _print_json(report) if as_json else bench.print_report(report)
+    print_json(report) if as_json else bench.print_report(report)
 
 
 @bench_app.command("maskiges")
@@ -762,7 +754,7 @@ def bench_maskiges(
         task = progress.add_task("timing", total=None)
         report = bench.run(generator, tuple(points or bench.DEFAULT_POINTS), devices=tuple(device) if device else None,
                            threads=threads, progress=lambda text: progress.update(task, description=text), **options)
-    _print_json(report) if as_json else bench.print_report(report)
+    print_json(report) if as_json else bench.print_report(report)
 
 
 def main() -> None:

@@ -28,7 +28,8 @@ __all__ = ["EXAMPLE_FRAMES", "MEL_BANDS", "PRESET_NAMES", "SAMPLE_RATE", "SUBSET
            "LossConfig", "ModelConfig", "cache_root", "get_preset"]
 
 AUDIO_STAGES = 4  # CED tokens + the three temporal blocks: each stage gives one set of audio queries
-FAMILIES = ("av2ts", "combo")  # the top-level networks av2ts builds (ModelConfig.family)
+FAMILIES = ("av2ts", "combo", "vct", "avsegformer")  # the top-level networks av2ts builds (ModelConfig.family)
+S4_CATEGORIES = 23  # the S4 sound categories (VCT's S4 prototypes, one per category)
 
 
 @dataclass
@@ -51,7 +52,8 @@ class ModelConfig:
     """Everything needed to build an AV2TS network (``av2ts_cli.model.build_model``)."""
 
     preset: str = "av2ts-r50"
-    family: str = "av2ts"  # av2ts | combo: which top-level network (model/av2ts.py, model/combo.py) builds
+    family: str = "av2ts"  # av2ts | combo | vct: which top-level network (model/av2ts.py, combo.py, vct.py) builds
+    # (or avsegformer: model/avsegformer.py)
     subset: str = "s4"  # s4 | ms3 | avss
     num_classes: int = 2  # K, background included (the no-object class is extra)
     num_frames: int = 5  # T, frames per clip (the window); the network itself accepts any T
@@ -85,6 +87,20 @@ class ModelConfig:
     audio_mlp_dim: int = 4096  # hidden width of the audio MLP audio_dim -> 4096 -> 4096 -> hidden_dim
     object_queries: int = 100  # COMBO's learned queries (AV2TS has one per audio token: num_queries)
 
+    # AVSegFormer only (family "avsegformer", model/avsegformer.py): frozen VGGish as COMBO's (audio_dim 128,
+    # projected to hidden_dim), object_queries queries (300) from an audio query generator, the deformable encoder
+    # (encoder_*), a plain transformer decoder (decoder_*), the mixer (fusion_heads) and a per-pixel head
+    generator_layers: int = 6  # query generator: self-attention, cross-attention to the audio token, FFN
+    generator_heads: int = 8
+    generator_ffn_dim: int = 1024
+    mask_mlp_dim: int = 2048  # hidden width of the 1x1-conv MLP from the Q query maps to hidden_dim channels
+    transformer_dropout: float = 0.1  # AVSegFormer's encoder and decoder dropout (active in training only)
+
+    # VCT only (family "vct", model/vct.py): VGGish's conv map as audio tokens (vggish_widths, audio_mlp_dim as
+    # COMBO), object_queries vision-derived queries, prototypes for the query generator and the PAC loss
+    num_prototypes: int = 0  # ProtoVCQ's prototypes (S4: 23 categories, AVSS: the 71 classes); 0: VCQ (MS3)
+    output_size: int = 0  # side of the maps ``segment`` returns (the reference's test loop: 224); 0: input_size
+
     # pixel decoder: multi-scale deformable attention encoder on strides 8/16/32, FPN on stride 4
     encoder_layers: int = 6
     encoder_heads: int = 8
@@ -112,6 +128,10 @@ class ModelConfig:
         problems = []
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.family == "avsegformer" and self.siam:
+            problems.append("AVSegFormer has no Siam encoder (siam must be false)")
+        if self.family == "avsegformer" and (self.generator_heads < 1 or self.hidden_dim % self.generator_heads):
+            problems.append(f"generator_heads={self.generator_heads} does not divide the width {self.hidden_dim}")
         if len(self.vggish_widths) != 6:
             problems.append(f"vggish_widths must name the 6 VGGish convs (got {len(self.vggish_widths)})")
         if self.subset not in SUBSET_CLASSES:
@@ -132,6 +152,8 @@ class ModelConfig:
                                  ("decoder_heads", self.decoder_heads, self.hidden_dim)):
             if heads < 1 or dim % heads:
                 problems.append(f"{name}={heads} does not divide the width {dim}")
+        if self.num_prototypes < 0 or self.output_size < 0:
+            problems.append("num_prototypes and output_size must not be negative")
         if self.hidden_dim % 32:
             problems.append(f"hidden_dim must be a multiple of 32 for GroupNorm(32) (got {self.hidden_dim})")
         if MEL_BANDS % self.audio_patch or EXAMPLE_FRAMES % self.audio_patch:
@@ -146,9 +168,10 @@ class ModelConfig:
 
     @property
     def num_queries(self) -> int:
-        """AV2TS: one query per audio token of each of the 4 audio stages (96 in the reference); COMBO: its
-        ``object_queries`` learned queries (100)."""
-        if self.family == "combo":
+        """AV2TS: one query per audio token of each of the 4 audio stages (96 in the reference); COMBO and VCT:
+        ``object_queries`` (100).
+        AVSegFormer: its ``object_queries`` audio-generated queries (300)."""
+        if self.family in ("combo", "vct", "avsegformer"):
             return self.object_queries
         return AUDIO_STAGES * self.audio_tokens
 
@@ -238,8 +261,78 @@ def _combo_tiny(subset: str, siam: bool) -> ModelConfig:
                   vggish_hidden=128, audio_mlp_dim=128, object_queries=16, decoder_layers=3)
 
 
+def _vct_prototypes(subset: str) -> int:
+    """VCT's query generator per subset: ProtoVCQ with one prototype per S4 category (S4) or per class (AVSS),
+    VCQ without prototypes (MS3)."""
+    return {"s4": S4_CATEGORIES, "ms3": 0}.get(subset, SUBSET_CLASSES[subset])
+
+
+def _vct_swinb(subset: str, siam: bool) -> ModelConfig:
+    """VCT (CVPR 2025, docs/model.md 'VCT'): two Swin-B-384 (frames, maskiges; drop path 0.3), 384 px input and
+    maps resized to 224 px, VGGish's conv map as 24 audio tokens (MLP 512 -> 4096 -> 4096 -> 256), 100 vision-derived
+    queries, 9 decoder layers over the audio tokens and 3 scales; no cosine loss."""
+    return ModelConfig(
+        preset="vct-swinb", family="vct", subset=subset, num_classes=SUBSET_CLASSES[subset], siam=siam,
+        input_size=384, output_size=224, backbone="swin_base_patch4_window12_384", backbone_out_indices=(0, 1, 2, 3),
+        backbone_kwargs={"always_partition": True}, frozen_bn=False, drop_path_rate=0.3,
+        object_queries=100, decoder_layers=9, num_prototypes=_vct_prototypes(subset),
+        loss=LossConfig(cosine_weight=0.0))
+
+
+def _vct_tiny(subset: str, siam: bool) -> ModelConfig:
+    """VCT's wiring scaled down for tests and CPUs: a 128 px input (so a 32x32 mask-feature map and a 1024-input
+    pixel MLP in the query generator) and maps at 128 px, a Swin of widths 32/64/128/256 (2 blocks per stage, so
+    shifted windows too; window 4 divides every stage's grid, 32..4), hidden width 64, COMBO-tiny's narrow VGGish
+    (conv map [64, 6, 4]) and 128-wide audio MLP, 2 deformable encoder layers, 16 queries and 4 decoder layers
+    (one pass over the four memory levels)."""
+    return dataclasses.replace(
+        _vct_swinb(subset, siam), preset="vct-tiny", input_size=128, output_size=0,
+        backbone="swin_tiny_patch4_window7_224",
+        backbone_kwargs={"img_size": 128, "window_size": 4, "embed_dim": 32, "depths": (2, 2, 2, 2),
+                         "num_heads": (1, 2, 4, 8), "always_partition": True},
+        drop_path_rate=0.0, siam_gate_reduction=8, hidden_dim=64, vggish_widths=(8, 16, 32, 32, 64, 64),
+        audio_mlp_dim=128, encoder_layers=2, encoder_ffn_dim=256, object_queries=16, decoder_layers=4,
+        decoder_ffn_dim=512, loss=LossConfig(cosine_weight=0.0, num_points=1024))
+
+
+def _avsegformer(base, preset: str, subset: str, siam: bool, **changes) -> ModelConfig:
+    """AVSegFormer (AAAI 2024, vvvb-github/AVSegFormer at 7083cb6) on the visual backbone of an AV2TS preset
+    ``base``: frozen VGGish (128-d) projected to 256, 300 queries from a 6-layer audio query generator, a 6-layer
+    deformable encoder (FFN 2048, GELU) on strides 8/16/32, a 6-layer decoder, the cross-modal mixer and a per-pixel
+    head. Input as the reference's loaders: 512 px for S4/MS3 (5 frames), 224 px for AVSS (10). There is no Siam
+    encoder: ``siam`` is ignored (the config always says False, and ``ModelConfig`` refuses True for this family)."""
+    del siam
+    avss = subset == "avss"
+    cfg = dataclasses.replace(base(subset, False), preset=preset, family="avsegformer", siam=False,
+                              input_size=224 if avss else 512, num_frames=10 if avss else 5,
+                              audio_dim=128, object_queries=300, encoder_ffn_dim=2048, decoder_layers=6)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _avsegformer_r50(subset: str, siam: bool) -> ModelConfig:
+    # the reference's ResNet-50 trains its BatchNorm (statistics included), unlike AV2TS's detectron2 FrozenBN
+    return _avsegformer(_r50, "avsegformer-r50", subset, siam, frozen_bn=False)
+
+
+def _avsegformer_pvt(subset: str, siam: bool) -> ModelConfig:
+    return _avsegformer(_pvt, "avsegformer-pvt", subset, siam)
+
+
+def _avsegformer_tiny(subset: str, siam: bool) -> ModelConfig:
+    """AVSegFormer's wiring on av2ts-tiny's visual side (half-width ResNet-10 with trainable BatchNorm, hidden 64) at
+    128 px for every subset, with combo-tiny's narrow VGGish (32-d output), 16 queries, 2 generator / encoder /
+    decoder layers, narrow FFNs and a 64-wide mask MLP."""
+    return _avsegformer(_tiny, "avsegformer-tiny", subset, siam, input_size=128, num_frames=5, audio_dim=32,
+                        vggish_widths=(8, 16, 32, 32, 64, 64), vggish_hidden=128, object_queries=16,
+                        generator_layers=2, generator_ffn_dim=128, encoder_layers=2, encoder_ffn_dim=256,
+                        decoder_layers=2, decoder_ffn_dim=256, mask_mlp_dim=64)
+
+
 _PRESETS = {"av2ts-r50": (_r50, True), "av2ts-pvt": (_pvt, True), "av2ts-tiny": (_tiny, False),
-            "combo-r50": (_combo_r50, True), "combo-pvt": (_combo_pvt, True), "combo-tiny": (_combo_tiny, False)}
+            "combo-r50": (_combo_r50, True), "combo-pvt": (_combo_pvt, True), "combo-tiny": (_combo_tiny, False),
+            "vct-swinb": (_vct_swinb, True), "vct-tiny": (_vct_tiny, False),
+            "avsegformer-r50": (_avsegformer_r50, False), "avsegformer-pvt": (_avsegformer_pvt, False),
+            "avsegformer-tiny": (_avsegformer_tiny, False)}
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
 
 

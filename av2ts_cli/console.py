@@ -56,7 +56,21 @@ def warn(message: str) -> None:
 
 
 def info(message: str) -> None:
+    """A plain line on stderr (never read as markup, never wrapped: file names are long)."""
     console.print(message, markup=False, soft_wrap=True)
+
+
+def failed(reason: str) -> None:
+    """``failed: reason``: one input of a batch that failed while the batch goes on."""
+    console.print(f"[red]failed:[/red] {escape(reason)}", soft_wrap=True)
+
+
+def print_json(obj) -> None:
+    """THE ``--json`` output: one JSON document on stdout (everything else goes to stderr)."""
+    import json  # local: only --json needs it
+    import sys  # local: as above
+
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 _PACKAGE = str(Path(__file__).resolve().parent)  # a warning whose frame is in this folder is av2ts's own

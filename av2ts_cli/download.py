@@ -29,7 +29,10 @@ from av2ts_cli.config import cache_root
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.files import atomic_path
 from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, resolve_generator
-from av2ts_cli.weights import REGISTRY, WEIGHTS_FILE, hub_download, parse_hub_ref, prepare_registry_checkpoint
+from av2ts_cli.weights.checkpoint import WEIGHTS_FILE
+from av2ts_cli.weights.hub import hub_download, parse_hub_ref
+from av2ts_cli.weights.registry import REGISTRY
+from av2ts_cli.weights.upstream import prepare_registry_checkpoint
 
 VGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"
 VGGISH_FILE = "vggish-10086976.pth"  # torch.hub's convention: the name carries the first 8 hex digits of the sha256

@@ -6,15 +6,13 @@ import importlib.metadata
 import os
 import platform
 import sys
-from pathlib import Path
 
 from rich.table import Table
 
 from av2ts_cli import __version__, media
-from av2ts_cli.config import cache_root
 from av2ts_cli.console import console
 from av2ts_cli.errors import MediaError
-from av2ts_cli.weights import describe_parameters
+from av2ts_cli.weights.resolve import describe_parameters
 
 
 def _ffmpeg_report() -> dict:
@@ -116,9 +114,3 @@ def print_model_report(report: dict) -> None:
     total = report["total"]
     table.add_row("[bold]total", f"[bold]{total['parameters']:,}", f"{total['trainable']:,}", f"{total['frozen']:,}")
     console.print(table)
-
-
-def default_cache_dir() -> Path:
-    """The root of av2ts's caches ($AV2TS_CACHE, else $XDG_CACHE_HOME/av2ts): ``config.cache_root``, which the
-    kernel build reads too."""
-    return cache_root()

@@ -32,8 +32,8 @@ from PIL import Image
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
+from av2ts_cli.classes import avss_palette
 from av2ts_cli.console import console, make_progress
-from av2ts_cli.data.classes import avss_palette
 from av2ts_cli.data.datasets import AVSDataset, build_dataset
 from av2ts_cli.data.images import image_header, read_rgb, rgb_to_index, write_png
 from av2ts_cli.data.layout import SUBSET_TITLES, check_split, check_subset
@@ -41,10 +41,9 @@ from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError, describe_os_error
 from av2ts_cli.files import write_json
 from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
-from av2ts_cli.model.inference import precision_context, prepare_for_inference
+from av2ts_cli.predictor import Predictor, load_predictor
 from av2ts_cli.processes import Processes, environment
-from av2ts_cli.runs import numbered_run_folder, resolve_precision
-from av2ts_cli.weights import check_finite_output, resolve_model
+from av2ts_cli.runs import numbered_run_folder
 
 RUNS_FOLDER = Path("runs") / "eval"
 
@@ -55,8 +54,8 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
              save_pred: str | os.PathLike | None = None, shuffle_audio: bool = False, batch: int = 1,
              device: str = "auto", workers: int = 2, seed: int = 0, out: str | os.PathLike | None = None,
              progress: bool = True, precision: str | None = None, half: bool = False) -> dict:
-    """Score ``model`` (a ``--model`` name for ``weights.resolve_model``) or the PNGs under ``pred_dir`` and return
-    the report. ``metrics.json`` (the report's ``metrics_file``) goes to ``out``, else beside the predictions
+    """Score ``model`` (a ``--model`` name, loaded by ``predictor.load_predictor``) or the PNGs under ``pred_dir``
+    and return the report. ``metrics.json`` (the report's ``metrics_file``) goes to ``out``, else beside the predictions
     ``save_pred`` wrote, else to a new ``runs/eval/expN``; never into ``pred_dir``, an input. When it cannot be
     written, the report's ``save_error`` says why in one line (the caller prints the metrics first). ``precision``
     (None: the device's default) and ``half`` as predict's (``model.inference.choose_precision``)."""
@@ -86,22 +85,19 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
     else:
         processes = Processes.start(device, backend="gloo")  # torchrun: this rank's device and its shard of clips
         try:  # the group is left on any error too
-            torch_device = processes.device
-            chosen = resolve_precision(precision, torch_device, half)
-            network, cfg, _ = resolve_model(model, subset=subset, device=torch_device)
-            network = prepare_for_inference(network, chosen, torch_device)
+            predictor = load_predictor(str(model), processes.device, half, precision, subset=subset)
+            cfg = predictor.cfg
             dataset = build_dataset(subset, data, split, cfg=cfg, train=False)
             if cfg.num_classes != dataset.num_classes:
                 raise UsageError(f"model {model} predicts {cfg.num_classes} classes, {subset} has "
                                  f"{dataset.num_classes}")
             if shuffle_audio:
                 dataset.audio_from = derangement(len(dataset), seed)
-            metrics = evaluate_model(network, dataset, protocol, batch=batch, device=torch_device, workers=workers,
-                                     save_pred=save_pred, progress=progress and processes.main, name=str(model),
-                                     precision=chosen, processes=processes)
+            metrics = evaluate_model(predictor, dataset, protocol, batch=batch, workers=workers,
+                                     save_pred=save_pred, progress=progress and processes.main, processes=processes)
         finally:
             processes.stop()
-        source = {"model": str(model), "shuffle_audio": shuffle_audio, "precision": chosen}
+        source = {"model": str(model), "shuffle_audio": shuffle_audio, "precision": predictor.precision}
         folder = Path(save_pred) if save_pred is not None else None
 
     report = {"subset": subset, "split": split, "protocol": protocol, "videos": metrics["videos"],
@@ -131,42 +127,37 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def evaluate_model(model, dataset: AVSDataset, protocol: str = "av2ts", *, batch: int = 1,
-                   device: str | torch.device = "cpu", workers: int = 0,
-                   save_pred: str | os.PathLike | None = None, progress: bool = False,
-                   name: str = "the model under evaluation", precision: str = "fp32",
+def evaluate_model(predictor: Predictor, dataset: AVSDataset, protocol: str = "av2ts", *, batch: int = 1,
+                   workers: int = 0, save_pred: str | os.PathLike | None = None, progress: bool = False,
                    processes: Processes | None = None) -> dict:
-    """Run ``model`` (an AV2TS network, put in eval mode) over an evaluation dataset and score it. ``batch``: clips
-    per forward pass (clips of equal length only); ``name``: the model as the user named it (for the error when its
-    output is NaN); ``precision``: the autocast of its forward (``model.inference.precision_context``; a bf16 CPU
-    model is prepared by ``prepare_for_inference`` first). ``processes``: under torchrun, this rank scores its
-    shard of the clips and the per-video scores of all ranks are merged (every rank gets the result). Returns the
-    metrics' result dict.
+    """Run ``predictor``'s network (put in eval mode) over an evaluation dataset, through ``Predictor.segment`` as
+    ``predict`` does, and score it. ``batch``: clips per forward pass (clips of equal length only). ``processes``:
+    under torchrun, this rank scores its shard of the clips and the per-video scores of all ranks are merged (every
+    rank gets the result). Returns the metrics' result dict.
 
     Each clip is scored into its own metric and the clips' metrics are merged in CSV order, with one process or
     several: the result is the same to the last bit however the clips were shared out (``SemanticMetrics.merge``).
     """
     processes = processes or Processes()
     new_metric = (lambda: SemanticMetrics(dataset.num_classes)) if dataset.subset == "avss" else BinaryMetrics
-    device = torch.device(device)
+    model = predictor.model
     was_training = model.training
     model.eval()
     palette = avss_palette(dataset.num_classes)
     indices = processes.shard(list(range(len(dataset))))
     scored: list[tuple[int, BinaryMetrics | SemanticMetrics]] = []  # (clip index, that clip's metric)
     try:
-        with _Progress(progress, len(indices), "evaluating") as advance, torch.inference_mode():
+        with _Progress(progress, len(indices), "evaluating") as advance:
             for items in _batches(Subset(dataset, indices), batch, workers):
-                frames = torch.stack([item["frames"] for item in items]).to(device).float()
-                audio = torch.stack([item["audio"] for item in items]).to(device)
+                frames = torch.stack([item["frames"] for item in items]).float()
+                audio = torch.stack([item["audio"] for item in items])
                 maskiges = None
                 if "maskiges" in items[0]:
-                    maskiges = torch.stack([item["maskiges"] for item in items]).to(device).float()
-                # the autocast covers the forward only: with --workers 0 the loader's log-mel features are computed
-                # in this thread, and under a bf16 autocast they came out bf16 (and the audio cache's np.save failed)
-                with precision_context(precision, device):
-                    semseg = model.segment(frames, audio, maskiges)  # [B, T, K, S, S]
-                check_finite_output(semseg, model, name, f" on {', '.join(str(item['video']) for item in items)}")
+                    maskiges = torch.stack([item["maskiges"] for item in items]).float()
+                # the autocast covers the forward only (Predictor.segment): with --workers 0 the loader's log-mel
+                # features are computed in this thread, and under a bf16 autocast they came out bf16
+                where = f" on {', '.join(str(item['video']) for item in items)}"
+                semseg = predictor.segment(frames, audio, maskiges, where)  # [B, T, K, S, S]
                 for item, clip_map in zip(items, semseg, strict=True):
                     clip_metric = new_metric()
                     _score_clip(item, clip_map, dataset, clip_metric, protocol, save_pred, palette)

@@ -1,11 +1,16 @@
-"""SIGINT and SIGTERM for the commands that stop at once and clean up (``predict``, ``maskiges`` of videos).
+"""SIGINT and SIGTERM: every signal handler av2ts sets is set here (the one exception: the training DataLoader's
+workers ignore SIGINT, ``training.data_order``). Which command uses which:
 
-Inside ``stop_on_signals`` both signals raise ``Stop`` in the main thread, wherever it is: a ``KeyboardInterrupt``
-(so every ``finally`` and every ``except BaseException`` that removes a temp or kills an ffmpeg runs, as for
-Ctrl-C), carrying the signal. The command catches it, says what was left unfinished and raises ``Interrupted``:
-one line, exit code 128 + the signal (130 for SIGINT, 143 for SIGTERM, as a shell reports a process the signal
-killed). Signals that come while the first one is being cleaned up are ignored, so the cleanup finishes.
-(``train`` is different: it finishes the iteration and saves ``last/``, ``training.trainer.StopSignals``.)
+- ``stop_on_signals`` (``predict``: stop at once and clean up). Inside it both signals raise ``Stop`` in the main
+  thread, wherever it is: a ``KeyboardInterrupt`` (so every ``finally`` and every ``except BaseException`` that
+  removes a temp or kills an ffmpeg runs, as for Ctrl-C), carrying the signal. The command catches it, says what was
+  left unfinished and raises ``Interrupted``: one line, exit code 128 + the signal (130 for SIGINT, 143 for SIGTERM,
+  as a shell reports a process the signal killed). Signals that come while the first one is being cleaned up are
+  ignored, so the cleanup finishes.
+- ``StopSignals`` (``train``: finish the iteration, save ``last/``, then stop). Both signals set a flag the training
+  loop checks after each iteration; it then raises ``Interrupted``. A second SIGINT interrupts at once.
+- ``ignore_sigterm`` (``processes.Processes.stop``, in ``train``, ``eval`` and ``predict`` under ``torchrun``): a rank
+  that has left its group ignores SIGTERM, so it finishes and exits with its own code.
 """
 
 from __future__ import annotations
@@ -66,3 +71,34 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM set ``signum``, which the loop checks after each iteration; a second SIGINT interrupts at once
+    (``KeyboardInterrupt``). In the main thread only (elsewhere signal handlers cannot be set, and nothing changes);
+    the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_sigterm() -> None:
+    """Ignore SIGTERM from here on, for good (the main thread only: elsewhere signal handlers cannot be set)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
-import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from av2ts_cli.console import warn
 from av2ts_cli.errors import UsageError
+from av2ts_cli.interrupts import ignore_sigterm
+
+if TYPE_CHECKING:
+    import torch
 
 # How long a rank waits at a collective for the others. predict and eval meet once, after their shards: a rank
 # that drew the longer videos may finish hours after the others. A rank that dies does not leave the rest
@@ -81,8 +84,6 @@ class Processes:
         CUDA device and gloo otherwise."""
         import torch  # local: see the module docstring
 
-        from av2ts_cli.runs import resolve_device  # local: runs imports torch (see the module docstring)
-
         rank, world_size, local_rank = environment()
         requested = resolve_device(device_for(device, local_rank, world_size))
         if world_size <= 1:
@@ -97,13 +98,11 @@ class Processes:
 
     def stop(self) -> None:
         """Leave the group. From here on a SIGTERM is ignored: this process's work is done and combined, and
-        torchrun stops every other process of the job (SIGTERM, then SIGKILL 30 s later) as soon as one exits
-        non-zero, so a rank that exits 3 first would otherwise cut rank 0 off while it prints the combined report
-        (seen in CI: rank 0 ended as -15 instead of 3, its table half printed)."""
+        torchrun stops every process of the job (SIGTERM) as soon as one exits non-zero, which would cut rank 0 off
+        while it prints the combined report."""
         if not self.distributed:
             return
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_sigterm()
         if _distributed().is_initialized():
             _distributed().destroy_process_group()
 
@@ -139,3 +138,37 @@ class Processes:
         """This rank's share of ``items``: every ``world_size``-th from its rank on, so each item goes to exactly
         one process and neighbours in the list (often videos of similar length) spread over the processes."""
         return items[self.rank::self.world_size]
+
+
+# ------------------------------------------------------------------------------------------ device and precision
+def resolve_device(device: str | torch.device) -> torch.device:
+    """THE device choice of every command: ``auto`` (CUDA when there is one, else the CPU), a device name, or a
+    ``torch.device`` (returned as it is); a UsageError for a name torch does not know or CUDA that is absent."""
+    import torch  # local: see the module docstring (environment and device_for load no torch)
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"unknown device {device!r}: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but CUDA is not available")
+    return resolved
+
+
+def resolve_precision(precision: str | None, device: torch.device, half: bool = False) -> str:
+    """The precision ``eval`` and ``predict`` run at for ``--precision`` (None: the device's default) and ``--half``
+    (``model.inference.choose_precision``): a choice the device cannot run is a UsageError, and the note on a
+    choice that was changed (``--half`` on a CPU without native bf16) is shown as a warning."""
+    from av2ts_cli.model.inference import choose_precision  # local: the network package imports torch
+
+    try:
+        chosen, note = choose_precision(precision, device, half)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if note:
+        warn(note)
+    return chosen

@@ -23,14 +23,14 @@ from PIL import Image
 
 from av2ts_cli import media
 from av2ts_cli.avsbench import frame_time
+from av2ts_cli.classes import AVSS_NUM_CLASSES, avss_palette
 from av2ts_cli.console import warn
-from av2ts_cli.data.classes import AVSS_NUM_CLASSES, avss_palette
 from av2ts_cli.data.images import rgb_to_index
 from av2ts_cli.errors import DataError, MediaError, UsageError
+from av2ts_cli.runs import FRAMES_FILE
 
 HIGHLIGHT = (255, 96, 0)  # binary masks: a saturated orange stands out on most scenes
 PALETTES = ("auto", "binary", "avss")
-FRAMES_FILE = "frames.jsonl"
 _TIME_TOLERANCE = 1e-5
 
 

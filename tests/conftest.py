@@ -298,14 +298,14 @@ def ced_base(tmp_path_factory):
     network is tiny). Read-only."""
     import torch
 
-    from av2ts_cli import weights
     from av2ts_cli.model import build_model
+    from av2ts_cli.weights import checkpoint
 
     torch.manual_seed(2)
     cfg = tiny_cfg(siam=False, audio_dim=256, audio_depth=12, audio_heads=4)
     folder = tmp_path_factory.mktemp("ced-base") / "base"
     model = build_model(cfg)
-    weights.save_checkpoint(model, cfg, folder)
+    checkpoint.save_checkpoint(model, cfg, folder)
     return folder, model.state_dict()
 
 

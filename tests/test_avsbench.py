@@ -23,7 +23,7 @@ from av2ts_cli.avsbench import (
     pad_by_repeating_last,
     subsets_compatible,
 )
-from av2ts_cli.data.classes import AVSS_CLASSES
+from av2ts_cli.classes import AVSS_CLASSES
 
 PACKAGE = Path(avsbench.__file__).parent
 HOP_S, WINDOW_S = 0.010, 0.025  # VGGish: 10 ms hops of a 25 ms window

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from av2ts_cli.classes import AVSS_CLASSES
 from av2ts_cli.data import AVSDataset, build_dataset, collate_clips
-from av2ts_cli.data.classes import AVSS_CLASSES
 from av2ts_cli.data.scene import CATEGORIES, Scene, sample_times
 from av2ts_cli.data.synth import SPLIT_CODES, SUBSET_CODES
 from av2ts_cli.errors import DataError

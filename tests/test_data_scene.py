@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from av2ts_cli.data.classes import AVSS_CLASSES, S4_CATEGORIES
+from av2ts_cli.classes import AVSS_CLASSES, S4_CATEGORIES
 from av2ts_cli.data.scene import CATEGORIES, Scene, sample_times, write_video_clip
 from av2ts_cli.model.audio import waveform_to_examples
 

@@ -14,8 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from av2ts_cli import cli
+from av2ts_cli.classes import AVSS_CLASSES, avss_palette
 from av2ts_cli.data.audio import read_log_mel_pickle, read_wav
-from av2ts_cli.data.classes import AVSS_CLASSES, avss_palette
 from av2ts_cli.data.scene import sample_times
 from av2ts_cli.data.synth import SynthOptions, synthesize
 from av2ts_cli.errors import DataError, UsageError

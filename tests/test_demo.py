@@ -18,7 +18,7 @@ from av2ts_cli.data.images import read_mask
 from av2ts_cli.data.layout import MASK_BINARY
 from av2ts_cli.data.synth import clip_masks_folder
 from av2ts_cli.metrics import frame_iou
-from av2ts_cli.weights import DEMO_MODEL_DIR
+from av2ts_cli.weights.registry import DEMO_MODEL_DIR
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_CLIP = ASSETS / "demo.mp4"

@@ -170,7 +170,8 @@ def test_errors_cross_processes_pickled(kind):
 
 def test_the_decoding_thread_hands_its_error_over_intact(make_clip):
     """predict's WindowFeeder decodes in a thread and re-raises the thread's exception object in the caller."""
-    from av2ts_cli import media, predict_stream, sampling  # local: torch, for the one thread test
+    from av2ts_cli import media, sampling  # local: torch, for the one thread test
+    from av2ts_cli.predict import stream as predict_stream  # local: torch, for the one thread test
 
     clip = make_clip("two-seconds")
     schedule = sampling.video_schedule(media.probe(clip), fps=1, window=2)
@@ -426,7 +427,7 @@ def tiny_model(tmp_path_factory):
 
     from av2ts_cli.config import get_preset
     from av2ts_cli.model import build_model
-    from av2ts_cli.weights import save_checkpoint
+    from av2ts_cli.weights.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     cfg = get_preset("av2ts-tiny", "s4")

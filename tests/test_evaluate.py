@@ -21,7 +21,8 @@ from av2ts_cli.config import get_preset
 from av2ts_cli.data.layout import list_videos, resolve_root
 from av2ts_cli.evaluate import derangement
 from av2ts_cli.model import build_model
-from av2ts_cli.weights import DEMO_MODEL_DIR, save_checkpoint
+from av2ts_cli.weights.checkpoint import save_checkpoint
+from av2ts_cli.weights.registry import DEMO_MODEL_DIR
 
 runner = CliRunner()
 

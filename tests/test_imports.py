@@ -8,7 +8,11 @@ imports, relative imports resolved), must have
     and re-exporting them is fine;
 (d) a ``# local: <why>`` comment on every function-local import of an av2ts_cli module or a heavy third-party
     package (on its line, on a comment line right above it, or above the block of imports it opens): such imports
-    exist only where start-up time needs them, and say so.
+    exist only where start-up time needs them, and say so;
+(e) rooms (a top-level module or a subpackage of ``av2ts_cli`` is one room) that import each other in no circle, in
+    at most ``MAX_FLOORS`` floors, function-local imports counted;
+(f) no file over 500 lines unless the first line of its docstring says why (``past 500 lines``);
+(g) every module placed in the layout of docs/architecture.md.
 
 Each check is a function over a source folder, so the negative tests below feed it a tiny synthetic package and
 show that it fails.
@@ -37,6 +41,10 @@ HEAVY_THIRD_PARTY = {"torch", "torchaudio", "torchvision", "timm", "numpy", "sci
                      "huggingface_hub", "safetensors", "imageio_ffmpeg", "ffmpeg", "pycocotools", "transformers",
                      "matplotlib"}
 LOCAL_MARK = "# local:"
+MAX_FLOORS = 10  # floors of the room graph (docs/architecture.md, "Rooms and floors")
+MAX_LINES = 500
+LONG_FILE_MARK = "past 500 lines"  # in the first line of the docstring of a longer file, with the reason
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 
 # ----------------------------------------------------------------------------------------------- reading imports
@@ -271,6 +279,119 @@ def _where(imp: Import, root: Path) -> str:
     return f"{imp.path.relative_to(root).as_posix()}:{imp.line} imports {imp.target}"
 
 
+def room_of(module: str, package: str) -> str | None:
+    """The room of a module: ``pkg.media`` -> ``media``, ``pkg.predict.stream`` -> ``predict``; the package's own
+    ``__init__`` and ``__main__`` stand apart (None and ``__main__``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def room_graph(imports: list[Import], package: str) -> dict[str, set[str]]:
+    """{room: the other rooms it imports}, function-local imports included, ``TYPE_CHECKING`` ones not."""
+    graph: dict[str, set[str]] = {}
+    for imp in imports:
+        if imp.type_checking or not imp.target.startswith(package + "."):
+            continue
+        source, target = room_of(imp.module, package), room_of(imp.target, package)
+        if source is None or target is None:
+            continue
+        graph.setdefault(source, set())
+        graph.setdefault(target, set())
+        if source != target:
+            graph[source].add(target)
+    return graph
+
+
+def room_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each group of rooms that reach one another (sorted), empty when the room graph has no circle."""
+    circles = []
+    reach = {room: _reachable(graph, room) for room in graph}
+    seen: set[str] = set()
+    for room in sorted(graph):
+        if room in seen:
+            continue
+        group = sorted(other for other in graph if other == room or (other in reach[room] and room in reach[other]))
+        seen.update(group)
+        if len(group) > 1:
+            circles.append(group)
+    return circles
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    found, todo = set(), list(graph[start])
+    while todo:
+        room = todo.pop()
+        if room not in found:
+            found.add(room)
+            todo.extend(graph.get(room, ()))
+    return found
+
+
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """{room: its floor}: 0 for a room that imports no other, else one above the highest room it imports (the
+    graph must have no circle)."""
+    floor: dict[str, int] = {}
+
+    def of(room: str) -> int:
+        if room not in floor:
+            floor[room] = 1 + max((of(below) for below in graph[room]), default=-1)
+        return floor[room]
+
+    for room in graph:
+        of(room)
+    return floor
+
+
+def long_files(root: Path, package: str, limit: int = MAX_LINES, mark: str = LONG_FILE_MARK) -> list[str]:
+    """Files over ``limit`` lines whose docstring's first line does not say why (``mark``)."""
+    bad = []
+    for path in module_names(root, package).values():
+        text = path.read_text()
+        if text.count("\n") <= limit:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if mark not in doc.split("\n", 1)[0]:
+            bad.append(f"{path.relative_to(root).as_posix()}: {text.count(chr(10))} lines")
+    return bad
+
+
+def layout_paths(doc: str) -> set[str]:
+    """The module paths (``media.py``, ``predict/stream.py``) that the first ``text`` block under "## Layout" of an
+    architecture page places: a ``name/`` token opens a folder for the lines indented below it, and every
+    ``*.py`` token of a line belongs to the innermost folder opened above it at a smaller indent."""
+    section = doc.split("## Layout", 1)[1]
+    block = section.split("```text", 1)[1].split("```", 1)[0]
+    paths: set[str] = set()
+    stack: list[tuple[int, str]] = []  # (indent, folder path)
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        base = stack[-1][1] if stack else ""
+        words = line.split("  ")  # names are separated by two spaces from each other and from the description
+        for word in (w.strip() for w in words if w.strip()):
+            if word.endswith(".py") and " " not in word:
+                paths.add(base + word)
+            elif word.endswith("/") and " " not in word and word[:-1].replace("_", "").replace("/", "").isalnum():
+                stack.append((indent, base + word))
+            else:
+                break  # the description
+    return paths
+
+
+def unplaced_modules(root: Path, package: str, doc: str) -> list[str]:
+    """Modules of the package that the layout does not place (the package's top folder is the layout's root)."""
+    placed = layout_paths(doc)
+    missing = []
+    for path in module_names(root, package).values():
+        relative = path.relative_to(root / package).as_posix()
+        if relative not in placed and f"{package}/{relative}" not in placed:
+            missing.append(relative)
+    return sorted(missing)
+
+
 # ------------------------------------------------------------------------------------------- the real package
 @pytest.fixture(scope="module")
 def imports() -> list[Import]:
@@ -310,6 +431,26 @@ def test_every_local_import_of_the_package_or_a_heavy_package_says_why(imports):
     bad = unexplained_local_imports(imports, PACKAGE, HEAVY_THIRD_PARTY)
     assert not bad, f"function-local imports without a '{LOCAL_MARK} <why>' comment:\n" + "\n".join(
         _where(imp, ROOT) for imp in bad)
+
+
+def test_the_rooms_import_each_other_in_no_circle_and_at_most_ten_floors(imports):
+    graph = room_graph(imports, PACKAGE)
+    assert {"predict", "weights", "model", "data", "cli"} <= graph.keys()
+    circles = room_circles(graph)
+    assert not circles, f"rooms in a circle: {circles}"
+    floor = floors(graph)
+    assert max(floor.values()) + 1 <= MAX_FLOORS, sorted(floor.items(), key=lambda item: item[1])
+
+
+def test_no_file_is_over_500_lines_without_a_reason():
+    bad = long_files(ROOT, PACKAGE)
+    assert not bad, f"over {MAX_LINES} lines without '{LONG_FILE_MARK}: <why>' in the docstring's first line:\n" + \
+        "\n".join(bad)
+
+
+def test_every_module_is_placed_in_the_architecture_page():
+    missing = unplaced_modules(ROOT, PACKAGE, ARCHITECTURE.read_text())
+    assert not missing, f"modules missing from the layout of {ARCHITECTURE.name}: {missing}"
 
 
 # ------------------------------------------------------------------------------- the checks fail where they must
@@ -404,3 +545,43 @@ def test_local_imports_without_a_reason_are_found(tmp_path):
     })
     bad = unexplained_local_imports(read_imports(root, "pkg"), "pkg", HEAVY_THIRD_PARTY)
     assert sorted(imp.line for imp in bad) == [5, 18]
+
+
+def test_a_circle_between_rooms_and_the_floors_are_found(tmp_path):
+    root = _package(tmp_path, {
+        "__init__.py": "",
+        "base.py": "",
+        "media.py": "from pkg import base\n",
+        "data/__init__.py": "",
+        "data/audio.py": "from pkg import environment\n",  # data -> environment
+        "environment.py": "from pkg.weights import resolve\n",  # environment -> weights
+        "weights/__init__.py": "",
+        "weights/resolve.py": "def f():\n    from pkg.data import audio\n",  # weights -> data (local): a circle
+        "cli.py": "from pkg import media, weights\n",
+    })
+    graph = room_graph(read_imports(root, "pkg"), "pkg")
+    assert room_circles(graph) == [["data", "environment", "weights"]]
+    # the same modules as one room each with no circle: floors counted from the ground
+    (root / "pkg" / "data" / "audio.py").write_text("from pkg import base\n")
+    graph = room_graph(read_imports(root, "pkg"), "pkg")
+    assert room_circles(graph) == []
+    assert floors(graph) == {"base": 0, "media": 1, "data": 1, "weights": 2, "environment": 3, "cli": 3}
+
+
+def test_a_long_file_needs_its_reason_in_the_first_docstring_line(tmp_path):
+    body = "x = 1\n" * 30
+    root = _package(tmp_path, {
+        "__init__.py": "",
+        "short.py": '"""Short."""\nx = 1\n',
+        "long.py": '"""Long, with no reason given.\n\npast 500 lines on a later line does not count."""\n' + body,
+        "reasoned.py": '"""Reasoned; past 500 lines: one parser for the whole format."""\n' + body,
+    })
+    assert long_files(root, "pkg", limit=20) == ["pkg/long.py: 33 lines"]
+
+
+def test_the_layout_places_modules_by_their_folders():
+    doc = ("# A\n\n## Layout\n\n```text\nREADME.md   the readme\npkg/\n  errors.py  media.py   ground floor\n"
+           "  predict/   the verb\n    runner.py   the batch\n    stream.py\n  model/   the network\n"
+           "    ops/deform_attn.py   the op\n  cli.py   the app\n```\n\n## Other\n```text\nlost.py\n```\n")
+    assert layout_paths(doc) == {"pkg/errors.py", "pkg/media.py", "pkg/predict/runner.py", "pkg/predict/stream.py",
+                                 "pkg/model/ops/deform_attn.py", "pkg/cli.py"}

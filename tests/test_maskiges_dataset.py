@@ -89,7 +89,7 @@ def test_masks_from_round_trip_through_the_dataset_reader(tmp_path, subset):
     again = _cli("--subset", subset, "--data", str(root), "--masks-from", str(masks_dir), "--json")
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
-    assert (report["written"], report["skipped"], report["failed"]) == (0, total, [])
+    assert (report["written"], report["skipped"], report["failures"]) == (0, total, [])
 
     other = tmp_path / "other-masks"
     other.mkdir()

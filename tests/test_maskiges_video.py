@@ -17,7 +17,7 @@ from PIL import Image
 
 from av2ts_cli import media
 from av2ts_cli.maskiges.video import RECORD_FILE
-from av2ts_cli.predict_stream import maskige_reader
+from av2ts_cli.predict.stream import maskige_reader
 from av2ts_cli.sampling import video_schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_a_video_another_run_holds_is_left_to_it(tmp_path, make_clip):
     with locks.held(out / "held", remove_empty_folder=True):  # as another `av2ts maskiges` would hold it
         report = video.run([held, free], out, generator=str(save_tiny_sam(tmp_path / "tiny")),
                            settings=GeneratorSettings(points_per_side=2), device="cpu", progress=False)
-    assert report["busy"] == [{"input": str(held), "pid": os.getpid()}] and report["failed"] == []
+    assert report["busy"] == [{"input": str(held), "pid": os.getpid()}] and report["failures"] == []
     assert [Path(v["input"]).name for v in report["videos"]] == ["free.mp4"]
     assert (out / "free" / "000000.png").is_file() and not left.exists()
     assert not (out / "held").exists()  # the holder made it; released, and nothing in it

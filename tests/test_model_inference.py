@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from av2ts_cli import cli, evaluate
-from av2ts_cli.checkpoints import DEMO_MODEL_DIR
 from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS, get_preset
 from av2ts_cli.model import build_model, inference
 from av2ts_cli.model.backbone import create_backbone
@@ -23,6 +22,7 @@ from av2ts_cli.model.inference import (
     precision_context,
     prepare_for_inference,
 )
+from av2ts_cli.weights.registry import DEMO_MODEL_DIR
 
 
 def _clip(cfg, frames: int = 2, size: int = 64, seed: int = 0):

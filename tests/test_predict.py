@@ -20,10 +20,16 @@ from conftest import wait_until
 from PIL import Image
 from typer.testing import CliRunner
 
-from av2ts_cli import cli, media, predict, weights
+from av2ts_cli import cli, media, predict
 from av2ts_cli.config import get_preset
 from av2ts_cli.errors import EXIT_PARTIAL, EXIT_USAGE, MediaError, UsageError
 from av2ts_cli.model import build_model, inference
+from av2ts_cli.predict import options, outputs
+from av2ts_cli.predict import runner as predict_runner
+from av2ts_cli.predict import video as one_video
+from av2ts_cli.predictor import load_predictor, make_predictor
+from av2ts_cli.sources import collect_videos
+from av2ts_cli.weights import checkpoint, registry
 
 runner = CliRunner()
 
@@ -32,7 +38,7 @@ runner = CliRunner()
 def _save_tiny(folder: Path, **preset) -> Path:
     torch.manual_seed(0)
     cfg = get_preset("av2ts-tiny", **preset)
-    weights.save_checkpoint(build_model(cfg), cfg, folder)
+    checkpoint.save_checkpoint(build_model(cfg), cfg, folder)
     return folder
 
 
@@ -44,7 +50,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_checkpoint):
-    return predict.load_predictor(str(tiny_checkpoint), device="cpu")
+    return load_predictor(str(tiny_checkpoint), device="cpu")
 
 
 def _options(out: Path, **overrides) -> predict.PredictOptions:
@@ -65,10 +71,10 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_options_are_checked():
-    assert predict.parse_formats("rle, PNG") == ("png", "rle")
+    assert options.parse_formats("rle, PNG") == ("png", "rle")
     for text in ("", "png,gif"):
         with pytest.raises(UsageError):
-            predict.parse_formats(text)
+            options.parse_formats(text)
     for bad in ({"fps": 0}, {"batch": 0}, {"window": 0}, {"threshold": 1.5}, {"formats": ()}):
         with pytest.raises(UsageError):
             predict.PredictOptions(**bad).check()
@@ -80,15 +86,15 @@ def test_sources_files_folders_globs(tmp_path):
     for name in ("a.mp4", "b.MOV", "notes.txt", ".hidden.mp4", "sub/c.mkv"):
         (tmp_path / name).write_bytes(b"x")
     names = lambda paths: [p.relative_to(tmp_path).as_posix() for p in paths]  # noqa: E731
-    assert names(predict.collect_videos([tmp_path])) == ["a.mp4", "b.MOV"]
-    assert names(predict.collect_videos([tmp_path], recursive=True)) == ["a.mp4", "b.MOV", "sub/c.mkv"]
-    assert names(predict.collect_videos([str(tmp_path / "*.mp4"), tmp_path / "a.mp4"])) == ["a.mp4"]
-    assert names(predict.collect_videos([tmp_path / "notes.txt"])) == ["notes.txt"]  # named: taken as given
-    assert names(predict.collect_videos([str(tmp_path / "**" / "*.mkv")], recursive=True)) == ["sub/c.mkv"]
+    assert names(collect_videos([tmp_path])) == ["a.mp4", "b.MOV"]
+    assert names(collect_videos([tmp_path], recursive=True)) == ["a.mp4", "b.MOV", "sub/c.mkv"]
+    assert names(collect_videos([str(tmp_path / "*.mp4"), tmp_path / "a.mp4"])) == ["a.mp4"]
+    assert names(collect_videos([tmp_path / "notes.txt"])) == ["notes.txt"]  # named: taken as given
+    assert names(collect_videos([str(tmp_path / "**" / "*.mkv")], recursive=True)) == ["sub/c.mkv"]
     for source, message in ((tmp_path / "missing.mp4", "no such file"), (str(tmp_path / "*.avi"), "matches no"),
                             (tmp_path / "sub" / "deeper", "no videos in this folder (--recursive")):
         with pytest.raises(UsageError, match=message.replace("(", r"\(")):
-            predict.collect_videos([source])
+            collect_videos([source])
 
 
 
@@ -331,7 +337,7 @@ def test_cli_predict_with_overlay_path(make_clip, tiny_checkpoint, tmp_path):
 
 
 def test_cli_default_model_is_the_demo_model(make_clip, tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "DEMO_MODEL_DIR", tiny_checkpoint)
+    monkeypatch.setattr(registry, "DEMO_MODEL_DIR", tiny_checkpoint)
     clip = make_clip("demo", duration=1.0)
     result = runner.invoke(cli.app, ["predict", str(clip), "--out", str(tmp_path / "run"), "--overlay"])
     assert result.exit_code == 0, result.output
@@ -385,7 +391,7 @@ def test_half_on_cpu_is_bf16_where_the_cpu_has_it(make_clip, tiny_checkpoint, tm
     (a,), (b,) = (_lines(Path(r.videos[0].folder) / "frames.jsonl") for r in (fp32, half))
     assert a["sounding_area"] == pytest.approx(b["sounding_area"], abs=0.05)  # bf16 rounding, same masks
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
-    plain = predict.make_predictor(build_model(get_preset("av2ts-tiny")), get_preset("av2ts-tiny"), ["b", "s"],
+    plain = make_predictor(build_model(get_preset("av2ts-tiny")), get_preset("av2ts-tiny"), ["b", "s"],
                                    "x", device="cpu", half=True)
     assert plain.precision == "fp32"  # with a warning: no native bf16
 
@@ -396,11 +402,11 @@ def test_default_precision_follows_the_cpu(native, monkeypatch):
     the capability check is mocked, the model really runs in that precision."""
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
     cfg = get_preset("av2ts-tiny")
-    predictor = predict.make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu")
+    predictor = make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu")
     assert predictor.precision == ("bf16" if native else "fp32")
     assert next(predictor.model.decoder.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
     frames = np.random.default_rng(0).integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8)
-    scores = predictor.segment(frames, torch.randn(1, 2, 96, 64))
+    scores = predictor.segment_pictures(frames, torch.randn(1, 2, 96, 64))
     assert scores.dtype == torch.float32 and scores.shape == (1, 2, 2, 64, 64) and torch.isfinite(scores).all()
 
 
@@ -411,9 +417,9 @@ def test_precision_option_usage_errors(tmp_path):
     assert lines == ["error: --precision 'fp8' is not one of fp32, bf16, fp16"]
     cfg = get_preset("av2ts-tiny")
     with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
-        predict.make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu", precision="fp16")
+        make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu", precision="fp16")
     with pytest.raises(UsageError, match="--half is --precision bf16 on cpu"):
-        predict.make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu", precision="fp32", half=True)
+        make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu", precision="fp32", half=True)
 
 
 @pytest.mark.gpu
@@ -485,7 +491,7 @@ def test_fps_above_the_frame_rate_and_window_beyond_the_video_are_usage_errors(m
 
 def test_a_window_that_cannot_fit_in_memory_is_refused(make_clip, tiny_predictor, tmp_path, monkeypatch):
     clip = make_clip("short-memory", duration=1.0)
-    monkeypatch.setattr(predict, "available_mb", lambda device: 100.0)  # 15.3 MB a frame at 128 px
+    monkeypatch.setattr(one_video, "available_mb", lambda device: 100.0)  # 15.3 MB a frame at 128 px
     with pytest.raises(UsageError) as caught:
         predict.run([clip], _options(tmp_path / "run", window=5, batch=4), predictor=tiny_predictor)
     assert caught.value.message == ("--window 5 with --batch 4: needs over 306 MB, 100 MB free on cpu; at most "
@@ -510,8 +516,8 @@ def test_a_still_image_named_mp4_is_segmented_with_a_warning(make_clip, tiny_pre
 def test_a_failure_mid_video_leaves_no_outputs_and_a_single_one_no_run_folder(make_clip, tiny_predictor, tmp_path,
                                                                               monkeypatch):
     clip = make_clip("fails-mid-way", duration=3.0)
-    monkeypatch.setattr(predict, "DEFAULT_RUNS", tmp_path / "runs" / "predict")
-    real = predict.MaskOutputs.add
+    monkeypatch.setattr(predict_runner, "DEFAULT_RUNS", tmp_path / "runs" / "predict")
+    real = outputs.MaskOutputs.add
     calls = []
 
     def add(self, frame, mask):  # the disk fills after the first mask
@@ -520,7 +526,7 @@ def test_a_failure_mid_video_leaves_no_outputs_and_a_single_one_no_run_folder(ma
             raise OSError(28, "No space left on device", str(self.folder / "masks" / "000001.png"))
         real(self, frame, mask)
 
-    monkeypatch.setattr(predict.MaskOutputs, "add", add)
+    monkeypatch.setattr(outputs.MaskOutputs, "add", add)
     with pytest.raises(OSError):
         predict.run([clip], predict.PredictOptions(progress=False), predictor=tiny_predictor)
     assert calls == [0, 1] and sorted(p.name for p in (tmp_path / "runs" / "predict").iterdir()) == []
@@ -654,7 +660,7 @@ def test_the_processes_reports_combine_in_the_order_of_the_videos():
                                  failures=[{"input": str(videos[i]), "error": "bad"} for i in failed],
                                  busy=[{"input": str(videos[i]), "pid": 7} for i in busy], processes=2, rank=rank)
 
-    combined = predict._combined([report(0, [4, 0], [2], []), report(1, [5, 1], [], [3])], videos, rank=1)
+    combined = predict_runner._combined([report(0, [4, 0], [2], []), report(1, [5, 1], [], [3])], videos, rank=1)
     assert [v.name for v in combined.videos] == ["v0", "v1", "v4", "v5"]
     assert [f["input"] for f in combined.failures] == ["v2.mp4"] and [b["input"] for b in combined.busy] == ["v3.mp4"]
     assert combined.rank == 1 and combined.processes == 2

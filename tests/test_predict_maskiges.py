@@ -14,12 +14,13 @@ import pytest
 import torch
 from conftest import invoke_cli
 
-from av2ts_cli import media, predict
+from av2ts_cli import cli, media, predict
 from av2ts_cli.config import get_preset
 from av2ts_cli.errors import CheckpointError
 from av2ts_cli.model import build_model
-from av2ts_cli.predict_maskiges import AUTO, LazyGenerator, maskige_warning, parse_maskiges
-from av2ts_cli.weights import save_checkpoint
+from av2ts_cli.predict import options
+from av2ts_cli.predict.maskiges import AUTO, LazyGenerator, maskige_warning, parse_maskiges
+from av2ts_cli.weights.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")  # the av2ts[sam] extra (part of dev)
 
@@ -81,8 +82,22 @@ def test_predict_makes_caches_and_reuses_the_maskiges_of_a_siam_model(make_clip,
     command = ["predict", str(clip), "--model", str(model), "--out", str(run), "--device", "cpu", "--overlay"]
     probed, probe = [], media.probe
     monkeypatch.setattr(media, "probe", lambda path, *a, **k: probed.append(Path(path)) or probe(path, *a, **k))
+    # one route through predict: the sources collected once, --maskiges parsed once, one generator
+    routes = {"collections": 0, "parses": 0, "generators": 0}
+    collect, parse, make = cli.collect_videos, options.parse_maskiges, LazyGenerator.__init__
+
+    def counted_call(key, function):
+        def call(*args, **kwargs):
+            routes[key] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(cli, "collect_videos", counted_call("collections", collect))
+    monkeypatch.setattr(options, "parse_maskiges", counted_call("parses", parse))
+    monkeypatch.setattr(LazyGenerator, "__init__", counted_call("generators", make))
     invoke_cli(command)
     assert probed.count(clip) == 1  # the maskiges' frames are decoded with predict's probe
+    assert routes == {"collections": 1, "parses": 1, "generators": 1}
     folder = run / "siam talk"
     cache = folder / "maskiges" / "fps1"
     assert sorted(p.name for p in (folder / "masks").glob("*.png")) == ["000000.png", "000001.png"]

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from av2ts_cli import predict_outputs, sampling
+from av2ts_cli import sampling
 from av2ts_cli.errors import UsageError
-from av2ts_cli.masks import FrameMask, rle_decode
+from av2ts_cli.predict import outputs as predict_outputs
+from av2ts_cli.predict.masks import FrameMask, rle_decode
 
 
 def test_output_folder_names_never_mix_two_inputs(tmp_path):

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from av2ts_cli import media, predict_stream, sampling
+from av2ts_cli import media, sampling
 from av2ts_cli.config import get_preset
 from av2ts_cli.model import build_model
+from av2ts_cli.predict import stream as predict_stream
+from av2ts_cli.predictor import make_predictor
 
 FPS = 25  # make_clip's default frame rate
 
@@ -71,7 +73,7 @@ def test_the_stream_yields_every_frame_once_in_time_order(make_clip):
     schedule = sampling.video_schedule(info, fps=2, window=5)
     torch.manual_seed(0)
     cfg = get_preset("av2ts-tiny")
-    predictor = predict_stream.make_predictor(build_model(cfg), cfg, ["background", "sounding"], "tiny", "cpu")
+    predictor = make_predictor(build_model(cfg), cfg, ["background", "sounding"], "tiny", "cpu")
     batches = []
     pairs = list(predict_stream.stream_masks(clip, schedule, predictor, media.decode_audio(clip), (40, 30),
                                              batch=3, on_batch=batches.append))

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from av2ts_cli import cli, media, render
-from av2ts_cli.data.classes import avss_palette
+from av2ts_cli.classes import avss_palette
 from av2ts_cli.errors import EXIT_USAGE, DataError, MediaError, UsageError
 
 runner = CliRunner()

@@ -11,7 +11,8 @@ import torch
 from av2ts_cli.errors import UsageError
 from av2ts_cli.files import write_json
 from av2ts_cli.model import inference
-from av2ts_cli.runs import numbered_run_folder, resolve_device, resolve_precision
+from av2ts_cli.processes import resolve_device, resolve_precision
+from av2ts_cli.runs import numbered_run_folder
 
 
 def test_run_folders_are_numbered_and_never_reused(tmp_path):

@@ -100,7 +100,7 @@ def _s4_with_maskiges_from_masks(tmp_path):
                 square = np.zeros((1, 64, 64), bool)
                 square[0, 8:40, 16:48] = True
                 np.save(path, square)
-    assert not pregenerate("s4", root, masks_from=masks, progress=False)["failed"]
+    assert not pregenerate("s4", root, masks_from=masks, progress=False)["failures"]
     return root, masks
 
 
@@ -129,7 +129,7 @@ def test_a_siam_run_records_its_maskiges_in_config_json(tmp_path):
     from conftest import run_train
 
     from av2ts_cli.training.checkpoint import maskige_provenance
-    from av2ts_cli.weights import save_checkpoint
+    from av2ts_cli.weights.checkpoint import save_checkpoint
 
     root, _ = _s4_with_maskiges_from_masks(tmp_path)
     model = tmp_path / "siam-tiny"

@@ -1,4 +1,4 @@
-"""av2ts_cli/training/optim.py: the reference's parameter groups and the poly schedule."""
+"""av2ts_cli/training/optim.py: the reference's parameter groups and the poly schedule (its horizon moved on resume)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from av2ts_cli.config import get_preset
 from av2ts_cli.model import build_model
-from av2ts_cli.training.optim import PolySchedule, parameter_groups
+from av2ts_cli.training.optim import PolySchedule, parameter_groups, set_poly_horizon
 
 
 def test_parameter_groups_follow_the_reference_rules():
@@ -31,3 +31,60 @@ def test_parameter_groups_follow_the_reference_rules():
 def test_poly_schedule():
     schedule = PolySchedule(100, 0.9)
     assert schedule(0) == 1.0 and schedule(100) == 0.0 and schedule(50) == pytest.approx(0.5**0.9)
+
+
+def _scheduled(iters: int, power: float = 0.9):
+    """An optimizer with two LR groups (as the backbone multiplier makes) under LambdaLR(PolySchedule(iters))."""
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "lr": 1e-4}, {"params": params[1:], "lr": 1e-3}], lr=1e-3)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, PolySchedule(iters, power))
+
+
+def _stepped(iters: int, steps: int):
+    optimizer, scheduler = _scheduled(iters)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return optimizer, scheduler
+
+
+def _restored(saved_optimizer, saved_scheduler, iters: int):
+    """A new optimizer and schedule (built with ``iters``) with the saved states loaded, as a resumed run's."""
+    optimizer, scheduler = _scheduled(iters)
+    optimizer.load_state_dict(saved_optimizer.state_dict())
+    scheduler.load_state_dict(saved_scheduler.state_dict())
+    return optimizer, scheduler
+
+
+def test_a_restored_poly_schedule_follows_a_new_horizon():
+    """Restored at step 3 of a finished 3-iteration schedule (LR 0), moved to 6 iterations: the LR the next step
+    uses and every later one is base * (1 - k / 6) ** 0.9, per group (without set_poly_horizon it stays 0)."""
+    saved = _stepped(3, 3)
+    assert [g["lr"] for g in saved[0].param_groups] == [0.0, 0.0]
+    optimizer, scheduler = _restored(*saved, iters=6)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]  # restored: the old horizon's end
+    set_poly_horizon(scheduler, 6, 0.9)
+    for k in range(3, 7):
+        expected = [base * (1 - k / 6) ** 0.9 for base in (1e-4, 1e-3)]
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected, rel=1e-12, abs=0), k
+        assert scheduler.get_last_lr() == pytest.approx(expected, rel=1e-12, abs=0), k
+        assert scheduler.last_epoch == k
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.state_dict()["lr_lambdas"][0] == {"iters": 6, "power": 0.9}  # a later resume keeps 6
+
+
+def test_a_restored_poly_schedule_with_its_own_horizon_is_unchanged():
+    """Resumed with the same --iters: the LRs and the schedule's state are exactly the saved ones, and the next
+    steps give exactly the LRs of the uninterrupted schedule."""
+    straight = _stepped(10, 7)
+    saved = _stepped(10, 4)
+    optimizer, scheduler = _restored(*saved, iters=10)
+    before = ([g["lr"] for g in optimizer.param_groups], scheduler.get_last_lr(), scheduler.state_dict())
+    set_poly_horizon(scheduler, 10, 0.9)
+    assert ([g["lr"] for g in optimizer.param_groups], scheduler.get_last_lr(), scheduler.state_dict()) == before
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in straight[0].param_groups]
+    assert scheduler.state_dict() == straight[1].state_dict()

@@ -4,6 +4,7 @@ old one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -113,6 +114,7 @@ def test_resume_after_sigkill_gives_the_same_weights_bit_for_bit(small_s4, strai
     straight, resumed = read_log(straight_run / LOG_FILE), read_log(run / LOG_FILE)
     assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # rows after the checkpoint were redone once
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]  # the same --iters: the same schedule
     assert resumed[-1]["val_miou"] == straight[-1]["val_miou"]
 
 
@@ -134,6 +136,45 @@ def test_sigterm_saves_last_exits_143_and_resumes_bit_for_bit(small_s4, straight
     _assert_identical(_weights(straight_run), _weights(run))
 
 
+@pytest.mark.slow
+def test_resume_with_more_iters_follows_the_new_lr_schedule(small_s4, tmp_path):
+    """A finished 3-iteration run (its LR ended at 0) resumed with --iters 6 trains on the poly schedule of 6
+    iterations: the step after iteration k runs at base * (1 - k / 6) ** power (the restored schedule used to
+    keep the old horizon: LR 0). log.csv's row k holds the LR after step k, that of the next step; the first resumed
+    step's LR (k = 3) is read from the resumed trainer before it trains."""
+    from av2ts_cli.processes import Processes
+    from av2ts_cli.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    invoke_cli(["train", "--subset", "s4", "--data", str(small_s4), *SMALL_RUN, "--iters", "3", "--eval-every", "0",
+                "--out", str(run), "--json"])
+    state = read_trainer_state(run / "last" / TRAINER_FILE)
+    bases, power = state["scheduler"]["base_lrs"], state["options"]["poly_power"]
+    first = read_log(run / LOG_FILE)
+    assert [r["lr"] for r in first] == pytest.approx([bases[0] * (1 - k / 3) ** power for k in (1, 2, 3)], rel=1e-5)
+    assert first[-1]["lr"] == 0.0
+    weights_at_3 = _weights(run)
+
+    with contextlib.ExitStack() as held:  # held: the run's lock, released when the block ends
+        trainer = Trainer({"iters": 6}, run, Processes.start("cpu"), progress=False, held=held)
+        expected = [base * (1 - 3 / 6) ** power for base in bases]  # every parameter group
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx(expected, rel=1e-12, abs=0)
+        assert trainer.scheduler.get_last_lr() == pytest.approx(expected, rel=1e-12, abs=0)
+        assert trainer.start == 3 and trainer.scheduler.last_epoch == 3
+        del trainer
+
+    invoke_cli(["train", "--resume", str(run), "--iters", "6", "--json"])
+    rows = read_log(run / LOG_FILE)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[:3] == first
+    assert [r["lr"] for r in rows[3:]] == pytest.approx([bases[0] * (1 - k / 6) ** power for k in (4, 5, 6)],
+                                                        rel=1e-5, abs=0)
+    state = read_trainer_state(run / "last" / TRAINER_FILE)
+    assert state["iteration"] == 6 and state["scheduler"]["lr_lambdas"][0]["iters"] == 6
+    moved = [k for k, v in _weights(run).items() if not torch.equal(v, weights_at_3[k])]
+    assert moved  # it trained: at LR 0, AdamW (and its weight decay) leaves every weight where it was
+
+
 # --------------------------------------------------------------------------------------------------------- DDP
 @pytest.fixture(scope="session")
 def ddp_start(tmp_path_factory) -> Path:
@@ -141,7 +182,7 @@ def ddp_start(tmp_path_factory) -> Path:
     normalises over each process's share of the batch (SyncBatchNorm needs CUDA) and the criterion draws its
     random points per process: this variant keeps only what DDP must get right (the data split, the gradient
     average, the loss normalisation over processes) and little sampling noise."""
-    from av2ts_cli.weights import save_checkpoint
+    from av2ts_cli.weights.checkpoint import save_checkpoint
 
     cfg = get_preset("av2ts-tiny", "s4")
     cfg.frozen_bn = True

@@ -9,16 +9,14 @@ default path), optionally ``torch.compile`` of the backbones, and
 the default path with one thread. Each step's argmax agreement with fp32 is measured on its last output (random
 weights), and the default path's again on the bundled demo model (real weights) over the demo video's clips.
 
-Each case builds a randomly initialised preset (or loads a checkpoint: ``weights.resolve_model``; AV2TS or COMBO),
-feeds one clip of T frames (random frames, maskiges when the preset
-uses the Siam encoder, random log-mel examples) and times ``repeats`` forwards under ``torch.inference_mode`` after
-one warm-up; the median is reported. Forward hooks on the top-level parts time them in the same runs (CPU ops are
-synchronous, so the hooks see the real cost). The baseline, measured in the same process before and after the
-cases, is a ResNet-50 trunk on the same T frames at 224 px (docs/model.md, 'Cost on a CPU': 351-356 ms fp32 with 2
-threads on
-this machine kind when it is idle), so figures taken on a busy machine still compare. On a machine shared with
-other jobs, ``--threads 1`` gives steadier figures: two threads spin at every op's barrier whenever the other
-core is taken.
+Each case builds a randomly initialised preset (or loads a checkpoint: ``weights.resolve.resolve_model``; any
+family), feeds one clip of T frames (random frames, maskiges when the preset uses the Siam encoder, random log-mel
+examples) and times ``repeats`` forwards under ``torch.inference_mode`` after one warm-up; the median is reported.
+Forward hooks on the top-level parts time them in the same runs (CPU ops are synchronous, so the hooks see the real
+cost). The baseline, measured in the same process before and after the cases, is a ResNet-50 trunk on the same T
+frames at 224 px (docs/model.md, 'Cost on a CPU': 351-356 ms fp32 with 2 threads on this machine kind when it is
+idle), so figures taken on a busy machine still compare. On a machine shared with other jobs, ``--threads 1`` gives
+steadier figures: two threads spin at every op's barrier whenever the other core is taken.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from rich.table import Table
 from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS
 from av2ts_cli.console import console
 from av2ts_cli.model.ops import active_backend
-from av2ts_cli.weights import resolve_model
+from av2ts_cli.weights.resolve import resolve_model
 
 # Top-level modules of both families grouped into the parts reported: "audio" is CED (AV2TS) or VGGish (COMBO),
 # "fusion" OSA (AV2TS) or the bilateral fusion + audio MLP (COMBO); COMBO has no DSTA (a part a network lacks is
@@ -104,7 +102,7 @@ def baseline_resnet50(frames: int = 5, repeats: int = 5, bf16: bool = False) -> 
 def time_model(name: str, input_size: int | None = None, frames: int = 5, repeats: int = 5,
                bf16: bool = False, seed: int = 0) -> ModelTiming:
     """Median eval forward time of one clip of ``frames`` frames through ``name``: a preset (s4 head, random init)
-    or any checkpoint ``weights.resolve_model`` accepts."""
+    or any checkpoint ``weights.resolve.resolve_model`` accepts."""
     torch.manual_seed(seed)
     model, cfg, _ = resolve_model(name, presets=True)
     size = input_size or cfg.input_size
@@ -318,9 +316,9 @@ def demo_agreement(frames: int = 5) -> dict:
     argmax agreement of the default path with fp32, over all pixels of all clips."""
     from av2ts_cli import media  # local: ffmpeg plumbing, only for this measurement
     from av2ts_cli.avsbench import frame_time
-    from av2ts_cli.checkpoints import DEMO_MODEL_DIR
     from av2ts_cli.model.audio import waveform_to_examples
     from av2ts_cli.model.inference import default_precision, precision_context, prepare_for_inference
+    from av2ts_cli.weights.registry import DEMO_MODEL_DIR
 
     video = DEMO_MODEL_DIR.parent / "demo.mp4"
     model, cfg, _ = resolve_model(str(DEMO_MODEL_DIR))

@@ -37,6 +37,8 @@ from av2ts_cli.console import console, make_progress
 from av2ts_cli.data.images import write_png
 from av2ts_cli.memory import peak_rss_mib
 from av2ts_cli.model import build_model
+from av2ts_cli.predictor import make_predictor
+from av2ts_cli.runs import SUMMARY_FILE
 
 SHARE_TARGET = 0.15
 RSS_TARGET = 1.2
@@ -103,7 +105,7 @@ def _worker(case: dict) -> dict:
     torch.manual_seed(0)
     cfg = get_preset(case["preset"])
     model = build_model(cfg)
-    predictor = predict.make_predictor(model, cfg, ["background", "sounding object"], case["preset"], device="cpu")
+    predictor = make_predictor(model, cfg, ["background", "sounding object"], case["preset"], device="cpu")
     clip = Path(case["clip"])
     work = Path(tempfile.mkdtemp(dir=case["work"]))
     maskiges = None
@@ -120,7 +122,7 @@ def _worker(case: dict) -> dict:
     result = predict.run([clip], options, predictor=predictor).videos[0]
     elapsed = time.perf_counter() - started
     baselines += [baseline_resnet50(repeats=3)] if case.get("baseline") else []
-    summary = json.loads((Path(result.folder) / predict.SUMMARY_FILE).read_text())
+    summary = json.loads((Path(result.folder) / SUMMARY_FILE).read_text())
     timings = summary["timings"]
     predict_s = timings["predict_s"]
     model_s = timings["model_s"]

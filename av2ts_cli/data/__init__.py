@@ -1,11 +1,11 @@
 """AVSBench datasets (S4, MS3, AVSS), their transforms and audio, the synthetic data generator and the checker.
 
-Modules: ``layout`` (paths and metadata of the official layouts), ``classes`` (class names, AVSS palette),
-``images`` and ``audio`` (file reading and writing), ``transforms`` (augmentation and resizing), ``datasets``
-(the torch datasets), ``scene`` and ``synth`` (the "sounding shapes" generator), ``check`` (``av2ts data check``).
+Modules: ``layout`` (paths and metadata of the official layouts), ``images`` and ``audio`` (file reading and
+writing), ``transforms`` (augmentation and resizing), ``datasets`` (the torch datasets), ``scene`` and ``synth``
+(the "sounding shapes" generator), ``check`` (``av2ts data check``). The class names are ``av2ts_cli.classes``.
 
 The torch datasets are imported on first use (PEP 562 ``__getattr__``): ``av2ts overlay`` reads mask images through
-``data.images`` and ``data.classes`` and should not wait seconds for torch.
+``data.images`` and ``classes`` and should not wait seconds for torch.
 """
 
 import importlib

@@ -28,8 +28,8 @@ import torch
 
 from av2ts_cli import files
 from av2ts_cli.avsbench import EXAMPLE_FRAMES, MEL_BANDS, SAMPLE_RATE, pad_by_repeating_last
+from av2ts_cli.config import cache_root
 from av2ts_cli.console import warn
-from av2ts_cli.environment import default_cache_dir
 from av2ts_cli.errors import DataError
 from av2ts_cli.model.audio import waveform_to_examples
 from av2ts_cli.safe_pickle import NUMPY_PICKLE_GLOBALS, NumpyOnlyUnpickler
@@ -153,7 +153,7 @@ def log_mel_examples(wave: torch.Tensor, num_examples: int | None = None) -> tor
 
 
 def default_cache_folder() -> Path:
-    return default_cache_dir() / "log-mel"
+    return cache_root() / "log-mel"
 
 
 class LogMelCache:

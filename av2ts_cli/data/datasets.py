@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from av2ts_cli.avsbench import IGNORE_INDEX, subsets_compatible
+from av2ts_cli.classes import AVSS_NUM_CLASSES, BINARY_CLASSES, avss_palette
 from av2ts_cli.data.audio import LogMelCache, fit_examples, read_log_mel_pickle
-from av2ts_cli.data.classes import AVSS_NUM_CLASSES, BINARY_CLASSES, avss_palette
 from av2ts_cli.data.images import read_mask, read_rgb
 from av2ts_cli.data.layout import (
     MASK_RGB,

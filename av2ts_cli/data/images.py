@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from av2ts_cli import files
-from av2ts_cli.data.classes import avss_palette
+from av2ts_cli.classes import avss_palette
 from av2ts_cli.data.layout import MASK_BINARY, MASK_INDEX, MASK_RGB
 from av2ts_cli.errors import DataError
 

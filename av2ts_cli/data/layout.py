@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from av2ts_cli.avsbench import SUBSETS
-from av2ts_cli.data.classes import AVSS_CLASSES
+from av2ts_cli.classes import AVSS_CLASSES
 from av2ts_cli.errors import DataError, UsageError
 
 SPLITS = ("train", "val", "test")

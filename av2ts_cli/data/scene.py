@@ -30,7 +30,7 @@ import numpy as np
 
 from av2ts_cli import media
 from av2ts_cli.avsbench import SAMPLE_RATE, frame_time
-from av2ts_cli.data.classes import AVSS_CLASSES
+from av2ts_cli.classes import AVSS_CLASSES
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ import torch
 
 from av2ts_cli import files
 from av2ts_cli.avsbench import SAMPLE_RATE
+from av2ts_cli.classes import AVSS_CLASSES, avss_palette, label2idx
 from av2ts_cli.data.audio import log_mel_examples, write_log_mel_pickle
-from av2ts_cli.data.classes import AVSS_CLASSES, avss_palette, label2idx
 from av2ts_cli.data.images import write_jpeg, write_png
 from av2ts_cli.data.layout import AVSS_SETS, DATA_FOLDERS, LABEL2IDX, METADATA, SPLITS, check_subset, subset_folder_in
 from av2ts_cli.data.scene import CATEGORIES, Scene, sample_times, write_video_clip

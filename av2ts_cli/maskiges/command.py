@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-from av2ts_cli.console import console
+from av2ts_cli.console import info, print_json
 from av2ts_cli.data.layout import check_subset
 from av2ts_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from av2ts_cli.maskiges import dataset, video
@@ -26,7 +24,7 @@ def run_command(sources: list[str] | None, *, subset: str | None, data: Path | N
         report = video.run(sources, out, generator=generator, settings=GeneratorSettings(**settings), fps=fps,
                            device=device, force=force, recursive=recursive, progress=not as_json)
         _print_videos(report, as_json)
-        return EXIT_PARTIAL if report["failed"] else EXIT_OK
+        return EXIT_PARTIAL if report["failures"] else EXIT_OK
     if subset is None or data is None:
         raise UsageError("give videos with --out DIR, or a dataset with --subset and --data")
     if masks_from is not None and generator is not None:
@@ -38,38 +36,31 @@ def run_command(sources: list[str] | None, *, subset: str | None, data: Path | N
                                  settings=None if masks_from else GeneratorSettings(**settings), device=device,
                                  force=force, progress=not as_json)
     _print_dataset(report, as_json)
-    return EXIT_PARTIAL if report["failed"] else EXIT_OK
-
-
-def _line(text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    return EXIT_PARTIAL if report["failures"] else EXIT_OK
 
 
 def _print_dataset(report: dict, as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        print_json(report)
         return
     prefix = f"[rank {report['rank']}/{report['world_size']}] " if report["world_size"] > 1 else ""
-    for failure in report["failed"]:
-        _line(f"{prefix}failed: {failure['error']}")
+    for failure in report["failures"]:
+        info(f"{prefix}failed: {failure['error']}")
     per_frame = report["seconds_per_written_frame"]
     speed = f", {per_frame:.3f} s/frame" if per_frame is not None else ""
     shard = f" of this process's {report['frames']} (all processes: {report['total_frames']})" \
         if report["world_size"] > 1 else f" of {report['frames']} frames"
-    _line(f"{prefix}{report['written']} maskiges written, {report['skipped']} already there, "
-          f"{len(report['failed'])} failed{shard} in {report['seconds']:.1f} s{speed}")
-    _line(f"{prefix}Maskiges in {report['out']} (made by {report['source']}; record: {report['provenance']})")
+    info(f"{prefix}{report['written']} maskiges written, {report['skipped']} already there, "
+          f"{len(report['failures'])} failed{shard} in {report['seconds']:.1f} s{speed}")
+    info(f"{prefix}Maskiges in {report['out']} (made by {report['source']}; record: {report['provenance']})")
 
 
 def _print_videos(report: dict, as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        print_json(report)
         return
     for result in report["videos"]:
-        _line(f"{Path(result['input']).name}: {result['frames']} maskiges ({result['written']} made, "
+        info(f"{Path(result['input']).name}: {result['frames']} maskiges ({result['written']} made, "
               f"{result['skipped']} already there) in {result['seconds']:.1f} s")
-    for failure in report["failed"]:
-        _line(f"failed: {failure['error']}")
-    for busy in report.get("busy", []):
-        _line(f"{busy['input']}: in use by av2ts pid {busy['pid']} (left to that run)")
-    _line(f"Maskiges saved to {report['out']} (predict --maskiges {report['out']})")
+    # the failures and the videos another run holds were said as they happened (batch.VideoBatch)
+    info(f"Maskiges saved to {report['out']} (predict --maskiges {report['out']})")

@@ -131,7 +131,7 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
     """Write the maskiges of every frame of this process's shard (see the module docstring). ``generator``: an
     ``hf://`` reference, a folder, a loaded ``MaskGenerator`` or None (the default model); ignored with
     ``masks_from``. Returns {"subset", "out", "provenance", "source", "rank", "world_size", "frames" (this
-    shard), "total_frames", "written", "skipped", "failed": [{"path", "error"}], "seconds",
+    shard), "total_frames", "written", "skipped", "failures": [{"path", "error"}], "seconds",
     "seconds_per_written_frame"}."""
     started = time.perf_counter()
     rank, world, local_rank = environment()
@@ -158,7 +158,7 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
         _wait_for_record(record_path, record)
     report = {"subset": subset, "out": str(out), "provenance": str(record_path), "source": _describe(record),
               "rank": rank, "world_size": world, "frames": len(shard), "total_frames": len(jobs), "written": 0,
-              "skipped": 0, "failed": []}
+              "skipped": 0, "failures": []}
 
     bar = make_progress() if progress and rank == 0 else None
     task = bar.add_task(f"maskiges · {subset}", total=len(shard)) if bar else None
@@ -176,7 +176,7 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
                     report["written"] += 1
                     generate_time += time.perf_counter() - start
                 except DataError as err:
-                    report["failed"].append({"path": err.path, "error": err.message})
+                    report["failures"].append({"path": err.path, "error": err.message})
             if bar:
                 bar.advance(task)
     finally:

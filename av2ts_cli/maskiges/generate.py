@@ -21,15 +21,19 @@ safetensors; a local folder written by ``save_pretrained`` (model and image proc
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError, describe_os_error
-from av2ts_cli.hub import hub_unreachable
+from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
+from av2ts_cli.processes import resolve_device
+from av2ts_cli.weights.hub import hub_snapshot, parse_hub_ref
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_REPO = "facebook/sam-vit-base"
 DEFAULT_REVISION = "70c1a07f894ebb5b307fd9eaaee97b9dfc16068f"  # main on 2026-08-10 (Apache-2.0, 375 MB)
@@ -92,71 +96,25 @@ def resolve_generator(spec: str | os.PathLike | None) -> ResolvedGenerator:
             raise CheckpointError(folder, "no such generator folder (expected hf://owner/repo[@revision] or a folder "
                                           "written by transformers' save_pretrained)")
         return ResolvedGenerator(folder, spec, None, None)
-    from av2ts_cli.weights import parse_hub_ref  # local: weights.py imports torch; only hub references need it
-
     ref = parse_hub_ref(spec)
-    folder = _snapshot(ref.repo_id, ref.revision, ref.subfolder, spec)
+    patterns = [f"{ref.subfolder}/{p}" for p in MODEL_FILES] if ref.subfolder else MODEL_FILES
+    folder = hub_snapshot(ref, patterns, spec)
     commit = folder.name if len(folder.name) == 40 else None
     if ref.subfolder:
         folder = folder / ref.subfolder
     return ResolvedGenerator(folder, spec, ref.repo_id, commit)
 
 
-def _snapshot(repo_id: str, revision: str | None, subfolder: str | None, label: str) -> Path:
-    # local: huggingface_hub takes ~0.3 s to import; only hub references need it
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub import errors as hub_errors
-
-    revision = revision or "main"
-    patterns = [f"{subfolder}/{p}" for p in MODEL_FILES] if subfolder else MODEL_FILES
-    prefetch = f"hf download {repo_id} --revision {revision} --include " + " ".join(f"'{p}'" for p in patterns)
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line error of the CLI
-    # without a network huggingface_hub retries for ~24 s before it looks in its cache: probe once (a few seconds)
-    unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable()
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_files_only=unreachable is not None))
-    except hub_errors.RepositoryNotFoundError:
-        reason = "repository not found on the Hugging Face Hub (or private/gated: log in with `hf auth login`)"
-    except hub_errors.RevisionNotFoundError:
-        reason = f"revision {revision!r} not found in the repository"
-    except hub_errors.LocalEntryNotFoundError:
-        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
-               else f"the Hub could not be reached ({unreachable})" if unreachable else "the Hub could not be reached")
-        reason = (f"{repo_id} (revision {revision}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
-                  f"{why}; prefetch it once online with `{prefetch}`")
-    except hub_errors.HfHubHTTPError as err:
-        reason = f"Hugging Face Hub error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-    except OSError as err:
-        reason = f"could not download the model: {describe_os_error(err)}"
-    finally:
-        hub_logger.setLevel(level)
-    raise CheckpointError(label, reason)
-
-
-def pick_device(device: str) -> str:
-    import torch  # local: --masks-from runs import this module for its settings and need no torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available")
-    return device
-
-
 class MaskGenerator:
     """A loaded SAM-family model and its image processor; ``generate`` gives a frame's masks."""
 
     def __init__(self, spec: str | os.PathLike | None = None, settings: GeneratorSettings | None = None,
-                 device: str = "auto"):
+                 device: str | torch.device = "auto"):
         transformers = import_transformers()
-        import torch  # local: as in pick_device
 
         self.settings = settings or GeneratorSettings()
         self.resolved = resolve_generator(spec)
-        self.device = torch.device(pick_device(device))
+        self.device = resolve_device(device)
         folder = self.resolved.folder
         for name in ("config.json", "preprocessor_config.json"):
             if not (folder / name).is_file():
@@ -190,7 +148,7 @@ class MaskGenerator:
 
     def generate(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] RGB -> bool (N, H, W) masks, N >= 0, in the order the last NMS kept them."""
-        import torch  # local: as in pick_device
+        import torch  # local: --masks-from runs import this module for its settings and need no torch
 
         s = self.settings
         h, w = image.shape[:2]
@@ -256,7 +214,7 @@ def remove_small_regions(masks: np.ndarray, min_area: int, nms_thresh: float) ->
     and changed ones 0 (as SAM's automatic generator), empty masks dropped. ``min_area`` 0: unchanged."""
     if min_area <= 0 or len(masks) == 0:
         return masks
-    # local: as in pick_device (torchvision's NMS and boxes match SAM's)
+    # local: --masks-from runs need no torch (torchvision's NMS and boxes match SAM's)
     import torch
     from torchvision.ops import batched_nms, masks_to_boxes
 

@@ -11,6 +11,7 @@ other ones remakes them all. Frames are decoded at the video's own size (SAM res
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -18,12 +19,14 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from av2ts_cli import __version__, files, locks, media
-from av2ts_cli.console import show_traceback
-from av2ts_cli.errors import Av2tsError, describe_os_error
+from av2ts_cli import __version__, files, media
+from av2ts_cli.batch import VideoBatch
+from av2ts_cli.console import make_progress
 from av2ts_cli.maskiges.dataset import RENDERER
 from av2ts_cli.maskiges.render import write_maskige
+from av2ts_cli.runs import folder_names
 from av2ts_cli.sampling import video_schedule
+from av2ts_cli.sources import collect_videos
 
 RECORD_FILE = "maskiges.json"
 
@@ -91,50 +94,34 @@ def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bo
 def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=None, settings=None, fps: int = 1,
         device: str = "auto", force: bool = False, recursive: bool = False, progress: bool = True) -> dict:
     """The maskiges of every video of ``sources`` (files, folders, globs as ``predict`` takes them) under
-    ``out``. One failing video is reported and the others go on; one that another run holds (its folder's lock,
-    ``locks``) is left to it. Returns {"out", "videos": [...], "failed": [{"input", "error"}], "busy": [{"input",
-    "pid"}], "generator": {...}, "seconds"}."""
-    # local: predict's modules pull in its output writers; only the video form needs their naming rules
-    from av2ts_cli.console import make_progress
+    ``out``, each under its folder's lock (``batch.VideoBatch``): one failing video is reported and the others go
+    on; one that another run holds is left to it. Returns {"out", "videos": [...], "failures": [{"input",
+    "error"}], "busy": [{"input", "pid"}], "generator": {...}, "seconds"}."""
+    # local: the SAM generator imports transformers (seconds); only this form of the command needs it
     from av2ts_cli.maskiges.generate import MaskGenerator
-    from av2ts_cli.predict_outputs import folder_names
-    from av2ts_cli.sources import collect_videos
 
     started = time.perf_counter()
     out = Path(out)
     videos = collect_videos(sources, recursive)
     names = folder_names(videos, out)
     model = generator if isinstance(generator, MaskGenerator) else MaskGenerator(generator, settings, device)
-    report = {"out": str(out), "videos": [], "failed": [], "busy": [], "generator": model.describe()}
+    batch = VideoBatch(collects=True)
+    report = {"out": str(out), "videos": [], "failures": batch.failures, "busy": batch.busy,
+              "generator": model.describe()}
     bar = make_progress() if progress else None
-    try:
-        if bar:
-            bar.start()
+    with bar if bar is not None else contextlib.nullcontext():
         task = bar.add_task("maskiges", total=None) if bar else None
+
+        def one_video(video: Path, folder: Path) -> dict:
+            return video_maskiges(
+                video, folder, model, fps=fps, force=force,
+                on_start=(lambda n: bar.update(task, description=f"maskiges · {escape(video.name)}", completed=0,
+                                               total=n)) if bar else None,
+                on_frame=(lambda: bar.advance(task)) if bar else None)
+
         for video, name in zip(videos, names, strict=True):
-            try:
-                # one run per video folder: another run's video is left to it (a line, counted, not failed)
-                lock = locks.acquire(out / name, label=video)
-            except locks.Busy as busy:
-                report["busy"].append({"input": str(video), "pid": busy.pid})
-                continue
-            try:
-                locks.sweep_temps(out / name)  # what a killed run left; under the lock, so never a live temp
-                result = video_maskiges(
-                    video, out / name, model, fps=fps, force=force,
-                    on_start=(lambda n, v=video: bar.update(task, description=f"maskiges · {escape(v.name)}",
-                                                            completed=0, total=n)) if bar else None,
-                    on_frame=(lambda: bar.advance(task)) if bar else None)
+            result = batch.do(video, out / name, one_video)
+            if result is not None:
                 report["videos"].append(result)
-            except (Av2tsError, OSError) as err:
-                show_traceback(err)  # --debug: the traceback of a failure the batch goes on from
-                reason = err.message if isinstance(err, Av2tsError) else describe_os_error(
-                    err, None if err.filename else video)
-                report["failed"].append({"input": str(video), "error": reason})
-            finally:
-                lock.release(remove_empty_folder=True)  # a video that failed before its first maskige: no folder
-    finally:
-        if bar:
-            bar.stop()
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report

@@ -1,7 +1,8 @@
 """Visual backbones (timm) and the Siam-encoder gates.
 
 The backbone returns four feature maps at strides 4, 8, 16, 32 (res2..res5 in detectron2 terms). ResNet-50 keeps
-detectron2's FrozenBN (statistics and affine fixed, convolutions trained); PVT-v2-b5 has LayerNorms only. The Siam
+detectron2's FrozenBN (statistics and affine fixed, convolutions trained); PVT-v2-b5 has LayerNorms only; a Swin
+Transformer (VCT) is wrapped as Mask2Former's D2SwinTransformer uses it (``SwinFeatures``). The Siam
 encoder is a second backbone of the same architecture with its own weights, run on the maskiges; its features are
 added to the frame features through squeeze-and-excitation gates: ``F_l += SE_l(G_l) * G_l`` (docs/model.md, 'Siam
 encoder').
@@ -12,6 +13,7 @@ from __future__ import annotations
 import timm
 import torch
 from timm.layers import DropPath
+from timm.models import FeatureInfo
 from torch import nn
 
 from av2ts_cli.config import ModelConfig
@@ -19,9 +21,13 @@ from av2ts_cli.model.blocks import freeze_batch_norm
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """A timm ``features_only`` model (random init, no download): [N, 3, H, W] -> list of 4 maps, strides 4..32."""
-    model = timm.create_model(cfg.backbone, pretrained=False, features_only=True,
-                              out_indices=cfg.backbone_out_indices, **cfg.backbone_kwargs)
+    """A timm ``features_only`` model (random init, no download): [N, 3, H, W] -> list of 4 maps, strides 4..32.
+    timm Swin models (names ``swin_*``) become a ``SwinFeatures`` instead."""
+    if cfg.backbone.startswith("swin_"):
+        model = SwinFeatures(cfg.backbone, **cfg.backbone_kwargs)
+    else:
+        model = timm.create_model(cfg.backbone, pretrained=False, features_only=True,
+                                  out_indices=cfg.backbone_out_indices, **cfg.backbone_kwargs)
     reductions = model.feature_info.reduction()
     if list(reductions) != [4, 8, 16, 32]:
         raise ValueError(f"backbone {cfg.backbone} with out_indices {cfg.backbone_out_indices} gives strides "
@@ -33,6 +39,41 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     return model
 
 
+class SwinFeatures(nn.Module):
+    """A timm Swin Transformer as Mask2Former's ``D2SwinTransformer`` (VCT's backbone): [N, 3, H, W] -> the four
+    stage outputs [N, C_l, H/s, W/s], s = 4..32, each taken *before* the patch merging that follows it and put
+    through its own LayerNorm.
+
+    The reference merges patches at the end of a stage, timm at the start of the next one, so timm's stage outputs
+    are exactly the reference's pre-merging outputs. The reference normalises them with ``norm0..norm3``: here
+    ``stage_norms.{0,1,2}`` (extra LayerNorms) and timm's final ``norm`` for the last stage. The parts of the timm
+    model are held directly (``patch_embed``, ``layers``, ``norm``; its empty classifier head is dropped), so the
+    state-dict keys are timm's. ``always_partition=True`` by default: the reference also shifts and masks windows
+    in a stage whose map is no larger than the window (stage 4 at 384 px: 12x12 with window 12), which timm's
+    default switches off (its res5 then differs). Drop path: pass 0 here and set it with the linear rule of
+    ``create_backbone`` (the reference's, over all 24 blocks; timm's own is stage-wise).
+    """
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__()
+        kwargs = {"always_partition": True, "drop_path_rate": 0.0, **kwargs}
+        swin = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        self.patch_embed, self.layers, self.norm = swin.patch_embed, swin.layers, swin.norm
+        channels = [info["num_chs"] for info in swin.feature_info]
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in channels[:-1])
+        self.feature_info = FeatureInfo(swin.feature_info, out_indices=tuple(range(len(channels))))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: [N, 3, H, W] -> 4 maps [N, C_l, H/s, W/s] (NCHW; timm's stages run NHWC)."""
+        x = self.patch_embed(x)  # [N, H/4, W/4, C]
+        outs = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            norm = self.stage_norms[i] if i < len(self.stage_norms) else self.norm
+            outs.append(norm(x).permute(0, 3, 1, 2).contiguous())
+        return outs
+
+
 def backbone_channels(backbone: nn.Module) -> list[int]:
     """Channels of the four feature maps of a ``create_backbone`` model."""
     return list(backbone.feature_info.channels())
@@ -42,7 +83,7 @@ def _set_linear_drop_path(model: nn.Module, rate: float) -> None:
     """Stochastic depth rising linearly from 0 to ``rate`` over all blocks in order (the PVT-v2 rule; timm's own
     rule is stage-wise)."""
     blocks = [m for m in model.modules() if hasattr(m, "drop_path1") and hasattr(m, "drop_path2")]
-    for block, p in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist(), strict=True):
+    for block, p in zip(blocks, torch.linspace(0, rate, len(blocks), device="cpu").tolist(), strict=True):
         block.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
         block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
 

@@ -90,10 +90,13 @@ class MaskedAttentionDecoder(nn.Module):
     {"pred_logits" [N, Q, K+1], "pred_masks" [N, Q, H/4, W/4], "aux_outputs", "middle_masks"}."""
 
     def __init__(self, dim: int, num_classes: int, num_queries: int, num_layers: int = 12, num_heads: int = 8,
-                 ffn_dim: int = 2048, num_memory_levels: int = 4):
-        """``num_memory_levels``: 4 for AV2TS (3 pixel-decoder scales + the OSA map), 3 for COMBO (the scales)."""
+                 ffn_dim: int = 2048, num_memory_levels: int = 4, unmasked_levels: tuple[int, ...] = ()):
+        """``num_memory_levels``: 4 for AV2TS (3 pixel-decoder scales + the OSA map), 3 for COMBO (the scales), 4 for
+        VCT (the audio tokens + the scales). ``unmasked_levels``: memory levels that every query sees whole (no
+        masked attention: VCT's audio tokens, level 0, which are no image grid)."""
         super().__init__()
         self.num_memory_levels = num_memory_levels
+        self.unmasked_levels = tuple(unmasked_levels)
         self.num_heads = num_heads
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, ffn_dim) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
@@ -107,7 +110,8 @@ class MaskedAttentionDecoder(nn.Module):
         self.full_masks = True
 
     def forward(self, memories: list[torch.Tensor], audio: torch.Tensor, mask_features: torch.Tensor) -> dict:
-        """memories: 4 maps [N, C, h_i, w_i]; audio: [N, Q, C]; mask_features: [N, C, H/4, W/4]."""
+        """memories: ``num_memory_levels`` maps [N, C, h_i, w_i]; audio: [N, Q, C], added to the learned query
+        features (AV2TS/COMBO: audio per query; VCT: its vision-derived queries); mask_features: [N, C, H/4, W/4]."""
         sizes = [tuple(m.shape[-2:]) for m in memories]
         srcs = [m.flatten(2).transpose(1, 2) + self.level_embed.weight[i] for i, m in enumerate(memories)]
         pos = [sine_position_embedding(h, w, m.shape[1], m.device).flatten(1).t().to(m.dtype)
@@ -121,11 +125,11 @@ class MaskedAttentionDecoder(nn.Module):
                      for size in set(sizes)}
             visible = self._attention_heads(x, small[sizes[0]])
             for i, layer in enumerate(self.layers[:-1]):
-                x = layer(x, query_pos, srcs[i % self.num_memory_levels], pos[i % self.num_memory_levels], visible)
+                level = i % self.num_memory_levels
+                x = layer(x, query_pos, srcs[level], pos[level], self._mask_for(level, visible))
                 visible = self._attention_heads(x, small[sizes[(i + 1) % self.num_memory_levels]])
-            last = len(self.layers) - 1
-            x = self.layers[-1](x, query_pos, srcs[last % self.num_memory_levels], pos[last % self.num_memory_levels],
-                                visible)
+            last = (len(self.layers) - 1) % self.num_memory_levels
+            x = self.layers[-1](x, query_pos, srcs[last], pos[last], self._mask_for(last, visible))
             logits, mask, _ = self._heads(x, mask_features, sizes[0])
             return {"pred_logits": logits, "pred_masks": mask, "aux_outputs": [], "middle_masks": []}
 
@@ -135,7 +139,7 @@ class MaskedAttentionDecoder(nn.Module):
         masks.append(mask)
         for i, layer in enumerate(self.layers):
             level = i % self.num_memory_levels
-            x = layer(x, query_pos, srcs[level], pos[level], visible)
+            x = layer(x, query_pos, srcs[level], pos[level], self._mask_for(level, visible))
             middle.append(mask)  # the masks that fed this layer: initial and layers 0 .. L-2
             logits, mask, visible = self._heads(x, mask_features, sizes[(i + 1) % self.num_memory_levels])
             classes.append(logits)
@@ -147,6 +151,10 @@ class MaskedAttentionDecoder(nn.Module):
             "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1], strict=True)],
             "middle_masks": [m.reshape(n, q, -1) for m in middle],
         }
+
+    def _mask_for(self, level: int, visible: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask of a layer reading memory ``level``: None (all visible) for an unmasked level."""
+        return None if level in self.unmasked_levels else visible
 
     def _heads(self, x: torch.Tensor, mask_features: torch.Tensor, attn_size: tuple[int, int]):
         """x: [N, Q, C] -> (class logits [N, Q, K+1], mask logits [N, Q, H/4, W/4], what the next layer may attend

@@ -26,10 +26,12 @@ class VGGish(nn.Module):
 
     ``widths``: the six conv widths (64, 128, 256, 256, 512, 512 in the release); ``hidden``: the two hidden
     linear widths (4096); ``out_dim``: the embedding width (128). Smaller values exist only for tiny test models.
+    ``embeddings=False`` (VCT, which reads the conv map): the linear layers are not built and ``forward`` returns
+    the map [N, widths[-1], 6, 4] (6 time steps x 4 mel groups).
     """
 
     def __init__(self, widths: tuple[int, ...] = (64, 128, 256, 256, 512, 512), hidden: int = 4096,
-                 out_dim: int = 128):
+                 out_dim: int = 128, embeddings: bool = True):
         super().__init__()
         if len(widths) != 6:
             raise ValueError(f"VGGish has 6 convolutions, got {len(widths)} widths")
@@ -41,10 +43,11 @@ class VGGish(nn.Module):
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             in_channels = width
         self.features = nn.Sequential(*layers)
-        self.embeddings = nn.Sequential(
-            nn.Linear(in_channels * FINAL_HEIGHT * FINAL_WIDTH, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, out_dim), nn.ReLU())
+        if embeddings:
+            self.embeddings = nn.Sequential(
+                nn.Linear(in_channels * FINAL_HEIGHT * FINAL_WIDTH, hidden), nn.ReLU(),
+                nn.Linear(hidden, hidden), nn.ReLU(),
+                nn.Linear(hidden, out_dim), nn.ReLU())
         # He init with zero biases, for a VGGish that stays random (tiny presets, training without the released
         # weights): with PyTorch's default init the biases outweigh the signal after nine layers, and the frozen
         # encoder gives every clip nearly the same embedding (its spread across 16 synthetic S4 clips was 0.3% of
@@ -55,9 +58,12 @@ class VGGish(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward(self, examples: torch.Tensor) -> torch.Tensor:
-        """examples: [N, 1, 96, 64] log-mel (frames x mel bands) -> [N, out_dim]."""
+        """examples: [N, 1, 96, 64] log-mel (frames x mel bands) -> [N, out_dim] (without embeddings: the conv
+        map [N, C, 6, 4])."""
         if examples.dim() != 4 or tuple(examples.shape[1:]) != (1, EXAMPLE_FRAMES, MEL_BANDS):
             raise ValueError(f"VGGish input must be [N, 1, {EXAMPLE_FRAMES}, {MEL_BANDS}], got {list(examples.shape)}")
         x = self.features(examples)  # [N, C, 6, 4]
+        if not hasattr(self, "embeddings"):
+            return x
         x = x.permute(0, 2, 3, 1).flatten(1)  # channels last before flattening: the released weights' order
         return self.embeddings(x)

@@ -26,7 +26,7 @@ from av2ts_cli.data.layout import resolve_root
 from av2ts_cli.errors import CheckpointError, DataError
 from av2ts_cli.files import atomic_folder, atomic_path
 from av2ts_cli.maskiges.dataset import PROVENANCE_FILE, maskige_root
-from av2ts_cli.weights import save_checkpoint
+from av2ts_cli.weights.checkpoint import save_checkpoint
 
 LAST, BEST = "last", "best"
 TRAINER_FILE = "trainer.pt"

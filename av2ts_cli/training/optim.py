@@ -1,4 +1,5 @@
-"""The optimisation step and what it is made of: the reference's parameter groups, AdamW, the poly LR schedule.
+"""The optimisation step and what it is made of: the reference's parameter groups, AdamW, the poly LR schedule
+(``set_poly_horizon`` moves its end on resume).
 
 The reference recipe (docs/model.md, "Training"): AdamW, weight decay 0.05 (0 on normalisation layers and
 embeddings), backbone LR x ``backbone_lr_mult`` (the visual backbone and the Siam encoder; the audio encoder is
@@ -57,6 +58,21 @@ class PolySchedule:
 
     def __call__(self, iteration: int) -> float:
         return (1.0 - min(iteration, self.iters) / self.iters) ** self.power
+
+
+def set_poly_horizon(scheduler: torch.optim.lr_scheduler.LambdaLR, iters: int, power: float) -> None:
+    """Make ``scheduler`` (a ``LambdaLR`` of ``PolySchedule``) end at ``iters``, at the step it is at.
+
+    ``LambdaLR.load_state_dict`` restores the saved schedule's horizon along with its step, so a run resumed with a
+    larger ``--iters`` would keep the old one (a finished run, extended, would train at LR 0). Here the schedule is
+    rebuilt with ``iters``, ``last_epoch`` stays, and the optimizer's LRs (the ones the next step uses) and
+    ``get_last_lr`` become the new schedule's values there, ``base_lr * (1 - last_epoch / iters) ** power``. With
+    the saved ``iters`` and ``power`` every value stays exactly as it was."""
+    schedule = PolySchedule(iters, power)
+    scheduler.lr_lambdas = [schedule] * len(scheduler.optimizer.param_groups)  # as LambdaLR(optimizer, schedule)
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)  # LambdaLR.get_lr, which warns outside step()
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what LambdaLR.step sets
 
 
 def optimisation_step(network: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,

@@ -23,7 +23,9 @@ gradient; only rank 0 writes files, evaluates and shows progress. The criterion 
 batches on CPU (SyncBatchNorm needs CUDA; on CUDA they are converted).
 
 Exit on SIGINT/SIGTERM: the current iteration finishes, ``last`` is saved, and the run stops with exit code
-128 + signal (130 for SIGINT, 143 for SIGTERM); ``--resume`` continues it. A second SIGINT stops at once.
+128 + signal (130 for SIGINT, 143 for SIGTERM); ``--resume`` continues it. A second SIGINT stops at once
+(``interrupts.StopSignals``). ``--resume`` with a larger ``--iters`` goes on along the poly schedule of the new length,
+from where the run stands (``optim.set_poly_horizon``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from av2ts_cli.console import console, make_progress, warn
 from av2ts_cli.data import build_dataset
 from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
 from av2ts_cli.evaluate import evaluate_model
-from av2ts_cli.interrupts import Interrupted
+from av2ts_cli.interrupts import Interrupted, StopSignals
 from av2ts_cli.processes import Processes
 from av2ts_cli.runs import numbered_run_folder
 from av2ts_cli.training.checkpoint import (
@@ -61,39 +62,20 @@ from av2ts_cli.training.checkpoint import (
 from av2ts_cli.training.criterion import build_criterion
 from av2ts_cli.training.data_order import ClipOrder, training_loader
 from av2ts_cli.training.log import LOG_FILE, TrainLog
-from av2ts_cli.training.optim import LOSS_GROUPS, PolySchedule, build_optimizer, optimisation_step
+from av2ts_cli.training.optim import LOSS_GROUPS, PolySchedule, build_optimizer, optimisation_step, set_poly_horizon
 from av2ts_cli.training.options import TrainOptions, merge_resume_options, new_options
 from av2ts_cli.training.rng import preserved_rng, rng_state, seed_everything, set_rng_state
-from av2ts_cli.weights import load_checkpoint, resolve_model, save_checkpoint
+from av2ts_cli.weights.checkpoint import save_checkpoint
+from av2ts_cli.weights.resolve import load_checkpoint, resolve_model
 
 RUNS_FOLDER = Path("runs") / "train"
 
 
-class StopSignals:
-    """SIGINT/SIGTERM set a flag the loop checks after each iteration; a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 class Trainer:
-    """One run: set up from the user's options (a new run) or from a run's ``last/`` (``resume``), then ``fit``."""
+    """One run: set up from the user's options (a new run) or from a run's ``last/`` (``resume``), then ``fit``.
+
+    The set-up runs in steps, in this order (the order of the random draws is part of bit-for-bit resume):
+    ``_setup_options``, ``_setup_data``, ``_setup_model``, ``_setup_run``, ``_setup_distributed``, ``_setup_log``."""
 
     def __init__(self, given: dict, resume: str | os.PathLike | None, processes: Processes, progress: bool,
                  held: contextlib.ExitStack | None = None):
@@ -102,11 +84,23 @@ class Trainer:
         self.processes = processes
         self.progress = progress and processes.main
         self._held = held if held is not None else contextlib.ExitStack()
-        device = processes.device
+        state, model = self._setup_options(given, resume)
+        self._setup_data()
+        self._setup_model(model)
+        self._setup_run(state)
+        self._setup_distributed()
+        self._setup_log(state)
+
+    # -------------------------------------------------------------------------------------------------- setup
+    def _setup_options(self, given: dict, resume: str | os.PathLike | None) -> tuple[dict | None, nn.Module]:
+        """The run's options, config and start, and its model on the CPU -> (the trainer state of the run resumed
+        or None, the model). Resume: the run's ``last/`` (locked by rank 0), its state and options merged with the
+        given ones, its weights. New: the given options over the recipe's, the seed, the model resolved (a preset
+        with random weights, or a checkpoint)."""
         state = None
         if resume is not None:
             checkpoint = find_resume_checkpoint(resume)
-            if processes.main:  # "runs/train/exp: in use by av2ts pid N" while another run trains it
+            if self.processes.main:  # "runs/train/exp: in use by av2ts pid N" while another run trains it
                 # wait=15: DataLoader workers of a killed run still hold its lock until they notice (every 5 s)
                 self._held.enter_context(locks.held(checkpoint.parent, wait=15.0))
                 checkpoint = find_resume_checkpoint(resume)  # again, locked: its last holder may have swapped last/
@@ -127,7 +121,7 @@ class Trainer:
             # a preset (random init) or a checkpoint, e.g. one with converted backbones (`av2ts convert`)
             model, cfg, _ = resolve_model(options.model, subset=options.subset, presets=True)
             self.start = 0
-        self.options = options = options.resolved(cfg.preset, device)
+        self.options = options = options.resolved(cfg.preset, self.processes.device)
         self.cfg = cfg
         # recorded in config.json: predict compares the maskiges it is given with these (a Siam model sees
         # different masks when another generator or other settings made them)
@@ -135,7 +129,11 @@ class Trainer:
         if self.start >= options.iters:
             raise UsageError(f"the run is already at iteration {self.start} of --iters {options.iters}; give a larger "
                              f"--iters to train on")
+        return state, model
 
+    def _setup_data(self) -> None:
+        """The training set (and, on rank 0, the evaluation set) and the data order."""
+        options, processes = self.options, self.processes
         self.train_set = self._dataset("train", train=options.augment)
         self.eval_set = self._dataset(options.eval_split, train=False) if processes.main else None
         if len(self.train_set) == 0:
@@ -143,30 +141,45 @@ class Trainer:
         self.order = ClipOrder(len(self.train_set), options.batch, options.seed, processes.rank,
                                processes.world_size)
 
-        if processes.distributed and device.type == "cuda":
+    def _setup_model(self, model: nn.Module) -> None:
+        """The model on its device (SyncBatchNorm under DDP on CUDA), the criterion, the optimizer, the LR schedule
+        and the gradient scaler, all new (``_setup_run`` restores a resumed run's states into them)."""
+        options, device = self.options, self.processes.device
+        if self.processes.distributed and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
         self.model = model.to(device).train()
-        self.criterion = build_criterion(cfg, ignore_padding=options.ignore_padding).to(device)
+        self.criterion = build_criterion(self.cfg, ignore_padding=options.ignore_padding).to(device)
         self.optimizer = build_optimizer(self.model, options.lr, options.weight_decay, options.backbone_lr_mult)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            PolySchedule(options.iters, options.poly_power))
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.amp)
+
+    def _setup_run(self, state: dict | None) -> None:
+        """Resume: the optimizer, schedule, scaler, best and elapsed time of the run (``_restore``). New: the
+        training seed of this rank, and the run folder (made and locked by rank 0, its path sent to all)."""
         self.best = {"miou": None, "iteration": None}
         self.elapsed = 0.0
         if state is not None:
             self._restore(state)
         else:
-            seed_everything(options.seed + processes.rank)
+            seed_everything(self.options.seed + self.processes.rank)
             self.run = self._new_run_folder()
+
+    def _setup_distributed(self) -> None:
+        """``network``, what the step runs: the model, wrapped in DistributedDataParallel under torchrun."""
         self.network = self.model
-        if processes.distributed:
+        if self.processes.distributed:
+            device = self.processes.device
             self.network = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _setup_log(self, state: dict | None) -> None:
+        """``log.csv`` (rank 0; a resumed one loses the rows after the checkpoint), and the RNG states that ``fit``
+        restores last."""
         self.log = TrainLog(self.run / LOG_FILE, resume_at=self.start if state is not None else None) \
-            if processes.main else None
+            if self.processes.main else None
         self._rng_to_restore = state["rng"] if state is not None else None
 
-    # -------------------------------------------------------------------------------------------------- setup
     def _dataset(self, split: str, train: bool):
         return build_dataset(self.options.subset, self.options.data, split, cfg=self.cfg, train=train,
                              seed=self.options.seed if train else None)
@@ -199,6 +212,8 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            # it restored the saved horizon too: the schedule follows this run's --iters (a larger one extends it)
+            set_poly_horizon(self.scheduler, self.options.iters, self.options.poly_power)
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         except (KeyError, ValueError, RuntimeError) as err:
@@ -240,7 +255,7 @@ class Trainer:
                 stack.enter_context(bar)
                 task = bar.add_task("training", total=options.iters, completed=self.start)
             for batch in self._loader():
-                losses = self._step(batch)
+                losses = self._run_step(batch)
                 iteration += 1
                 # one small all-reduce per iteration: the loss terms, and whether any process was signalled
                 flags = torch.cat([losses, torch.tensor([float(stop.signum != 0)], dtype=torch.float64)])
@@ -278,9 +293,10 @@ class Trainer:
                                       f"continue with `av2ts train --resume {self.run}`")
         return self._report(iteration, time.perf_counter() - started)
 
-    def _step(self, batch: dict) -> torch.Tensor:
+    def _run_step(self, batch: dict) -> torch.Tensor:
         """One optimisation step on this process's share of the batch -> float64 [1 + groups]: the total loss and
-        the loss groups (this process's values)."""
+        the loss groups (this process's values). The step itself is ``optim.optimisation_step``, the one
+        ``av2ts bench train`` times."""
         return optimisation_step(self.network, self.criterion, self.optimizer, self.scheduler, self.scaler, batch,
                                  self.processes.device, self.cfg.siam, self.options.clip_norm, self._autocast())
 

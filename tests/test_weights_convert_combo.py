@@ -8,11 +8,11 @@ import pytest
 import torch
 from _combo_keys import combo_rows, random_combo_state
 
-from av2ts_cli.convert import convert_to_checkpoint
-from av2ts_cli.convert_combo import convert_combo_kind, read_combo_checkpoint
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.model import COMBO
-from av2ts_cli.weights import load_checkpoint
+from av2ts_cli.weights.convert import convert_to_checkpoint
+from av2ts_cli.weights.convert_combo import convert_combo_kind, read_combo_checkpoint
+from av2ts_cli.weights.resolve import load_checkpoint
 
 TSV = "combo-keys-r50-s4.tsv"
 
@@ -64,7 +64,7 @@ def test_cli_routes_the_combo_kinds(tmp_path):
 @pytest.mark.slow
 def test_convert_load_and_segment(reference_state, tmp_path):
     source = write_checkpointer_file(tmp_path / "model_best.pth", reference_state)
-    report = convert_to_checkpoint(str(source), "combo", tmp_path / "combo-r50-s4", converter=convert_combo_kind)
+    report = convert_to_checkpoint(str(source), "combo", tmp_path / "combo-r50-s4")
     assert (report["preset"], report["subset"], report["num_classes"], report["siam"]) == ("combo-r50", "s4", 2, True)
     assert report["source_tensors_used"] == len(reference_state) - 1  # all but criterion.empty_weight
     dropped = " | ".join(report["dropped"])

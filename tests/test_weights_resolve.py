@@ -20,9 +20,10 @@ from conftest import ced_hf_names, one_line, tiny_cfg
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from av2ts_cli import __version__, cli, weights
+from av2ts_cli import __version__, cli
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.model import build_model
+from av2ts_cli.weights import checkpoint, hub, registry, resolve, upstream
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -46,7 +47,7 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_model, tmp_path_factory):
     model, cfg = tiny_model
-    return weights.save_checkpoint(model, cfg, tmp_path_factory.mktemp("ckpt") / "tiny",
+    return checkpoint.save_checkpoint(model, cfg, tmp_path_factory.mktemp("ckpt") / "tiny",
                                    meta={"trained_on": "nothing (random init)"})
 
 
@@ -54,7 +55,7 @@ def tiny_checkpoint(tiny_model, tmp_path_factory):
 def test_save_load_round_trip_is_exact(tiny_model, tiny_checkpoint):
     model, cfg = tiny_model
     assert sorted(p.name for p in tiny_checkpoint.iterdir()) == ["config.json", "model.safetensors"]
-    loaded, loaded_cfg = weights.load_model(tiny_checkpoint)
+    loaded, loaded_cfg = resolve.resolve_model(tiny_checkpoint)[:2]
     assert loaded_cfg.to_dict() == cfg.to_dict()
     assert_same_tensors(model.state_dict(), loaded.state_dict())
     assert not loaded.training
@@ -71,18 +72,18 @@ def test_save_load_round_trip_is_exact(tiny_model, tiny_checkpoint):
 
 def test_save_replaces_a_checkpoint_atomically_and_keeps_other_files(tiny_model, tmp_path):
     model, cfg = tiny_model
-    folder = weights.save_checkpoint(model, cfg, tmp_path / "last")
+    folder = checkpoint.save_checkpoint(model, cfg, tmp_path / "last")
     (folder / "trainer.pt").write_bytes(b"optimizer state")
     other = build_model(cfg)
-    weights.save_checkpoint(other, cfg, folder)
+    checkpoint.save_checkpoint(other, cfg, folder)
     assert (folder / "trainer.pt").read_bytes() == b"optimizer state"
-    assert_same_tensors(weights.load_model(folder)[0].state_dict(), other.state_dict())
+    assert_same_tensors(resolve.resolve_model(folder)[0].state_dict(), other.state_dict())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary folders left
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
     model, cfg = tiny_model
-    folder = weights.save_checkpoint(model, cfg, tmp_path / "ckpt")
+    folder = checkpoint.save_checkpoint(model, cfg, tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def broken_save(*args, **kwargs):
@@ -90,7 +91,7 @@ def test_failed_save_leaves_the_previous_checkpoint(tiny_model, tmp_path, monkey
 
     monkeypatch.setattr("safetensors.torch.save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        weights.save_checkpoint(build_model(cfg), cfg, folder)
+        checkpoint.save_checkpoint(build_model(cfg), cfg, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -99,29 +100,29 @@ def test_save_refuses_a_file_and_bad_class_names(tiny_model, tmp_path):
     model, cfg = tiny_model
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a folder"):
-        weights.save_checkpoint(model, cfg, tmp_path / "file")
+        checkpoint.save_checkpoint(model, cfg, tmp_path / "file")
     with pytest.raises(UsageError, match="3 class names"):
-        weights.save_checkpoint(model, cfg, tmp_path / "c", meta={"classes": ["a", "b", "c"]})
+        checkpoint.save_checkpoint(model, cfg, tmp_path / "c", meta={"classes": ["a", "b", "c"]})
 
 
-# ------------------------------------------------------------------------------------------- load_model sources
+# ----------------------------------------------------------------------------------------- resolve_model sources
 def test_load_model_from_a_weights_file_and_a_registry_name(tiny_model, tiny_checkpoint, monkeypatch):
     model, _ = tiny_model
-    loaded, _ = weights.load_model(str(tiny_checkpoint / "model.safetensors"))
+    loaded, _ = resolve.resolve_model(str(tiny_checkpoint / "model.safetensors"))[:2]
     assert_same_tensors(model.state_dict(), loaded.state_dict())
-    monkeypatch.setitem(weights.REGISTRY, "my-model", weights.RegistryEntry(str(tiny_checkpoint), "test model"))
-    loaded, _ = weights.load_model("my-model")
+    monkeypatch.setitem(registry.REGISTRY, "my-model", registry.RegistryEntry(str(tiny_checkpoint), "test model"))
+    loaded, _ = resolve.resolve_model("my-model")[:2]
     assert_same_tensors(model.state_dict(), loaded.state_dict())
 
 
 def test_demo_name_resolves_to_the_bundled_folder():
-    assert weights.REGISTRY["demo"].source == str(weights.DEMO_MODEL_DIR)
-    assert weights.DEMO_MODEL_DIR.parts[-2:] == ("assets", "demo-model")
-    if (weights.DEMO_MODEL_DIR / "config.json").is_file():
-        assert weights.resolve_checkpoint("demo").weights == weights.DEMO_MODEL_DIR / "model.safetensors"
+    assert registry.REGISTRY["demo"].source == str(registry.DEMO_MODEL_DIR)
+    assert registry.DEMO_MODEL_DIR.parts[-2:] == ("assets", "demo-model")
+    if (registry.DEMO_MODEL_DIR / "config.json").is_file():
+        assert resolve.resolve_checkpoint("demo").weights == registry.DEMO_MODEL_DIR / "model.safetensors"
     else:
         with pytest.raises(CheckpointError, match="demo-model"):
-            weights.resolve_checkpoint("demo")
+            resolve.resolve_checkpoint("demo")
 
 
 @pytest.mark.parametrize(("name", "text"), [
@@ -131,11 +132,11 @@ def test_demo_name_resolves_to_the_bundled_folder():
 ])
 def test_names_without_weights_give_one_clear_error(name, text):
     with pytest.raises(CheckpointError, match=text):
-        weights.resolve_checkpoint(name)
+        resolve.resolve_checkpoint(name)
 
 
 def test_preset_gives_random_init_only_when_asked():
-    model, cfg = weights.load_model("av2ts-tiny", allow_random_init=True)
+    model, cfg = resolve.resolve_model("av2ts-tiny", presets=True)[:2]
     assert cfg.preset == "av2ts-tiny" and not model.training
 
 
@@ -143,23 +144,23 @@ def test_incomplete_folders_and_foreign_configs_are_refused(tiny_checkpoint, tmp
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        weights.resolve_checkpoint(empty)
+        resolve.resolve_checkpoint(empty)
     alone = tmp_path / "alone" / "model.safetensors"
     alone.parent.mkdir()
     alone.write_bytes((tiny_checkpoint / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="no config.json beside"):
-        weights.resolve_checkpoint(alone)
+        resolve.resolve_checkpoint(alone)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "model.safetensors").write_bytes(b"")
     (foreign / "config.json").write_text('{"architectures": ["BertModel"]}')
     with pytest.raises(CheckpointError, match="not an av2ts checkpoint config"):
-        weights.load_model(foreign)
+        resolve.resolve_model(foreign)
     doc = json.loads((tiny_checkpoint / "config.json").read_text())
     doc["model"]["hidden_width"] = 3
     (foreign / "config.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="config.json: invalid model configuration: .*hidden_width"):
-        weights.load_model(foreign)
+        resolve.resolve_model(foreign)
 
 
 @pytest.mark.parametrize("fault", ["missing", "unexpected", "shape"])
@@ -192,12 +193,13 @@ HUB_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     from typer.testing import CliRunner
-    from av2ts_cli import cli, convert, weights
+    from av2ts_cli import cli
+    from av2ts_cli.weights import convert, resolve
     from av2ts_cli.errors import CheckpointError
     out = {}
     for ref in json.loads(sys.argv[1]):
         try:
-            model, _ = weights.load_model(ref)
+            model, _ = resolve.resolve_model(ref)[:2]
             out[ref] = {"query_feat_sum": float(model.state_dict()["decoder.query_feat.weight"].double().sum())}
         except CheckpointError as err:
             out[ref] = {"error": err.message}
@@ -219,7 +221,7 @@ def test_hf_references_load_through_the_offline_cache(tmp_path, ced_base, ced_st
         torch.manual_seed(seed)
         cfg = tiny_cfg(siam=False)
         model = build_model(cfg)
-        checkpoints[name] = weights.save_checkpoint(model, cfg, tmp_path / "src" / name)
+        checkpoints[name] = checkpoint.save_checkpoint(model, cfg, tmp_path / "src" / name)
         sums[name] = float(model.state_dict()["decoder.query_feat.weight"].double().sum())
     old, new = "a" * 40, "b" * 40
     files = lambda name, sub="": {f"{sub}{f}": checkpoints[name] / f for f in ("config.json", "model.safetensors")}  # noqa: E731
@@ -251,9 +253,9 @@ def test_hf_references_load_through_the_offline_cache(tmp_path, ced_base, ced_st
 
 def test_hf_network_failure_is_one_line(tmp_path):
     script = ("import time\ntime.sleep = lambda seconds: None  # huggingface_hub retries 5 times with back-off\n"
-              "from av2ts_cli import weights\n"
-              "try:\n    weights.resolve_checkpoint('hf://own/rep@v3')\n"
-              "except weights.CheckpointError as err:\n    print(err.message)\n")
+              "from av2ts_cli.errors import CheckpointError\nfrom av2ts_cli.weights import resolve\n"
+              "try:\n    resolve.resolve_checkpoint('hf://own/rep@v3')\n"
+              "except CheckpointError as err:\n    print(err.message)\n")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
            "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
     env.pop("HF_HUB_OFFLINE", None)
@@ -267,11 +269,11 @@ def test_hf_network_failure_is_one_line(tmp_path):
 
 
 def test_hub_reference_syntax():
-    ref = weights.parse_hub_ref("hf://own/rep@v1.2/a/b")
+    ref = hub.parse_hub_ref("hf://own/rep@v1.2/a/b")
     assert (ref.repo_id, ref.revision, ref.subfolder) == ("own/rep", "v1.2", "a/b")
-    assert weights.parse_hub_ref("hf://own/rep").label == "hf://own/rep"
+    assert hub.parse_hub_ref("hf://own/rep").label == "hf://own/rep"
     with pytest.raises(UsageError, match="hf://owner/repo"):
-        weights.parse_hub_ref("hf://only-owner")
+        hub.parse_hub_ref("hf://only-owner")
 
 
 # ------------------------------------------------------------------------------------------- av2ts info --model
@@ -282,7 +284,7 @@ def test_info_model_counts_parts_of_a_preset_and_a_checkpoint(tiny_model, tiny_c
     report = json.loads(result.stdout)
     assert (report["preset"], report["subset"], report["num_classes"]) == ("av2ts-tiny", "s4", 2)
     parts = {p["part"]: p for p in report["parts"]}
-    assert list(parts) == list(dict.fromkeys(weights.PARTS.values()))  # no "other": every module has a part
+    assert list(parts) == list(dict.fromkeys(checkpoint.PARTS.values()))  # no "other": every module has a part
     total = sum(p.numel() for p in model.parameters())
     assert report["total"]["parameters"] == total == sum(p["parameters"] for p in parts.values())
     for part in parts.values():
@@ -302,31 +304,31 @@ def test_info_model_counts_parts_of_a_preset_and_a_checkpoint(tiny_model, tiny_c
 
 # ------------------------------------------------------------------------------------------- resolve_model (--model)
 def test_resolve_model_builds_a_preset_only_when_presets_are_allowed():
-    model, cfg, doc = weights.resolve_model("av2ts-tiny", subset="avss", presets=True)
+    model, cfg, doc = resolve.resolve_model("av2ts-tiny", subset="avss", presets=True)
     assert (cfg.preset, cfg.subset, cfg.num_classes) == ("av2ts-tiny", "avss", 71) and not model.training
     assert doc["format"] == "av2ts-checkpoint" and doc["model"] == cfg.to_dict() and len(doc["classes"]) == 71
     with pytest.raises(UsageError, match="av2ts-tiny: is a preset .*not a checkpoint"):
-        weights.resolve_model("av2ts-tiny")
+        resolve.resolve_model("av2ts-tiny")
 
 
 def test_resolve_model_loads_a_checkpoint_folder_and_sets_a_compatible_subset(tiny_model, tiny_checkpoint):
     model, cfg = tiny_model
-    loaded, loaded_cfg, doc = weights.resolve_model(tiny_checkpoint, presets=True)
+    loaded, loaded_cfg, doc = resolve.resolve_model(tiny_checkpoint, presets=True)
     assert loaded_cfg.to_dict() == cfg.to_dict() and doc["trained_on"] == "nothing (random init)"
     assert_same_tensors(model.state_dict(), loaded.state_dict())
-    _, ms3_cfg, _ = weights.resolve_model(str(tiny_checkpoint), subset="ms3")  # s4 and ms3 share the binary output
+    _, ms3_cfg, _ = resolve.resolve_model(str(tiny_checkpoint), subset="ms3")  # s4 and ms3 share the binary output
     assert ms3_cfg.subset == "ms3" and ms3_cfg.num_classes == 2
 
 
 def test_resolve_model_refuses_a_subset_the_checkpoint_does_not_fit(tiny_checkpoint):
     with pytest.raises(UsageError, match=f"^{tiny_checkpoint} is a s4 model; --subset is avss$"):
-        weights.resolve_model(tiny_checkpoint, subset="avss")
+        resolve.resolve_model(tiny_checkpoint, subset="avss")
 
 
 @pytest.mark.parametrize("presets", [True, False])
 def test_resolve_model_names_the_accepted_forms_for_an_unknown_name(presets):
     with pytest.raises(UsageError) as caught:
-        weights.resolve_model("no-such-model", presets=presets)
+        resolve.resolve_model("no-such-model", presets=presets)
     message = caught.value.message
     assert message.startswith("--model no-such-model: no such file or folder")
     assert "hf://owner/repo" in message and "demo" in message and ".safetensors" in message
@@ -340,42 +342,43 @@ R50_FILE = "checkpoints/avs_s4/COMBO_R50_bs8_90k/model_best.pth"
 
 def test_the_combo_registry_entries_carry_the_published_table():
     """combo-r50-s4 / combo-pvt-s4: the authors' hub repository, their S4 scores and licence (convert_combo's table)."""
-    from av2ts_cli.convert_combo import COMBO_HUB_REPO, COMBO_LICENCE, COMBO_PUBLISHED
+    from av2ts_cli.weights.registry import COMBO_HUB_REPO, COMBO_LICENCE, COMBO_PUBLISHED
 
     for name in ("combo-r50-s4", "combo-pvt-s4"):
-        entry = weights.REGISTRY[name]
+        entry = registry.REGISTRY[name]
         preset, subset, j, f, trained = COMBO_PUBLISHED[name]
         assert trained and entry.converted_on_use and entry.convert_kind == "combo"
-        assert weights.parse_hub_ref(entry.source).repo_id == COMBO_HUB_REPO
+        assert hub.parse_hub_ref(entry.source).repo_id == COMBO_HUB_REPO
         assert entry.published == {"subset": subset, "J": j, "F": f} and entry.licence == COMBO_LICENCE
 
 
 def test_pick_hub_file_takes_the_one_pth_of_the_model_folder():
-    entry = weights.REGISTRY["combo-r50-s4"]
+    entry = registry.REGISTRY["combo-r50-s4"]
     files = ["README.md", R50_FILE, "checkpoints/avs_s4/COMBO_PVT_bs8_90k/model_best.pth",
              "checkpoints/avs_s4/COMBO_R50_bs8_90k/log.txt", "pretrained/detectron2/R-50.pkl",
              "checkpoints/avs_ms3/COMBO_R50_bs8_20k/model_best.pth"]
-    assert weights.pick_hub_file(files, entry, "x") == R50_FILE
-    assert weights.pick_hub_file(["checkpoints/avs_s4/combo_r50.pth"], entry, "x") == "checkpoints/avs_s4/combo_r50.pth"
+    assert upstream.pick_hub_file(files, entry, "x") == R50_FILE
+    single = "checkpoints/avs_s4/combo_r50.pth"
+    assert upstream.pick_hub_file([single], entry, "x") == single
     with pytest.raises(CheckpointError, match=r"2 candidates .*COMBO_R50_bs8_90k/model_0004999.pth.*expected one"):
-        weights.pick_hub_file([R50_FILE, "checkpoints/avs_s4/COMBO_R50_bs8_90k/model_0004999.pth"], entry, "x")
+        upstream.pick_hub_file([R50_FILE, "checkpoints/avs_s4/COMBO_R50_bs8_90k/model_0004999.pth"], entry, "x")
     with pytest.raises(CheckpointError, match=r"no a .pth file in a R50 model folder.*COMBO_PVT_bs8_90k"):
-        weights.pick_hub_file(files[2:3], entry, "x")
+        upstream.pick_hub_file(files[2:3], entry, "x")
     with pytest.raises(CheckpointError, match="no .pth file under checkpoints/avs_s4/"):
-        weights.pick_hub_file(["README.md"], entry, "x")
-    assert weights.pick_hub_file(["checkpoints/avs_s4/COMBO_R500/a.pth", R50_FILE], entry, "x") == R50_FILE  # words
+        upstream.pick_hub_file(["README.md"], entry, "x")
+    assert upstream.pick_hub_file(["checkpoints/avs_s4/COMBO_R500/a.pth", R50_FILE], entry, "x") == R50_FILE  # words
     pvt = "checkpoints/avs_s4/COMBO_PVTV2B5_bs8_80k/model_best.pth"  # the name the COMBO code's OUTPUT_DIR gives
-    assert weights.pick_hub_file([R50_FILE, pvt], weights.REGISTRY["combo-pvt-s4"], "x") == pvt
+    assert upstream.pick_hub_file([R50_FILE, pvt], registry.REGISTRY["combo-pvt-s4"], "x") == pvt
 
 
 COMBO_SCRIPT = textwrap.dedent("""
     import json, sys, time
     time.sleep = lambda seconds: None  # huggingface_hub retries with back-off against the unreachable endpoint
-    from av2ts_cli import weights
+    from av2ts_cli.weights import resolve, upstream
     started = time.perf_counter()
-    model, cfg, doc = weights.resolve_model("combo-r50-s4", subset="s4")
+    model, cfg, doc = resolve.resolve_model("combo-r50-s4", subset="s4")
     seconds = time.perf_counter() - started
-    again = weights.prepare_registry_checkpoint("combo-r50-s4")
+    again = upstream.prepare_registry_checkpoint("combo-r50-s4")
     state = model.state_dict()
     print(json.dumps({"preset": cfg.preset, "family": cfg.family, "siam": cfg.siam, "seconds": seconds,
                       "again_converted": again.converted, "folder": str(again.folder), "sha256": again.sha256,
@@ -440,11 +443,11 @@ def test_combo_registry_model_is_listed_picked_converted_once_and_used_offline(t
 # ------------------------------------------------------------------------------------------- non-finite output
 def test_check_finite_output_names_the_model_and_the_cause(tiny_model):
     model, _ = tiny_model
-    weights.check_finite_output(torch.rand(1, 5, 2, 8, 8), model, "m")  # finite: nothing to say
+    resolve.check_finite_output(torch.rand(1, 5, 2, 8, 8), model, "m")  # finite: nothing to say
     nan_map = torch.rand(1, 5, 2, 8, 8)
     nan_map[0, 3, 1, 2, 2] = float("nan")
     with pytest.raises(CheckpointError) as caught:
-        weights.check_finite_output(nan_map, model, "my-model", " at t = 3.0 s")
+        resolve.check_finite_output(nan_map, model, "my-model", " at t = 3.0 s")
     assert caught.value.message == ("my-model: the network's output is NaN or infinite at t = 3.0 s; its weights "
                                     "are finite, so the computation overflowed (in fp16 or bf16, fp32 avoids that)")
     broken = build_model(tiny_model[1]).eval()
@@ -454,7 +457,7 @@ def test_check_finite_output_names_the_model_and_the_cause(tiny_model):
     inf_map = torch.rand(1, 5, 2, 8, 8)
     inf_map[0, 0, 0, 0, 0] = float("inf")
     with pytest.raises(CheckpointError) as caught:
-        weights.check_finite_output(inf_map, broken, "ckpt")
+        resolve.check_finite_output(inf_map, broken, "ckpt")
     assert caught.value.message == ("ckpt: the network's output is NaN or infinite; 2 of its weight tensors hold NaN "
                                     "or infinite values (decoder.class_embed.bias, decoder.query_feat.weight): a "
                                     "broken checkpoint")
@@ -465,7 +468,7 @@ def test_predict_with_nan_weights_is_an_error_naming_the_model(make_clip, tmp_pa
     from safetensors.torch import load_file, save_file
 
     nan = tmp_path / "nan-model"
-    shutil.copytree(weights.DEMO_MODEL_DIR, nan)
+    shutil.copytree(registry.DEMO_MODEL_DIR, nan)
     state = load_file(str(nan / "model.safetensors"))
     state["decoder.class_embed.weight"] = torch.full_like(state["decoder.class_embed.weight"], float("nan"))
     save_file(state, str(nan / "model.safetensors"))

@@ -1,4 +1,4 @@
-"""The av2ts checkpoint format and the sources a checkpoint is read from (below the converters and the resolver).
+"""The av2ts checkpoint format: writing one, reading one from its two files, and checking that they fit.
 
 An av2ts checkpoint is a folder holding two files:
 
@@ -6,17 +6,10 @@ An av2ts checkpoint is a folder holding two files:
   batch-norm statistics included), with a small str->str header (``format``, ``av2ts_format``, ``av2ts_version``);
 - ``config.json``: ``{"format": "av2ts-checkpoint", "format_version", "av2ts_version", "preset", "subset",
   "classes", "num_frames", "input_size", "trained_on", "model": ModelConfig.to_dict(), "meta": {...}}``. Only
-  ``"model"`` is read back to build the network (AV2TS or COMBO: ``model.family``); the other fields describe it.
+  ``"model"`` is read back to build the network (``model.family`` picks it); the other fields describe it.
 
-``load_checkpoint`` reads one from a local folder (or a ``.safetensors`` file with ``config.json`` beside it),
-``hf://owner/repo[@revision][/subfolder]`` (``hub.py``: huggingface_hub's cache, ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` /
-``HF_HOME``) or a ``REGISTRY`` name with a ready checkpoint. Registry names whose source must be converted first
-(the COMBO checkpoints on the Hub) are resolved one level up, by ``weights.resolve_model`` (THE resolver of
-``--model``), which converts them once with ``convert_combo``; this module sits below the converters
-(``convert.py``, ``convert_combo.py`` import it), so that the resolver can import them without an import cycle.
-
-Published upstream (docs/model.md, "Checkpoints and the reference key mapping"): no trained AV2TS weights exist
-anywhere; COMBO's trained S4 checkpoints (``hf://YannQi/COMBO-AVS-checkpoints``) load as the COMBO family.
+``find_checkpoint`` finds the two files of a folder, an ``hf://`` reference or a ready registry name; the one
+resolver of ``--model`` (registry models converted on use, presets) is ``resolve.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +25,8 @@ from av2ts_cli.avsbench import SUBSET_CLASSES
 from av2ts_cli.config import FAMILIES, PRESET_NAMES, ModelConfig, get_preset
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.files import atomic_folder, fsync_file, write_json
-from av2ts_cli.hub import HF_PREFIX, hub_download, parse_hub_ref
+from av2ts_cli.weights.hub import HF_PREFIX, hub_download, parse_hub_ref
+from av2ts_cli.weights.registry import REGISTRY
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,69 +34,14 @@ CHECKPOINT_FORMAT = "av2ts-checkpoint"
 FORMAT_VERSION = 1
 
 
-def _find_demo_model_dir() -> Path:
-    """``assets/demo-model`` of a source checkout, or its copy inside the installed package (wheel)."""
-    package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir / "assets" / "demo-model", package_dir.parent / "assets" / "demo-model"):
-        if candidate.is_dir():
-            return candidate
-    return package_dir.parent / "assets" / "demo-model"  # not built yet: the source-checkout location
-
-
-DEMO_MODEL_DIR = _find_demo_model_dir()
-
-
-# ------------------------------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
-class RegistryEntry:
-    """A short model name: where its weights are, or why there are none to load."""
+class ResolvedCheckpoint:
+    """The two files of a checkpoint, and how the user named it (for messages)."""
 
-    source: str | None  # a local folder or an hf:// id; None: nothing loadable exists
-    description: str
-    convert_kind: str | None = None  # set when the source is an upstream file that `av2ts convert` imports
-    # trained upstream checkpoints converted on first use (weights.resolve_model): the one .pth file under
-    # hub_folder/<model folder>/ of the source repository, the model folder's name containing hub_match
-    hub_folder: str | None = None
-    hub_match: str | None = None
-    published: dict | None = None  # the authors' scores, e.g. {"subset": "s4", "J": 81.7, "F": 90.1} (%)
-    licence: str | None = None
+    weights: Path
+    config: Path
+    label: str
 
-    @property
-    def converted_on_use(self) -> bool:
-        """A hub file that ``weights.resolve_model`` converts once and caches (not a ready checkpoint)."""
-        return self.hub_folder is not None
-
-
-# The COMBO authors' release (yannqi/COMBO-AVS README, "Checkpoints"; docs/model.md, 'COMBO'): trained S4
-# checkpoints only, one detectron2 Checkpointer .pth per model folder under checkpoints/avs_s4/ (the folder names
-# say the backbone; expected COMBO_R50_bs8_80k and COMBO_PVTV2B5_bs8_80k from the code's OUTPUT_DIR). No commit of
-# the repository could be checked from here, so the revision is pinned to "main" (a commit hash belongs here once
-# one is verified); the converted checkpoint is keyed by the downloaded file's content hash, so a changed upstream
-# file is converted anew, never mixed up with the old one.
-COMBO_HUB = "hf://YannQi/COMBO-AVS-checkpoints@main"
-COMBO_HUB_FOLDER = "checkpoints/avs_s4"
-_COMBO_LICENCE = "apache-2.0"  # yannqi/COMBO-AVS LICENSE; the checkpoints are the authors' release of that code
-
-
-def _combo_entry(backbone: str, match: str, j: float, f: float) -> RegistryEntry:
-    return RegistryEntry(
-        COMBO_HUB, f"COMBO (CVPR'24) {backbone} trained on AVSBench S4 by its authors (published J {j}, F {f}); "
-                   "converted from the COMBO code's checkpoint on first use, needs maskiges (Siam encoder)",
-        convert_kind="combo", hub_folder=COMBO_HUB_FOLDER, hub_match=match,
-        published={"subset": "s4", "J": j, "F": f}, licence=_COMBO_LICENCE)
-
-
-REGISTRY: dict[str, RegistryEntry] = {
-    "demo": RegistryEntry(
-        str(DEMO_MODEL_DIR),
-        "av2ts-tiny trained on the synthetic 'sounding shapes' data shipped with av2ts (a demo, not a real model)"),
-    "combo-r50-s4": _combo_entry("ResNet-50", "R50", 81.7, 90.1),
-    "combo-pvt-s4": _combo_entry("PVT-v2-b5", "PVT", 84.7, 91.9),
-    "ced-mini": RegistryEntry(
-        # no revision is pinned: the commit hash of the repository could not be checked from here
-        "hf://mispeech/ced-mini",
-        "CED-Mini audio encoder (transformers safetensors), the audio part of AV2TS only", convert_kind="ced-hf"),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------- save
@@ -113,7 +52,7 @@ def _class_names(cfg, meta: Mapping) -> list[str]:
         if len(names) != cfg.num_classes:
             raise UsageError(f"{len(names)} class names given for a model with {cfg.num_classes} classes")
         return names
-    from av2ts_cli.data.classes import AVSS_CLASSES, BINARY_CLASSES  # local: av2ts_cli.data loads torch
+    from av2ts_cli.classes import AVSS_CLASSES, BINARY_CLASSES  # local: numpy, only when a checkpoint names no classes
 
     for known in (BINARY_CLASSES, AVSS_CLASSES):
         if cfg.num_classes == len(known):
@@ -176,18 +115,11 @@ def save_checkpoint(model, cfg, folder: str | os.PathLike, meta: Mapping | None 
     return folder
 
 
-# ------------------------------------------------------------------------------------------------------- resolve
-@dataclass(frozen=True)
-class ResolvedCheckpoint:
-    """The two files of a checkpoint, and how the user named it (for messages)."""
 
-    weights: Path
-    config: Path
-    label: str
-
-
-def resolve_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
-    """Find the two files of a checkpoint: a local folder or file, an hf:// reference, or a registry name."""
+# ------------------------------------------------------------------------------------------------------ find
+def find_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
+    """Find the two files of a checkpoint: a local folder or file, an hf:// reference, or a registry name of a ready
+    checkpoint (one converted from an upstream file on first use is ``resolve.resolve_checkpoint``'s)."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
@@ -221,7 +153,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
             raise CheckpointError(text, f"{entry.description}{how}")
         if not entry.source.startswith(HF_PREFIX) and not Path(entry.source).is_dir():
             raise CheckpointError(entry.source, f"the '{text}' model folder is missing from this installation")
-        return resolve_checkpoint(entry.source)
+        return find_checkpoint(entry.source)
     if text in PRESET_NAMES:
         raise CheckpointError(text, "is a preset (an architecture), not a checkpoint: no trained AV2TS weights are "
                                     "published; pass a checkpoint folder, hf://owner/repo, or a name of "
@@ -375,10 +307,9 @@ def check_state_dict(expected: Mapping, given: Mapping, path: str | os.PathLike)
     if problems:
         raise CheckpointError(path, "does not fit the model of its config: " + "; ".join(problems))
 
-
-def load_checkpoint(name_or_path: str | os.PathLike):
-    """``(model, cfg, config document)`` of a checkpoint (any source ``resolve_checkpoint`` accepts), eval mode."""
-    resolved = resolve_checkpoint(name_or_path)  # first: a missing file or hub reference fails before torch loads
+def load_checkpoint_files(resolved: ResolvedCheckpoint):
+    """``(model, cfg, config document)`` of a checkpoint's two files, eval mode: the config is checked field by
+    field, then the tensors against it, before the network is built and filled."""
     import torch  # local: torch takes seconds to import (measured 2.5-16 s on the busy 2-core machine)
 
     from av2ts_cli.model import build_model  # local: the network imports torch

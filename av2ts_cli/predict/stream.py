@@ -1,7 +1,7 @@
-"""The network's side of ``av2ts predict``: a loaded model (``Predictor``) and the stream of masks it gives.
+"""The network's side of ``av2ts predict``: the stream of masks a ``predictor.Predictor`` gives for a video.
 
 ``stream_masks`` yields (sampled frame, mask at display size) pairs in presentation order; the writers of
-``predict_outputs`` and the overlay consume them. Inside the stream the schedule (``sampling.Schedule``) says which
+``outputs.py`` and the overlay consume them. Inside the stream the schedule (``sampling.Schedule``) says which
 frames and audio examples make each window, how a tail is padded and which outputs are real; a background thread
 (``WindowFeeder``) decodes the frames of one window group at a time (``media.iter_frames_at``, one sequential
 pass) and a bounded queue hands windows to the model, so memory does not grow with the length of a video. A
@@ -13,94 +13,20 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from av2ts_cli import media, weights
-from av2ts_cli.config import ModelConfig
-from av2ts_cli.console import console
+from av2ts_cli import media
 from av2ts_cli.data.images import read_rgb
 from av2ts_cli.data.transforms import resize_images
-from av2ts_cli.errors import DataError, UsageError
-from av2ts_cli.masks import FrameMask, frame_mask
-from av2ts_cli.model.inference import precision_context, prepare_for_inference
-from av2ts_cli.runs import resolve_device, resolve_precision
+from av2ts_cli.errors import DataError
+from av2ts_cli.predict.masks import FrameMask, frame_mask
+from av2ts_cli.predictor import Predictor
 from av2ts_cli.sampling import SampledFrame, Schedule, Window
-
-if TYPE_CHECKING:
-    from av2ts_cli.model import AV2TS
-
-DEMO_NOTE = ("Using the bundled demo model (av2ts-tiny trained on synthetic 'sounding shapes': it finds sounding "
-             "shapes, not real objects; real checkpoints come through --model and `av2ts convert`).")
-
-
-# ---------------------------------------------------------------------------------------------------- model
-@dataclass
-class Predictor:
-    """A loaded network and how to run it."""
-
-    model: AV2TS  # eval mode, on ``device``
-    cfg: ModelConfig
-    class_names: list[str]
-    name: str  # what --model said (or "demo")
-    device: torch.device
-    precision: str  # "fp32", "bf16" or "fp16" (model.inference: bf16 on a CPU is the whole forward in bf16)
-    trained_on: dict | str | None = None  # config.json's "trained_on" (Siam models: which maskiges, see predict)
-
-    @property
-    def binary(self) -> bool:
-        return self.cfg.num_classes == 2
-
-    def segment(self, frames: np.ndarray, audio: torch.Tensor, maskiges: np.ndarray | None = None) -> torch.Tensor:
-        """frames uint8 [B, T, S, S, 3] RGB, audio [B, T, 96, 64], maskiges like frames or None -> semantic maps
-        [B, T, K, S, S] float32 on the CPU (``AV2TS.segment``)."""
-
-        def as_input(array):
-            return torch.from_numpy(array).permute(0, 1, 4, 2, 3).to(self.device, non_blocking=True)
-
-        with torch.inference_mode(), precision_context(self.precision, self.device):
-            out = self.model.segment(as_input(frames), audio.to(self.device),
-                                     None if maskiges is None else as_input(maskiges))
-        weights.check_finite_output(out, self.model, self.name)  # NaN weights: an error, not empty masks
-        return out.float().cpu()
-
-    def describe(self) -> dict:
-        return {"name": self.name, "preset": self.cfg.preset, "subset": self.cfg.subset,
-                "num_classes": self.cfg.num_classes, "classes": self.class_names, "input_size": self.cfg.input_size,
-                "num_frames": self.cfg.num_frames, "siam": self.cfg.siam, "device": str(self.device),
-                "precision": self.precision}
-
-
-def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], name: str, device: str = "auto",
-                   half: bool = False, trained_on: dict | str | None = None, precision: str | None = None
-                   ) -> Predictor:
-    """Move ``model`` to the device, pick the precision (``--precision``, None: the default; ``--half``: the fast
-    path) and prepare the model for it (``model.inference.choose_precision`` and ``prepare_for_inference``)."""
-    target = resolve_device(device)
-    precision = resolve_precision(precision, target, half)
-    model = prepare_for_inference(model, precision, target)
-    return Predictor(model, cfg, list(class_names), name, target, precision, trained_on)
-
-
-def load_predictor(name: str | None, device: str = "auto", half: bool = False, precision: str | None = None
-                   ) -> Predictor:
-    """The model of ``--model`` (``weights.resolve_model``: a checkpoint folder or file, hf://..., a registry
-    name; None: the demo model)."""
-    if name is None:
-        console.print(DEMO_NOTE, markup=False, highlight=False, soft_wrap=True)
-        source, label = str(weights.DEMO_MODEL_DIR), "demo"
-        if not weights.DEMO_MODEL_DIR.is_dir():
-            raise UsageError(f"the bundled demo model is missing ({weights.DEMO_MODEL_DIR}); pass --model")
-    else:
-        source, label = name, name
-    model, cfg, doc = weights.resolve_model(source)
-    return make_predictor(model, cfg, doc.get("classes") or [], label, device, half, doc.get("trained_on"),
-                          precision)
 
 
 # -------------------------------------------------------------------------------------------------- the stream
@@ -199,8 +125,8 @@ def _segmented_batches(feeder: WindowFeeder, predictor: Predictor, batch: int,
         if pending and (len(pending) == batch or item is None):
             start = time.perf_counter()
             maskiges = None if pending[0][3] is None else np.stack([p[3] for p in pending])
-            scores = predictor.segment(np.stack([p[1] for p in pending]), torch.stack([p[2] for p in pending]),
-                                       maskiges)
+            scores = predictor.segment_pictures(np.stack([p[1] for p in pending]),
+                                                torch.stack([p[2] for p in pending]), maskiges)
             timer.add("model", start)
             yield [p[0] for p in pending], scores
             pending = []

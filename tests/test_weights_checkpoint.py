@@ -12,9 +12,11 @@ import torch
 from conftest import one_line, tiny_cfg
 from typer.testing import CliRunner
 
-from av2ts_cli import cli, weights
-from av2ts_cli.config import PRESET_NAMES
+from av2ts_cli import cli
+from av2ts_cli.config import FAMILIES, PRESET_NAMES
+from av2ts_cli.errors import CheckpointError
 from av2ts_cli.model import build_model
+from av2ts_cli.weights import checkpoint, resolve
 
 runner = CliRunner()
 
@@ -31,7 +33,7 @@ def siam_checkpoint(tmp_path_factory) -> Path:
     """A random av2ts-tiny S4 checkpoint with the Siam encoder. Read-only: copy it to change it."""
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    return weights.save_checkpoint(build_model(cfg), cfg, tmp_path_factory.mktemp("ckpt") / "tiny")
+    return checkpoint.save_checkpoint(build_model(cfg), cfg, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 PRESETS = ", ".join(PRESET_NAMES)
@@ -39,7 +41,7 @@ PRESETS = ", ".join(PRESET_NAMES)
 LIES = {
     "unknown preset": ({"model.preset": "av2ts-huge"},
                        f'"model.preset" is "av2ts-huge", not a preset of this av2ts ({PRESETS})'),
-    "unknown family": ({"model.family": "yolo"}, '"model.family" is "yolo", not one of av2ts, combo'),
+    "unknown family": ({"model.family": "yolo"}, f'"model.family" is "yolo", not one of {", ".join(FAMILIES)}'),
     "family vs preset": ({"model.family": "combo"},
                          '"model.family" is "combo" but "model.preset" "av2ts-tiny" is of the av2ts family'),
     "unknown subset": ({"model.subset": "s5"}, '"model.subset" is "s5", not one of s4, ms3, avss'),
@@ -81,11 +83,11 @@ def test_a_lying_config_is_refused_by_its_field(siam_checkpoint, tmp_path, case)
     assert result.exit_code == 1, result.output
     assert one_line(result.output) == f"error: {folder / 'config.json'}: {reason}"
     assert _listing(folder) == before  # read only
-    with pytest.raises(weights.CheckpointError) as caught:  # the same through THE resolver
-        weights.resolve_model(str(folder))
+    with pytest.raises(CheckpointError) as caught:  # the same through THE resolver
+        resolve.resolve_model(str(folder))
     assert caught.value.message == f"{folder / 'config.json'}: {reason}"
 
 
 def test_a_consistent_config_still_loads(siam_checkpoint):
-    model, cfg, doc = weights.resolve_model(str(siam_checkpoint))
+    model, cfg, doc = resolve.resolve_model(str(siam_checkpoint))
     assert cfg.siam and cfg.num_classes == 2 and len(doc["classes"]) == 2 and not model.training

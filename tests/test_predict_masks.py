@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from av2ts_cli import masks
-from av2ts_cli.data.classes import AVSS_CLASSES, BINARY_CLASSES, avss_palette
+from av2ts_cli.classes import AVSS_CLASSES, BINARY_CLASSES, avss_palette
+from av2ts_cli.predict import masks as masks
 
 HAVE_PYCOCOTOOLS = importlib.util.find_spec("pycocotools") is not None
 

@@ -11,8 +11,9 @@ reference's state-dict layout (yannqi/COMBO-AVS ``MaskFormer``, tests/data/combo
   ``embeddings.*``) -> the audio encoder of a new COMBO model of ``--preset`` (combo-r50 by default) or of the
   checkpoint ``--base``, to train from pretrained parts as with ``--kind ced``.
 
-The machinery (safe readers, ``Rule``, ``map_state_dict``, ``fill_model``, the backbone rules and the decoder and
-pixel-decoder rules that COMBO shares with AV2TS) is ``convert.py``'s; this file adds only what differs.
+The machinery (safe readers, ``Rule``, ``map_state_dict``, ``fill_model``) is ``mapping.py``'s; the backbone rules
+and the decoder and pixel-decoder rules that COMBO shares with AV2TS are ``convert_av2ts.py``'s; this file adds only
+what differs.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from av2ts_cli.convert import (
-    D2_RESNET_RULES,
-    PVT_RULES,
-    REFERENCE_RULES,
+from av2ts_cli.errors import CheckpointError, UsageError
+from av2ts_cli.weights.convert_av2ts import D2_RESNET_RULES, PVT_RULES, REFERENCE_RULES
+from av2ts_cli.weights.mapping import (
     KeyMapping,
     Rule,
     config_from_keys,
@@ -36,7 +36,6 @@ from av2ts_cli.convert import (
     read_state_dict_file,
     read_torch_weights,
 )
-from av2ts_cli.errors import CheckpointError, UsageError
 
 COMBO_KINDS = ("combo", "vggish")
 
@@ -112,8 +111,8 @@ def _combo_config(state: Mapping, path, preset, subset, siam):
 
 def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, subset: str | None = None,
                        siam: bool | None = None, base: str | None = None):
-    """``(model, cfg, KeyMapping, meta)`` for ``kind`` ``combo`` or ``vggish``, as ``convert.convert`` returns (the
-    ``converter`` of ``convert.convert_to_checkpoint`` for these kinds; the CLI passes it).
+    """``(model, cfg, KeyMapping, meta)`` for ``kind`` ``combo`` or ``vggish`` (``convert.CONVERTERS``' entry for
+    these kinds).
 
     For ``combo`` the mapping's ``dropped`` also lists the checkpoint's non-model entries (``trainer``,
     ``iteration``) under their own names.
@@ -149,21 +148,3 @@ def convert_combo_kind(source: str, kind: str, *, preset: str | None = None, sub
     fill_model(model, mapping, required, path)
     mapping.dropped.update(others)
     return model.eval(), cfg, mapping, conversion_meta(kind, source, mapping, cfg.family, base_doc, trained_on)
-
-
-# ------------------------------------------------------------------------------------- data for the registry
-# For the registry entries of weights.py (not wired here): where the trained COMBO weights are, what they score
-# and their licence. J = mIoU, F = F-score, in %, as published by the COMBO authors (the README's table lists S4;
-# MS3 and AVSS are the paper's). Trained checkpoints exist for S4 only, one .pth per model folder of
-# hf://YannQi/COMBO-AVS-checkpoints under checkpoints/avs_s4/ (the file names are resolved by listing the repo).
-COMBO_LICENCE = "apache-2.0"  # LICENSE of yannqi/COMBO-AVS; the checkpoints repository is the authors' release
-COMBO_HUB_REPO = "YannQi/COMBO-AVS-checkpoints"
-COMBO_PUBLISHED = {
-    # name: (preset, subset, J, F, trained weights published)
-    "combo-r50-s4": ("combo-r50", "s4", 81.7, 90.1, True),
-    "combo-pvt-s4": ("combo-pvt", "s4", 84.7, 91.9, True),
-    "combo-r50-ms3": ("combo-r50", "ms3", 54.5, 66.6, False),
-    "combo-pvt-ms3": ("combo-pvt", "ms3", 59.2, 71.2, False),
-    "combo-r50-avss": ("combo-r50", "avss", 33.3, 37.3, False),
-    "combo-pvt-avss": ("combo-pvt", "avss", 42.1, 46.1, False),
-}

@@ -18,15 +18,19 @@ from pathlib import Path
 from av2ts_cli import __version__
 from av2ts_cli.errors import UsageError
 from av2ts_cli.files import PARTIAL_MARK, atomic_open
-from av2ts_cli.masks import CocoWriter, FrameMask, class_records, write_mask_png
+from av2ts_cli.predict.masks import CocoWriter, FrameMask, class_records, write_mask_png
 from av2ts_cli.render import MaskTrack
+from av2ts_cli.runs import (
+    COCO_FILE,
+    DEFAULT_OVERLAY,
+    FRAMES_FILE,
+    MASKS_DIR,
+    SUMMARY_FILE,
+    input_identity,
+    read_summary,
+)
 from av2ts_cli.sampling import SampledFrame, Schedule
 from av2ts_cli.sources import VIDEO_SUFFIXES
-
-FORMATS = ("png", "json", "rle")
-SUMMARY_FILE, FRAMES_FILE, COCO_FILE, FAILURES_FILE = "summary.json", "frames.jsonl", "masks.coco.json", "failures.json"
-MASKS_DIR = "masks"
-DEFAULT_OVERLAY = "overlay.mp4"
 
 
 def mask_name(frame: SampledFrame) -> str:
@@ -103,25 +107,10 @@ class MaskOutputs:
 
     def track(self) -> MaskTrack:
         """The written PNG masks and their times, in time order: what the overlay paints."""
-        if "png" not in self.formats:
-            raise UsageError("--overlay paints the PNG masks: add png to --format")
         return MaskTrack([f.time for f in self._written], [self.folder / mask_name(f) for f in self._written])
 
 
 # ------------------------------------------------------------------------------------------------ video folders
-def input_identity(video: Path) -> dict:
-    """What identifies an input file: where it is, its size and modification time."""
-    stat = video.stat()
-    return {"input": str(video.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
-
-
-def read_summary(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def is_complete(folder: Path, video: Path, settings: dict) -> bool:
     """Whether ``folder`` holds the finished outputs of ``video`` made with ``settings``."""
     summary = read_summary(folder)
@@ -156,24 +145,6 @@ def discard_unfinished(folder: Path) -> None:
     clear_outputs(folder)
     with contextlib.suppress(OSError):  # not empty or not there: kept or nothing to do
         (folder / MASKS_DIR).rmdir()
-
-
-def folder_names(videos: Sequence[Path], run_dir: Path) -> list[str]:
-    """One output folder name per video: its stem, then stem-2, stem-3, ... when the stem is already used in this
-    run or a folder of that name holds another input's outputs."""
-    names, used = [], set()
-    for video in videos:
-        stem = video.stem or video.name
-        candidate, number = stem, 2
-        while True:
-            summary = read_summary(run_dir / candidate)
-            other = summary is not None and summary.get("input") != str(video.resolve())
-            if candidate not in used and not other:
-                break
-            candidate, number = f"{stem}-{number}", number + 1
-        used.add(candidate)
-        names.append(candidate)
-    return names
 
 
 def overlay_path(option: str | None, folder: Path, name: str, batch: bool) -> Path | None:

@@ -1,10 +1,10 @@
-"""Class names and colours (av2ts_cli/data/classes.py): the AVSS palette and matching colour labels to it."""
+"""Class names and colours (av2ts_cli/classes.py): the AVSS palette and matching colour labels to it."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from av2ts_cli.data.classes import avss_palette
+from av2ts_cli.classes import avss_palette
 from av2ts_cli.data.images import rgb_to_index
 
 

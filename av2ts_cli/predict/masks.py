@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from av2ts_cli.data.classes import avss_palette
+from av2ts_cli.classes import avss_palette
 from av2ts_cli.data.images import write_png
 from av2ts_cli.files import atomic_open
 from av2ts_cli.model import foreground_probability

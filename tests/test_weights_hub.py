@@ -19,8 +19,8 @@ import torch
 from _hub import black_hole, closed_port, local_hub, write_cached_repo
 from conftest import one_line, tiny_cfg
 
-from av2ts_cli import weights
 from av2ts_cli.model import build_model
+from av2ts_cli.weights import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def siam_checkpoint(tmp_path_factory) -> Path:
     """A random av2ts-tiny S4 checkpoint with the Siam encoder. Read-only."""
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    return weights.save_checkpoint(build_model(cfg), cfg, tmp_path_factory.mktemp("ckpt") / "tiny")
+    return checkpoint.save_checkpoint(build_model(cfg), cfg, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 # -------------------------------------------------------------------------------------------- hub, no network
@@ -106,8 +106,8 @@ def test_missing_repository_revision_or_file_on_a_reachable_hub(tmp_path, ref, r
     _no_downloads(tmp_path / "hub")
 
 
-RESOLVE = ("import sys\nfrom av2ts_cli import checkpoints\n"
-           "found = checkpoints.resolve_checkpoint(sys.argv[1])\nprint(found.config)\nprint(found.weights)\n")
+RESOLVE = ("import sys\nfrom av2ts_cli.weights import checkpoint\n"
+           "found = checkpoint.find_checkpoint(sys.argv[1])\nprint(found.config)\nprint(found.weights)\n")
 
 
 def _resolve(ref: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:

@@ -19,9 +19,11 @@ import torch
 from conftest import ced_hf_names, one_line, random_state, reference_keys, tiny_cfg
 from typer.testing import CliRunner
 
-from av2ts_cli import cli, convert, weights
+from av2ts_cli import cli
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.model import build_model
+from av2ts_cli.weights import checkpoint, convert, convert_av2ts, resolve
+from av2ts_cli.weights import mapping as key_mapping
 
 runner = CliRunner()
 
@@ -154,12 +156,12 @@ def test_reference_avss_through_the_cli(tmp_path):
     assert (report["subset"], report["num_classes"], report["filled_tensors"]) == ("avss", 71, len(state) - 20)
     from safetensors.torch import load_file
 
-    saved = load_file(str(tmp_path / "out" / "model.safetensors"))  # (load_model itself is tested on tiny models)
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))  # (resolve_model itself is tested on tiny models)
     assert len(saved) == len(state) - 20
     assert torch.equal(saved["decoder.class_embed.weight"], state["sem_seg_head.predictor.class_embed.weight"])
     assert torch.equal(saved["backbone.layer3.5.conv2.weight"], state["backbone.res4.5.conv2.weight"])
-    doc = weights.read_checkpoint_config(tmp_path / "out" / "config.json")
-    cfg = weights.model_config_from(doc, "config.json")
+    doc = checkpoint.read_checkpoint_config(tmp_path / "out" / "config.json")
+    cfg = checkpoint.model_config_from(doc, "config.json")
     assert (cfg.preset, cfg.subset, cfg.num_classes, cfg.siam) == ("av2ts-r50", "avss", 71, True)
     assert doc["classes"][:3] == ["background", "accordion", "airplane"] and len(doc["classes"]) == 71
     assert "reference-implementation checkpoint avss.pth" in doc["trained_on"]
@@ -192,16 +194,16 @@ def test_reference_pvt_and_the_d2_pvt_pickle(tmp_path):
                    "head.bias": np.zeros(1000, np.float32)})
     pkl = tmp_path / "d2_pvt_v2_b5.pkl"
     pkl.write_bytes(pickle.dumps({"model": arrays, "__author__": "PVT_V2_B5", "matching_heuristics": True}))
-    pkl_state = convert.read_state_dict_file(pkl)
-    groups = [("", "backbone.", convert.PVT_RULES), ("", "siam_backbone.", convert.PVT_RULES)]
-    mapping = convert.map_state_dict(pkl_state, groups, model.state_dict(), pkl)
-    convert.fill_model(model, mapping, ["backbone.", "siam_backbone."], pkl)
-    assert set(mapping.dropped) == {"head.weight", "head.bias"}
-    assert set(mapping.origin.values()) == arrays.keys() - {"head.weight", "head.bias"}
+    pkl_state = key_mapping.read_state_dict_file(pkl)
+    groups = [("", "backbone.", convert_av2ts.PVT_RULES), ("", "siam_backbone.", convert_av2ts.PVT_RULES)]
+    keys = key_mapping.map_state_dict(pkl_state, groups, model.state_dict(), pkl)
+    key_mapping.fill_model(model, keys, ["backbone.", "siam_backbone."], pkl)
+    assert set(keys.dropped) == {"head.weight", "head.bias"}
+    assert set(keys.origin.values()) == arrays.keys() - {"head.weight", "head.bias"}
     target = model.state_dict()
     backbone_keys = {k for k in target if k.startswith(("backbone.", "siam_backbone."))}
-    assert set(mapping.tensors) == backbone_keys
-    for dst, src in mapping.origin.items():
+    assert set(keys.tensors) == backbone_keys
+    for dst, src in keys.origin.items():
         assert np.array_equal(target[dst].numpy(), arrays[src]), (src, dst)
 
 
@@ -241,19 +243,19 @@ def test_d2_resnet_pickle_fills_backbone_and_siam_encoder(tmp_path):
     torch.manual_seed(8)
     cfg = tiny_cfg(backbone="resnet50", backbone_kwargs={}, frozen_bn=True, siam_gate_reduction=16)
     base_model = build_model(cfg)
-    base = weights.save_checkpoint(base_model, cfg, tmp_path / "base")
+    base = checkpoint.save_checkpoint(base_model, cfg, tmp_path / "base")
     result = runner.invoke(cli.app, ["convert", str(pkl), "--kind", "detectron2", "--base", str(base),
                                      "--out", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["filled_per_part"] == {"visual backbone": 265, "siam encoder (+ gates)": 265}
-    assert report["dropped"] == {convert._FC_DROPPED: 2}
-    model, _ = weights.load_model(tmp_path / "out")
+    assert report["dropped"] == {convert_av2ts._FC_DROPPED: 2}
+    model, _ = resolve.resolve_model(tmp_path / "out")[:2]
     loaded, before = model.state_dict(), base_model.state_dict()
     for prefix in ("backbone.", "siam_backbone."):
         for key in (k for k in loaded if k.startswith(prefix)):  # every backbone tensor came from the pickle
             name = key.removeprefix(prefix)
-            d2 = convert._apply_rules(name, INVERSE_RESNET)[0]
+            d2 = key_mapping._apply_rules(name, INVERSE_RESNET)[0]
             assert np.array_equal(loaded[key].numpy(), arrays[d2]), key
     for key in (k for k in loaded if not k.startswith(("backbone.", "siam_backbone."))):
         assert torch.equal(loaded[key], before[key]), key  # the rest is the base's
@@ -265,12 +267,12 @@ def test_d2_resnet_pickle_fills_backbone_and_siam_encoder(tmp_path):
 
 # timm -> detectron2, written independently of the converter's rules (used to check every filled tensor)
 INVERSE_RESNET = [
-    convert.Rule(r"bn1\.", "stem.conv1.norm."),
-    convert.Rule(r"layer([1-4])\.(\d+)\.bn([1-3])\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
-    convert.Rule(r"layer([1-4])\.(\d+)\.conv([1-3])\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
-    convert.Rule(r"layer([1-4])\.(\d+)\.downsample\.0\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut."),
-    convert.Rule(r"layer([1-4])\.(\d+)\.downsample\.1\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm."),
-    convert.Rule(r"conv1\.", "stem.conv1."),
+    key_mapping.Rule(r"bn1\.", "stem.conv1.norm."),
+    key_mapping.Rule(r"layer([1-4])\.(\d+)\.bn([1-3])\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
+    key_mapping.Rule(r"layer([1-4])\.(\d+)\.conv([1-3])\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
+    key_mapping.Rule(r"layer([1-4])\.(\d+)\.downsample\.0\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut."),
+    key_mapping.Rule(r"layer([1-4])\.(\d+)\.downsample\.1\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm."),
+    key_mapping.Rule(r"conv1\.", "stem.conv1."),
 ]
 
 
@@ -306,7 +308,7 @@ def test_ced_hf_safetensors_fills_the_audio_encoder(ced_base, ced_state, tmp_pat
     result = runner.invoke(cli.app, ["convert", str(path), "--kind", "ced-hf", "--base", str(ced_base),
                                      "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    loaded = weights.load_model(tmp_path / "out")[0].state_dict()
+    loaded = resolve.resolve_model(tmp_path / "out")[0].state_dict()
     assert torch.equal(loaded["audio_encoder.blocks.7.mlp.fc1.weight"], hf_state["encoder.blocks.7.mlp.fc1.weight"])
     assert torch.equal(loaded["audio_encoder.init_bn.running_mean"], hf_state["encoder.init_bn.running_mean"])
     assert torch.equal(loaded["audio_encoder.freq_pos_embed"], hf_state["encoder.freq_pos_embed"])
@@ -339,7 +341,7 @@ def test_numpy_pickles_are_read_with_scalars_and_old_protocols(tmp_path):
     for protocol in (2, 4, 5):
         path = tmp_path / f"p{protocol}.pkl"
         path.write_bytes(pickle.dumps({"model": arrays}, protocol=protocol))
-        state = convert.read_state_dict_file(path)
+        state = key_mapping.read_state_dict_file(path)
         assert np.array_equal(state["a"].numpy(), arrays["a"]) and state["b"].item() == 2.5
         assert state["c"].dtype == torch.int64
 
@@ -353,7 +355,7 @@ def test_malicious_pickles_are_refused_and_nothing_runs(tmp_path, suffix):
     else:
         torch.save({"model": {"w": torch.zeros(1)}, "extra": _reduce_to_system(marker)}, path)
     with pytest.raises(CheckpointError) as info:
-        convert.read_state_dict_file(path)
+        key_mapping.read_state_dict_file(path)
     message = info.value.message
     assert message.startswith(str(path))
     if suffix == ".pkl":
@@ -369,8 +371,8 @@ def test_object_arrays_and_non_tensor_entries_are_refused(tmp_path):
     path = tmp_path / "objects.pkl"
     path.write_bytes(pickle.dumps({"model": {"w": np.array([{"x": 1}], dtype=object)}}))
     with pytest.raises(CheckpointError, match="refusing to unpickle the global builtins|not a tensor"):
-        convert.read_state_dict_file(path)
+        key_mapping.read_state_dict_file(path)
     path = tmp_path / "strings.pth"
     torch.save({"model": {"w": "text"}}, path)
     with pytest.raises(CheckpointError, match="'w' is a str, not a tensor"):
-        convert.read_state_dict_file(path)
+        key_mapping.read_state_dict_file(path)

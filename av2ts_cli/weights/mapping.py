@@ -1,15 +1,6 @@
-"""Importing upstream weights files into av2ts checkpoints (``av2ts convert``).
-
-No trained AV2TS weights are published (see ``weights.py`` and docs/model.md, "Checkpoints and the reference key
-mapping"); the upstream files that *are*
-useful are initialisations:
-
-- ``--kind reference``: a checkpoint trained with the reference code (OrigamiSL/AV2TS on detectron2), a torch file
-  ``{"model": state_dict}`` in the layout of docs/model.md (its reference key mapping) -> a full av2ts checkpoint;
-- ``--kind detectron2``: the backbone pickles ``R-50.pkl`` / ``d2_pvt_v2_b5.pkl`` -> the visual backbone and the
-  Siam encoder (both from the same file, as the reference does) of a new or given checkpoint;
-- ``--kind ced`` / ``ced-hf``: CED-Mini from ``audiotransformer_mini_mAP_4896.pt`` (Zenodo) or from the
-  transformers conversion ``hf://mispeech/ced-mini`` -> the audio encoder.
+"""The machinery every converter shares: safe readers of foreign weights files, rename ``Rule``s, ``map_state_dict``
+(rename a foreign state dict onto an av2ts model, every key accounted for), ``fill_model``, the conversion target
+(a fresh preset model or a ``--base`` checkpoint) and the meta an import records.
 
 Foreign files are read only with ``torch.load(weights_only=True)``, safetensors, or (detectron2 pickles) an
 unpickler that allows exactly the numpy globals needed to rebuild arrays and refuses anything else.
@@ -25,24 +16,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.table import Table
-
-from av2ts_cli.checkpoints import (
-    HF_PREFIX,
-    REGISTRY,
-    WEIGHTS_FILE,
-    first_keys,
-    hub_download,
-    load_checkpoint,
-    parse_hub_ref,
-    part_of,
-    read_safetensors,
-    save_checkpoint,
-)
 from av2ts_cli.config import get_preset
-from av2ts_cli.console import console
 from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.safe_pickle import read_numpy_pickle
+from av2ts_cli.weights.checkpoint import (
+    WEIGHTS_FILE,
+    find_checkpoint,
+    first_keys,
+    load_checkpoint_files,
+    part_of,
+    read_safetensors,
+)
+from av2ts_cli.weights.hub import HF_PREFIX, hub_download, parse_hub_ref
+from av2ts_cli.weights.registry import REGISTRY
 
 
 # ------------------------------------------------------------------------------------------- reading foreign files
@@ -110,8 +96,8 @@ class Rule:
     reason: str = ""
 
 
-def _stage(offset: int, template: str) -> Callable[[re.Match], str]:
-    """A target that renumbers the first group: ``_stage(-1, "layer{}.")`` turns res2 into layer1."""
+def stage(offset: int, template: str) -> Callable[[re.Match], str]:
+    """A target that renumbers the first group: ``stage(-1, "layer{}.")`` turns res2 into layer1."""
     return lambda m: template.format(int(m[1]) + offset, *m.groups()[1:])
 
 
@@ -126,102 +112,9 @@ def _apply_rules(key: str, rules: list[Rule]) -> tuple[str | None, Rule | None]:
     return key, None
 
 
-_FC_DROPPED = "ImageNet classifier, not part of a feature extractor"
-
-# detectron2 ResNet (torchvision converted with detectron2's convert-torchvision-to-d2.py) -> timm resnet
-D2_RESNET_RULES = [
-    Rule(r"(stem\.)?fc\.", None, _FC_DROPPED),
-    Rule(r"stem\.conv1\.norm\.", "bn1."),
-    Rule(r"stem\.conv1\.", "conv1."),
-    Rule(r"res([2-5])\.(\d+)\.conv([1-3])\.norm\.", _stage(-1, "layer{}.{}.bn{}.")),
-    Rule(r"res([2-5])\.(\d+)\.conv([1-3])\.", _stage(-1, "layer{}.{}.conv{}.")),
-    Rule(r"res([2-5])\.(\d+)\.shortcut\.norm\.", _stage(-1, "layer{}.{}.downsample.1.")),
-    Rule(r"res([2-5])\.(\d+)\.shortcut\.", _stage(-1, "layer{}.{}.downsample.0.")),
-]
-
-# original PVT-v2 names (d2_pvt_v2_b5.pkl and the reference backbone) -> timm pvt_v2 (timm's own remap, restated)
-PVT_RULES = [
-    Rule(r"head\.", None, _FC_DROPPED),
-    Rule(r"patch_embed1\.", "patch_embed."),
-    Rule(r"patch_embed([2-4])\.", _stage(-1, "stages.{}.downsample.")),
-    Rule(r"block([1-4])\.(\d+)\.mlp\.dwconv\.dwconv\.", _stage(-1, "stages.{}.blocks.{}.mlp.dwconv.")),
-    Rule(r"block([1-4])\.(\d+)\.", _stage(-1, "stages.{}.blocks.{}.")),
-    Rule(r"norm([1-4])\.", _stage(-1, "stages.{}.norm.")),
-]
-
-# CED-Mini (RicherMans/CED AudioTransformer state dict) -> av2ts CEDEncoder
-CED_RULES = [
-    Rule(r"front_end\.", None, "CED's own mel front end; AV2TS feeds VGGish log-mel examples"),
-    Rule(r"outputlayer\.", None, "AudioSet classification head, unused by AV2TS"),
-    Rule(r"init_bn\.1\.", "init_bn."),
-    Rule(r"patch_embed\.proj\.", "patch_embed."),
-    Rule(r"(time_pos_embed|freq_pos_embed|blocks\.|norm\.)", r"\1"),
-]
-
-# the transformers conversion on hf://mispeech/ced-mini (CedForAudioClassification): "encoder." + the CED names
-# with "init_bn.1." shortened to "init_bn.", and the head "outputlayer." at the top level
-CED_HF_RULES = [
-    Rule(r"outputlayer\.", None, "AudioSet classification head, unused by AV2TS"),
-    Rule(r"encoder\.init_bn\.", "init_bn."),
-    Rule(r"encoder\.patch_embed\.proj\.", "patch_embed."),
-    Rule(r"encoder\.(time_pos_embed|freq_pos_embed|blocks\.|norm\.)", r"\1"),
-]
-
-# reference (OrigamiSL/AV2TS MaskFormer) -> av2ts, after the backbone / CED prefixes (see model/av2ts.py)
-_PIXEL = r"sem_seg_head\.pixel_decoder\."
-_FUSION = r"sem_seg_head\.fusion_module\."
-_PRED = r"sem_seg_head\.predictor\."
-REFERENCE_RULES = [
-    Rule(r"criterion\.", None, "a constant of the loss (no-object weight), rebuilt from the config"),
-    Rule(_PIXEL + r"input_proj\.", None, "built by the reference pixel decoder but never used in its forward"),
-    Rule(_PIXEL + r"linear1\.", None, "built by the reference pixel decoder but never used in its forward"),
-    Rule(r"scale_factor_module\.(\d+)\.", r"siam_gates.gates.\1."),
-    Rule(r"time_attn_blocks_([1-3])\.", _stage(-1, "acoustic_attention.blocks.{}.")),
-    Rule(r"time_norm\.", "acoustic_attention.norm."),
-    Rule(r"audio_linear([1-4])\.", _stage(-1, "acoustic_attention.projections.{}.")),
-    Rule(r"visual_project\.(\d+)\.", r"visual_attention.projections.\1."),
-    Rule(r"time_visual_attn_blocks\.(\d+)\.", r"visual_attention.blocks.\1."),
-    Rule(r"time_visual_norm\.(\d+)\.", r"visual_attention.norms.\1."),
-    Rule(_PIXEL + r"transformer\.level_embed", "pixel_decoder.level_embed"),
-    Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"pixel_decoder.layers.\1.attn."),
-    Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.linear([12])\.", r"pixel_decoder.layers.\1.fc\2."),
-    Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.(norm[12])\.", r"pixel_decoder.layers.\1.\2."),
-    Rule(_PIXEL + r"mask_features\.", "pixel_decoder.mask_projection."),
-    Rule(_PIXEL + r"adapter_1\.norm\.", "pixel_decoder.lateral.norm."),
-    Rule(_PIXEL + r"adapter_1\.", "pixel_decoder.lateral.conv."),
-    Rule(_PIXEL + r"layer_1\.norm\.", "pixel_decoder.output.norm."),
-    Rule(_PIXEL + r"layer_1\.", "pixel_decoder.output.conv."),
-    Rule(_FUSION + r"(audio_pos|level_embed)\.", r"fusion.\1."),
-    Rule(_FUSION + r"conv_proj_1\.", "fusion.reduce."),
-    Rule(_FUSION + r"b_attn\.layer_norm_v_list\.0\.", "fusion.norm_visual."),
-    Rule(_FUSION + r"b_attn\.layer_norm_a_list\.0\.", "fusion.norm_audio."),
-    Rule(_FUSION + r"b_attn\.attn_list\.0\.attn_block\.(\d+)\.", r"fusion.blocks.\1."),
-    Rule(_FUSION + r"b_attn\.attn_list\.0\.norm\.", "fusion.norm."),
-    Rule(_FUSION + r"b_attn\.gamma_v_list\.0$", "fusion.gamma_visual"),
-    Rule(_FUSION + r"b_attn\.gamma_a$", "fusion.gamma_audio"),
-    Rule(_PRED + r"transformer_self_attention_layers\.(\d+)\.self_attn\.", r"decoder.layers.\1.self_attn."),
-    Rule(_PRED + r"transformer_self_attention_layers\.(\d+)\.norm\.", r"decoder.layers.\1.self_norm."),
-    Rule(_PRED + r"transformer_cross_attention_layers\.(\d+)\.multihead_attn\.", r"decoder.layers.\1.cross_attn."),
-    Rule(_PRED + r"transformer_cross_attention_layers\.(\d+)\.norm\.", r"decoder.layers.\1.cross_norm."),
-    Rule(_PRED + r"transformer_ffn_layers\.(\d+)\.linear([12])\.", r"decoder.layers.\1.fc\2."),
-    Rule(_PRED + r"transformer_ffn_layers\.(\d+)\.norm\.", r"decoder.layers.\1.ffn_norm."),
-    Rule(_PRED + r"decoder_norm\.", "decoder.norm."),
-    Rule(_PRED + r"(query_feat|query_embed|level_embed|class_embed|mask_embed)\.", r"decoder.\1."),
-]
-
-# where each group of source keys goes: (source prefix, av2ts prefix, inner rules)
-_REFERENCE_PREFIXES = {
-    "r50": [("backbone.", "backbone.", D2_RESNET_RULES), ("pre_sam_backbone.", "siam_backbone.", D2_RESNET_RULES),
-            ("audio_backbone.", "audio_encoder.", CED_RULES)],
-    "pvt": [("backbone.", "backbone.", PVT_RULES), ("pre_sam_backbone.", "siam_backbone.", PVT_RULES),
-            ("audio_backbone.", "audio_encoder.", CED_RULES)],
-}
 
 _COUNTER_DROPPED = "batch-norm update counter; av2ts keeps these statistics frozen (no counter)"
 
-
-# ----------------------------------------------------------------------------------------------------- converters
-CONVERT_KINDS = ("reference", "detectron2", "ced", "ced-hf", "combo", "vggish")
 
 
 @dataclass
@@ -322,7 +215,7 @@ def converter_input(source: str) -> Path:
     return Path(source).expanduser()
 
 
-def _backbone_of(state: Mapping, prefix: str, path) -> str:
+def backbone_of(state: Mapping, prefix: str, path) -> str:
     if f"{prefix}stem.conv1.weight" in state:
         return "r50"
     if f"{prefix}patch_embed1.proj.weight" in state:
@@ -334,8 +227,8 @@ def _backbone_of(state: Mapping, prefix: str, path) -> str:
                                 f"{prefix}patch_embed1.proj.weight (PVT-v2) key")
 
 
-_ARCH_PRESET = {"r50": "av2ts-r50", "pvt": "av2ts-pvt"}
-_ARCH_TIMM = {"r50": "resnet50", "pvt": "pvt_v2_b5"}
+ARCH_PRESET = {"r50": "av2ts-r50", "pvt": "av2ts-pvt"}
+ARCH_TIMM = {"r50": "resnet50", "pvt": "pvt_v2_b5"}
 
 
 def conversion_target(arch: str | None, path, preset, subset, siam, base):
@@ -347,14 +240,14 @@ def conversion_target(arch: str | None, path, preset, subset, siam, base):
     if base is not None:
         if preset or subset or siam is not None:
             raise UsageError("--base gives the architecture: do not combine it with --preset/--subset/--siam")
-        model, cfg, doc = load_checkpoint(base)
-        if arch and cfg.backbone != _ARCH_TIMM[arch]:
-            raise UsageError(f"{path}: a {_ARCH_TIMM[arch]} file does not fit --base {base} "
+        model, cfg, doc = load_checkpoint_files(find_checkpoint(base))
+        if arch and cfg.backbone != ARCH_TIMM[arch]:
+            raise UsageError(f"{path}: a {ARCH_TIMM[arch]} file does not fit --base {base} "
                              f"(backbone {cfg.backbone})")
         return model, cfg, doc
-    preset = preset or _ARCH_PRESET.get(arch, "av2ts-r50")
-    if arch and preset != _ARCH_PRESET[arch]:
-        raise UsageError(f"{path}: a {_ARCH_TIMM[arch]} file does not fit --preset {preset}")
+    preset = preset or ARCH_PRESET.get(arch, "av2ts-r50")
+    if arch and preset != ARCH_PRESET[arch]:
+        raise UsageError(f"{path}: a {ARCH_TIMM[arch]} file does not fit --preset {preset}")
     cfg = get_preset(preset, subset or "s4", siam)
     return build_model(cfg), cfg, None
 
@@ -363,7 +256,7 @@ def config_from_keys(state: Mapping, path, preset, subset, siam, presets: Mappin
     """``(arch, cfg)`` of a checkpoint written by a reference code base, read from its keys (backbone, Siam encoder,
     class count) and checked against the options given; ``presets`` maps "r50"/"pvt" to the family's preset,
     ``network`` names the code base in messages ("an AV2TS reference", "a COMBO")."""
-    arch = _backbone_of(state, "backbone.", path)
+    arch = backbone_of(state, "backbone.", path)
     if preset and preset != presets[arch]:
         raise UsageError(f"{path}: holds a {presets[arch]} model, not {preset}")
     has_siam = any(k.startswith("pre_sam_backbone.") for k in state)
@@ -384,49 +277,6 @@ def config_from_keys(state: Mapping, path, preset, subset, siam, presets: Mappin
     return arch, cfg
 
 
-def convert(source: str, kind: str, *, preset: str | None = None, subset: str | None = None,
-            siam: bool | None = None, base: str | None = None):
-    """Import an upstream weights file: ``(model, cfg, KeyMapping, meta)`` ready for ``save_checkpoint``.
-
-    ``kind``: ``reference`` (a full AV2TS checkpoint of the reference code: everything is filled, the preset,
-    classes and Siam encoder are read from its keys), ``detectron2`` (backbone pickle: the visual backbone and the
-    Siam encoder), ``ced`` / ``ced-hf`` (CED-Mini: the audio encoder). Partial kinds fill a fresh model of
-    ``preset`` (inferred from the file where possible) or the checkpoint ``base``; the rest keeps its values.
-    """
-    from av2ts_cli.model import build_model  # local: the network imports torch and timm
-
-    if kind not in CONVERT_KINDS:
-        raise UsageError(f"unknown --kind {kind!r}; choose from {', '.join(CONVERT_KINDS)}")
-    if kind in ("combo", "vggish"):  # convert_combo.py builds on this module, so this one cannot call it
-        raise UsageError(f"--kind {kind} is imported by convert_combo.convert_combo_kind (the CLI calls it)")
-    path = converter_input(source)
-    state = read_state_dict_file(path)
-    base_doc = None
-    if kind == "reference":
-        if base is not None:
-            raise UsageError("--base does not apply to --kind reference: the checkpoint gives every tensor")
-        arch, cfg = config_from_keys(state, path, preset, subset, siam, _ARCH_PRESET, "an AV2TS reference")
-        model = build_model(cfg)
-        groups = [(src, dst, rules) for src, dst, rules in _REFERENCE_PREFIXES[arch]] + [("", "", REFERENCE_RULES)]
-        required = [""]
-        trained_on = f"unknown: converted from the reference-implementation checkpoint {path.name}"
-    elif kind == "detectron2":
-        arch = _backbone_of(state, "", path)
-        model, cfg, base_doc = conversion_target(arch, path, preset, subset, siam, base)
-        rules = D2_RESNET_RULES if arch == "r50" else PVT_RULES
-        required = ["backbone."] + (["siam_backbone."] if cfg.siam else [])
-        groups = [("", prefix, rules) for prefix in required]
-        trained_on = None
-    else:
-        model, cfg, base_doc = conversion_target(None, path, preset, subset, siam, base)
-        groups = [("", "audio_encoder.", CED_RULES if kind == "ced" else CED_HF_RULES)]
-        required = ["audio_encoder."]
-        trained_on = None
-    mapping = map_state_dict(state, groups, model.state_dict(), path)
-    fill_model(model, mapping, required, path)
-    return model.eval(), cfg, mapping, conversion_meta(kind, source, mapping, cfg.family, base_doc, trained_on)
-
-
 def conversion_meta(kind: str, source: str, mapping: KeyMapping, family: str, base_doc: Mapping | None,
                     trained_on) -> dict:
     """The checkpoint meta of an import: the base checkpoint's (if any), with this import appended to
@@ -442,38 +292,3 @@ def conversion_meta(kind: str, source: str, mapping: KeyMapping, family: str, ba
         meta["trained_on"] = trained_on
     return meta
 
-
-def convert_to_checkpoint(source: str, kind: str, out: str | os.PathLike, *, converter=None, **options) -> dict:
-    """``convert`` (or ``converter``, a function with its signature and result, e.g.
-    ``convert_combo.convert_combo_kind``) then ``save_checkpoint`` into ``out``; returns a JSON-ready summary."""
-    out = Path(out)
-    if options.get("base") and Path(options["base"]).expanduser().resolve() == out.expanduser().resolve():
-        raise UsageError("--out must differ from --base: inputs are never overwritten")
-    source_path = Path(source).expanduser()
-    if source_path.exists() and source_path.resolve() == out.expanduser().resolve():
-        raise UsageError("--out must differ from the source file")
-    model, cfg, mapping, meta = (converter or convert)(source, kind, **options)
-    save_checkpoint(model, cfg, out, meta)
-    parts: dict[str, int] = {}
-    for key in mapping.tensors:
-        parts[part_of(key, cfg.family)] = parts.get(part_of(key, cfg.family), 0) + 1
-    reasons: dict[str, int] = {}
-    for reason in mapping.dropped.values():
-        reasons[reason] = reasons.get(reason, 0) + 1
-    return {"out": str(out), "kind": kind, "source": source, "preset": cfg.preset, "subset": cfg.subset,
-            "num_classes": cfg.num_classes, "siam": cfg.siam, "filled_tensors": len(mapping.tensors),
-            "source_tensors_used": len(set(mapping.origin.values())), "filled_per_part": parts,
-            "dropped": reasons}
-
-
-def print_conversion_report(report: dict) -> None:
-    table = Table(title=f"{report['preset']}, {report['subset']}, {report['num_classes']} classes, Siam encoder "
-                        f"{'on' if report['siam'] else 'off'}")
-    table.add_column(f"part filled from {report['kind']}")
-    table.add_column("tensors", justify="right")
-    for part, count in report["filled_per_part"].items():
-        table.add_row(part, str(count))
-    console.print(table)
-    for reason, count in report["dropped"].items():
-        console.print(f"dropped {count} source tensors: {reason}")
-    console.print(f"Checkpoint saved to {report['out']}")

@@ -1,0 +1,173 @@
+"""AVSegFormer reference checkpoints -> av2ts's AVSegFormer (model/avsegformer.py): the rename table, as a pure
+function.
+
+The reference (vvvb-github/AVSegFormer at 7083cb6) saves ``model.module.state_dict()`` as a bare state dict
+(``torch.load(..., weights_only=True)`` returns it): ``backbone.*`` (PVT-v2-b5 with the original PVT names, or its
+two-branch ResNet-50 "B2_ResNet"), ``vggish.*``, ``audio_proj.*`` and ``head.*``. ``convert_avsegformer`` renames
+them to av2ts's keys, tensor for tensor (no tensor is reshaped or split), and reports what it did not use:
+
+- ``head.fpn.*`` and ``head.attn_fc.*``: built by the reference but never run (their caller is commented out);
+- ``backbone.layer3_2.*`` and ``backbone.layer4_2.*``: the ResNet's second branch, never run;
+- ``vggish.pproc.*``: VGGish's PCA post-processor, off in every reference config;
+- anything else with no counterpart in av2ts.
+
+Checkpoints made before commit b2f40e2 (2023-08-14) come from a network without the audio query generator (and with
+an auxiliary attention-mask head); they are refused with a ``ValueError``, as are a backbone or a class count that
+contradict the config.
+
+This module imports only the standard library, torch, ``av2ts_cli.config`` and ``av2ts_cli.model`` (for the target
+layout), so that the app's ``av2ts convert`` and the tests can both call it on a state dict in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+
+from av2ts_cli.config import ModelConfig
+
+_FPN = "built by the reference head (SimpleFPN) but never run: its only caller is commented out"
+_ATTN_FC = "built by the reference head (the old auxiliary attention-mask predictor) but never run"
+_BRANCH2 = "the reference ResNet-50's second branch (layer3_2/layer4_2), built and saved but never run"
+_PCA = "VGGish's PCA post-processor, switched off in every AVSegFormer config"
+
+
+def _stage(template: str):
+    """A target that renumbers the PVT stage of group 1 from 1-based to 0-based: ``block3.7.`` -> ``stages_2...``."""
+    return lambda m: template.format(int(m[1]) - 1, *m.groups()[1:])
+
+
+# (pattern anchored at the key's start, target template or function of the match, or None with the reason)
+RULES: list[tuple[str, object, str]] = [
+    (r"head\.fpn\.", None, _FPN),
+    (r"head\.attn_fc\.", None, _ATTN_FC),
+    (r"backbone\.layer[34]_2\.", None, _BRANCH2),
+    (r"vggish\.pproc\.", None, _PCA),
+    # PVT-v2-b5: original names -> timm features_only names (stage i of the reference is stages_{i-1})
+    (r"backbone\.patch_embed1\.", "backbone.patch_embed.", ""),
+    (r"backbone\.patch_embed([2-4])\.", _stage("backbone.stages_{}.downsample."), ""),
+    (r"backbone\.block([1-4])\.(\d+)\.mlp\.dwconv\.dwconv\.", _stage("backbone.stages_{}.blocks.{}.mlp.dwconv."), ""),
+    (r"backbone\.block([1-4])\.(\d+)\.", _stage("backbone.stages_{}.blocks.{}."), ""),
+    (r"backbone\.norm([1-4])\.", _stage("backbone.stages_{}.norm."), ""),
+    # ResNet-50: branch 1 is timm's layer3/layer4; the stem, layer1 and layer2 keep torchvision's (= timm's) names
+    (r"backbone\.layer([34])_1\.", r"backbone.layer\1.", ""),
+    (r"backbone\.(conv1|bn1|layer1|layer2)\.", r"backbone.\1.", ""),
+    (r"vggish\.(features|embeddings)\.", r"audio_encoder.\1.", ""),
+    (r"audio_proj\.", "audio_proj.", ""),
+    (r"head\.transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"head.encoder.\1.attn.", ""),
+    (r"head\.transformer\.encoder\.layers\.(\d+)\.linear([12])\.", r"head.encoder.\1.fc\2.", ""),
+    (r"head\.transformer\.encoder\.layers\.(\d+)\.(norm[12])\.", r"head.encoder.\1.\2.", ""),
+    (r"head\.transformer\.decoder\.layers\.(\d+)\.linear([12])\.", r"head.decoder.\1.fc\2.", ""),
+    (r"head\.transformer\.decoder\.layers\.(\d+)\.(self_attn|cross_attn|norm[123])\.", r"head.decoder.\1.\2.", ""),
+    (r"head\.fusion_block\.", "head.mixer.", ""),
+    (r"head\.mlp\.layers\.(\d+)\.", r"head.mlp.\1.", ""),
+    (r"head\.(in_proj\.|level_embed$|query_generator\.|learnable_query\.|lateral_conv\.|out_conv\.|fc\.)",
+     r"head.\1", ""),
+]
+_NO_RULE = "no counterpart in av2ts's AVSegFormer"
+
+_BACKBONES = {"pvt_v2_b5": ("PVT-v2-b5", "backbone.patch_embed1.proj.weight"),
+              "resnet50": ("ResNet-50", "backbone.conv1.weight")}
+
+
+class Conversion(NamedTuple):
+    """What ``convert_avsegformer`` returns; unpacks as ``state, unused, missing``."""
+
+    state: dict[str, torch.Tensor]  # av2ts key -> the reference's tensor (the same object, not a copy)
+    unused: dict[str, str]  # reference key -> why it has no place in av2ts's network
+    missing: list[str]  # av2ts keys that no reference tensor filled (empty for a complete checkpoint)
+
+
+def rename(key: str) -> tuple[str | None, str]:
+    """(av2ts key, "") for a reference key, or (None, why it is not used)."""
+    for pattern, target, reason in RULES:
+        match = re.match(pattern, key)
+        if match:
+            if target is None:
+                return None, reason
+            new = target(match) if callable(target) else match.expand(target)
+            return new + key[match.end():], ""
+    return None, _NO_RULE
+
+
+def target_layout(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """The av2ts state-dict layout {key: shape} of ``cfg``, from a model built on the meta device (no memory, no
+    init cost; drop path has no tensors, so it is left out of the meta build)."""
+    from av2ts_cli.model import build_model  # local: the model package imports timm, which takes seconds
+
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg, drop_path_rate=0.0))
+    return {key: tensor.shape for key, tensor in model.state_dict().items()}
+
+
+def convert_avsegformer(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                        target: Mapping[str, torch.Size] | None = None) -> Conversion:
+    """Map a reference AVSegFormer state dict onto the keys of av2ts's AVSegFormer for ``cfg``.
+
+    state: the reference's bare state dict (a ``module.`` prefix on every key, from a DataParallel wrapper, is
+    tolerated); cfg: an ``avsegformer`` config whose backbone and subset match the checkpoint's; target: the
+    av2ts layout {key: shape} if already at hand (else it is built from ``cfg``).
+
+    Returns ``Conversion(state, unused, missing)``; ``model.load_state_dict(conversion.state, strict=True)``
+    succeeds when ``missing`` is empty. ValueError for a checkpoint of the code before the query generator existed,
+    for non-tensor entries, and for a backbone or tensor shapes (e.g. the class count) that contradict ``cfg``.
+    """
+    if cfg.family != "avsegformer":
+        raise ValueError(f"model config {cfg.preset!r} is of family {cfg.family!r}, not avsegformer")
+    state = dict(state)
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad or not state:
+        raise ValueError(f"entry {bad[0]!r} of the state dict is not a tensor" if bad else "the state dict is empty")
+    _refuse_old_layout(state)
+    _check_backbone(state, cfg)
+    layout = dict(target) if target is not None else target_layout(cfg)
+
+    mapped: dict[str, torch.Tensor] = {}
+    unused: dict[str, str] = {}
+    wrong_shape = []
+    for key, tensor in state.items():
+        new, reason = rename(key)
+        if new is None:
+            unused[key] = reason
+        elif new not in layout:
+            unused[key] = f"renamed {new}, which {cfg.preset} does not have"
+        elif tuple(layout[new]) != tuple(tensor.shape):
+            wrong_shape.append(f"{key} {list(tensor.shape)} (av2ts {new} is {list(layout[new])})")
+        else:
+            mapped[new] = tensor
+    if wrong_shape:
+        more = "; ..." if len(wrong_shape) > 4 else ""
+        raise ValueError(f"{len(wrong_shape)} tensor(s) do not fit {cfg.preset} for {cfg.subset} "
+                         f"({output_hint(cfg)}): " + "; ".join(wrong_shape[:4]) + more)
+    missing = [key for key in layout if key not in mapped]
+    return Conversion(mapped, unused, missing)
+
+
+def _refuse_old_layout(state: Mapping[str, torch.Tensor]) -> None:
+    """A checkpoint with a head but no query generator is from the code before commit b2f40e2 (2023-08-14): queries
+    were the repeated audio token and an auxiliary attention-mask head was trained (docs: spec section 7)."""
+    if any(k.startswith("head.") for k in state) and not any(k.startswith("head.query_generator.") for k in state):
+        raise ValueError(
+            "the checkpoint has no head.query_generator.* keys (head.query_generator.query.weight and its "
+            "layers): it was made by AVSegFormer's code before commit b2f40e2 (2023-08-14), whose network had no "
+            "audio query generator. av2ts builds the later network; use the checkpoints linked by the README at "
+            "7083cb6 (2023-08-14 17:33)")
+
+
+def _check_backbone(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
+    found = [name for name, (_, probe) in _BACKBONES.items() if probe in state]
+    if found and cfg.backbone in _BACKBONES and found[0] != cfg.backbone:
+        raise ValueError(f"the checkpoint's backbone is {_BACKBONES[found[0]][0]} ({_BACKBONES[found[0]][1]}), "
+                         f"but {cfg.preset} builds {_BACKBONES[cfg.backbone][0]}: choose the matching preset")
+
+
+def output_hint(cfg: ModelConfig) -> str:
+    from av2ts_cli.model.avsegformer import output_channels  # local: the model package imports timm
+
+    return f"{output_channels(cfg)} output channel(s)"

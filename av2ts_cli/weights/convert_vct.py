@@ -1,0 +1,185 @@
+"""VCT reference checkpoints -> av2ts's VCT (model/vct.py): a pure key mapping, no file access.
+
+The reference (spyflying/VCT_AVS) publishes detectron2 Checkpointer files, ``{"model": state_dict, "trainer": ...,
+"iteration": ...}``; ``convert_vct_state`` maps the ``"model"`` state dict onto the state dict of ``build_model(cfg)``
+for a ``vct-*`` config (``vct_config_for`` reads the subset and the Siam encoder from the keys). Every tensor is
+kept as it is (same values, shape and dtype); only names change, except for what av2ts does not build:
+
+- ``audio_backbone.embeddings.*``: VGGish's linear layers, built and loaded by the reference but never run (VCT
+  reads VGGish's conv map);
+- ``*.attn.relative_position_index``: the Swin windows' index tables, rebuilt by timm (same values, not saved);
+- ``criterion.empty_weight``: a constant of the loss (the no-object weight), rebuilt from the config.
+
+The Swin backbones (``backbone.``, ``pre_sam_backbone.``) keep their inner names except that the reference merges
+patches at the end of a stage and timm at the start of the next (``layers.{i}.downsample`` ->
+``layers.{i+1}.downsample``) and that the per-stage LayerNorms ``norm0..2`` become ``stage_norms.{0..2}`` and
+``norm3`` timm's final ``norm`` (``model/backbone.py`` ``SwinFeatures``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from av2ts_cli.config import S4_CATEGORIES, SUBSET_CLASSES, ModelConfig, get_preset
+from av2ts_cli.errors import UsageError
+
+_UNUSED_VGGISH_FC = "VGGish's linear layers: loaded by the reference but never run (VCT reads the conv map)"
+_UNUSED_INDEX = "Swin relative-position index: a constant table that timm rebuilds (not saved by av2ts)"
+_UNUSED_CRITERION = "a constant of the loss (no-object weight), rebuilt from the config"
+
+_PIXEL = r"sem_seg_head\.pixel_decoder\."
+_PRED = r"sem_seg_head\.predictor\."
+_VQB = _PRED + r"visual_query_block\."
+_SWIN_PREFIXES = {"backbone.": "backbone.", "pre_sam_backbone.": "siam_backbone."}
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A reference key matching ``pattern`` (from its start) becomes ``replace`` (a ``re`` template or a function
+    of the match); ``replace=None``: the key is not used, for ``why``."""
+
+    pattern: str
+    replace: str | Callable[[re.Match], str] | None
+    why: str = ""
+
+
+def _next_stage(m: re.Match) -> str:
+    return f"layers.{int(m.group(1)) + 1}.downsample."
+
+
+# inside a Swin backbone, after its prefix
+SWIN_RULES = [
+    _Rule(r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index$", None, _UNUSED_INDEX),
+    _Rule(r"layers\.(\d+)\.downsample\.", _next_stage),
+    _Rule(r"norm([0-2])\.", r"stage_norms.\1."),
+    _Rule(r"norm3\.", "norm."),
+    _Rule(r"(patch_embed\.|layers\.\d+\.blocks\.)", r"\1"),
+]
+
+# everything but the backbones
+VCT_RULES = [
+    _Rule(r"criterion\.empty_weight$", None, _UNUSED_CRITERION),
+    _Rule(r"criterion\.logit_scale$", "alignment.logit_scale"),
+    _Rule(r"scale_factor_module\.(\d+)\.", r"siam_gates.gates.\1."),
+    _Rule(r"audio_backbone\.features\.", "audio_encoder.features."),
+    _Rule(r"audio_backbone\.embeddings\.", None, _UNUSED_VGGISH_FC),
+    _Rule(r"sem_seg_head\.audio_transformation\.embeddings\.", "audio_mlp.layers."),
+    # the pixel decoder, as COMBO's
+    _Rule(_PIXEL + r"input_proj\.(\d+)\.", r"pixel_decoder.input_proj.\1."),
+    _Rule(_PIXEL + r"transformer\.level_embed$", "pixel_decoder.level_embed"),
+    _Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"pixel_decoder.layers.\1.attn."),
+    _Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.linear([12])\.", r"pixel_decoder.layers.\1.fc\2."),
+    _Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.(norm[12])\.", r"pixel_decoder.layers.\1.\2."),
+    _Rule(_PIXEL + r"mask_features\.", "pixel_decoder.mask_projection."),
+    _Rule(_PIXEL + r"adapter_1\.norm\.", "pixel_decoder.lateral.norm."),
+    _Rule(_PIXEL + r"adapter_1\.", "pixel_decoder.lateral.conv."),
+    _Rule(_PIXEL + r"layer_1\.norm\.", "pixel_decoder.output.norm."),
+    _Rule(_PIXEL + r"layer_1\.", "pixel_decoder.output.conv."),
+    # the query generator (ProtoVCQ / VCQ)
+    _Rule(_VQB + r"prototype\.", "queries.prototypes."),
+    _Rule(_VQB + r"(pre_proj|query_mixer)\.", r"queries.\1."),
+    _Rule(_VQB + r"pre_attn\.multihead_attn\.", "queries.prototype_attn."),
+    _Rule(_VQB + r"pre_attn\.norm\.", "queries.prototype_norm."),
+    _Rule(_VQB + r"assign_attn\.(q_proj|k_proj|v_proj|proj)\.", r"queries.assign.\1."),
+    _Rule(_PRED + r"(audio_proj|proto_proj)\.", r"alignment.\1."),
+    # the decoder, as COMBO's
+    _Rule(_PRED + r"transformer_self_attention_layers\.(\d+)\.self_attn\.", r"decoder.layers.\1.self_attn."),
+    _Rule(_PRED + r"transformer_self_attention_layers\.(\d+)\.norm\.", r"decoder.layers.\1.self_norm."),
+    _Rule(_PRED + r"transformer_cross_attention_layers\.(\d+)\.multihead_attn\.", r"decoder.layers.\1.cross_attn."),
+    _Rule(_PRED + r"transformer_cross_attention_layers\.(\d+)\.norm\.", r"decoder.layers.\1.cross_norm."),
+    _Rule(_PRED + r"transformer_ffn_layers\.(\d+)\.linear([12])\.", r"decoder.layers.\1.fc\2."),
+    _Rule(_PRED + r"transformer_ffn_layers\.(\d+)\.norm\.", r"decoder.layers.\1.ffn_norm."),
+    _Rule(_PRED + r"decoder_norm\.", "decoder.norm."),
+    _Rule(_PRED + r"(query_feat|query_embed|level_embed|class_embed|mask_embed)\.", r"decoder.\1."),
+]
+
+
+@dataclass
+class VctConversion:
+    """``state``: av2ts key -> tensor (the reference's tensor object); ``unused``: reference key -> why it is not
+    used (never run, rebuilt, no place in this config, or of no known layout); ``missing``: av2ts keys that no
+    reference key filled (empty for a complete checkpoint)."""
+
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    unused: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
+def map_vct_key(key: str) -> tuple[str | None, str]:
+    """(av2ts key, "") for a reference key, or (None, why it is not used)."""
+    for prefix, ours in _SWIN_PREFIXES.items():
+        if key.startswith(prefix):
+            return _apply(SWIN_RULES, key[len(prefix):], ours)
+    return _apply(VCT_RULES, key, "")
+
+
+def _apply(rules: list[_Rule], key: str, prefix: str) -> tuple[str | None, str]:
+    for rule in rules:
+        m = re.match(rule.pattern, key)
+        if m is None:
+            continue
+        if rule.replace is None:
+            return None, rule.why
+        head = rule.replace(m) if callable(rule.replace) else m.expand(rule.replace)
+        return prefix + head + key[m.end():], ""
+    return None, "no known VCT layout"
+
+
+def vct_config_for(state: Mapping[str, torch.Tensor], preset: str = "vct-swinb") -> ModelConfig:
+    """The ``preset`` config for a reference state dict: the subset from the class head (3 logits: S4 or MS3, 72:
+    AVSS) and the prototypes (23: S4, none: MS3), the Siam encoder from ``pre_sam_backbone.*``. UsageError when
+    the keys fit no VCT subset."""
+    classes = state.get("sem_seg_head.predictor.class_embed.bias")
+    prototypes = state.get("sem_seg_head.predictor.visual_query_block.prototype.weight")
+    if classes is None:
+        raise UsageError("no sem_seg_head.predictor.class_embed.bias: not a VCT reference state dict")
+    num_prototypes = 0 if prototypes is None else prototypes.shape[0]
+    subsets = [s for s, k in SUBSET_CLASSES.items() if k + 1 == classes.shape[0]
+               and num_prototypes == {"s4": S4_CATEGORIES, "ms3": 0}.get(s, k)]
+    if len(subsets) != 1:
+        raise UsageError(f"a class head of {classes.shape[0]} logits with {num_prototypes} prototypes fits no VCT "
+                         "subset (S4: 3 and 23, MS3: 3 and none, AVSS: 72 and 71)")
+    siam = any(k.startswith("pre_sam_backbone.") for k in state)
+    return get_preset(preset, subsets[0], siam)
+
+
+def convert_vct_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> VctConversion:
+    """Map a VCT reference state dict (the ``"model"`` entry of a detectron2 Checkpointer file; the whole file's
+    dict is accepted too) onto av2ts's VCT for ``cfg``.
+
+    A reference key whose av2ts key the model for ``cfg`` does not have (for example the prototypes of an S4
+    checkpoint given an MS3 config) is reported unused; a tensor whose shape differs from the model's is a
+    UsageError naming both (the config does not fit the checkpoint). The target layout is read from a model built
+    on the meta device (no memory, no weights).
+    """
+    from av2ts_cli.model import build_model  # local: the network imports timm; the rules above do not need it
+
+    if cfg.family != "vct":
+        raise UsageError(f"{cfg.preset} is an {cfg.family} model config, not a VCT one")
+    if isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    result = VctConversion()
+    mismatched = []
+    for key, tensor in state.items():
+        ours, why = map_vct_key(key)
+        if ours is None:
+            result.unused[key] = why
+        elif ours not in shapes:
+            result.unused[key] = f"no place in {cfg.preset} ({cfg.subset}, siam={cfg.siam}): {ours}"
+        elif tuple(tensor.shape) != shapes[ours]:
+            mismatched.append(f"{key} {list(tensor.shape)} -> {ours} {list(shapes[ours])}")
+        elif ours in result.state:
+            raise UsageError(f"two reference keys map to {ours} (the second: {key})")
+        else:
+            result.state[ours] = tensor
+    if mismatched:
+        raise UsageError(f"{len(mismatched)} tensors do not fit {cfg.preset} ({cfg.subset}): "
+                         + "; ".join(mismatched[:5]))
+    result.missing = [k for k in shapes if k not in result.state]
+    return result
