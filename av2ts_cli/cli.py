@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from typer.core import TyperCommand
 
 from av2ts_cli import __version__
-from av2ts_cli.console import console, make_progress, print_json, show_library_messages
+from av2ts_cli.console import console, error_line, make_progress, print_json, printable, show_library_messages
 from av2ts_cli.console import state as _state
 from av2ts_cli.errors import EXIT_FAILURE, Av2tsError, UsageError, describe
+from av2ts_cli.interrupts import Interrupted, signum_of, stop_on_signals
 from av2ts_cli.sources import collect_videos
 from av2ts_cli.training.recipes import recipe_defaults
 
@@ -101,9 +101,16 @@ def _reported(func):
     def wrapper(*args, **kwargs):
         show_library_messages()
         try:
-            return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            with stop_on_signals():  # SIGINT and SIGTERM alike in every command: cleanup, one line, 130 / 143
+                return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt as stop:  # a command without its own words for it: the finally blocks cleaned up
+            err = Interrupted(signum_of(stop), "stopped; what it was writing was removed")
+            error_line(err.message)
+            if kwargs.get("as_json"):
+                print_json({"error": err.message, "exit_code": err.exit_code})
+            raise typer.Exit(err.exit_code) from None
         except Exception as err:
             if _state["debug"]:
                 raise
@@ -111,12 +118,12 @@ def _reported(func):
             line = project.message if project is not None else describe(err, options=_option_values(func, kwargs))
             if line is not None:
                 code = project.exit_code if project is not None else getattr(err, "exit_code", EXIT_FAILURE)
-                console.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
-                raise typer.Exit(code) from None
-            # a bug: still one line, the traceback behind --debug
-            console.print(f"[red]error:[/red] {escape(_bug_line(err))} (run with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_FAILURE) from None
+            else:  # a bug: still one line, the traceback behind --debug
+                line, code = f"{_bug_line(err)} (run with --debug for the traceback)", EXIT_FAILURE
+            error_line(line)
+            if kwargs.get("as_json"):  # --json: the failure as JSON on stdout too, for a script reading it
+                print_json({"error": printable(line), "exit_code": code})
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -342,7 +349,8 @@ def convert(
     kind: Annotated[str, typer.Option("--kind", "-k", help="reference (full AV2TS checkpoint of the reference code), "
                                       "detectron2 (R-50.pkl / d2_pvt_v2_b5.pkl), ced (CED-Mini .pt), ced-hf "
                                       "(hf://mispeech/ced-mini safetensors), combo (checkpoint of the COMBO-AVS "
-                                      "code) or vggish (vggish-10086976.pth, into a combo-* model).")],
+                                      "code), vggish (vggish-10086976.pth, into a combo-* model), avsegformer "
+                                      "(a checkpoint of the AVSegFormer code) or vct (one of the VCT code).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write (model.safetensors + "
                                       "config.json).")],
     preset: Annotated[str | None, typer.Option("--preset", "-p", help="Model preset for a partial import "
@@ -365,11 +373,13 @@ def convert(
 @app.command(rich_help_panel="Models")
 @_reported
 def download(
-    names: Annotated[list[str], typer.Argument(help="Registry models (combo-r50-s4, combo-pvt-s4, ced-mini), vggish "
-                                               "or sam-vit-base (the maskige generator).", show_default=False)],
+    names: Annotated[list[str], typer.Argument(help="Registry models (combo-r50-s4, combo-pvt-s4, vct-s4, vct-ms3, "
+                                               "vct-avss, ced-mini), vggish or sam-vit-base (the maskige "
+                                               "generator).", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """Fetch models into the caches ahead (an offline machine, a cluster node); COMBO checkpoints are converted."""
+    """Fetch models into the caches ahead (an offline machine, a cluster node); COMBO and VCT checkpoints are
+    converted."""
     from av2ts_cli import download as downloader  # local: huggingface_hub and the converters: only this command
 
     show = None if as_json else (lambda result: console.print(downloader.describe(result), highlight=False,

@@ -50,19 +50,33 @@ def make_progress(transient: bool = False) -> Progress:
     )
 
 
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a file name holding a newline or a
+    terminal escape cannot forge a line of av2ts's output or take over the terminal."""
+    return text.translate(_CONTROL)
+
+
 def warn(message: str) -> None:
     """``warning: message``; the message is plain text (a file named ``[red]x.mp4`` prints as it is named)."""
-    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(printable(message))}", soft_wrap=True)
 
 
 def info(message: str) -> None:
     """A plain line on stderr (never read as markup, never wrapped: file names are long)."""
-    console.print(message, markup=False, soft_wrap=True)
+    console.print(printable(message), markup=False, soft_wrap=True)
 
 
 def failed(reason: str) -> None:
     """``failed: reason``: one input of a batch that failed while the batch goes on."""
-    console.print(f"[red]failed:[/red] {escape(reason)}", soft_wrap=True)
+    console.print(f"[red]failed:[/red] {escape(printable(reason))}", soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    """``error: message``: the one line of a command that failed."""
+    console.print(f"[red]error:[/red] {escape(printable(message))}", soft_wrap=True)
 
 
 def print_json(obj) -> None:

@@ -5,6 +5,8 @@ What each name fetches, and where:
 - a registry model converted on use (``combo-r50-s4``, ``combo-pvt-s4``): its upstream ``.pth`` into the Hugging
   Face cache, then the converted av2ts checkpoint into av2ts's cache (``weights.prepare_registry_checkpoint``);
   afterwards ``--model NAME`` works with ``HF_HUB_OFFLINE=1``;
+- an AVSegFormer model (``avsegformer-{pvt,r50}-{s4,ms3,avss}``): its authors' file from Google Drive (gdown) into
+  ``config.cache_root()/downloads/gdrive/``, then converted as above (``weights.upstream.gdrive_file``);
 - ``ced-mini``: CED-Mini's weights (``hf://mispeech/ced-mini``) into the Hugging Face cache, what
   ``av2ts convert ced-mini --kind ced-hf`` reads;
 - ``vggish``: the released VGGish weights (``vggish-10086976.pth``, harritaylor/torchvggish v0.1 on GitHub, not on
@@ -14,7 +16,7 @@ What each name fetches, and where:
   Hugging Face cache, what ``av2ts maskiges`` runs.
 
 Offline (``HF_HUB_OFFLINE=1``) a name that is cached already is reported as it is; a missing one is one error line
-naming the repository (or URL) and saying that it needs a network.
+naming the repository (or URL, or Google Drive file id) and saying that it needs a network.
 """
 
 from __future__ import annotations
@@ -30,27 +32,21 @@ from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.files import atomic_path
 from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, resolve_generator
 from av2ts_cli.weights.checkpoint import WEIGHTS_FILE
-from av2ts_cli.weights.hub import hub_download, parse_hub_ref
+from av2ts_cli.weights.hub import hub_download, hub_offline, parse_hub_ref
 from av2ts_cli.weights.registry import REGISTRY
-from av2ts_cli.weights.upstream import prepare_registry_checkpoint
+from av2ts_cli.weights.upstream import DOWNLOADS_DIR, prepare_registry_checkpoint
 
 VGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"
 VGGISH_FILE = "vggish-10086976.pth"  # torch.hub's convention: the name carries the first 8 hex digits of the sha256
 VGGISH_SHA256_PREFIX = "10086976"
-DOWNLOADS_DIR = "downloads"  # under config.cache_root()
 EXTRA_NAMES = ("vggish", "sam-vit-base")
 
 
 def known_names() -> list[str]:
     """Every name ``av2ts download`` accepts: the registry's downloadable models and the extras."""
-    registry = [name for name, entry in REGISTRY.items() if entry.source and entry.source.startswith("hf://")]
+    registry = [name for name, entry in REGISTRY.items()
+                if entry.converted_on_use or (entry.source and entry.source.startswith("hf://"))]
     return registry + list(EXTRA_NAMES)
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants  # local: huggingface_hub takes ~0.3 s to import
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def vggish_path() -> Path:
@@ -64,7 +60,7 @@ def fetch_vggish(timeout: float = 60.0) -> dict:
     if path.is_file():
         return {"name": "vggish", "fetched": False, "path": str(path), "source": VGGISH_URL,
                 "use": f"av2ts convert {path} --kind vggish --out DIR"}
-    if _offline():
+    if hub_offline():
         raise CheckpointError(VGGISH_URL, f"{VGGISH_FILE} is not in av2ts's cache ({path.parent}) and "
                                           "HF_HUB_OFFLINE is set: it needs a network once")
     digest = hashlib.sha256()
@@ -100,7 +96,7 @@ def fetch_generator() -> dict:
 def fetch_registry_model(name: str) -> dict:
     prepared = prepare_registry_checkpoint(name)
     return {"name": name, "fetched": True, "converted": prepared.converted, "path": str(prepared.folder),
-            "source": f"{REGISTRY[name].source}/{prepared.source_path}", "source_file": str(prepared.source_file),
+            "source": prepared.origin, "source_file": str(prepared.source_file),
             "sha256": prepared.sha256, "use": f"--model {name}"}
 
 

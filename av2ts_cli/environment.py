@@ -81,7 +81,10 @@ def environment_report() -> dict:
     }
     report.update(_cuda_report())
     report.update(_ffmpeg_report())
-    report["deform_attn_backend"] = ops.active_backend()
+    try:
+        report["deform_attn_backend"] = ops.active_backend()
+    except ValueError as err:  # a bad AV2TS_DEFORM_ATTN: named here, and info still reports the rest
+        report["deform_attn_backend"] = f"none: {err}"
     report.update(_cache_report())
     report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("AV2TS_", "HF_HUB_", "TORCH_EXTENSIONS"))}
     return report
@@ -114,3 +117,8 @@ def print_model_report(report: dict) -> None:
     total = report["total"]
     table.add_row("[bold]total", f"[bold]{total['parameters']:,}", f"{total['trainable']:,}", f"{total['frozen']:,}")
     console.print(table)
+    reference = report.get("reference")
+    if reference:  # modules the reference code builds but never runs (VCT: VGGish's linear layers)
+        left_out = " + ".join(f"{count:,} not built ({what})" for what, count in reference["left_out"].items())
+        console.print(f"reference code: {reference['parameters']:,} parameters = {total['parameters']:,} built here + "
+                      f"{left_out}", highlight=False, soft_wrap=True)

@@ -69,6 +69,9 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
         raise UsageError("--save-pred and --shuffle-audio need --model, not --pred-dir")
     if batch < 1:
         raise UsageError(f"--batch must be at least 1, got {batch}")
+    inputs = {"--data": data, "--model": model if model is not None and Path(model).exists() else None}
+    for option, target in (("--save-pred", save_pred), ("--out", out)):
+        _refuse_inside_inputs(option, target, inputs)
 
     # --pred-dir under torchrun: every rank scores the whole folder (it is quick) and rank 0 alone writes and prints
     processes = Processes(*environment())
@@ -113,6 +116,21 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
     except OSError as err:
         report["save_error"] = f"metrics.json not saved: {describe_os_error(err)}"
     return report
+
+
+def _refuse_inside_inputs(option: str, target: str | os.PathLike | None,
+                          inputs: dict[str, str | os.PathLike | None]) -> None:
+    """A UsageError when an output folder lies inside an input (the dataset scored against, the model): writing
+    predictions among the labels would replace them, and the next eval would score against its own output."""
+    if target is None:
+        return
+    where = Path(target).resolve()
+    for name, source in inputs.items():
+        if source is None:
+            continue
+        root = Path(source).resolve()
+        if where == root or root in where.parents:
+            raise UsageError(f"{option} {target}: is inside {name} {source}, an input; write it elsewhere")
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:

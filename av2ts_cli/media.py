@@ -8,12 +8,19 @@ are built with ffmpeg-python and run with that binary. ``probe`` uses ffprobe wh
 the stream dump of ``ffmpeg -i``; both give the same ``Probe``.
 
 Conventions (every function here follows them):
-- Time t is in seconds from the start of the file (ffmpeg's start_time, the earliest stream).
+- Time t is in seconds from the video stream's first frame (``Probe.origin``: the file's start_time plus
+  ``Probe.video_offset``; the file's start in a file without video), for frames and audio alike: the frame at t
+  and audio sample t * rate play together. A video stream that starts after the file does (an edit list, an
+  offset) is thus read on its own clock; audio before its first frame is cut, audio starting later is padded.
 - "The frame at t" is the frame on screen at t: the last frame whose timestamp is <= t. A frame stamped within
   ``TIME_TOLERANCE`` after t counts as <= t. Before the first frame the first frame is used; after the last frame,
   the last frame.
-- Frames are RGB uint8 [H, W, 3] in display orientation: rotation metadata is applied, like a player does.
-  ``size=(w, h)`` resizes to exactly w x h (bilinear, aspect ratio not kept, as AVSBench resizes to 224x224).
+- Frames are RGB uint8 [H, W, 3] as displayed, like a player shows them: rotation metadata is applied, and
+  non-square pixels (a sample aspect ratio other than 1:1, anamorphic video) are made square by scaling the width
+  (``Probe.width``/``height`` are that display size). ``size=(w, h)`` resizes to exactly w x h (bilinear, aspect
+  ratio not kept, as AVSBench resizes to 224x224).
+- Audio is one stream: the one marked default, else the first (``choose_audio``, ``Probe.audio_stream``). Writing
+  an overlay keeps every audio stream (``replace_video``).
 - Every file written appears atomically. A temp file is created beside the target and renamed when complete; it is
   removed on any failure, KeyboardInterrupt included. Inputs are never overwritten.
 - Failures raise ``MediaError(path, reason)`` with a short reason taken from ffmpeg's stderr.
@@ -94,6 +101,21 @@ def tool_version(binary: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
 
 
+@functools.cache
+def check_ffmpeg() -> str:
+    """The ffmpeg binary, checked once to answer ``-version`` as ffmpeg: a broken ``AV2TS_FFMPEG`` is one error
+    naming it, before any input is read, not a failure blamed on every input of a batch."""
+    binary = find_ffmpeg()
+    try:
+        version = tool_version(binary)
+    except (OSError, subprocess.SubprocessError) as err:
+        version = err.strerror or type(err).__name__ if isinstance(err, OSError) else type(err).__name__
+    if not version.startswith("ffmpeg"):
+        where = "AV2TS_FFMPEG" if os.environ.get("AV2TS_FFMPEG") else "the ffmpeg found"
+        raise MediaError(binary, f"{where} is not a working ffmpeg (`-version` gave {version!r})")
+    return binary
+
+
 def _command(stream, *global_args: str) -> list[str]:
     """The argv of an ffmpeg-python graph, global options first (ffmpeg ignores trailing options)."""
     args = stream.compile(cmd=find_ffmpeg())
@@ -167,21 +189,32 @@ def _run(args: list[str], path: str | os.PathLike) -> subprocess.CompletedProces
 # ---------------------------------------------------------------------------------------------------------- probe
 @dataclasses.dataclass(frozen=True)
 class Probe:
-    """What a media file holds. Sizes are display sizes: a 1920x1080 stream shown rotated is 1080x1920 here."""
+    """What a media file holds. Sizes are display sizes: rotation applied (a 1920x1080 stream shown rotated is
+    1080x1920 here) and non-square pixels made square (a 64x48 stream with sample aspect ratio 2:1 is 128x48).
+    The audio fields describe the one audio stream av2ts decodes (``audio_stream``, see ``choose_audio``)."""
 
     path: str
     duration: float  # seconds, the longest stream, at 10 ms resolution (like ffmpeg's own report)
     fps: float  # average frame rate of the first video stream (variable frame rate: the average)
     frame_count: int  # frames (packets) in the first video stream, counted
-    width: int  # display width, rotation applied; 0 without video
+    width: int  # display width: stored width scaled by the sample aspect ratio, rotation applied; 0 without video
     height: int
     rotation: int  # clockwise degrees a player turns the stored frames: 0, 90, 180 or 270
     has_audio: bool
-    sample_rate: int  # Hz of the first audio stream; 0 without audio
+    sample_rate: int  # Hz of the decoded audio stream; 0 without audio
     channels: int  # 0 without audio
     video_codec: str  # ffmpeg codec name, e.g. "h264"; "" without video
     audio_codec: str  # "" without audio
-    start_time: float = 0.0  # seconds, the file's first timestamp (times in this module are relative to it)
+    start_time: float = 0.0  # seconds, the file's first timestamp (ffmpeg's start_time, the earliest stream)
+    # seconds from the file's start to the first frame of the video stream: that frame is time 0 of this module
+    # (``origin``); 0 without video
+    video_offset: float = 0.0
+    sample_aspect_ratio: str = "1:1"  # the stored pixels' shape "w:h" (anamorphic video: not 1:1); width applies it
+    audio_stream: int = -1  # index in the file (ffmpeg's #0:N, ffprobe's index) of the decoded audio stream; -1: none
+    audio_streams: int = 0  # audio streams in the file (the overlay keeps them all)
+    audio_language: str = ""  # the decoded stream's language tag; "" when it has none (or "und")
+    # e.g. "stream 2 (aac, fre), the default of 2 audio streams": which audio was heard, for summaries
+    audio_description: str = ""
     # which binary read the file: "ffmpeg" (``ffmpeg -i``, whose start time is the one decoding uses) or "ffprobe";
     # not compared: both describe the same file
     tool: str = dataclasses.field(default="ffmpeg", compare=False)
@@ -189,6 +222,11 @@ class Probe:
     @property
     def has_video(self) -> bool:
         return bool(self.video_codec)
+
+    @property
+    def origin(self) -> float:
+        """The file timestamp (seconds) of time 0: the video stream's first frame (the file's start without video)."""
+        return self.start_time + self.video_offset
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,20 +237,20 @@ def probe(path: str | os.PathLike, require_video: bool = True, *, ffprobe: bool 
 
     Uses ffprobe when it is on PATH, else parses ``ffmpeg -i``; the frame count comes from reading the video
     packets (no decoding). A file with no video stream raises MediaError unless ``require_video=False``.
-    ``ffprobe=False``: always ask the ffmpeg binary, so the probe's start time is the one decoding uses and the
-    probe can be passed to ``iter_frames``/``iter_frames_at`` as ``info`` (one inspection per file instead of one
-    per decoder; see ``decoding_probe``).
+    ``ffprobe=False``: always ask the ffmpeg binary, so the probe's start time and video offset are the ones
+    decoding uses and the probe can be passed to ``iter_frames``/``iter_frames_at``/``decode_audio`` as ``info``
+    (one inspection per file instead of one per decoder; see ``decoding_probe``).
     """
     return _inspect(path, count_frames=True, require_video=require_video, ffprobe=ffprobe)
 
 
-def decoding_probe(path: str | os.PathLike, info: Probe | None) -> Probe:
-    """``info`` if its start time is the decoder's (read by the ffmpeg binary), else a fresh ``ffmpeg -i`` of
+def decoding_probe(path: str | os.PathLike, info: Probe | None, *, require_video: bool = True) -> Probe:
+    """``info`` if its times are the decoder's (read by the ffmpeg binary), else a fresh ``ffmpeg -i`` of
     ``path``: an ffprobe of another version may disagree on the start time (e.g. Matroska with audio priming), and
     a frame picked against the wrong start time is the wrong frame."""
     if info is not None and info.tool == "ffmpeg":
         return info
-    return _inspect(path, ffprobe=False)
+    return _inspect(path, require_video=require_video, ffprobe=False)
 
 
 def _inspect(path: str | os.PathLike, count_frames: bool = False, require_video: bool = True,
@@ -230,10 +268,11 @@ def _inspect(path: str | os.PathLike, count_frames: bool = False, require_video:
 
 
 def _probe_with_ffmpeg(path, count_frames: bool) -> Probe:
-    """Parse the stream dump that ``ffmpeg -i`` prints; count the video packets by stream-copying them to null."""
-    source = ffmpeg.input(_url(path))
-    options = {} if count_frames else {"t": 0}
-    args = _command(ffmpeg.output(source["V:0?"], source["a:0?"], "-", f="null", c="copy", **options))
+    """Parse the stream dump that ``ffmpeg -i`` prints, while the first video frame is decoded (its timestamp is
+    where the video starts: ``Probe.video_offset``); count the video packets by stream-copying them to null."""
+    showinfo, _ = _ffmpeg_dialect(find_ffmpeg())
+    first = ffmpeg.input(_url(path))["V:0"].filter("showinfo@first", **showinfo)
+    args = _command(ffmpeg.output(first, "-", f="null", **{"frames:v": 1}), "-copyts")
     result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True)
     lines = result.stderr.decode("utf-8", "replace").replace("\r", "\n").splitlines()
     if not any(line.startswith("Input #0") for line in lines):
@@ -241,9 +280,32 @@ def _probe_with_ffmpeg(path, count_frames: bool) -> Probe:
     if any("partial file" in line for line in lines):
         raise MediaError(path, _reason(["partial file"]))
     dump = _parse_dump(lines)
-    frames = [int(m.group(1)) for m in map(re.compile(r"^frame=\s*(\d+)").match, lines) if m]
-    frame_count = frames[-1] if count_frames and frames and dump["video_codec"] else 0
+    dump["first_frame"] = _first_frame_time(lines)
+    frame_count = 0
+    if count_frames and dump["video_codec"]:
+        source = ffmpeg.input(_url(path))
+        args = _command(ffmpeg.output(source["V:0?"], source["a:0?"], "-", f="null", c="copy"))
+        result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True)
+        lines = result.stderr.decode("utf-8", "replace").replace("\r", "\n").splitlines()
+        if any("partial file" in line for line in lines):
+            raise MediaError(path, _reason(["partial file"]))
+        frames = [int(m.group(1)) for m in map(re.compile(r"^frame=\s*(\d+)").match, lines) if m]
+        frame_count = frames[-1] if frames else 0
     return _make_probe(path, dump, frame_count)
+
+
+def _first_frame_time(lines: Sequence[str]) -> float | None:
+    """Seconds (file timestamps) of the first frame a showinfo filter reported in ``lines``; None if none came."""
+    timebase = None
+    for line in lines:
+        match = _SHOWINFO_TIMEBASE.search(line)
+        if match:
+            timebase = Fraction(int(match.group(2)), int(match.group(3)))
+            continue
+        match = _SHOWINFO_FRAME.search(line)
+        if match and match.group(2) != "NOPTS":
+            return float(int(match.group(2)) * timebase) if timebase else float(match.group(3))
+    return None
 
 
 def _probe_with_ffprobe(path, count_frames: bool) -> Probe:
@@ -261,7 +323,6 @@ def _probe_with_ffprobe(path, count_frames: bool) -> Probe:
     streams = data.get("streams", [])
     video = next((s for s in streams if s.get("codec_type") == "video"
                   and not s.get("disposition", {}).get("attached_pic")), None)
-    audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
     dump = _empty_dump()
     if "duration" in fmt:
         dump["centiseconds"] = (int(Decimal(fmt["duration"]) * 1_000_000) + 5000) // 10000
@@ -271,27 +332,65 @@ def _probe_with_ffprobe(path, count_frames: bool) -> Probe:
     if video is not None:
         dump.update(video_codec=video.get("codec_name", "none"), coded_width=int(video.get("width", 0)),
                     coded_height=int(video.get("height", 0)),
-                    fps=_ratio(video.get("avg_frame_rate")), tbr=_ratio(video.get("r_frame_rate")))
+                    fps=_ratio(video.get("avg_frame_rate")), tbr=_ratio(video.get("r_frame_rate")),
+                    sar=_aspect(video.get("sample_aspect_ratio")))
         matrix = [s for s in video.get("side_data_list", []) if "rotation" in s]
         if matrix:
             dump["rotation"] = _clockwise(-float(matrix[0]["rotation"]))
         elif "rotate" in video.get("tags", {}):
             dump["rotation"] = _clockwise(float(video["tags"]["rotate"]))
+        if _is_number(video.get("start_time")):
+            dump["first_frame"] = float(video["start_time"])
         frame_count = int(video.get("nb_read_packets", 0)) if count_frames else 0
-    if audio is not None:
-        dump.update(audio_codec=audio.get("codec_name", "none"), sample_rate=int(audio.get("sample_rate", 0)),
-                    channels=int(audio.get("channels", 0)))
+    for stream in streams:
+        if stream.get("codec_type") == "audio":
+            tags = {key.lower(): value for key, value in stream.get("tags", {}).items()}
+            dump["audio"].append(_AudioStream(
+                int(stream.get("index", 0)), stream.get("codec_name", "none"), int(stream.get("sample_rate", 0)),
+                int(stream.get("channels", 0)), _language(tags.get("language", "")),
+                bool(stream.get("disposition", {}).get("default"))))
     return dataclasses.replace(_make_probe(path, dump, frame_count), tool="ffprobe")
+
+
+def _is_number(text) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _AudioStream:
+    index: int  # in the file
+    codec: str
+    sample_rate: int
+    channels: int
+    language: str  # "" when none
+    default: bool  # marked default (ffprobe's disposition.default, "(default)" in ffmpeg's dump)
+
+
+def choose_audio(streams: Sequence) -> tuple[int, str]:
+    """(position in ``streams``, why) of the audio stream av2ts decodes: the one marked default; the first when
+    none is; the first of those marked when several are (a player's choice). ``streams``: objects with
+    ``default``, in file order."""
+    marked = [i for i, stream in enumerate(streams) if stream.default]
+    count = len(streams)
+    if len(marked) == 1:
+        return marked[0], f"the default of {count} audio streams"
+    if not marked:
+        return 0, f"the first of {count} audio streams (none marked default)"
+    return marked[0], f"the first of {len(marked)} audio streams marked default ({count} in all)"
 
 
 def _empty_dump() -> dict:
     return {"centiseconds": None, "start_time": 0.0, "video_codec": "", "coded_width": 0, "coded_height": 0,
-            "fps": 0.0, "tbr": 0.0, "rotation": 0, "audio_codec": "", "sample_rate": 0, "channels": 0}
+            "fps": 0.0, "tbr": 0.0, "rotation": 0, "sar": (1, 1), "first_frame": None, "audio": []}
 
 
 _DURATION = re.compile(r"^\s*Duration: (?:(\d+):(\d\d):(\d\d)\.(\d\d)|N/A)(?:, start: (-?[\d.]+))?")
-_STREAM = re.compile(r"^\s*Stream #0:\d+\S*: (Video|Audio): (\w+)(.*)$")
+_STREAM = re.compile(r"^\s*Stream #0:(\d+)(\S*): (Video|Audio): (\w+)(.*)$")
 _SIZE = re.compile(r", (\d+)x(\d+)(?=[ ,]|$)")
+_SAR = re.compile(r"SAR (\d+):(\d+) DAR")
 _RATE = r"([\d.]+)(k?) {}"
 _DISPLAY_MATRIX = re.compile(r"(?i)display ?matrix: rotation of (-?[\d.]+) degrees")
 _ROTATE_TAG = re.compile(r"^\s*rotate\s*: (-?[\d.]+)")
@@ -300,9 +399,9 @@ _CHANNEL_LAYOUTS = {"mono": 1, "stereo": 2, "downmix": 2, "binaural": 2, "quad":
 
 
 def _parse_dump(lines: Sequence[str]) -> dict:
-    """Read input #0's stream dump (first video stream that is not cover art, first audio stream)."""
+    """Read input #0's stream dump (first video stream that is not cover art, every audio stream)."""
     dump = _empty_dump()
-    section = None  # "video" / "audio" while inside the first stream of that kind, else None
+    section = None  # "video" while inside the first video stream, else None
     for line in lines:
         if line.startswith(("Output #", "Stream mapping:")) or (line.startswith("Input #") and
                                                                 not line.startswith("Input #0")):
@@ -317,7 +416,7 @@ def _parse_dump(lines: Sequence[str]) -> dict:
             continue
         match = _STREAM.match(line)
         if match:
-            kind, codec, rest = match.groups()
+            index, ids, kind, codec, rest = match.groups()
             section = None
             if kind == "Video" and not dump["video_codec"] and "(attached pic)" not in rest:
                 section = "video"
@@ -325,12 +424,17 @@ def _parse_dump(lines: Sequence[str]) -> dict:
                 dump.update(video_codec=codec, fps=_dump_rate(rest, "fps"), tbr=_dump_rate(rest, "tbr"))
                 if size:
                     dump.update(coded_width=int(size.group(1)), coded_height=int(size.group(2)))
-            elif kind == "Audio" and not dump["audio_codec"]:
-                section = "audio"
+                sars = _SAR.findall(rest)  # the codec's, then the container's when it differs (which wins)
+                if sars:
+                    dump["sar"] = _aspect(":".join(sars[-1]))
+            elif kind == "Audio":
                 rate = re.search(r"(\d+) Hz", rest)
                 layout = re.search(r"Hz, ([^,]+)", rest)
-                dump.update(audio_codec=codec, sample_rate=int(rate.group(1)) if rate else 0,
-                            channels=_channel_count(layout.group(1)) if layout else 0)
+                language = re.search(r"\((\w+)\)", ids)
+                dump["audio"].append(_AudioStream(
+                    int(index), codec, int(rate.group(1)) if rate else 0,
+                    _channel_count(layout.group(1)) if layout else 0, _language(language.group(1) if language else ""),
+                    "(default)" in rest))
             continue
         if section == "video":
             match = _DISPLAY_MATRIX.search(line)
@@ -341,6 +445,24 @@ def _parse_dump(lines: Sequence[str]) -> dict:
             if match and section == "video":
                 dump["rotation"] = _clockwise(float(match.group(1)))
     return dump
+
+
+def _language(tag: str) -> str:
+    """A language tag as reported: "" for none and for "und" (undetermined, what MP4 writes without one)."""
+    tag = tag.strip()
+    return "" if tag.lower() == "und" else tag
+
+
+def _aspect(text: str | None) -> tuple[int, int]:
+    """A sample aspect ratio "w:h" reduced; unknown ("0:1", "N/A", missing) is square, 1:1."""
+    try:
+        width, height = (int(part) for part in (text or "").split(":"))
+    except ValueError:
+        return 1, 1
+    if width <= 0 or height <= 0:
+        return 1, 1
+    ratio = Fraction(width, height)
+    return ratio.numerator, ratio.denominator
 
 
 def _dump_rate(text: str, unit: str) -> float:
@@ -400,13 +522,28 @@ def _make_probe(path, dump: dict, frame_count: int) -> Probe:
         fps = _normalized_fps(frame_count / duration)
     if centiseconds is None and frame_count and fps:
         duration = round(frame_count / fps, 2)
-    width, height = dump["coded_width"], dump["coded_height"]
-    if dump["rotation"] in (90, 270):
+    (sar_w, sar_h), rotation = dump["sar"], dump["rotation"]
+    width = (2 * dump["coded_width"] * sar_w + sar_h) // (2 * sar_h)  # rounded to the nearest pixel
+    height = dump["coded_height"]
+    if rotation in (90, 270):
         width, height = height, width
+    offset = 0.0
+    if dump["video_codec"] and dump["first_frame"] is not None:
+        offset = round(dump["first_frame"] - dump["start_time"], 6) + 0.0  # + 0.0: no -0.0
+    audio = {}
+    if dump["audio"]:
+        position, why = choose_audio(dump["audio"])
+        chosen = dump["audio"][position]
+        named = ", ".join(part for part in (chosen.codec, chosen.language) if part)
+        description = f"stream {chosen.index} ({named})" + (f", {why}" if len(dump["audio"]) > 1 else "")
+        audio = dict(has_audio=True, sample_rate=chosen.sample_rate, channels=chosen.channels,
+                     audio_codec=chosen.codec, audio_stream=chosen.index, audio_streams=len(dump["audio"]),
+                     audio_language=chosen.language, audio_description=description)
+    else:
+        audio = dict(has_audio=False, sample_rate=0, channels=0, audio_codec="")
     return Probe(path=str(path), duration=duration, fps=fps, frame_count=frame_count, width=width, height=height,
-                 rotation=dump["rotation"], has_audio=bool(dump["audio_codec"]), sample_rate=dump["sample_rate"],
-                 channels=dump["channels"], video_codec=dump["video_codec"], audio_codec=dump["audio_codec"],
-                 start_time=dump["start_time"])
+                 rotation=rotation, video_codec=dump["video_codec"], start_time=dump["start_time"],
+                 video_offset=offset, sample_aspect_ratio=f"{sar_w}:{sar_h}", **audio)
 
 
 # ---------------------------------------------------------------------------------------------- decoding frames
@@ -544,6 +681,12 @@ def _check_size(size) -> tuple[int, int] | None:
     return width, height
 
 
+def _display_size(info: Probe) -> tuple[int, int] | None:
+    """The size frames are scaled to when no size is asked for: the display size of anamorphic video (its pixels
+    made square, as a player shows it); None (as decoded) when the pixels are square already."""
+    return (info.width, info.height) if info.sample_aspect_ratio != "1:1" and info.width and info.height else None
+
+
 def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None, *,
                 info: Probe | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """Every frame of the first video stream in display order: (time in seconds, RGB uint8 [H, W, 3]).
@@ -554,6 +697,7 @@ def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None, *,
     """
     size = _check_size(size)
     info = decoding_probe(path, info)
+    size = size or _display_size(info)
     last = None
     with _FramePipe(_frame_graph(path, size), path) as pipe:
         for _, _, _, seconds, width, height in pipe:
@@ -561,29 +705,29 @@ def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None, *,
             if seconds is None:  # a frame without a timestamp: one average interval after the previous one
                 time = 0.0 if last is None else last + 1.0 / (info.fps or 25.0)
             else:
-                time = seconds - info.start_time
+                time = seconds - info.origin
             last = time
             yield time, frame
         pipe.finish()
 
 
 def decode_frames_at(path: str | os.PathLike, times: Sequence[float],
-                     size: tuple[int, int] | None = None) -> np.ndarray:
+                     size: tuple[int, int] | None = None, *, info: Probe | None = None) -> np.ndarray:
     """The frames shown at ``times`` (any order, repeats allowed): uint8 [N, H, W, 3] RGB, row i for times[i].
 
     One sequential decoding pass (not one seek per time); see ``iter_frames_at``. Holds all N frames: for long
-    videos iterate ``iter_frames_at`` instead.
+    videos iterate ``iter_frames_at`` instead. ``info``: the caller's probe of ``path`` (see ``decoding_probe``).
     """
     size = _check_size(size)
     order = sorted(range(len(times)), key=lambda i: float(times[i]))
     frames = None
-    for row, (_, frame) in zip(order, iter_frames_at(path, times, size), strict=True):
+    for row, (_, frame) in zip(order, iter_frames_at(path, times, size, info=info), strict=True):
         if frames is None:
             frames = np.empty((len(times), *frame.shape), np.uint8)
         frames[row] = frame
     if frames is None:
         if size is None:
-            info = _inspect(path)
+            info = info or _inspect(path)
             size = (info.width, info.height)
         frames = np.empty((0, size[1], size[0], 3), np.uint8)
     return frames
@@ -609,7 +753,8 @@ def iter_frames_at(path: str | os.PathLike, times: Sequence[float], size: tuple[
         return
     if not all(math.isfinite(t) for t in targets):
         raise ValueError("times must be finite numbers")
-    yield from _FrameSelector(path, decoding_probe(path, info), size, targets).frames()
+    info = decoding_probe(path, info)
+    yield from _FrameSelector(path, info, size or _display_size(info), targets).frames()
 
 
 @dataclasses.dataclass
@@ -619,7 +764,7 @@ class _PassOutcome:
     time: float = 0.0
 
 
-def _select_expression(targets: Sequence[float], start_time: float, window: float, forced: int | None,
+def _select_expression(targets: Sequence[float], origin: float, window: float, forced: int | None,
                        max_windows: int) -> tuple[str, int]:
     """ffmpeg select terms and how many of ``targets`` they cover: the pass's first frame, a forced timestamp,
     and windows [t - window, t] (merged when they overlap, at most ``max_windows``) on the stored time axis."""
@@ -627,7 +772,7 @@ def _select_expression(targets: Sequence[float], start_time: float, window: floa
     windows: list[list[float]] = []
     covered = 0
     for t in targets:
-        low, high = t + start_time - window - margin, t + start_time + margin
+        low, high = t + origin - window - margin, t + origin + margin
         if windows and low <= windows[-1][1]:
             windows[-1][1] = high
         elif len(windows) == max_windows:
@@ -678,7 +823,7 @@ class _FrameSelector:
 
     def _pass(self, seek: float, forced: int | None):
         """One ffmpeg run from ``seek``: yields (t, frame) as targets resolve; returns a _PassOutcome."""
-        expression, count = _select_expression(self.targets[self.next:], self.info.start_time, self.window,
+        expression, count = _select_expression(self.targets[self.next:], self.info.origin, self.window,
                                                forced, _SELECT_TERMS_PER_PASS)
         end = self.next + count  # targets [self.next, end) belong to this pass
         pending = self.next  # first target whose frame is not known yet
@@ -687,7 +832,8 @@ class _FrameSelector:
         selected: dict[int, np.ndarray] = {}  # pts -> frame that came through the selection, in time order
         last_selected: float | None = None
         first = True
-        with _FramePipe(_frame_graph(self.path, self.size, expression, seek), self.path) as pipe:
+        file_seek = seek + self.info.video_offset if seek > 0 else 0.0  # -ss counts from the file's start
+        with _FramePipe(_frame_graph(self.path, self.size, expression, max(0.0, file_seek)), self.path) as pipe:
             for _, name, pts, seconds, width, height in pipe:
                 if pts is None:
                     raise MediaError(self.path, "video frames without timestamps; cannot pick frames by time")
@@ -695,7 +841,7 @@ class _FrameSelector:
                     selected[pts] = pipe.read_frame(width, height)
                     last_selected = pts
                 else:  # showinfo@all: a decoded frame, selected or not
-                    time = seconds - self.info.start_time
+                    time = seconds - self.info.origin
                     if first and seek > 0 and time > seek + TIME_TOLERANCE:
                         return _PassOutcome("seek-missed")
                     first = False
@@ -737,25 +883,30 @@ class _FrameSelector:
 
 
 # ---------------------------------------------------------------------------------------------------------- audio
-def decode_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """The first audio stream as mono float32 [S] in [-1, 1] at ``sample_rate`` (one ffmpeg call).
+def decode_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, *, info: Probe | None = None) -> np.ndarray:
+    """The audio stream ``Probe.audio_stream`` (the default one, see ``choose_audio``) as mono float32 [S] in
+    [-1, 1] at ``sample_rate``.
 
     Stereo becomes the mean of its two channels (what VGGish does with AVSBench's WAVs); other layouts use
-    ffmpeg's normalized downmix. Samples pass through 16-bit PCM, like AVSBench's WAV files. Sample 0 is at the
-    file's time 0: an audio stream that starts late is padded with silence, one with negative timestamps trimmed.
+    ffmpeg's normalized downmix. Samples pass through 16-bit PCM, like AVSBench's WAV files. Sample 0 is at time 0,
+    the video's first frame (``Probe.origin``; the file's start without video), so sample n plays with the frame
+    at n / ``sample_rate`` s: audio that starts later is padded with silence, audio before the picture is cut.
     A file without audio raises MediaError "no audio stream" (check ``probe(path).has_audio`` first to substitute
-    silence instead).
+    silence instead). ``info``: the caller's probe of ``path`` (``decoding_probe`` says when it is used as it is).
     """
     _check_input(path)
+    info = decoding_probe(path, info, require_video=False)
+    if not info.has_audio:
+        raise MediaError(path, "no audio stream")
     source = ffmpeg.input(_url(path))
-    audio = source["a:0"].filter("aresample", first_pts=0)
+    # stored timestamps (-copyts) moved so that the origin is 0; aresample pads or drops up to it
+    shift = f"PTS-({info.origin:.9f})/TB"
+    audio = source[str(info.audio_stream)].filter("asetpts", shift).filter("aresample", first_pts=0)
     output = ffmpeg.output(audio, "pipe:", f="s16le", acodec="pcm_s16le", ac=1, ar=int(sample_rate))
-    result = subprocess.run(_command(output, "-loglevel", "warning"), stdin=subprocess.DEVNULL, capture_output=True)
+    args = _command(output, "-copyts", "-loglevel", "warning")
+    result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True)
     lines = result.stderr.decode("utf-8", "replace").splitlines()
     if result.returncode != 0 or any("partial file" in line for line in lines):
-        if any("matches no streams" in line for line in lines):
-            _probe_with_ffmpeg(path, count_frames=False)  # a file ffmpeg cannot read at all gets that reason
-            raise MediaError(path, "no audio stream")
         raise MediaError(path, _reason(lines, result.returncode))
     return np.frombuffer(result.stdout, np.int16).astype(np.float32) / 32768.0
 
@@ -801,34 +952,39 @@ def _encoder_output(streams: list, target: Path, **options):
     return ffmpeg.output(*streams, _url(target), f=muxer, **{**video_options, **audio_options, **flags, **options})
 
 
-def _padded_audio(source: str | os.PathLike):
-    """The first audio stream of ``source``, padded with silence forever; with -shortest the output then ends
-    with the video whether the audio is shorter (silence) or longer (cut)."""
-    return ffmpeg.input(_url(source))["a:0"].filter("apad")
+def _padded_audio(source: str | os.PathLike, stream: int | None = None):
+    """The audio stream ``stream`` (file index; None: the first) of ``source``, padded with silence forever; with
+    -shortest the output then ends with the video whether the audio is shorter (silence) or longer (cut)."""
+    return ffmpeg.input(_url(source))["a:0" if stream is None else str(stream)].filter("apad")
 
 
 def encode_video(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float,
                  audio_from: str | os.PathLike | None = None, *, preset: str = X264_PRESET,
-                 crf: int = X264_CRF, audio_info: Probe | None = None) -> Path:
+                 crf: int = X264_CRF, audio_info: Probe | None = None, all_audio: bool = False) -> Path:
     """Encode RGB uint8 frames [H, W, 3] (all the same size) to H.264 yuv420p MP4 with +faststart, atomically.
     ``preset``/``crf``: x264's speed/quality trade-off (1080p at "veryfast" runs below real time on 2 cores;
     "ultrafast" is several times faster, with larger files).
 
-    ``audio_from``: a file whose first audio stream is muxed in (AAC); the output lasts as long as the video:
-    shorter audio ends in silence, longer audio is cut, a file without audio gives a silent video. Odd widths or
-    heights get one extra column/row repeating the edge (yuv420p needs even sizes). Frames are streamed to
-    ffmpeg, never held. If ``frames`` raises, no output is left behind and the exception propagates.
+    ``audio_from``: a file whose audio stream (``Probe.audio_stream``) is muxed in (AAC); the output lasts as long
+    as the video: shorter audio ends in silence, longer audio is cut, a file without audio gives a silent video.
+    Odd widths or heights get one extra column/row repeating the edge (yuv420p needs even sizes). Frames are
+    streamed to ffmpeg, never held. If ``frames`` raises, no output is left behind and the exception propagates.
     ``audio_info``: the caller's probe of ``audio_from`` (then it is not probed again).
+    ``all_audio``: instead, the frames replace ``audio_from``'s picture (``replace_video``): every audio stream of
+    ``audio_from`` is kept as it is, and the frames start where its video starts (what an overlay needs).
     """
     out = Path(out)
     rate = _rate(fps)
     has_audio = False
     if audio_from is not None:
-        has_audio = (audio_info or probe(audio_from, require_video=False)).has_audio
+        audio_info = audio_info or probe(audio_from, require_video=False)
+        has_audio = audio_info.has_audio
     if has_audio:  # muxed afterwards: with frames arriving slowly, ffmpeg reads the audio ahead past -shortest
         silent = files.temp_name_for(out)  # a .partial name: a run killed meanwhile leaves a recognisable temp
         try:
             encode_video(frames, silent, fps, preset=preset, crf=crf)
+            if all_audio:
+                return replace_video(silent, audio_from, out, source_info=audio_info)
             return mux_audio(silent, audio_from, out, audio_info=audio_info)
         finally:
             silent.unlink(missing_ok=True)
@@ -895,18 +1051,63 @@ class _StderrCollector:
 
 def mux_audio(video: str | os.PathLike, audio_source: str | os.PathLike, out: str | os.PathLike, *,
               audio_info: Probe | None = None) -> Path:
-    """``video``'s first video stream (copied, not re-encoded) with ``audio_source``'s first audio stream (AAC),
-    atomically. The output lasts as long as the video (see ``encode_video``); no audio in the source gives the
-    video alone. ``audio_info``: the caller's probe of ``audio_source`` (then it is not probed again)."""
+    """``video``'s first video stream (copied, not re-encoded) with ``audio_source``'s audio stream
+    (``Probe.audio_stream``, the default one) in AAC, atomically. The output lasts as long as the video (see
+    ``encode_video``); no audio in the source gives the video alone. ``audio_info``: the caller's probe of
+    ``audio_source`` (then it is not probed again)."""
     out = Path(out)
     probe(video)  # reads every packet: a truncated input is named here, not blamed on ``out``
-    has_audio = (audio_info or probe(audio_source, require_video=False)).has_audio
+    source_info = audio_info or probe(audio_source, require_video=False)
     with _atomic_output(out, [video, audio_source]) as temp:
         streams = [ffmpeg.input(_url(video))["V:0"]]
-        if has_audio:
-            streams.append(_padded_audio(audio_source))
+        if source_info.has_audio:
+            streams.append(_padded_audio(audio_source, source_info.audio_stream))
         _run(_command(_encoder_output(streams, temp, vcodec="copy"), "-y", "-loglevel", "error"), out)
     return out
+
+
+def replace_video(video: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike, *,
+                  source_info: Probe | None = None) -> Path:
+    """``source`` with its picture replaced by ``video``'s first video stream (copied, not re-encoded), atomically.
+
+    Every audio stream of ``source`` is kept as it is: copied with its codec, language and default mark, in its
+    order, on ``source``'s clock; a stream whose codec the output container cannot hold is encoded to AAC, the
+    others stay copies. ``video`` starts where ``source``'s video starts (``Probe.video_offset``), so picture and
+    sound stay as in ``source``. The output lasts as long as its longest stream. ``source_info``: the caller's
+    probe of ``source`` (used as ``decoding_probe`` says)."""
+    out = Path(out)
+    probe(video)  # reads every packet: a truncated input is named here, not blamed on ``out``
+    info = decoding_probe(source, source_info, require_video=False)  # the remuxing binary's view of the offset
+    offset = {"itsoffset": f"{info.video_offset:.6f}"} if info.video_offset else {}
+    with _atomic_output(out, [video, source]) as temp:
+        def remux(audio_options: dict) -> subprocess.CompletedProcess:
+            streams = [ffmpeg.input(_url(video), **offset)["V:0"]]
+            if info.has_audio:
+                streams.append(ffmpeg.input(_url(source))["a"])
+            muxer = _muxer(temp)
+            flags = {"movflags": "+faststart"} if muxer in ("mp4", "mov") else {}
+            output = ffmpeg.output(*streams, _url(temp), f=muxer, c="copy", **flags, **audio_options)
+            return subprocess.run(_command(output, "-y", "-loglevel", "error"), stdin=subprocess.DEVNULL,
+                                  capture_output=True)
+
+        if remux({}).returncode != 0:  # a codec the container refuses: find which, and encode only those
+            refused = [k for k in range(info.audio_streams) if not _container_holds(source, k, temp)]
+            options = {}
+            for k in refused:
+                options.update({f"c:a:{k}": "aac", f"b:a:{k}": AAC_BITRATE})
+            result = remux(options)
+            if result.returncode != 0:
+                raise MediaError(out, _reason(result.stderr.decode("utf-8", "replace").splitlines(),
+                                              result.returncode))
+    return out
+
+
+def _container_holds(source: str | os.PathLike, audio: int, target: Path) -> bool:
+    """Whether ``target``'s container takes audio stream ``audio`` (a:N) of ``source`` as a copy: an empty
+    output of it written to ``target`` (a temp path, overwritten later)."""
+    output = ffmpeg.output(ffmpeg.input(_url(source))[f"a:{audio}"], _url(target), f=_muxer(target), c="copy", t=0)
+    return subprocess.run(_command(output, "-y", "-loglevel", "error"), stdin=subprocess.DEVNULL,
+                          capture_output=True).returncode == 0
 
 
 def synthesize_clip(out: str | os.PathLike, duration: float, size: tuple[int, int] = (1920, 1080), fps: float = 25,

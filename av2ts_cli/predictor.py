@@ -37,6 +37,7 @@ class Predictor:
     device: torch.device
     precision: str  # "fp32", "bf16" or "fp16" (model.inference: bf16 on a CPU is the whole forward in bf16)
     trained_on: dict | str | None = None  # config.json's "trained_on" (Siam models: which maskiges, see predict)
+    weights_sha256: str | None = None  # the weights file's content hash (None: a preset's random weights)
 
     @property
     def binary(self) -> bool:
@@ -69,7 +70,7 @@ class Predictor:
         return {"name": self.name, "preset": self.cfg.preset, "subset": self.cfg.subset,
                 "num_classes": self.cfg.num_classes, "classes": self.class_names, "input_size": self.cfg.input_size,
                 "num_frames": self.cfg.num_frames, "siam": self.cfg.siam, "device": str(self.device),
-                "precision": self.precision}
+                "precision": self.precision, "weights_sha256": self.weights_sha256}
 
 
 def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], name: str,
@@ -97,5 +98,7 @@ def load_predictor(name: str | None, device: str | torch.device = "auto", half: 
     else:
         source, label = name, name
     model, cfg, doc = resolve_model(source, subset=subset)
-    return make_predictor(model, cfg, doc.get("classes") or [], label, device, half, doc.get("trained_on"),
-                          precision)
+    predictor = make_predictor(model, cfg, doc.get("classes") or [], label, device, half, doc.get("trained_on"),
+                               precision)
+    predictor.weights_sha256 = doc.get("weights_sha256")
+    return predictor

@@ -152,8 +152,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except RuntimeError as err:
-        raise UsageError(f"unknown device {device!r}: {err}") from None
+    except RuntimeError:  # torch's text lists every device type it knows: not this tool's choices
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: not a device av2ts runs on; choose auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} asked for, but CUDA is not available")
     return resolved

@@ -3,7 +3,12 @@ muxed back in (``av2ts overlay`` and ``av2ts predict --overlay``).
 
 Colours: semantic (AVSS) masks use the AVSBench palette (``avss_palette``: the PASCAL-VOC bit-interleave rule),
 binary masks one highlight colour. Frames are streamed from ``media.iter_frames`` into ``media.encode_video``
-(H.264 + AAC, written atomically); nothing is held but the current frame and the current mask.
+(H.264, written atomically); nothing is held but the current frame and the current mask.
+
+The overlay is the input with its picture painted: frames and masks at the display size (rotation applied,
+non-square pixels made square), on the video's clock (time 0 is its first frame, as in predict's sampling), and
+every audio stream of the input kept as it is (``media.replace_video``: copied, dispositions and languages kept),
+the picture starting where the input's does.
 """
 
 from __future__ import annotations
@@ -230,11 +235,12 @@ def _edges(values: np.ndarray, thickness: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- overlay
 def overlay_frames(video: str | os.PathLike, track: MaskTrack, painter: MaskPainter, info: media.Probe,
                    fps: float) -> Iterator[np.ndarray]:
-    """The overlay's frames at a constant ``fps`` for the whole file duration: tick i shows the video frame on
-    screen at i / fps (the last one held while longer audio plays on) with the mask of the nearest sampled time.
-    ``info``: the probe of ``video``; passed on to the decoder (``media.decoding_probe``)."""
+    """The overlay's frames at a constant ``fps`` from the video's first frame to the end of the file: tick i
+    shows the video frame on screen at i / fps (video time, ``media.Probe.origin``; the last one held while longer
+    audio plays on) with the mask of the nearest sampled time, at the display size. ``info``: the probe of
+    ``video``; passed on to the decoder (``media.decoding_probe``)."""
     size = (info.width, info.height)
-    count = max(1, round(info.duration * fps))
+    count = _tick_count(info, fps)
     frames = media.iter_frames(video, info=info)
     try:
         shown = next(frames, None)
@@ -251,26 +257,54 @@ def overlay_frames(video: str | os.PathLike, track: MaskTrack, painter: MaskPain
         frames.close()
 
 
+OVERLAY_SUFFIXES = (".mp4", ".mov", ".mkv")  # containers that take H.264 and AAC as media.encode_video writes them
+_NAME_MAX = 255  # bytes of one file name on Linux file systems
+_TEMP_EXTRA = 18  # what files.temp_name_for adds around a name while it is written (".<stem>.<8 hex>.partial")
+
+
+def check_overlay_path(out: Path) -> None:
+    """A UsageError naming ``out`` when no overlay can be written there: another container than
+    ``OVERLAY_SUFFIXES``, or a name too long for the file system once the temp's suffix is added. Called before
+    any work (predict checks every video's overlay before the model loads)."""
+    if out.suffix.lower() not in OVERLAY_SUFFIXES:
+        raise UsageError(f"{out}: the overlay must be an .mp4, .mov or .mkv file")
+    if len(out.name.encode("utf-8", "surrogateescape")) + _TEMP_EXTRA > _NAME_MAX:
+        raise UsageError(f"{out.name[:40]}...: the overlay's name is too long for the file system "
+                         f"({len(out.name.encode('utf-8', 'surrogateescape'))} bytes, at most "
+                         f"{_NAME_MAX - _TEMP_EXTRA}); give a shorter --overlay")
+
+
 def render_overlay(video: str | os.PathLike, masks: str | os.PathLike | MaskTrack, out: str | os.PathLike,
                    alpha: float = 0.5, contour: bool = False, palette: str = "auto",
                    info: media.Probe | None = None) -> dict:
-    """Write ``out``: ``video`` with its masks painted on (see ``overlay_frames``) and the original audio (AAC).
+    """Write ``out``: ``video`` with its masks painted on (see ``overlay_frames``) and every audio stream of it,
+    copied (``media.replace_video``).
 
     ``masks``: a masks folder (times from ``frames.jsonl`` beside it or from the file names) or a MaskTrack.
     ``info``: ``media.probe(video, ffprobe=False)`` when the caller has it already (predict does): the frames, the
     audio check and the mux then use it, and the video is inspected once. Without it the video is probed here, by
     the ffmpeg binary (its start time is the decoder's, so the decoder can take the same probe).
-    Returns {"output", "frames", "fps", "duration", "audio"}."""
+    Returns {"output", "frames", "fps", "duration" (the output's, from the file's start), "audio"}."""
     video, out = Path(video), Path(out)
     painter = MaskPainter(alpha, contour, palette)
     track = masks if isinstance(masks, MaskTrack) else read_mask_track(masks)
     info = info if info is not None else media.probe(video, ffprobe=False)
-    if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
-        raise UsageError(f"{out}: the overlay must be an .mp4, .mov or .mkv file")
+    check_overlay_path(out)
     fps = info.fps if info.fps > 0 and math.isfinite(info.fps) else 25.0
-    check_coverage(track, info.duration, track.paths[0].parent if track.paths else masks)
+    check_coverage(track, _video_span(info), track.paths[0].parent if track.paths else masks)
     painter.prepare(track.paths[0], (info.width, info.height))  # a picture that is no mask: refused before encoding
     frames = overlay_frames(video, track, painter, info, fps)
-    media.encode_video(frames, out, fps, audio_from=video if info.has_audio else None, audio_info=info)
-    count = max(1, round(info.duration * fps))
-    return {"output": str(out), "frames": count, "fps": fps, "duration": count / fps, "audio": info.has_audio}
+    media.encode_video(frames, out, fps, audio_from=video if info.has_audio else None, audio_info=info,
+                       all_audio=True)
+    count = _tick_count(info, fps)
+    return {"output": str(out), "frames": count, "fps": fps, "duration": info.video_offset + count / fps,
+            "audio": info.has_audio}
+
+
+def _video_span(info: media.Probe) -> float:
+    """Seconds from the video's first frame to the end of the file (the overlay's picture lasts that long)."""
+    return max(0.0, info.duration - info.video_offset)
+
+
+def _tick_count(info: media.Probe, fps: float) -> int:
+    return max(1, round(_video_span(info) * fps))

@@ -9,6 +9,12 @@ audio window by -j/F s, so the frames are 1/F s apart. The last window of a pass
 last second repeated, ``avsbench.pad_by_repeating_last``); padded frames give no output. Second k is sampled when at
 least half of it exists, and a video shorter than that still gives one.
 
+Time 0 is the video stream's first frame (``media.Probe.origin``), for frames and audio alike: frame k is the one
+shown k + 15/16 s into the video's own content, and the audio is cut from ``media.decode_audio``'s samples, whose
+sample 0 plays with that first frame. A video stream that starts after the file does (an edit list, a camera that
+starts its sound first) is thus sampled from its own first frame, and its audio is taken from the same moments as
+its frames, as AVSBench paired second k of video with second k of audio; sound before the picture is not heard.
+
 The schedule is the one source of the processing order: ``Schedule.windows`` (group, then pass),
 ``Schedule.group_windows`` and ``group_frames`` (what one decoding step covers), ``Schedule.window_inputs`` and
 ``window_audio`` (a window's T inputs, padded), ``Schedule.real_outputs`` (a window's outputs without the padded
@@ -146,12 +152,14 @@ def video_schedule(info: media.Probe, fps: int, window: int) -> Schedule:
 
 
 def video_duration(info: media.Probe) -> float:
-    """Seconds of the video stream: frames / average rate when both are known (the file's duration is the longest
-    stream's, which may be the audio), never more than the file's duration."""
+    """Seconds of the video stream from its first frame: frames / average rate when both are known (the file's
+    duration is the longest stream's, which may be the audio), never more than the file holds after the video's
+    start (``Probe.video_offset``)."""
+    after_start = max(0.0, info.duration - info.video_offset)
     if info.frame_count and info.fps:
         seconds = info.frame_count / info.fps
-        return min(seconds, info.duration) if info.duration > 0 else seconds
-    return info.duration
+        return min(seconds, after_start) if after_start > 0 else seconds
+    return after_start
 
 
 def window_examples(wave: np.ndarray, start: float, count: int, window: int):

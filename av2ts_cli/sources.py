@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from av2ts_cli.errors import DataError, UsageError, describe_os_error
+from av2ts_cli.runs import owned_files
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
                             ".mts", ".m2ts", ".3gp", ".ogv", ".gif"})
@@ -26,7 +27,7 @@ def collect_videos(sources: Sequence[str | os.PathLike], recursive: bool = False
         if path.is_dir():
             entries = sorted(_walk(path) if recursive else path.iterdir())
             videos = [p for p in entries if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith(".")
-                      and not (recursive and p.is_dir())]
+                      and not (recursive and p.is_dir()) and not _written_by_av2ts(p)]
             if not videos:
                 hint = "" if recursive else " (--recursive searches subfolders)"
                 raise UsageError(f"{path}: no videos in this folder{hint}")
@@ -43,11 +44,18 @@ def collect_videos(sources: Sequence[str | os.PathLike], recursive: bool = False
             raise UsageError(f"{source}: no such file or folder")
     unique, seen = [], set()
     for path in found:
-        key = os.path.abspath(path)
+        key = os.path.realpath(path)  # a symlink to a file already in the batch is the same input
         if key not in seen:
             seen.add(key)
             unique.append(path)
     return unique
+
+
+def _written_by_av2ts(path: Path) -> bool:
+    """Whether ``path`` is an output of av2ts (its folder's record lists it: an overlay), which a folder source
+    does not take as an input (``predict DIR -r`` into DIR/runs would otherwise segment its own overlays)."""
+    owned = owned_files(path.parent)
+    return owned is not None and path.name in owned
 
 
 def _walk(folder: Path) -> list[Path]:

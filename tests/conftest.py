@@ -5,6 +5,8 @@ Media fixtures (media engineer):
 - ``read_frame_index(frame, rotation=0)`` -> int: the index painted on a frame of a ``pattern="index"`` clip.
 - ``vfr_frame_times(count, fps)`` -> list[float]: the timestamps of a ``vfr=True`` clip.
 - ``bad_videos`` -> dict[str, Path]: files named like videos that no decoder can read.
+- ``make_odd_clip(kind)`` -> Path: several audio streams, a picture that starts late, anamorphic pixels.
+- ``dominant_frequency(wave)`` -> float: the tone a decoded audio holds (a module function; import it).
 """
 
 from __future__ import annotations
@@ -423,3 +425,67 @@ def session_folders(tmp_path_factory):
         mp.setenv("TMPDIR", str(temp))
         mp.setattr(tempfile, "tempdir", str(temp))
         yield cache
+
+
+# ------------------------------------------------------------------------------- media engineer: how a file is read
+def dominant_frequency(wave: np.ndarray, sample_rate: int = 16000) -> float:
+    """The frequency (Hz) of the strongest FFT bin of ``wave`` (Hann window): which tone a decoded audio holds."""
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return float(np.fft.rfftfreq(len(wave), 1 / sample_rate)[np.argmax(spectrum)])
+
+
+@pytest.fixture(scope="session")
+def make_odd_clip(tmp_path_factory, make_clip):
+    """Factory for clips that test which audio and which picture av2ts reads, each made once per session::
+
+        make_odd_clip(kind) -> Path
+
+    Every picture is an index clip (``read_frame_index`` reads frame k back), 25 fps, stored 64x48.
+
+    - ``"two audio"``: 2 s; audio stream 1 a 440 Hz sine (amplitude 1/8, no language, not default), audio stream
+      2 a 1000 Hz sine (amplitude 1/4, language "fre", marked default). MP4.
+    - ``"late video"``: the video (6 s, 150 frames) starts 1 s after the file does (an MP4 edit list, made with
+      ``-itsoffset``); the audio (16 kHz AAC, 7 s from the file's start) is an 880 Hz sine during the second before
+      the picture, then a 440 Hz sine (amplitude 1/4 both). File time 1 s is the video's time 0.
+    - ``"anamorphic"``: 2 s, sample aspect ratio 2:1 (``setsar=2``): displayed 128x48; 440 Hz audio.
+    - ``"anamorphic portrait"``: the same picture with a 90-degree display rotation: displayed 48x128.
+    - ``"refused audio"``: MKV, 2 s; audio stream 1 AAC (440 Hz, default), audio stream 2 WMA v2 (1000 Hz), a
+      codec MP4 cannot hold.
+    """
+    root = tmp_path_factory.mktemp("odd-clips")
+    cache: dict[str, Path] = {}
+    tone = "sine=frequency={}:sample_rate=16000:duration={}"
+
+    def make(kind: str) -> Path:
+        if kind in cache:
+            return cache[kind]
+        out = root / f"{kind.replace(' ', '-')}.mp4"
+        if kind == "two audio":
+            video = make_clip("odd-two-audio-picture", duration=2.0, audio=False)
+            _run_ffmpeg(["-i", str(video), "-f", "lavfi", "-i", tone.format(440, 2), "-f", "lavfi", "-i",
+                         tone.format(1000, 2), "-map", "0:v", "-map", "1:a", "-map", "2:a", "-c:v", "copy",
+                         "-c:a", "aac", "-af:a:1", "volume=2", "-metadata:s:a:1", "language=fre",
+                         "-disposition:a:0", "0", "-disposition:a:1", "default", str(out)])
+        elif kind == "late video":
+            video = make_clip("odd-late-picture", duration=6.0, audio=False)
+            sound = "aevalsrc=exprs='0.25*sin(2*PI*if(lt(t,1),880,440)*t)':s=16000:d=7"
+            _run_ffmpeg(["-itsoffset", "1", "-i", str(video), "-f", "lavfi", "-i", sound, "-map", "0:v", "-map",
+                         "1:a", "-c:v", "copy", "-c:a", "aac", str(out)])
+        elif kind == "anamorphic":
+            video = make_clip("odd-anamorphic-source", duration=2.0)
+            _run_ffmpeg(["-i", str(video), "-vf", "setsar=2", "-c:v", "libx264", "-preset", "veryfast", "-crf",
+                         "12", "-pix_fmt", "yuv420p", "-c:a", "copy", str(out)])
+        elif kind == "anamorphic portrait":
+            _run_ffmpeg(["-display_rotation:v:0", "-90", "-i", str(make("anamorphic")), "-c", "copy", str(out)])
+        elif kind == "refused audio":
+            out = out.with_suffix(".mkv")
+            video = make_clip("odd-refused-picture", duration=2.0, audio=False)
+            _run_ffmpeg(["-i", str(video), "-f", "lavfi", "-i", tone.format(440, 2), "-f", "lavfi", "-i",
+                         tone.format(1000, 2), "-map", "0:v", "-map", "1:a", "-map", "2:a", "-c:v", "copy",
+                         "-c:a:0", "aac", "-c:a:1", "wmav2", str(out)])
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        cache[kind] = out
+        return out
+
+    return make

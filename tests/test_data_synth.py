@@ -160,3 +160,40 @@ def test_cli_clip_writes_a_video_and_its_known_masks(tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
     bad = runner.invoke(cli.app, ["data", "clip", str(tmp_path / "x.mp4"), "--kind", "avss"])
     assert bad.exit_code == 2 and "--kind" in bad.output
+
+
+@pytest.mark.slow
+def test_a_terminated_synth_says_so_and_leaves_nothing_and_a_killed_ones_temp_is_swept(tmp_path):
+    """SIGTERM: one line, exit 143, the temp dataset removed (every command handles the signals alike, cli.py);
+    SIGKILL: the temp stays, and the next synth into the root sweeps it under the root's lock."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "av2ts_cli", "data", "synth", "--subset", "s4", "--out", str(tmp_path / "d"),
+               "--videos", "40", "--size", "64"]
+
+    def started() -> subprocess.Popen:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not any(".partial" in p.name for p in (tmp_path / "d" / "AVSBench_object").glob(".*")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        return process
+
+    process = started()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert [line for line in err.splitlines() if line.strip()][-1] == \
+        "error: SIGTERM: stopped; what it was writing was removed"
+    assert sorted(p.name for p in (tmp_path / "d" / "AVSBench_object").iterdir()) == []
+    process = started()
+    process.kill()
+    process.communicate(timeout=60)
+    left = [p.name for p in (tmp_path / "d" / "AVSBench_object").iterdir()]
+    assert any(".partial" in name for name in left)
+    synthesize(tmp_path / "d", SynthOptions("s4", counts={"train": 1, "val": 1, "test": 1}, size=32,
+                                            maskiges=False))
+    assert sorted(p.name for p in (tmp_path / "d" / "AVSBench_object").iterdir()) == ["Single-source"]

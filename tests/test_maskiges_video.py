@@ -16,8 +16,8 @@ from _tiny_sam import save_tiny_sam
 from PIL import Image
 
 from av2ts_cli import media
-from av2ts_cli.maskiges.video import RECORD_FILE
 from av2ts_cli.predict.stream import maskige_reader
+from av2ts_cli.runs import MASKIGES_RECORD
 from av2ts_cli.sampling import video_schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_video_maskiges_are_what_predict_reads(tmp_path, make_clip):
     read = maskige_reader(folder, 64)
     for frame in schedule.frames:
         assert read(frame).shape == (64, 64, 3)
-    record = json.loads((folder / RECORD_FILE).read_text())
+    record = json.loads((folder / MASKIGES_RECORD).read_text())
     assert record["complete"] and record["fps"] == 2 and record["times"] == [f.time for f in schedule.frames]
     assert record["model_type"] == "sam" and record["generator"] == str(model)
     assert json.loads(first.stdout)["videos"][0]["written"] == 6

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import INDEX_BITS, read_frame_index, vfr_frame_times
+from conftest import INDEX_BITS, dominant_frequency, read_frame_index, vfr_frame_times
 
 from av2ts_cli import media
 from av2ts_cli.errors import MediaError
@@ -600,3 +600,128 @@ def test_older_ffmpeg_gets_vsync_and_no_showinfo_checksum_switch(tmp_path):
                     '  *) echo "Filter showinfo"; echo "  Show textual information for each video frame.";;\nesac\n')
     fake.chmod(0o755)
     assert media._ffmpeg_dialect(str(fake)) == ({}, {"vsync": "passthrough"})
+
+
+# ------------------------------------------------------------------------- which audio, which picture, which clock
+def test_the_default_audio_stream_is_probed_and_decoded(make_odd_clip):
+    """Two audio streams, the second marked default: that one is described and decoded, not the first."""
+    clip = make_odd_clip("two audio")
+    info = media.probe(clip)
+    assert (info.audio_stream, info.audio_streams, info.audio_language) == (2, 2, "fre")
+    assert info.audio_description == "stream 2 (aac, fre), the default of 2 audio streams"
+    assert info.to_dict()["audio_stream"] == 2  # recorded in predict's summary with the rest of the probe
+    for wave in (media.decode_audio(clip), media.decode_audio(clip, info=media.probe(clip, ffprobe=False))):
+        middle = wave[1600:-1600]
+        assert dominant_frequency(middle) == pytest.approx(1000, abs=5)  # stream 2's tone, not stream 1's 440 Hz
+        assert np.sqrt(np.mean(middle ** 2)) == pytest.approx(0.25 / np.sqrt(2), rel=0.03)
+    one = make_odd_clip("anamorphic")  # one audio stream
+    single = media.probe(one)
+    assert (single.audio_stream, single.audio_streams, single.audio_description) == (1, 1, "stream 1 (aac)")
+    assert dominant_frequency(media.decode_audio(one)[1600:-1600]) == pytest.approx(440, abs=5)
+
+
+def test_which_audio_stream_is_chosen():
+    stream = dataclasses.make_dataclass("Stream", ["default"])
+    assert media.choose_audio([stream(False), stream(True)]) == (1, "the default of 2 audio streams")
+    assert media.choose_audio([stream(False), stream(False), stream(False)]) == (
+        0, "the first of 3 audio streams (none marked default)")
+    assert media.choose_audio([stream(False), stream(True), stream(True)]) == (
+        1, "the first of 2 audio streams marked default (3 in all)")
+    assert media.choose_audio([stream(True)]) == (0, "the default of 1 audio streams")
+
+
+def test_a_video_that_starts_late_is_read_on_its_own_clock(make_odd_clip, passes, monkeypatch):
+    """The picture starts 1 s after the file: time 0 is its first frame, for frames (sequential passes and seeking
+    ones) and audio alike; the sound before the picture is cut."""
+    clip = make_odd_clip("late video")
+    info = media.probe(clip)
+    assert (info.start_time, info.video_offset, info.origin, info.duration, info.frame_count) == (0.0, 1.0, 1.0,
+                                                                                                 7.0, 150)
+    times = [0.0, 0.5, 0.9375, 2.9375, 5.9375, 6.5]
+    frames = media.decode_frames_at(clip, times, size=(40, 20))
+    assert [read_frame_index(f) for f in frames] == [0, 12, 23, 73, 148, 149]
+    monkeypatch.setattr(media, "_SELECT_TERMS_PER_PASS", 1)  # one time per pass: the later passes seek
+    seeking = media.decode_frames_at(clip, times, size=(40, 20))
+    assert [read_frame_index(f) for f in seeking] == [0, 12, 23, 73, 148, 149]
+    assert any(seek > 0 for _, seek in passes)
+    streamed = list(media.iter_frames(clip, size=(40, 20)))
+    assert streamed[0][0] == pytest.approx(0.0, abs=1e-6) and read_frame_index(streamed[0][1]) == 0
+    assert streamed[-1][0] == pytest.approx(149 / FPS, abs=1e-6) and len(streamed) == 150
+    wave = media.decode_audio(clip)
+    assert len(wave) / 16000 == pytest.approx(6.0, abs=0.05)  # 7 s of audio less the second before the picture
+    assert dominant_frequency(wave[:8000]) == pytest.approx(440, abs=5)  # the tone that plays with the picture
+    assert np.sqrt(np.mean(wave[800:8000] ** 2)) > 0.15  # no silence, no 880 Hz lead-in: the picture's sound
+
+
+def test_anamorphic_video_is_read_at_its_display_size(make_odd_clip):
+    """Pixels twice as wide as tall (SAR 2:1): probe, frames and the empty batch are at the display size."""
+    clip = make_odd_clip("anamorphic")
+    info = media.probe(clip)
+    assert (info.width, info.height, info.sample_aspect_ratio) == (128, 48, "2:1")
+    frames = media.decode_frames_at(clip, [0.0, 0.5])
+    assert frames.shape == (2, 48, 128, 3) and [read_frame_index(f) for f in frames] == [0, 12]
+    streamed = next(media.iter_frames(clip))[1]
+    assert streamed.shape == (48, 128, 3)
+    assert media.decode_frames_at(clip, []).shape == (0, 48, 128, 3)
+    assert media.decode_frames_at(clip, [0.5], size=(224, 224)).shape == (1, 224, 224, 3)  # an asked size wins
+    portrait = make_odd_clip("anamorphic portrait")  # rotation and SAR together: widened, then turned
+    info = media.probe(portrait)
+    assert (info.width, info.height, info.rotation) == (48, 128, 90)
+    frame = media.decode_frames_at(portrait, [0.5])[0]
+    assert frame.shape == (128, 48, 3) and read_frame_index(frame, rotation=90) == 12
+
+
+def test_the_dump_parser_reads_dispositions_languages_and_aspect_ratios():
+    lines = ["Input #0, mov,mp4,m4a,3gp,3g2,mj2, from 'x.mp4':",
+             "  Duration: 00:00:04.00, start: 0.000000, bitrate: 49 kb/s",
+             "  Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661), yuv420p(progressive), 64x48 "
+             "[SAR 1:1 DAR 4:3], 10 kb/s, 25 fps, 25 tbr, 12800 tbn, SAR 3:2 DAR 2:1 (default)",
+             "  Stream #0:1(eng): Audio: aac (LC) (mp4a / 0x6134706D), 48000 Hz, stereo, fltp, 34 kb/s",
+             "  Stream #0:2[0x3](und): Audio: ac3, 44100 Hz, 5.1(side), fltp, 384 kb/s (default)"]
+    dump = media._parse_dump(lines)
+    assert dump["sar"] == (3, 2)  # the container's aspect ratio, shown after the codec's, wins (as in ffmpeg)
+    assert [(a.index, a.codec, a.sample_rate, a.channels, a.language, a.default) for a in dump["audio"]] == [
+        (1, "aac", 48000, 2, "eng", False), (2, "ac3", 44100, 6, "", True)]
+    info = media._make_probe("x.mp4", dump, 100)
+    assert (info.width, info.height, info.audio_stream, info.audio_codec, info.channels) == (96, 48, 2, "ac3", 6)
+    assert [media._aspect(text) for text in ("0:1", "N/A", None, "16:12", "1:1")] == [(1, 1)] * 3 + [(4, 3), (1, 1)]
+
+
+@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="no ffprobe on PATH (the parser is tested everywhere)")
+def test_ffprobe_and_ffmpeg_dump_agree_on_streams_offsets_and_aspect_ratios(make_odd_clip):
+    for kind in ("two audio", "late video", "anamorphic", "anamorphic portrait"):
+        clip = make_odd_clip(kind)
+        assert media._probe_with_ffprobe(clip, True) == media._probe_with_ffmpeg(clip, True), kind
+    # MKV with AAC priming: versions disagree on where the file starts (ffprobe 8: -0.064 s, ffmpeg 9: 0), but
+    # not on where its picture starts, time 0
+    by_ffprobe, by_ffmpeg = (read(make_odd_clip("refused audio"), True)
+                             for read in (media._probe_with_ffprobe, media._probe_with_ffmpeg))
+    assert by_ffprobe.origin == pytest.approx(by_ffmpeg.origin, abs=1e-6)
+    assert dataclasses.replace(by_ffprobe, start_time=0.0, video_offset=0.0) == dataclasses.replace(
+        by_ffmpeg, start_time=0.0, video_offset=0.0)
+
+
+def audio_codecs(path) -> list[str]:
+    """The codec of every audio stream of ``path``, in order (from ffmpeg's dump)."""
+    result = subprocess.run([media.find_ffmpeg(), "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    return [stream.codec for stream in media._parse_dump(result.stderr.splitlines())["audio"]]
+
+
+def test_replace_video_keeps_every_audio_stream_as_it_is(make_odd_clip, tmp_path):
+    """The picture replaced, every audio stream copied (same packets, so the same samples; same default mark and
+    language); a codec the container refuses (WMA in MP4) is encoded to AAC, the others stay copies."""
+    clip = make_odd_clip("two audio")
+    picture = media.encode_video(index_frames(50), tmp_path / "picture.mp4", FPS)
+    out = media.replace_video(picture, clip, tmp_path / "replaced.mp4")
+    info, source = media.probe(out), media.probe(clip)
+    assert (info.audio_streams, info.audio_stream, info.audio_language, info.frame_count) == (2, 2, "fre", 50)
+    assert np.array_equal(media.decode_audio(out), media.decode_audio(clip))  # copied, not re-encoded
+    assert audio_codecs(out) == ["aac", "aac"] and info.duration == source.duration
+    refused = make_odd_clip("refused audio")
+    assert audio_codecs(refused) == ["aac", "wmav2"]
+    out = media.replace_video(picture, refused, tmp_path / "refused.mp4")
+    assert audio_codecs(out) == ["aac", "aac"] and media.probe(out).audio_streams == 2
+    copied, original = media.decode_audio(out), media.decode_audio(refused)
+    n = min(len(copied), len(original))  # (MKV keeps the encoder's last padded frame, MP4 trims it)
+    assert n >= 31000 and np.array_equal(copied[:n], original[:n])  # the AAC one stayed a copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["picture.mp4", "refused.mp4", "replaced.mp4"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from av2ts_cli import sampling
+from av2ts_cli import runs, sampling
 from av2ts_cli.errors import UsageError
 from av2ts_cli.predict import outputs as predict_outputs
 from av2ts_cli.predict.masks import FrameMask, rle_decode
@@ -19,7 +19,7 @@ def test_output_folder_names_never_mix_two_inputs(tmp_path):
     (run_dir / "clip").mkdir(parents=True)
     (run_dir / "clip" / "summary.json").write_text(json.dumps({"input": "/elsewhere/clip.mp4"}))
     videos = [tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mov", tmp_path / "other.mp4"]
-    assert predict_outputs.folder_names(videos, run_dir) == ["clip-2", "clip-3", "other"]
+    assert runs.folder_names(videos, run_dir) == ["clip-2", "clip-3", "other"]
 
 
 def test_overlay_paths():
@@ -39,7 +39,7 @@ def test_mask_outputs_write_each_frame_and_commit_only_a_whole_video(tmp_path):
     mask = FrameMask(classes, classes.astype(np.float32) * 0.9)
     folder = tmp_path / "video"
     with predict_outputs.MaskOutputs(folder, schedule, ["background", "sounding"], True, (4, 3),
-                                     predict_outputs.FORMATS) as outputs:
+                                     runs.FORMATS) as outputs:
         for frame in schedule.frames:
             outputs.add(frame, mask)
         assert not (folder / "frames.jsonl").exists()  # only temps while writing

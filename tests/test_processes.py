@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from av2ts_cli.errors import UsageError
-from av2ts_cli.processes import Processes, device_for, environment
+from av2ts_cli.model import inference
+from av2ts_cli.processes import Processes, device_for, environment, resolve_device, resolve_precision
 
 
 def test_one_process_without_torchrun(monkeypatch):
@@ -65,3 +66,29 @@ def test_shards_cover_every_item_once():
     assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
     assert sorted(sum(shards, [])) == items
     assert Processes().shard(items) == items and Processes().broadcast("x") == "x"
+
+
+# ------------------------------------------------------------------------------------ device and precision
+def test_device_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError) as caught:
+        resolve_device("tpu")
+    assert caught.value.message == "--device tpu: not a device av2ts runs on; choose auto, cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_precision_choice_is_a_usage_error_or_a_warning(monkeypatch, capsys, native):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision(None, cpu) == ("bf16" if native else "fp32")
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(UsageError, match="contradicts --precision fp32"):
+        resolve_precision("fp32", cpu, half=True)
+    capsys.readouterr()
+    assert resolve_precision(None, cpu, half=True) == ("bf16" if native else "fp32")
+    assert ("no native bf16" in capsys.readouterr().err) is not native  # the changed choice is said once

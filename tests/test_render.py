@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dominant_frequency, read_frame_index
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -274,3 +276,63 @@ def test_masks_covering_far_less_than_the_video_are_warned_about(make_clip, tmp_
     assert (f"warning: {masks_dir}: the masks cover 0.9 s of the 6.0 s video; the last one stays on for the other "
             "5.1 s") in warning
     assert (tmp_path / "o.mp4").is_file()
+
+
+# ------------------------------------------------------------------------- which audio, which picture, which clock
+def _is_highlight(region: np.ndarray) -> bool:
+    return np.abs(region.reshape(-1, 3).astype(int).mean(0) - render.HIGHLIGHT).max() < 20
+
+
+def test_overlay_keeps_every_audio_stream_as_it_is(make_odd_clip, tmp_path):
+    """Two audio streams, the second the default: the overlay holds both, copied (the same samples), the default
+    mark and the language kept."""
+    clip = make_odd_clip("two audio")
+    masks_dir = _write_masks(tmp_path / "pred", [np.zeros((48, 64), np.uint8)], [0.9375])
+    report = render.render_overlay(clip, masks_dir, tmp_path / "overlay.mp4", alpha=0.5)
+    assert report["audio"] and report["frames"] == 50
+    info = media.probe(tmp_path / "overlay.mp4")
+    assert (info.audio_streams, info.audio_stream, info.audio_language, info.frame_count) == (2, 2, "fre", 50)
+    assert np.array_equal(media.decode_audio(tmp_path / "overlay.mp4"), media.decode_audio(clip))
+    first = dataclasses.replace(media.probe(tmp_path / "overlay.mp4", ffprobe=False), audio_stream=1)
+    wave = media.decode_audio(tmp_path / "overlay.mp4", info=first)  # the other stream is there too
+    assert dominant_frequency(wave[1600:-1600]) == pytest.approx(440, abs=5)
+
+
+def test_overlay_of_a_video_that_starts_late_keeps_picture_masks_and_sound_in_step(make_odd_clip, tmp_path):
+    """The picture starts 1 s into the file: the overlay's picture starts there too, each tick shows the frame
+    and the mask of its time on the picture's clock, and the sound is the input's, copied."""
+    clip = make_odd_clip("late video")
+    band = np.zeros((48, 64), np.uint8)
+    band[:12] = 255  # the top quarter: the middle row, where the frame index is read, stays unpainted
+    masks_dir = _write_masks(tmp_path / "pred", [band, np.zeros_like(band), band], [0.9375, 2.9375, 4.9375])
+    report = render.render_overlay(clip, masks_dir, tmp_path / "overlay.mp4", alpha=1.0)
+    assert (report["frames"], report["duration"]) == (150, 7.0)
+    info = media.probe(tmp_path / "overlay.mp4")
+    assert info.video_offset == pytest.approx(1.0, abs=1e-3) and info.frame_count == 150
+    assert info.duration == pytest.approx(7.0, abs=0.05)
+    times = [0.0, 0.5, 2.5, 4.5, 5.96]
+    frames = media.decode_frames_at(tmp_path / "overlay.mp4", times)
+    assert [read_frame_index(f) for f in frames] == [0, 12, 62, 112, 149]
+    assert [_is_highlight(f[2:10]) for f in frames] == [True, True, False, True, True]
+    assert np.array_equal(media.decode_audio(tmp_path / "overlay.mp4"), media.decode_audio(clip))
+
+
+@pytest.mark.parametrize("kind", ["anamorphic", "anamorphic portrait"])
+def test_overlay_of_anamorphic_video_is_at_its_display_size(kind, make_odd_clip, tmp_path):
+    """Pixels twice as wide as tall: masks are at the display size (stored 64x48, displayed 128x48), the overlay
+    is that size with square pixels, and a mask's left third paints the displayed picture's left third."""
+    clip = make_odd_clip(kind)
+    source = media.probe(clip)
+    width, height = (128, 48) if kind == "anamorphic" else (48, 128)
+    assert (source.width, source.height) == (width, height)
+    left = np.zeros((height, width), np.uint8)
+    left[:, :width // 3] = 255
+    masks_dir = _write_masks(tmp_path / "pred", [left], [0.9375])
+    render.render_overlay(clip, masks_dir, tmp_path / "overlay.mp4", alpha=1.0)
+    info = media.probe(tmp_path / "overlay.mp4")
+    assert (info.width, info.height, info.sample_aspect_ratio, info.frame_count) == (width, height, "1:1", 50)
+    frame = media.decode_frames_at(tmp_path / "overlay.mp4", [0.5])[0]
+    assert _is_highlight(frame[4:-4, 4:width // 3 - 4]) and not _is_highlight(frame[4:-4, width // 3 + 4:-4])
+    stored = _write_masks(tmp_path / "stored", [np.zeros((48, 64), np.uint8)], [0.9375])  # the stored size
+    with pytest.raises(DataError, match=f"the video is {width}x{height} \\(display size\\)"):
+        render.render_overlay(clip, stored, tmp_path / "wrong.mp4")

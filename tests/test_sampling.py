@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import dominant_frequency, read_frame_index
 
-from av2ts_cli import sampling
+from av2ts_cli import media, sampling
 from av2ts_cli.avsbench import EXAMPLE_SECONDS, EXAMPLE_SPAN, FRAME_OFFSET
 from av2ts_cli.model.audio import waveform_to_examples
 
@@ -81,3 +82,21 @@ def test_windows_are_assembled_and_unpadded_by_the_schedule():
         for slot, frame in enumerate(window.frames):
             start = window.audio_start + slot * EXAMPLE_SECONDS
             assert schedule.audio_interval(frame) == pytest.approx((start, start + EXAMPLE_SPAN))
+
+
+def test_a_video_that_starts_late_is_sampled_on_its_own_clock_with_the_sound_of_the_same_moments(make_odd_clip):
+    """The picture starts 1 s after the file (an 880 Hz lead-in plays before it, 440 Hz with it): frame k is the
+    one k + 15/16 s into the picture, and each frame's example reads the sound that plays with the picture."""
+    clip = make_odd_clip("late video")
+    info = media.probe(clip, ffprobe=False)
+    assert sampling.video_duration(info) == 6.0  # the picture's 150 frames, not the file's 7 s
+    schedule = sampling.video_schedule(info, fps=1, window=5)
+    assert schedule.seconds == 6 and [f.time for f in schedule.frames] == [k + FRAME_OFFSET for k in range(6)]
+    frames = media.decode_frames_at(clip, [f.time for f in schedule.frames], size=(40, 20), info=info)
+    assert [read_frame_index(f) for f in frames] == [23, 48, 73, 98, 123, 148]
+    wave = media.decode_audio(clip, info=info)
+    for frame in schedule.frames:
+        start, end = schedule.audio_interval(frame)
+        segment = wave[max(0, round(start * 16000)):round(end * 16000)]
+        assert len(segment) >= 0.9 * 16000 and dominant_frequency(segment) == pytest.approx(440, abs=5), frame
+    assert np.sqrt(np.mean(wave[800:16000] ** 2)) > 0.15  # second 0 of the picture has its sound, not silence

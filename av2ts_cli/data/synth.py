@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from av2ts_cli import files
+from av2ts_cli import files, locks
 from av2ts_cli.avsbench import SAMPLE_RATE
 from av2ts_cli.classes import AVSS_CLASSES, avss_palette, label2idx
 from av2ts_cli.data.audio import log_mel_examples, write_log_mel_pickle
@@ -89,17 +89,20 @@ def synthesize(out: str | os.PathLike, options: SynthOptions, force: bool = Fals
     "frames", "masks", "seed", "categories"}. ``on_video(split, index)`` is called after each video (progress)."""
     out = Path(out)
     target = subset_folder_in(out, options.subset)
-    if target.exists() and not force:
-        raise DataError(target, "already exists (use --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_folder(target) as temp:
-        writer = {"s4": _S4Writer, "ms3": _MS3Writer, "avss": _AVSSWriter}[options.subset](temp, options)
-        for split in SPLITS:
-            for index in range(options.counts[split]):
-                writer.add(split, index)
-                if on_video is not None:
-                    on_video(split, index)
-        writer.finish()
+    # one synth at a time into a dataset root; under its lock, what a killed synth left beside the subset goes
+    with locks.held(target.parent, label=target.parent):
+        locks.sweep_temps(target.parent, recursive=False, stem=target.name)
+        if target.exists() and not force:
+            raise DataError(target, "already exists (use --force to replace it)")
+        with files.atomic_folder(target) as temp:
+            writer = {"s4": _S4Writer, "ms3": _MS3Writer, "avss": _AVSSWriter}[options.subset](temp, options)
+            for split in SPLITS:
+                for index in range(options.counts[split]):
+                    writer.add(split, index)
+                    if on_video is not None:
+                        on_video(split, index)
+            writer.finish()
     return {"subset": options.subset, "root": str(target), "splits": dict(options.counts), "frames": writer.frames,
             "masks": writer.masks, "seed": options.seed, "categories": [c.name for c in
                                                                        CATEGORIES[: options.categories]]}

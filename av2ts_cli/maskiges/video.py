@@ -24,11 +24,9 @@ from av2ts_cli.batch import VideoBatch
 from av2ts_cli.console import make_progress
 from av2ts_cli.maskiges.dataset import RENDERER
 from av2ts_cli.maskiges.render import write_maskige
-from av2ts_cli.runs import folder_names
+from av2ts_cli.runs import MASKIGES_RECORD, claim_folder, folder_names, owned_files, record_owned, remove_owned
 from av2ts_cli.sampling import video_schedule
 from av2ts_cli.sources import collect_videos
-
-RECORD_FILE = "maskiges.json"
 
 
 def _video_identity(video: Path) -> dict:
@@ -62,12 +60,12 @@ def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bo
     record = {"made_by": f"av2ts {__version__} maskiges", **_video_identity(video), "fps": fps,
               **generator.describe(), "renderer": RENDERER, "frames": len(schedule.frames),
               "times": [frame.time for frame in schedule.frames], "complete": False}
-    record_path = folder / RECORD_FILE
+    record_path = folder / MASKIGES_RECORD
     reuse = not force and _same_run(_read_record(record_path), record)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not reuse:
-        for old in folder.glob("[0-9]" * 6 + ".png"):
-            old.unlink(missing_ok=True)
+    claim_folder(folder, force)  # a folder av2ts did not make: refused unless --force
+    if not reuse:  # the pictures an earlier run wrote here (its record), never anything else
+        remove_owned(folder, [name for name in owned_files(folder) or [] if name != MASKIGES_RECORD])
+    record_owned(folder, [MASKIGES_RECORD, *(f"{frame.index:06d}.png" for frame in schedule.frames)])
     files.write_json(record_path, record)
     needed = [f for f in schedule.frames if not (reuse and (folder / f"{f.index:06d}.png").is_file())]
     written = 0

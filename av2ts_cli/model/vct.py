@@ -54,6 +54,7 @@ MEMORY_LEVELS = 4  # the decoder reads the audio tokens, then the pixel decoder'
 AUDIO_LEVEL = 0  # ... the audio tokens are level 0 and are never masked (they are no image grid)
 PROTOTYPE_HEADS = 4  # heads of the queries' cross-attention to the prototypes (the reference's fixed 4)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # PAC similarity temperature, learnable (CLIP's initial value)
+RELEASE_VGGISH_WIDTHS = (64, 128, 256, 256, 512, 512)  # the reference's VGGish (vggish-10086976.pth)
 
 
 class AssignAttention(nn.Module):
@@ -220,6 +221,18 @@ class VCT(AV2TS):
         if prototypes is not None:
             out["pac"] = self.alignment(tokens, prototypes)
         return out
+
+    def reference_only_parameters(self) -> dict[str, int]:
+        """{what: parameters} that the reference builds and loads but never runs and this network leaves out:
+        VGGish's three linear layers (the release's 128-d embedding after hidden layers of ``cfg.vggish_hidden``;
+        67,641,472 for vct-swinb). ``av2ts info --model`` adds them to state the reference's count. Empty for a
+        config whose VGGish is not the release's (vct-tiny: no reference network has its widths)."""
+        if tuple(self.cfg.vggish_widths) != RELEASE_VGGISH_WIDTHS:
+            return {}
+        with torch.device("meta"):
+            linear = VGGish(self.cfg.vggish_widths, self.cfg.vggish_hidden).embeddings
+        count = sum(p.numel() for p in linear.parameters())
+        return {"VGGish's linear layers, loaded by the reference but never run": count}
 
     def segment(self, frames: torch.Tensor, audio: torch.Tensor, maskiges: torch.Tensor | None = None
                 ) -> torch.Tensor:

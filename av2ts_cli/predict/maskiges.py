@@ -19,7 +19,8 @@ from pathlib import Path
 
 from av2ts_cli.errors import UsageError
 from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings, resolve_generator
-from av2ts_cli.maskiges.video import RECORD_FILE, video_maskiges
+from av2ts_cli.maskiges.video import video_maskiges
+from av2ts_cli.runs import MASKIGES_RECORD
 
 AUTO = "auto"
 MASKIGES_DIR = "maskiges"  # OUT/<video>/maskiges/fps<F>/: the cache of --maskiges auto
@@ -96,19 +97,31 @@ def make_auto(video: Path, video_folder: Path, generator: LazyGenerator, fps: in
                     "reused": result["skipped"]}
 
 
-def folder_of(option: Path, video_name: str) -> tuple[Path, dict]:
+def folder_of(option: Path, video_name: str, video: Path, times: list[float]) -> tuple[Path, dict]:
     """``--maskiges DIR``: DIR/<video> if it exists, else DIR; the record says what made them when
-    ``av2ts maskiges`` wrote its ``maskiges.json`` there (else the generator is unknown)."""
+    ``av2ts maskiges`` wrote its ``maskiges.json`` there (else the generator is unknown). Maskiges made for another
+    video, or for other sampling times (another ``--fps``), are a UsageError naming both: they would pair the
+    frames with the wrong pictures."""
     if not option.is_dir():
         raise UsageError(f"--maskiges {option}: no such folder (or pass --maskiges auto)")
     own = option / video_name
     folder = own if own.is_dir() else option
     record = {"mode": "folder", "folder": str(folder)}
     try:
-        made = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
-        record.update({k: made.get(k) for k in ("generator", "repo", "revision", "model_type", "settings")})
+        made = json.loads((folder / MASKIGES_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         record["generator"] = None
+        return folder, record
+    record.update({k: made.get(k) for k in ("generator", "repo", "revision", "model_type", "settings")})
+    if made.get("input") and Path(made["input"]) != video.resolve():
+        raise UsageError(f"--maskiges {folder}: made for {made['input']}, not for {video} "
+                         f"({MASKIGES_RECORD} there says so); give the folder of this video's maskiges")
+    made_times = [round(float(t), 4) for t in made.get("times") or []]
+    wanted = [round(t, 4) for t in times]
+    if made_times and made_times[:len(wanted)] != wanted:
+        raise UsageError(f"--maskiges {folder}: made for {len(made_times)} frames at --fps {made.get('fps')}, but "
+                         f"{video} is sampled at {len(wanted)} other times (this run's --fps); make them with the "
+                         "same --fps")
     return folder, record
 
 
@@ -127,17 +140,20 @@ def _label(record: dict) -> str:
     return f"{name}{revision}" + (f" ({points} points per side)" if points else "")
 
 
-def maskige_warning(trained_on, used: dict) -> str | None:
+def maskige_warning(trained_on, used: dict, family: str = "combo") -> str | None:
     """A warning when the maskiges of this run (``used``: the summary's record) may not be the kind the model
     trained on (``trained_on``: config.json's, with ``maskiges`` from ``train``); None when they match or when
-    this run's generator is unknown. A Siam encoder learns the look of its training maskiges: masks from another
+    this run's generator is unknown. ``family``: the model's (only COMBO's checkpoints are known to have trained on
+    Semantic-SAM maskiges). A Siam encoder learns the look of its training maskiges: masks from another
     generator (SAM instead of COMBO's Semantic-SAM, other settings) cut regions differently."""
     if not used.get("generator"):
         return None
     trained = trained_on.get("maskiges") if isinstance(trained_on, dict) else None
     if not trained or trained.get("source") in (None, "unknown"):
-        return (f"maskiges by {_label(used)}; the model's training maskiges are not recorded (COMBO's checkpoints "
-                "trained on Semantic-SAM maskiges), so they may differ from these")
+        by_combo = isinstance(trained_on, dict) and "COMBO" in str(trained_on.get("by", ""))
+        known = " (COMBO's checkpoints trained on Semantic-SAM maskiges)" if by_combo or family == "combo" else ""
+        return (f"maskiges by {_label(used)}; the model's training maskiges are not recorded{known}, so they may "
+                "differ from these")
     if trained.get("source") == "masks-from":
         return (f"maskiges by {_label(used)}; the model trained on maskiges made from the masks in "
                 f"{trained.get('masks_from')}, generator unknown")

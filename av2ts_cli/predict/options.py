@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from av2ts_cli.errors import UsageError
 from av2ts_cli.predict.maskiges import AUTO, auto_settings, parse_maskiges
+from av2ts_cli.predict.outputs import is_video_name
+from av2ts_cli.render import check_overlay_path
 from av2ts_cli.runs import FORMATS
 
 DEFAULT_RUNS = Path("runs/predict")
@@ -58,11 +61,27 @@ class PredictOptions:
             raise UsageError(f"--format {','.join(self.formats)}: choose from {', '.join(FORMATS)}")
         if self.overlay is not None and "png" not in self.formats:
             raise UsageError("--overlay paints the PNG masks: add png to --format")
+        if self.overlay and is_video_name(self.overlay):
+            check_overlay_path(Path(self.overlay))  # the container and the name's length, before any work
+        for option, target in (("--out", self.out), ("--overlay", self.overlay or None)):
+            _check_writable(option, Path(target) if target else None)
 
     @property
     def makes_maskiges(self) -> bool:
         """Whether a Siam model's maskiges are made by a generator (``--maskiges auto``), not read from a folder."""
         return self.maskige_source == AUTO
+
+
+def _check_writable(option: str, target: Path | None) -> None:
+    """A UsageError naming ``target`` when its nearest existing folder cannot be written: checked before the
+    model loads, not after a video was segmented."""
+    if target is None:
+        return
+    existing = target if target.is_dir() else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {target}: {existing} cannot be written (permission denied)")
 
 
 def parse_formats(text: str) -> tuple[str, ...]:

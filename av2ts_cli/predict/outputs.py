@@ -17,7 +17,7 @@ from pathlib import Path
 
 from av2ts_cli import __version__
 from av2ts_cli.errors import UsageError
-from av2ts_cli.files import PARTIAL_MARK, atomic_open
+from av2ts_cli.files import atomic_open
 from av2ts_cli.predict.masks import CocoWriter, FrameMask, class_records, write_mask_png
 from av2ts_cli.render import MaskTrack
 from av2ts_cli.runs import (
@@ -27,7 +27,9 @@ from av2ts_cli.runs import (
     MASKS_DIR,
     SUMMARY_FILE,
     input_identity,
+    owned_files,
     read_summary,
+    remove_owned,
 )
 from av2ts_cli.sampling import SampledFrame, Schedule
 from av2ts_cli.sources import VIDEO_SUFFIXES
@@ -126,22 +128,27 @@ def is_complete(folder: Path, video: Path, settings: dict) -> bool:
         settings["overlay"] is None or Path(settings["overlay"]).is_file())
 
 
+def output_names(schedule: Schedule, formats: Sequence[str], overlay: Path | None, folder: Path) -> list[str]:
+    """Every file (relative to ``folder``) a video's run writes there: recorded before it writes them (see
+    ``runs.record_owned``), so that a later run may remove exactly these and nothing else."""
+    names = [SUMMARY_FILE]
+    if "png" in formats:
+        names += [mask_name(frame) for frame in schedule.frames]
+    names += [name for fmt, name in (("json", FRAMES_FILE), ("rle", COCO_FILE)) if fmt in formats]
+    if overlay is not None and overlay.parent == folder:
+        names.append(overlay.name)
+    return names
+
+
 def clear_outputs(folder: Path) -> None:
-    """Remove what an earlier run left (summary first: the folder stops counting as done at once)."""
-    for name in (SUMMARY_FILE, FRAMES_FILE, COCO_FILE, DEFAULT_OVERLAY):
-        (folder / name).unlink(missing_ok=True)
-    masks = folder / MASKS_DIR
-    if masks.is_dir():
-        for path in masks.iterdir():
-            if path.suffix == ".png":
-                path.unlink(missing_ok=True)
-    for path in folder.glob(f".*{PARTIAL_MARK}*"):
-        path.unlink(missing_ok=True)
+    """Remove what an earlier run wrote here (its record: the summary first, so the folder stops counting as done
+    at once); files av2ts did not write stay, and so do the cached maskiges (their own folder and record)."""
+    remove_owned(folder)
 
 
 def discard_unfinished(folder: Path) -> None:
-    """After a failed or interrupted video: its unfinished outputs and temps go (``clear_outputs``), and the masks
-    folder when empty; what is worth keeping (cached maskiges) stays."""
+    """After a failed or interrupted video: its unfinished outputs go (``clear_outputs``), and the masks folder
+    when empty; what is worth keeping (cached maskiges) stays."""
     clear_outputs(folder)
     with contextlib.suppress(OSError):  # not empty or not there: kept or nothing to do
         (folder / MASKS_DIR).rmdir()
@@ -162,13 +169,17 @@ def overlay_path(option: str | None, folder: Path, name: str, batch: bool) -> Pa
     return path / f"{name}.mp4"
 
 
-def check_overlay_target(overlay: Path | None, folder: Path, option: str | None, force: bool) -> None:
-    """An existing file at an explicit ``--overlay PATH`` is replaced only if an earlier run wrote it there, or
-    with ``--force``: ``predict a.mp4 --overlay b.mp4`` must not destroy b.mp4 if it was meant as a second input."""
+def check_overlay_target(overlay: Path | None, folder: Path, option: str | None, force: bool,
+                         video: Path | None = None) -> None:
+    """An existing file at ``--overlay PATH`` (or in ``--overlay DIR``) is replaced only if av2ts wrote it (its
+    folder's record, or this video's earlier summary), or with ``--force``: ``predict a.mp4 --overlay b.mp4`` must
+    not destroy b.mp4 if it was meant as a second input."""
+    if overlay is not None and video is not None and overlay.exists() and overlay.resolve() == video.resolve():
+        raise UsageError(f"--overlay {overlay}: is the input video itself; overlays never replace their inputs")
     if overlay is None or force or not overlay.exists() or option == "":
         return
     previous = read_summary(folder) or {}
-    if previous.get("overlay") != str(overlay):
+    if previous.get("overlay") != str(overlay) and overlay.name not in (owned_files(overlay.parent) or []):
         raise UsageError(f"--overlay {overlay}: the file exists and no earlier run wrote it; pass --force to "
                          "replace it (to predict it as well, give --overlay after the sources or as --overlay=PATH)")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from av2ts_cli import locks
+from av2ts_cli import locks, media
 from av2ts_cli.batch import VideoBatch
 from av2ts_cli.console import console, info, make_progress
 from av2ts_cli.errors import UsageError
@@ -29,7 +29,15 @@ from av2ts_cli.predict.outputs import check_overlay_target, discard_unfinished, 
 from av2ts_cli.predict.video import VideoResult, predict_video, settings_of
 from av2ts_cli.predictor import Predictor, load_predictor
 from av2ts_cli.processes import Processes
-from av2ts_cli.runs import FAILURES_FILE, SUMMARY_FILE, folder_names, numbered_run_folder
+from av2ts_cli.runs import (
+    FAILURES_FILE,
+    SUMMARY_FILE,
+    claim_folder,
+    folder_names,
+    foreign_entries,
+    numbered_run_folder,
+    owned_files,
+)
 
 
 # ---------------------------------------------------------------------------------------------------- batch
@@ -68,6 +76,7 @@ def run(videos: Sequence[Path], options: PredictOptions, predictor: Predictor | 
     that are done, whichever process did them."""
     videos = [Path(video) for video in videos]
     options.check()
+    media.check_ffmpeg()  # a broken AV2TS_FFMPEG: one error, not a failure of every video
     batch = len(videos) > 1
     if options.overlay and batch and is_video_name(options.overlay):
         raise UsageError(f"--overlay {options.overlay}: several videos need a folder for their overlays")
@@ -88,11 +97,6 @@ def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | Non
     shard: list[tuple[Path, str]] = []
     with stop_on_signals():
         try:
-            if predictor is None:
-                predictor = load_predictor(options.model, processes.device, options.half, options.precision)
-            generator = None  # one maskige generator for every video; a model without the Siam encoder never makes one
-            if predictor.cfg.siam and options.makes_maskiges:
-                generator = LazyGenerator(options.generator, options.generator_settings, predictor.device)
             if processes.main:
                 if options.out is not None:
                     run_dir = Path(options.out)
@@ -101,6 +105,13 @@ def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | Non
                 else:
                     run_dir, created = numbered_run_folder(DEFAULT_RUNS), True
             run_dir, names = processes.broadcast((run_dir, folder_names(videos, run_dir) if processes.main else None))
+            if not batch and processes.main:  # one video: what would refuse it is said before the model loads
+                _check_targets(videos[0], run_dir / names[0], options)
+            if predictor is None:
+                predictor = load_predictor(options.model, processes.device, options.half, options.precision)
+            generator = None  # one maskige generator for every video; a model without the Siam encoder never makes one
+            if predictor.cfg.siam and options.makes_maskiges:
+                generator = LazyGenerator(options.generator, options.generator_settings, predictor.device)
             report = RunReport(str(run_dir), predictor.describe(), batch=batch, processes=processes.world_size,
                                rank=processes.rank)
             shard = processes.shard(list(zip(videos, names, strict=True)))
@@ -119,7 +130,8 @@ def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | Non
             raise Interrupted(signum_of(stop), f"{left}; {done} of {total} videos done or skipped, {rest} not "
                               "started; the same command finishes them") from None
         finally:
-            if report is not None and report.collects and not merged:  # interrupted: what was done so far
+            # interrupted: what was done so far (a batch that did nothing writes nothing, so its folder can go)
+            if report is not None and report.collects and not merged and (report.videos or report.failures):
                 _merge_failures(run_dir, report)
             if created and run_dir is not None:  # nothing written (a single failed video): no empty expN
                 with contextlib.suppress(OSError):
@@ -162,10 +174,20 @@ def _run_videos(shard: list[tuple[Path, str]], run_dir: Path, predictor: Predict
                 progress.advance(videos_task)
 
 
+def _check_targets(video: Path, folder: Path, options: PredictOptions) -> None:
+    """The refusals that need no model, for a single video before its model loads (a batch meets them per video):
+    a folder av2ts did not make, an overlay that exists and is not av2ts's, an overlay that is the input."""
+    if folder.exists() and not options.force and owned_files(folder) is None and foreign_entries(folder):
+        claim_folder(folder)  # raises the UsageError naming the folder
+    check_overlay_target(overlay_path(options.overlay, folder, folder.name, False), folder, options.overlay,
+                         options.force, video)
+
+
 def _video_in_folder(video: Path, folder: Path, predictor: Predictor, options: PredictOptions, batch: bool,
                      progress, task, generator: LazyGenerator | None) -> VideoResult:
     """One video in its (locked) folder: a finished video is skipped; a failed or interrupted one leaves no
     unfinished outputs."""
+    claim_folder(folder, options.force)  # a folder av2ts did not make: refused unless --force
     finished = False
     try:
         overlay = overlay_path(options.overlay, folder, folder.name, batch)
@@ -176,7 +198,7 @@ def _video_in_folder(video: Path, folder: Path, predictor: Predictor, options: P
             info(f"{video.name}: already done in {folder}, skipped (--force redoes it)")
             finished = True
             return VideoResult(str(video), str(folder), video.name, skipped=True, overlay=settings["overlay"])
-        check_overlay_target(overlay, folder, options.overlay, options.force)
+        check_overlay_target(overlay, folder, options.overlay, options.force, video)
         result = predict_video(video, folder, predictor, options, settings, overlay, progress, task, generator)
         info(_closing_line(result))
         finished = True

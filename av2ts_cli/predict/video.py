@@ -34,11 +34,11 @@ from av2ts_cli.files import write_json
 from av2ts_cli.memory import PeakWatch
 from av2ts_cli.predict.maskiges import LazyGenerator, folder_of, make_auto, maskige_warning
 from av2ts_cli.predict.options import PredictOptions
-from av2ts_cli.predict.outputs import MaskOutputs, clear_outputs
+from av2ts_cli.predict.outputs import MaskOutputs, clear_outputs, output_names
 from av2ts_cli.predict.stream import Timer, maskige_reader, stream_masks
 from av2ts_cli.predictor import Predictor
 from av2ts_cli.render import render_overlay
-from av2ts_cli.runs import MASKS_DIR, SUMMARY_FILE, input_identity
+from av2ts_cli.runs import MASKS_DIR, SUMMARY_FILE, input_identity, record_owned
 from av2ts_cli.sampling import sampled_seconds, video_duration, video_schedule
 
 
@@ -64,7 +64,9 @@ def settings_of(predictor: Predictor, options: PredictOptions, overlay: Path | N
     if predictor.cfg.siam:
         # auto: another generator or other settings make other maskiges, so other masks
         maskiges = options.auto_maskiges if options.makes_maskiges else str(options.maskige_source)
-    return {"model": predictor.name, "preset": predictor.cfg.preset, "fps": options.fps,
+    # the model by its content (a retrained best/ at the same path is another model) and its precision
+    return {"model": predictor.name, "weights_sha256": predictor.weights_sha256, "precision": predictor.precision,
+            "preset": predictor.cfg.preset, "fps": options.fps,
             "window": options.window or predictor.cfg.num_frames, "threshold": options.threshold,
             "formats": list(options.formats), "maskiges": maskiges, "overlay": str(overlay) if overlay else None}
 
@@ -158,8 +160,8 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
     wave, warnings = _read_audio(video, info, duration, options.require_audio)
     warnings = [w for w in [still_image_warning(info)] if w] + warnings
     timer.add("audio", start)
-    folder.mkdir(parents=True, exist_ok=True)
-    clear_outputs(folder)
+    clear_outputs(folder)  # what an earlier run wrote here, by its record; nothing else
+    record_owned(folder, output_names(schedule, options.formats, overlay, folder))  # before writing any of it
     maskige_for, maskiges = None, None
     if cfg.siam:
         start = time.perf_counter()
@@ -168,9 +170,10 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
                 raise UsageError("a Siam model with --maskiges auto needs the run's maskige generator")
             maskige_folder, maskiges = make_auto(video, folder, generator, options.fps, progress, task, info)
         else:
-            maskige_folder, maskiges = folder_of(options.maskige_source, folder.name)
+            maskige_folder, maskiges = folder_of(options.maskige_source, folder.name, video,
+                                                 [frame.time for frame in schedule.frames])
         maskige_for = maskige_reader(maskige_folder, cfg.input_size)
-        warnings += [w for w in [maskige_warning(predictor.trained_on, maskiges)] if w]
+        warnings += [w for w in [maskige_warning(predictor.trained_on, maskiges, predictor.cfg.family)] if w]
         timer.add("maskiges", start)
     if progress is not None:
         progress.update(task, total=len(schedule.windows), completed=0,
@@ -192,6 +195,8 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
     model_done = time.perf_counter()
     if overlay is not None:
         start = time.perf_counter()
+        if overlay.parent != folder:  # the folder's record says av2ts wrote it (a later run may replace it; a
+            record_owned(overlay.parent, [overlay.name])  # folder source skips it as an input)
         render_overlay(video, outputs.track(), overlay, info=info)
         timer.add("overlay", start)
 
@@ -201,7 +206,8 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
     timings["predict_s"] = round(model_done - started, 3)
     timings["ms_per_window"] = round(1000 * timer.seconds.get("model", 0.0) / windows, 1)
     summary = {
-        "av2ts_version": __version__, "complete": True, **input_identity(video), "probe": info.to_dict(),
+        "av2ts_version": __version__, "complete": True, **input_identity(video), "folder_name": folder.name,
+        "probe": info.to_dict(),
         "video_duration": round(duration, 4), "model": predictor.describe(),
         "settings": settings,
         "sampling": {"seconds": schedule.seconds, "fps": schedule.fps, "frames": len(schedule.frames),

@@ -127,7 +127,9 @@ def find_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
             weights, config = path / WEIGHTS_FILE, path / CONFIG_FILE
             for needed in (weights, config):
                 if not needed.is_file():
-                    hint = " (a checkpoint folder holds model.safetensors and config.json)"
+                    runs = [name for name in ("best", "last") if (path / name / WEIGHTS_FILE).is_file()]
+                    hint = (f" (a training run: pass {' or '.join(str(path / name) for name in runs)})" if runs
+                            else " (a checkpoint folder holds model.safetensors and config.json)")
                     raise CheckpointError(path, f"no {needed.name} in this folder{hint}")
             return ResolvedCheckpoint(weights, config, text)
         if path.suffix == ".safetensors":
@@ -349,7 +351,24 @@ COMBO_PARTS = {
     "fusion": "fusion (bilateral + audio MLP)",
     "decoder": "transformer decoder",
 }
-FAMILY_PARTS = {"av2ts": PARTS, "combo": COMBO_PARTS}
+VCT_PARTS = {
+    "backbone": "visual backbone",
+    "siam_backbone": "siam encoder (+ gates)",
+    "siam_gates": "siam encoder (+ gates)",
+    "audio_encoder": "audio encoder (VGGish conv map)",
+    "audio_mlp": "audio tokens (MLP)",
+    "pixel_decoder": "pixel decoder",
+    "queries": "query generator (ProtoVCQ / VCQ)",
+    "decoder": "transformer decoder",
+    "alignment": "prototype alignment (PAC)",
+}
+AVSEGFORMER_PARTS = {
+    "backbone": "visual backbone",
+    "audio_encoder": "audio encoder (VGGish)",
+    "audio_proj": "audio projection",
+    "head": "head (encoder, query generator, decoder, mixer)",
+}
+FAMILY_PARTS = {"av2ts": PARTS, "combo": COMBO_PARTS, "vct": VCT_PARTS, "avsegformer": AVSEGFORMER_PARTS}
 
 
 def parts_of_family(family: str = "av2ts") -> dict[str, str]:
@@ -360,3 +379,38 @@ def parts_of_family(family: str = "av2ts") -> dict[str, str]:
 def part_of(key: str, family: str = "av2ts") -> str:
     """The part of the network (a ``parts_of_family(family)`` value) that a state-dict key belongs to."""
     return parts_of_family(family).get(key.split(".", 1)[0], "other")
+
+
+# ------------------------------------------------------------------------------------------------- identity
+HASHES_DIR = "weights-sha256"  # under config.cache_root(): one small record per weights file
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a weights file: what "the same model" means when ``predict`` decides whether a video is done
+    (a retrained ``best/`` or the advancing ``last/`` of a running training has another). Hashed once per file
+    version: the result is cached by the file's resolved path, size and modification time (a 700 MB checkpoint
+    takes seconds to hash, a cached one a stat)."""
+    import hashlib  # local: only predict's identity check needs it
+
+    from av2ts_cli.config import cache_root  # local: as above
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = cache_root() / HASHES_DIR / (hashlib.sha1(str(path).encode()).hexdigest() + ".json")
+    try:
+        cached = json.loads(record.read_text(encoding="utf-8"))
+        if {k: cached.get(k) for k in key} == key and isinstance(cached.get("sha256"), str):
+            return cached["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json(record, {**key, "sha256": digest.hexdigest()})
+    except OSError:  # an unwritable cache costs a hash next time, nothing else
+        pass
+    return digest.hexdigest()

@@ -171,3 +171,72 @@ def output_hint(cfg: ModelConfig) -> str:
     from av2ts_cli.model.avsegformer import output_channels  # local: the model package imports timm
 
     return f"{output_channels(cfg)} output channel(s)"
+
+
+# ------------------------------------------------------------------------------------------------- av2ts convert
+_ARCH_PRESETS = {"pvt_v2_b5": "avsegformer-pvt", "resnet50": "avsegformer-r50"}
+_OUTPUT_KEY = "head.fc.4.weight"  # [outputs, 32, 1, 1]: 1 for S4/MS3 (the sounding object), 71 for AVSS
+
+
+def convert_avsegformer_kind(source: str, kind: str, *, preset: str | None = None, subset: str | None = None,
+                             siam: bool | None = None, base: str | None = None):
+    """``av2ts convert FILE --kind avsegformer``: a reference checkpoint (a bare state dict, read with
+    ``torch.load(weights_only=True)``) -> ``(model, cfg, KeyMapping, meta)`` as every converter returns
+    (``convert.CONVERTERS``). The backbone is read from the keys; S4 and MS3 checkpoints look alike (one output
+    channel), so they need ``--subset`` (AVSS's 71 channels say it)."""
+    # local: the shared machinery imports the checkpoint code; the rename table above needs only torch
+    from av2ts_cli.config import PRESET_NAMES, get_preset
+    from av2ts_cli.errors import CheckpointError, UsageError
+    from av2ts_cli.model import build_model
+    from av2ts_cli.weights.mapping import KeyMapping, conversion_meta, converter_input, read_torch_weights
+
+    if base is not None:
+        raise UsageError("--base does not apply to --kind avsegformer: the checkpoint gives every tensor")
+    if siam:
+        raise UsageError("--siam: AVSegFormer has no Siam encoder (it needs no maskiges)")
+    presets = [name for name in PRESET_NAMES if get_preset(name).family == "avsegformer"]
+    if preset is not None and preset not in presets:
+        raise UsageError(f"--preset {preset}: not an AVSegFormer preset; choose from {', '.join(presets)}")
+    path = converter_input(source)
+    state = read_torch_weights(path)
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(path, "holds no state dict (AVSegFormer saves a bare dict of tensors)")
+    state = {k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k: v for k, v in state.items()}
+    found = [name for name, (_, probe) in _BACKBONES.items() if probe in state]
+    if not found:
+        raise CheckpointError(path, "no backbone.patch_embed1.proj.weight (PVT-v2-b5) nor backbone.conv1.weight "
+                                    "(ResNet-50): not an AVSegFormer checkpoint")
+    try:  # before asking for --subset: an old checkpoint cannot be converted whatever the subset
+        _refuse_old_layout(state)
+    except ValueError as err:
+        raise CheckpointError(path, str(err)) from None
+    preset = preset or _ARCH_PRESETS[found[0]]
+    outputs = state.get(_OUTPUT_KEY)
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 4:
+        raise CheckpointError(path, f"no {_OUTPUT_KEY} tensor: not an AVSegFormer checkpoint")
+    if subset is None:
+        if outputs.shape[0] == 1:
+            raise UsageError(f"{path}: an S4 or MS3 checkpoint (one output channel; the two look alike): pass "
+                             "--subset s4 or --subset ms3")
+        subset = "avss"
+    try:
+        cfg = get_preset(preset, subset)
+        conversion = convert_avsegformer(state, cfg)
+    except ValueError as err:
+        raise CheckpointError(path, str(err)) from None
+    if conversion.missing:
+        raise CheckpointError(path, f"leaves {len(conversion.missing)} av2ts tensors unfilled "
+                                    f"({', '.join(sorted(conversion.missing)[:3])}...)")
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.load_state_dict(conversion.state, strict=True)
+    origin = {}
+    for key in state:
+        new = rename(key)[0]
+        if new in conversion.state:
+            origin[new] = key
+    mapping = KeyMapping(tensors=conversion.state, origin=origin, dropped=conversion.unused)
+    trained_on = f"unknown: converted from the AVSegFormer reference checkpoint {path.name}"
+    return model.eval(), cfg, mapping, conversion_meta(kind, source, mapping, cfg.family, None, trained_on)

@@ -1,4 +1,5 @@
-"""VCT reference checkpoints -> av2ts's VCT (model/vct.py): a pure key mapping, no file access.
+"""VCT reference checkpoints -> av2ts's VCT (model/vct.py): a pure key mapping (``convert_vct_state``, no file
+access) and, at the end, the file import behind ``av2ts convert FILE --kind vct`` (``convert_vct_kind``).
 
 The reference (spyflying/VCT_AVS) publishes detectron2 Checkpointer files, ``{"model": state_dict, "trainer": ...,
 "iteration": ...}``; ``convert_vct_state`` maps the ``"model"`` state dict onto the state dict of ``build_model(cfg)``
@@ -183,3 +184,61 @@ def convert_vct_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Vc
                          + "; ".join(mismatched[:5]))
     result.missing = [k for k in shapes if k not in result.state]
     return result
+
+
+# ------------------------------------------------------------------------------------------------- av2ts convert
+VCT_PRESETS = ("vct-swinb", "vct-tiny")
+
+
+def convert_vct_kind(source: str, kind: str, *, preset: str | None = None, subset: str | None = None,
+                     siam: bool | None = None, base: str | None = None):
+    """``av2ts convert FILE --kind vct``: a detectron2 Checkpointer file of the VCT code (``{"model": ...}`` with
+    the trainer's state, read with ``torch.load(weights_only=True)``; keys by name, so detectron2's version hooks do
+    not matter) -> ``(model, cfg, KeyMapping, meta)`` as every converter returns (``convert.CONVERTERS``).
+
+    The subset and the Siam encoder are read from the keys and checked against ``--subset`` / ``--siam``; the
+    architecture is ``--preset`` (vct-swinb, the published one, by default). Every tensor of the model must be
+    filled (a CheckpointError lists the first missing); every file entry not used is in the mapping's ``dropped``
+    with its reason (VGGish's linear layers, the Swin index tables, the loss constant, the trainer's entries,
+    keys of no known layout)."""
+    # local: the shared readers import the checkpoint code and the network imports timm; the rules above need neither
+    from av2ts_cli.errors import CheckpointError
+    from av2ts_cli.model import build_model
+    from av2ts_cli.weights.convert_combo import read_combo_checkpoint
+    from av2ts_cli.weights.mapping import KeyMapping, conversion_meta, converter_input
+
+    if base is not None:
+        raise UsageError("--base does not apply to --kind vct: the checkpoint gives every tensor")
+    preset = preset or VCT_PRESETS[0]
+    if preset not in VCT_PRESETS:
+        raise UsageError(f"--preset {preset} is not a VCT architecture; --kind vct converts into "
+                         f"{' or '.join(VCT_PRESETS)}")
+    if subset is not None and subset not in SUBSET_CLASSES:
+        raise UsageError(f"unknown --subset {subset!r}; choose from {', '.join(SUBSET_CLASSES)}")
+    path = converter_input(source)
+    state, others = read_combo_checkpoint(path)  # the same detectron2 Checkpointer file as COMBO's
+    try:
+        cfg = vct_config_for(state, preset)
+    except UsageError as err:
+        raise CheckpointError(path, err.message) from None
+    if subset is not None and subset != cfg.subset:
+        raise UsageError(f"{path}: holds a VCT {cfg.subset} model (its class head and prototypes); --subset is "
+                         f"{subset}")
+    if siam is not None and siam != cfg.siam:
+        raise UsageError(f"{path}: the checkpoint {'has' if cfg.siam else 'has no'} Siam encoder "
+                         f"(pre_sam_backbone); --{'siam' if siam else 'no-siam'} contradicts it")
+    try:
+        conversion = convert_vct_state(state, cfg)
+    except UsageError as err:  # tensors of another size: the file is not of this preset
+        raise UsageError(f"{path}: {err.message}") from None
+    if conversion.missing:
+        raise CheckpointError(path, f"leaves {len(conversion.missing)} av2ts tensors of {cfg.preset} unfilled "
+                                    f"({', '.join(sorted(conversion.missing)[:3])}"
+                                    f"{' ...' if len(conversion.missing) > 3 else ''})")
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.load_state_dict(conversion.state, strict=True)
+    origin = {ours: theirs for theirs in state if (ours := map_vct_key(theirs)[0]) in conversion.state}
+    mapping = KeyMapping(tensors=conversion.state, origin=origin, dropped={**conversion.unused, **others})
+    trained_on = f"unknown: converted from the VCT reference checkpoint {path.name}"
+    return model.eval(), cfg, mapping, conversion_meta(kind, source, mapping, cfg.family, None, trained_on)

@@ -59,7 +59,16 @@ _UNREACHABLE_MEMORY_SECONDS = 60.0
 _unreachable: dict[str, tuple[float, str]] = {}  # endpoint -> (time.monotonic() of the verdict, the verdict)
 _NETWORK_MODULES = ("httpx", "httpx2", "requests", "urllib3", "httpcore", "httpcore2")
 
-def _network_cause(err: BaseException, timeout: float | None = None) -> str:
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set: huggingface_hub's offline mode, which av2ts's other downloads (Google
+    Drive, the VGGish release) honour too."""
+    from huggingface_hub import constants  # local: huggingface_hub takes ~0.3 s to import
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def network_cause(err: BaseException, timeout: float | None = None) -> str:
     """What a failed connection attempt says, in words (the exception chain's socket error or timeout;
     ``timeout``: the bound the request had, for the words)."""
     import errno  # local: only when the Hub failed
@@ -122,7 +131,7 @@ def hub_unreachable(timeout: float | None = None) -> str | None:
         err = outcome[0]
         if not is_network_failure(err):
             raise err
-        verdict = f"{endpoint}: {_network_cause(err, timeout)}"
+        verdict = f"{endpoint}: {network_cause(err, timeout)}"
     _unreachable[endpoint] = (time.monotonic(), verdict)
     return verdict
 
@@ -187,12 +196,12 @@ def hub_failure(err: Exception, what: str, revision: str, not_cached: Callable[[
     if isinstance(err, errors.HfHubHTTPError):
         return f"Hugging Face Hub error for {what}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     if isinstance(err, OSError):  # a cache folder that cannot be written, a full disk; network failures (requests)
-        cause = describe_os_error(err) if err.errno is not None else _network_cause(err)
+        cause = describe_os_error(err) if err.errno is not None else network_cause(err)
         return f"could not download {what}: {cause}"
     if isinstance(err, ValueError):
         return f"could not download {what}: {' '.join(str(err).split())}"
     if type(err).__module__.split(".")[0] in _NETWORK_MODULES:  # httpx errors are not OSErrors
-        return f"could not reach the Hugging Face Hub for {what}: {_network_cause(err)}"
+        return f"could not reach the Hugging Face Hub for {what}: {network_cause(err)}"
     return None
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from av2ts_cli.config import get_preset
-from av2ts_cli.errors import CheckpointError, UsageError
+from av2ts_cli.errors import CheckpointError, UsageError, describe_os_error
 from av2ts_cli.safe_pickle import read_numpy_pickle
 from av2ts_cli.weights.checkpoint import (
     WEIGHTS_FILE,
@@ -33,20 +33,59 @@ from av2ts_cli.weights.registry import REGISTRY
 
 # ------------------------------------------------------------------------------------------- reading foreign files
 def read_torch_weights(path: str | os.PathLike):
-    """A ``torch.save`` file through ``torch.load(weights_only=True)`` (tensors and plain containers only)."""
+    """A ``torch.save`` file through ``torch.load(weights_only=True)`` (tensors and plain containers only).
+
+    A file that is not one is one CheckpointError naming it and saying what it is instead (``damage``): empty,
+    truncated, a web page, or not torch's format at all; never the reader's own EOF or zip words."""
     import torch  # local: torch takes seconds to import; convert_combo's rename tables do not need it
 
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        broken = damage(path)
+        if broken:
+            raise CheckpointError(path, broken) from None
         first = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line),
                      str(err).splitlines()[0] if str(err) else "")
         raise CheckpointError(path, "refused by torch.load(weights_only=True), it holds more than tensors "
                                     f"({first}); re-save only the weights, e.g. "
                                     "torch.save({'model': checkpoint['model']}, 'weights.pth')") from None
-    except (OSError, EOFError, RuntimeError, ValueError) as err:
-        raise CheckpointError(path, f"unreadable torch file: {type(err).__name__}: {err}") from None
+    except OSError as err:
+        raise CheckpointError(path, f"unreadable: {describe_os_error(OSError(err.errno, err.strerror))}") from None
+    except (EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        broken = damage(path) or "damaged: torch.load cannot read it (" + " ".join(str(err).split())[:120] + ")"
+        raise CheckpointError(path, broken) from None
+
+
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's old format: its magic number
+_AGAIN = "an interrupted download or copy? fetch or copy it again"
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a file that should be a ``torch.save`` file, in words, or None when it looks whole: empty;
+    a zip archive (torch.save's format) without its end; a web page (a download that got a sign-in, quota or
+    virus-scan page); neither of torch's two formats."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"empty file (0 bytes), not a checkpoint: {_AGAIN}"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return f"truncated: the zip archive torch.save writes ends early, its directory missing ({size:,} " \
+                   f"bytes): {_AGAIN}"
+        return None
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "a web page, not a checkpoint: the download got an HTML page (a sign-in, quota or virus-scan " \
+               "page) instead of the file"
+    if head.startswith(_TORCH_LEGACY_MAGIC[:size]) and size <= len(_TORCH_LEGACY_MAGIC):
+        return f"truncated after {size} bytes: {_AGAIN}"
+    if not head.startswith(_TORCH_LEGACY_MAGIC):
+        return f"not a torch.save file (neither its zip archive nor its older format; {size:,} bytes)"
+    return None
 
 
 def read_state_dict_file(path: str | os.PathLike) -> dict:
@@ -201,8 +240,10 @@ def fill_model(model, mapping: KeyMapping, required_prefixes: Iterable[str], pat
 
 def converter_input(source: str) -> Path:
     """A local converter input: the file itself, or the weights of an hf:// repository (or of a registry name that
-    points at one, e.g. ``ced-mini``): its model.safetensors, else a pytorch_model.bin."""
-    if not Path(source).expanduser().exists() and source in REGISTRY and REGISTRY[source].convert_kind:
+    points at one, e.g. ``ced-mini``): its model.safetensors, else a pytorch_model.bin. (A registry name whose
+    file is on Google Drive is a name, not a converter input: ``--model NAME`` fetches and converts it.)"""
+    entry = REGISTRY.get(source)
+    if not Path(source).expanduser().exists() and entry and entry.convert_kind and entry.source.startswith(HF_PREFIX):
         source = REGISTRY[source].source
     if source.startswith(HF_PREFIX):
         ref = parse_hub_ref(source)

@@ -26,6 +26,7 @@ from av2ts_cli.weights.checkpoint import (
     load_checkpoint_files,
     part_of,
     parts_of_family,
+    weights_sha256,
 )
 from av2ts_cli.weights.hub import HF_PREFIX
 from av2ts_cli.weights.registry import REGISTRY
@@ -44,14 +45,19 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
 
 
 def load_checkpoint(name_or_path: str | os.PathLike):
-    """``(model, cfg, config document)`` of any source ``resolve_checkpoint`` accepts, eval mode."""
+    """``(model, cfg, config document)`` of any source ``resolve_checkpoint`` accepts, eval mode. The document
+    gains ``"weights_sha256"``: the weights file's content hash (``checkpoint.weights_sha256``), what identifies
+    the model's content whatever its path."""
     text = str(name_or_path)
     entry = REGISTRY.get(text)
     if entry is not None and entry.converted_on_use and not Path(text).expanduser().exists():
         prepared = prepare_registry_checkpoint(text)
         if prepared.loaded is not None:  # this call converted it: the model is built already
-            return prepared.loaded
-    return load_checkpoint_files(resolve_checkpoint(text))
+            model, cfg, doc = prepared.loaded
+            return model, cfg, {**doc, "weights_sha256": weights_sha256(prepared.folder / WEIGHTS_FILE)}
+    resolved = resolve_checkpoint(text)
+    model, cfg, doc = load_checkpoint_files(resolved)
+    return model, cfg, {**doc, "weights_sha256": weights_sha256(resolved.weights)}
 
 
 def resolve_model(name: str | os.PathLike, *, subset: str | None = None, presets: bool = False, device="cpu"):
@@ -79,7 +85,7 @@ def resolve_model(name: str | os.PathLike, *, subset: str | None = None, presets
                              f"({', '.join(PRESET_NAMES)}) nor a checkpoint ({forms})")
         if text in PRESET_NAMES:
             raise UsageError(f"--model {text}: is a preset (an architecture), not a checkpoint; trained weights "
-                             f"exist for the COMBO registry names only; pass {forms}")
+                             f"exist for the registry names only; pass {forms}")
         raise UsageError(f"--model {text}: no such file or folder, and not a checkpoint ({forms})")
     model, cfg, doc = load_checkpoint(text)
     if subset is not None:
@@ -114,10 +120,20 @@ def check_finite_output(output, model, name: str, where: str = "") -> None:
 # ------------------------------------------------------------------------------------------------ describe (info)
 def describe_parameters(name_or_path: str, subset: str | None = None) -> dict:
     """Parameter counts per part (trainable and frozen; the parts of the network's family) of a preset (built for
-    ``subset``, s4 if None, random init) or any checkpoint (``resolve_model``); for a registry name also its
-    published scores and licence (``"registry"``)."""
+    ``subset``, s4 if None, random init) or any checkpoint (``resolve_model``); for a family whose reference builds
+    modules it never runs (VCT) also the reference's count (``"reference"``: parameters, and what av2ts leaves out);
+    for a registry name also its published scores and licence (``"registry"``)."""
     text = str(name_or_path)
-    model, cfg, _ = resolve_model(text, subset=subset, presets=True)
+    if text in PRESET_NAMES and not Path(text).expanduser().exists():
+        import torch  # local: torch takes seconds to import; this module is imported by `info` without a model
+
+        from av2ts_cli.model import build_model  # local: the network, only when one is described
+
+        cfg = get_preset(text, subset or "s4")
+        with torch.device("meta"):  # counting needs no values: no memory, no initialisation (vct-swinb: 20 s)
+            model = build_model(cfg)
+    else:
+        model, cfg, _ = resolve_model(text, subset=subset, presets=True)
     labels = parts_of_family(cfg.family)
     counts: dict[str, dict[str, int]] = {}
     for part in dict.fromkeys(labels.values()):
@@ -130,6 +146,11 @@ def describe_parameters(name_or_path: str, subset: str | None = None) -> dict:
     total = {k: sum(p[k] for p in parts) for k in ("parameters", "trainable", "frozen")}
     report = {"name": text, "preset": cfg.preset, "family": cfg.family, "subset": cfg.subset,
               "num_classes": cfg.num_classes, "siam": cfg.siam, "parts": parts, "total": total}
+    # modules the family's reference code builds and loads but never runs, left out here (VCT: VGGish's linear
+    # layers): the reference's own count is the total plus these
+    left_out = model.reference_only_parameters() if hasattr(model, "reference_only_parameters") else {}
+    if left_out:
+        report["reference"] = {"parameters": total["parameters"] + sum(left_out.values()), "left_out": left_out}
     entry = REGISTRY.get(text)
     if entry is not None and not Path(text).expanduser().exists():
         report["registry"] = {"description": entry.description, "source": entry.source,
