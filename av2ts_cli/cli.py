@@ -257,11 +257,14 @@ def overlay(
     contour: Annotated[bool, typer.Option("--contour", help="Also draw the mask outlines, opaque.")] = False,
     palette: Annotated[str, typer.Option("--palette", help="auto (from the mask files), binary (one highlight "
                                          "colour) or avss (AVSBench class colours).")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out that av2ts did not write.")
+                     ] = False,
 ) -> None:
     """Paint masks on a video (each frame gets the mask of the nearest sampled time), with the original audio."""
     from av2ts_cli import render  # local: cv2 and PIL (0.7 s); `--help` must not wait for them
 
-    report = render.render_overlay(video, masks_dir, out, alpha=alpha, contour=contour, palette=palette)
+    report = render.overlay_command(video, masks_dir, out, force=force, alpha=alpha, contour=contour,
+                                    palette=palette)
     sound = "with the original audio" if report["audio"] else "no audio in the input"
     console.print(f"Overlay saved to {report['output']} ({report['frames']} frames, {report['duration']:.2f} s, "
                   f"{sound})", markup=False, highlight=False, soft_wrap=True)

@@ -32,7 +32,7 @@ from av2ts_cli.classes import AVSS_NUM_CLASSES, avss_palette
 from av2ts_cli.console import warn
 from av2ts_cli.data.images import rgb_to_index
 from av2ts_cli.errors import DataError, MediaError, UsageError
-from av2ts_cli.runs import FRAMES_FILE
+from av2ts_cli.runs import FRAMES_FILE, owned_files, record_owned
 
 HIGHLIGHT = (255, 96, 0)  # binary masks: a saturated orange stands out on most scenes
 PALETTES = ("auto", "binary", "avss")
@@ -308,3 +308,18 @@ def _video_span(info: media.Probe) -> float:
 
 def _tick_count(info: media.Probe, fps: float) -> int:
     return max(1, round(_video_span(info) * fps))
+
+
+def overlay_command(video: str | os.PathLike, masks: str | os.PathLike, out: str | os.PathLike, force: bool = False,
+                    **style) -> dict:
+    """``av2ts overlay VIDEO MASKS -o OUT``: ``render_overlay`` with the rules of every output of av2ts, checked
+    before any work: an existing ``OUT`` is replaced only if av2ts wrote it (its folder's record) or with ``force``
+    (never the input itself: ``media``'s outputs refuse that), and it is recorded as av2ts's before it is
+    written."""
+    video, out = Path(video), Path(out)
+    check_overlay_path(out)
+    if out.exists() and not force and out.name not in (owned_files(out.parent) or []):
+        raise UsageError(f"-o {out}: the file exists and av2ts did not write it; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record_owned(out.parent, [out.name])
+    return render_overlay(video, masks, out, **style)

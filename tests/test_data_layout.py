@@ -33,6 +33,19 @@ def test_metadata_is_read_by_position(synth_data, tmp_path):
         list_videos(root, "s4", "val")
 
 
+def test_s4_metadata_with_its_columns_reordered_is_read_by_their_names(synth_data, tmp_path):
+    """A header that names split and category is followed, whatever the order (read by position, the split column
+    would be a category and every video would vanish from its split)."""
+    root = shutil.copytree(synth_data / "AVSBench_object" / "Single-source", tmp_path / "s4")
+    before = list_videos(root, "s4", "val")
+    csv = root / "s4_meta_data.csv"
+    header, *rows = [line.split(",") for line in csv.read_text().splitlines()]
+    order = [0, 3, 1, 2]  # name, split, start, category
+    csv.write_text("\n".join(",".join(["name", "split", "start", "category"] if i == 0 else [row[k] for k in order])
+                             for i, row in enumerate([header, *rows])) + "\n")
+    assert list_videos(root, "s4", "val") == before and before
+
+
 def test_avss_metadata_by_name_or_by_position(synth_data, tmp_path):
     root = shutil.copytree(synth_data / "AVSBench_semantic", tmp_path / "avss")
     before = list_videos(root, "avss", "test")

@@ -10,6 +10,7 @@ build (``cpp_kernel``). Checks that must not share this process's loaded kernels
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -112,6 +113,29 @@ def test_the_fallback_warning_is_a_python_warning(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     inputs = make_inputs(dim=4)
     with pytest.warns(UserWarning, match="pure-PyTorch fallback: the cpp kernel cannot be built") as caught:
+        out = ms_deform_attn(*inputs)
+    assert len(caught) == 1 and torch.equal(out, ms_deform_attn_torch(*inputs))
+
+
+def test_an_unwritable_kernel_cache_falls_back_with_one_warning(tmp_path, monkeypatch):
+    """A read-only cache (no build there yet): the pure-PyTorch fallback serves with one warning naming the
+    folder, and ``active_backend`` (what ``av2ts info`` reports) says torch, not cpp."""
+    if os.geteuid() == 0:  # root writes through any mode bits: make the cache a file's child instead
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("")
+        cache = blocker / "cache"
+    else:
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        cache.chmod(0o500)
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_failed", {})
+    monkeypatch.setattr(build, "_writable", lambda folder: False)  # what the mode bits say to a user who is not root
+    monkeypatch.setenv("AV2TS_CACHE", str(cache))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert build.active_backend("cpu") == "torch"
+    inputs = make_inputs(dim=4)
+    with pytest.warns(UserWarning, match="cannot be written") as caught:
         out = ms_deform_attn(*inputs)
     assert len(caught) == 1 and torch.equal(out, ms_deform_attn_torch(*inputs))
 

@@ -224,6 +224,24 @@ def test_cli_overlay(make_clip, tmp_path):
     assert not (tmp_path / "p.mp4").exists() and not (tmp_path / "r.mp4").exists()
 
 
+def test_cli_overlay_replaces_only_its_own_output(make_clip, tmp_path):
+    clip = make_clip("cli-overlay", duration=2.0)
+    masks_dir = _write_masks(tmp_path / "pred", [np.full((48, 64), 255, np.uint8)] * 2, [0.9375, 1.9375])
+    theirs = tmp_path / "theirs.mp4"
+    theirs.write_bytes(b"someone else's video")
+    refused = runner.invoke(cli.app, ["overlay", str(clip), str(masks_dir), "-o", str(theirs)])
+    assert refused.exit_code == EXIT_USAGE
+    assert [line for line in refused.output.splitlines() if line.strip()] == [
+        f"error: -o {theirs}: the file exists and av2ts did not write it; pass --force to replace it"]
+    assert theirs.read_bytes() == b"someone else's video"
+    ours = tmp_path / "ours.mp4"
+    for _ in range(2):  # written, then replaced: av2ts's record says it wrote it
+        result = runner.invoke(cli.app, ["overlay", str(clip), str(masks_dir), "-o", str(ours)])
+        assert result.exit_code == 0, result.output
+    forced = runner.invoke(cli.app, ["overlay", str(clip), str(masks_dir), "-o", str(theirs), "--force"])
+    assert forced.exit_code == 0 and media.probe(theirs).frame_count == 50
+
+
 # ------------------------------------------------------------------------------------- masks that are not masks
 def test_pictures_that_are_no_masks_are_refused_with_the_file_named(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)

@@ -15,6 +15,10 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,7 @@ from av2ts_cli.weights import convert_vct
 from av2ts_cli.weights.convert_vct import convert_vct_state, map_vct_key, vct_config_for
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parent.parent
 SUBSETS = ("s4", "ms3", "avss")
 
 
@@ -227,8 +232,8 @@ def full_reference_state(subset: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """The reference's layout for ``subset``, key for key at its shapes, in float16 (half the file) with random
     values (zeros for the integer index tables, which are dropped by name)."""
     generator = torch.Generator().manual_seed(seed)
-    return {key: torch.randn(shape, generator=generator).half() if dtype.is_floating_point
-            else torch.zeros(shape, dtype=dtype) for key, dtype, shape in layout(subset)}
+    return {key: torch.empty(shape, dtype=torch.float16).uniform_(-1, 1, generator=generator)
+            if dtype.is_floating_point else torch.zeros(shape, dtype=dtype) for key, dtype, shape in layout(subset)}
 
 
 def write_reference_file(path: Path, state: dict[str, torch.Tensor]) -> Path:
@@ -246,9 +251,23 @@ def inputs_for(cfg, frames: int = 1, seed: int = 1):
     return video, audio, maskiges
 
 
+def check_report(report: dict, state: dict, cfg, filled: int) -> None:
+    """The conversion report: every av2ts tensor filled from one file tensor, each unused entry under its reason."""
+    blocks = sum(1 for k in state if k.endswith("relative_position_index"))
+    assert blocks == sum(cfg.backbone_kwargs.get("depths", (2, 2, 18, 2))) * (2 if cfg.siam else 1)
+    assert report["filled_tensors"] == report["source_tensors_used"] == filled
+    assert report["dropped"] == {
+        "VGGish's linear layers: loaded by the reference but never run (VCT reads the conv map)": 6,
+        "Swin relative-position index: a constant table that timm rebuilds (not saved by av2ts)": blocks,
+        "a constant of the loss (no-object weight), rebuilt from the config": 1,
+        "detectron2 trainer state (optimizer, scheduler, hooks), not model weights": 1,
+        "detectron2 training iteration counter, not model weights": 1}
+    assert "other" not in report["filled_per_part"] and sum(report["filled_per_part"].values()) == filled
+
+
 def check_converted(folder: Path, report: dict, state: dict, cfg_expected) -> None:
-    """The converted checkpoint through the one resolver: its config, every tensor equal to the file's (float32),
-    the report's counts and reasons; ``segment`` once (one frame)."""
+    """The converted checkpoint through the one resolver: its config, every tensor equal to the file's, the report;
+    ``segment`` once (one frame)."""
     from av2ts_cli.weights.resolve import resolve_model
 
     model, cfg, doc = resolve_model(folder)
@@ -258,18 +277,8 @@ def check_converted(folder: Path, report: dict, state: dict, cfg_expected) -> No
     inverse = reference_names()
     ours = model.state_dict()
     for key, value in ours.items():
-        assert torch.equal(value, state[inverse[key]].to(value.dtype)), key
-    blocks = sum(1 for k in state if k.endswith("relative_position_index"))
-    assert blocks == sum(cfg.backbone_kwargs.get("depths", (2, 2, 18, 2))) * (2 if cfg.siam else 1)
-    assert report["filled_tensors"] == report["source_tensors_used"] == len(ours)
-    assert report["dropped"] == {
-        "VGGish's linear layers: loaded by the reference but never run (VCT reads the conv map)": 6,
-        "Swin relative-position index: a constant table that timm rebuilds (not saved by av2ts)": blocks,
-        "a constant of the loss (no-object weight), rebuilt from the config": 1,
-        "detectron2 trainer state (optimizer, scheduler, hooks), not model weights": 1,
-        "detectron2 training iteration counter, not model weights": 1}
-    assert "other" not in report["filled_per_part"]
-    assert sum(report["filled_per_part"].values()) == len(ours)
+        assert torch.equal(value, state[inverse[key]]), key
+    check_report(report, state, cfg, len(ours))
     with torch.inference_mode():
         semseg = model.segment(*inputs_for(cfg))
     size = cfg.output_size or cfg.input_size
@@ -353,11 +362,13 @@ def test_cli_error_lines(tmp_path):
 
 @pytest.mark.slow
 def test_cli_converts_a_full_size_reference_file(tmp_path):
-    """A vct-swinb S4 file in float16 (the reference's 1077 keys at their shapes, random values), through the CLI
-    and the resolver, segments at 384 -> 224; the key count and the parameter counts are the reference's."""
+    """A vct-swinb S4 file in float16 (the reference's 1077 keys at their shapes, random values) through the CLI:
+    the checkpoint holds every tensor of the file (as float32) under its av2ts name, and loads into the model built
+    from its config (the tiny files above go on through the resolver and ``segment``; the full network at 384 takes
+    a minute on 2 cores: the GPU check does that)."""
     from conftest import invoke_cli
+    from safetensors import safe_open
 
-    cfg = get_preset("vct-swinb", "s4")
     state = full_reference_state("s4")
     assert sum(t.numel() for k, t in state.items() if k != "criterion.empty_weight" and t.is_floating_point()) \
         == 289_850_000  # the reference's parameters (the no-object weight is a buffer)
@@ -366,5 +377,150 @@ def test_cli_converts_a_full_size_reference_file(tmp_path):
                          "--json"])
     (tmp_path / "model_best.pth").unlink()
     report = json.loads(result.stdout)
+    cfg = get_preset("vct-swinb", "s4")
     assert (report["preset"], report["subset"], report["siam"]) == ("vct-swinb", "s4", True)
-    check_converted(tmp_path / "v", report, state, cfg)
+    with torch.device("meta"):
+        expected = build_model(cfg).state_dict()
+    inverse = reference_names()
+    with safe_open(str(tmp_path / "v" / "model.safetensors"), "pt") as saved:
+        assert set(saved.keys()) == set(expected)
+        for key in saved.keys():
+            value = saved.get_tensor(key)
+            assert value.dtype == torch.float32 and torch.equal(value, state[inverse[key]].float()), key
+    check_report(report, state, cfg, len(expected))
+
+
+# ------------------------------------------------------------------------------------------ info: both counts
+def test_info_states_the_built_and_the_reference_parameter_counts():
+    """vct-swinb builds all of the reference but VGGish's linear layers (loaded by the reference, never run):
+    `info` gives both totals, per subset the reference's measured counts (spec: vct.md)."""
+    from conftest import invoke_cli
+
+    from av2ts_cli.weights.resolve import describe_parameters
+
+    report = json.loads(invoke_cli(["info", "--model", "vct-swinb", "--json"]).stdout)
+    assert report["total"] == {"parameters": 222_208_528, "trainable": 217_708_816, "frozen": 4_499_712}
+    assert report["reference"] == {"parameters": 289_850_000, "left_out": {
+        "VGGish's linear layers, loaded by the reference but never run": 67_641_472}}
+    assert {p["part"] for p in report["parts"]} >= {"query generator (ProtoVCQ / VCQ)", "prototype alignment (PAC)"}
+    for subset, built, reference in (("ms3", 221_807_887, 289_449_359), ("avss", 222_238_549, 289_880_021)):
+        counts = describe_parameters("vct-swinb", subset)
+        assert (counts["total"]["parameters"], counts["reference"]["parameters"]) == (built, reference)
+    text = " ".join(invoke_cli(["info", "--model", "vct-swinb"]).output.split())
+    assert ("reference code: 289,850,000 parameters = 222,208,528 built here + 67,641,472 not built (VGGish's "
+            "linear layers, loaded by the reference but never run)") in text
+    assert "reference" not in describe_parameters("vct-tiny")  # no reference network has vct-tiny's widths
+
+
+# --------------------------------------------------------------------------------------------------- registry
+VCT_REPO = "nowherespyfly/VCT_AVS"
+VCT_FILES = ["s4_swinb_384/model_best.pth", "ms3_swinb_384/model_best.pth", "ss_swinb_384/model_best.pth"]
+
+
+def test_registry_entries_pick_their_file():
+    """The README's three files, each picked by its entry from a listing with other files beside them."""
+    from av2ts_cli.errors import CheckpointError
+    from av2ts_cli.weights import registry, upstream
+
+    listing = ["README.md", "swin_base_patch4_window12_384_22k.pth", "s4_swinb_384/model_0004999.pth",
+               "s4_swinb_384/config.yaml", *VCT_FILES]
+    for name, path in zip(("vct-s4", "vct-ms3", "vct-avss"), VCT_FILES, strict=True):
+        entry = registry.REGISTRY[name]
+        assert entry.source == f"hf://{VCT_REPO}@main" and entry.convert_kind == "vct" and entry.converted_on_use
+        assert (entry.licence, entry.convert_preset) == ("apache-2.0", "vct-swinb")
+        assert upstream.pick_hub_file(listing, entry, name) == path
+    assert registry.REGISTRY["vct-avss"].published == {"subset": "avss", "J": 52.5, "F": 56.9}
+    with pytest.raises(CheckpointError, match=r"no a model_best.pth in a ms3 model folder under the repository's "
+                                              r"root \(its files named model_best.pth there: s4_swinb_384"):
+        upstream.pick_hub_file(["s4_swinb_384/model_best.pth"], registry.REGISTRY["vct-ms3"], "vct-ms3")
+
+
+VCT_SCRIPT = textwrap.dedent("""
+    import dataclasses, json, sys, time
+    time.sleep = lambda seconds: None  # huggingface_hub retries with back-off against the unreachable endpoint
+    from typer.testing import CliRunner
+    from av2ts_cli import cli
+    from av2ts_cli.weights import registry, resolve, upstream
+    # the file holds vct-tiny's tensors: the entry converts into that preset; everything else is the entry's own
+    registry.REGISTRY["vct-s4"] = dataclasses.replace(registry.REGISTRY["vct-s4"], convert_preset="vct-tiny")
+    model, cfg, doc = resolve.resolve_model("vct-s4", subset="s4")
+    again = upstream.prepare_registry_checkpoint("vct-s4")
+    runner = CliRunner()
+    info = runner.invoke(cli.app, ["info", "--model", "vct-s4", "--json"])
+    info_text = runner.invoke(cli.app, ["info", "--model", "vct-s4"])
+    download = runner.invoke(cli.app, ["download", "vct-s4"])
+    state = model.state_dict()
+    print(json.dumps({"preset": cfg.preset, "family": cfg.family, "siam": cfg.siam, "subset": cfg.subset,
+                      "again_converted": again.converted, "folder": str(again.folder), "sha256": again.sha256,
+                      "source_path": again.source_path, "registry": doc["meta"].get("registry"),
+                      "trained_on": doc["trained_on"], "info": json.loads(info.stdout), "info_text": info_text.output,
+                      "download": download.output,
+                      "prototypes": float(state["queries.prototypes.weight"].double().sum()),
+                      "vggish": float(state["audio_encoder.features.0.weight"].double().sum())}))
+""")
+
+
+@pytest.mark.slow
+def test_vct_registry_model_is_listed_picked_converted_once_and_used_offline(tmp_path):
+    """vct-s4 against a Hugging Face cache built here (the Hub out of reach, then HF_HUB_OFFLINE=1): the listing
+    falls back to the cached snapshot, s4_swinb_384/model_best.pth is picked among the three subsets' files,
+    read from the cache and converted once (a detectron2 Checkpointer file of vct-tiny's tensors under the
+    reference's names: the entry's preset is switched to vct-tiny, the conversion path is the real one) into av2ts's
+    cache under the file's sha256; the second process loads it offline without converting, and `info` and
+    `download` name it with its published scores and licence."""
+    import hashlib
+
+    from _hub import write_cached_repo
+
+    torch.manual_seed(0)
+    state = tiny_reference_state(build_model(get_preset("vct-tiny", "s4", siam=True)))
+    source = write_reference_file(tmp_path / "model_best.pth", state)
+    sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
+    decoy = tmp_path / "decoy.pth"
+    torch.save({"model": {"x": torch.zeros(1)}}, decoy)  # the other subsets' files: never downloaded
+    readme = tmp_path / "README.md"
+    readme.write_text("VCT checkpoints")
+    cache = tmp_path / "hub"
+    commit = "e" * 40
+    files = {VCT_FILES[0]: source, VCT_FILES[1]: decoy, VCT_FILES[2]: decoy, "README.md": readme}
+    write_cached_repo(cache, VCT_REPO, {commit: files}, {"main": commit})
+    source.unlink()  # only the cache holds it now
+    av2ts_cache = tmp_path / "av2ts-cache"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
+           "AV2TS_CACHE": str(av2ts_cache), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    env.pop("HF_HUB_OFFLINE", None)
+
+    def run(**extra):
+        proc = subprocess.run([sys.executable, "-c", VCT_SCRIPT], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = run()
+    folder = Path(first["folder"])
+    assert folder.parent == av2ts_cache / "converted" and folder.name == f"vct-{sha256[:32]}"
+    assert (first["preset"], first["family"], first["siam"], first["subset"]) == ("vct-tiny", "vct", True, "s4")
+    assert first["sha256"] == sha256 and first["source_path"] == VCT_FILES[0] and not first["again_converted"]
+    assert first["registry"]["source"] == f"hf://{VCT_REPO}@main/{VCT_FILES[0]}"
+    assert first["registry"]["licence"] == "apache-2.0"
+    unused = first["registry"]["unused_source_entries"]
+    assert {"trainer", "iteration", "criterion.empty_weight", "audio_backbone.embeddings.0.weight"} <= set(unused)
+    assert first["trained_on"] == {"subset": "s4", "by": "the VCT authors (upstream training)",
+                                   "published": {"J": 86.2, "F": 93.4}}
+    inverse = reference_names()
+    assert first["prototypes"] == float(state[inverse["queries.prototypes.weight"]].double().sum())
+    assert first["vggish"] == float(state[inverse["audio_encoder.features.0.weight"]].double().sum())
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert set(stamps) == {"config.json", "model.safetensors"}  # no temp or lock left inside
+
+    second = run(HF_HUB_OFFLINE="1")
+    assert {k: second[k] for k in ("prototypes", "vggish", "folder", "sha256")} == \
+        {k: first[k] for k in ("prototypes", "vggish", "folder", "sha256")}
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # loaded, not converted again
+    info = second["info"]
+    assert info["registry"]["published"] == {"subset": "s4", "J": 86.2, "F": 93.4}
+    assert info["registry"]["licence"] == "apache-2.0" and info["family"] == "vct"
+    text = " ".join(second["info_text"].split())
+    assert "published (s4): J 86.2, F 93.4; licence: apache-2.0" in text and "VCT (CVPR'25)" in text
+    assert "vct-s4: converted earlier" in " ".join(second["download"].split())

@@ -122,17 +122,20 @@ def read_rows(path: Path) -> list[list[str]]:
 
 
 def _columns(path: Path, header: list[str], rows: list[list[str]], subset: str) -> tuple[int, int, int | None]:
-    """Column positions (name, split, group) of a metadata CSV."""
+    """Column positions (name, split, group) of a metadata CSV: by the header's names where it has them (a CSV
+    with its columns in another order is read right), else the official files' positions (docs/data-and-metrics.md:
+    the header text of the name column is not known, so the name is the first column of S4 and MS3)."""
+    names = [h.lower() for h in header]
+
+    def column(label: str, position: int) -> int:
+        return names.index(label) if label in names else position
+
     if subset == "s4":
-        name, split, group = 0, 3, 2
+        name, split, group = 0, column("split", 3), column("category", 2)
     elif subset == "ms3":
-        name, split, group = 0, 1, None
+        name, split, group = 0, column("split", 1), None
     else:
-        names = [h.lower() for h in header]
-        if {"uid", "split", "label"} <= set(names):
-            name, split, group = names.index("uid"), names.index("split"), names.index("label")
-        else:
-            name, split, group = 1, 5, 6
+        name, split, group = column("uid", 1), column("split", 5), column("label", 6)
     width = max(name, split, group or 0) + 1
     for number, row in enumerate(rows, start=2):
         if len(row) < width:

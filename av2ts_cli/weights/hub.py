@@ -74,8 +74,9 @@ def network_cause(err: BaseException, timeout: float | None = None) -> str:
     import errno  # local: only when the Hub failed
     import socket  # local: as above
 
-    seen = err
-    while seen is not None:
+    seen, visited = err, set()
+    while seen is not None and id(seen) not in visited:  # a chain may loop (an exception re-raised as its own cause)
+        visited.add(id(seen))
         if isinstance(seen, socket.gaierror):
             return "its host name could not be resolved (no network, or no DNS)"
         if isinstance(seen, TimeoutError) or "timeout" in type(seen).__name__.lower():

@@ -158,10 +158,12 @@ def fetch_from_gdrive(file_id: str, out: Path) -> None:
     try:  # gdown's own progress bar on a terminal (stderr): a file is 0.3-0.7 GB
         gdown.download(id=file_id, output=str(out), quiet=not sys.stderr.isatty(), resume=True, timeout=60,
                        retries=2)
+        return
     except gdown.exceptions.DownloadError as err:
-        if isinstance(err.__cause__, OSError):  # the network failed, again after gdown's retries
-            raise err.__cause__ from None
-        raise DriveRefused(" ".join(str(err).split())) from None
+        failure = err
+    if isinstance(failure.__cause__, OSError):  # the network failed, again after gdown's retries
+        raise ConnectionError(str(failure.__cause__)) from failure.__cause__
+    raise DriveRefused(" ".join(str(failure).split()))
 
 
 def _manual_route(entry: RegistryEntry) -> str:

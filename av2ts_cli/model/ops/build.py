@@ -111,10 +111,19 @@ def active_backend(device: str | torch.device | None = None) -> str:
     if native in _failed:
         return "torch"
     try:
-        ready = (_build_dir(native) / _MARKER).is_file() or _missing_toolchain(native) is None
+        if (_build_dir(native) / _MARKER).is_file():
+            return native
+        ready = _missing_toolchain(native) is None and _writable(build_root())
     except KernelUnavailable:  # no kernel sources
         return "torch"
     return native if ready else "torch"
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a build could be written under ``folder`` (its nearest existing parent can be written)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def load_kernel(backend: str):
@@ -277,14 +286,17 @@ def _load_or_build(backend: str):
         missing = _missing_toolchain(backend)
         if missing:
             raise KernelUnavailable(missing)
-        build_dir.mkdir(parents=True, exist_ok=True)
         lock = build_root() / f"{name}.lock"
         try:
+            build_dir.mkdir(parents=True, exist_ok=True)
             with _exclusive_lock(lock, timeout=900):
                 if not marker.is_file():  # another process may have built it while we waited
                     _build(backend, name, build_dir)
         except TimeoutError:
             raise KernelUnavailable(f"another process holds {lock} for 15 minutes") from None
+        except OSError as err:  # a read-only cache, or no folder there: the fallback serves, load_kernel warns
+            raise KernelUnavailable(f"the kernel cache {build_root()} cannot be written ({err.strerror}); set "
+                                    "AV2TS_CACHE to a writable folder") from None
     try:
         library = build_dir / json.loads(marker.read_text())["library"]
         torch.ops.load_library(str(library))
