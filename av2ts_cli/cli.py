@@ -377,12 +377,12 @@ def convert(
 @_reported
 def download(
     names: Annotated[list[str], typer.Argument(help="Registry models (combo-r50-s4, combo-pvt-s4, vct-s4, vct-ms3, "
-                                               "vct-avss, ced-mini), vggish or sam-vit-base (the maskige "
-                                               "generator).", show_default=False)],
+                                               "vct-avss, avsegformer-{pvt,r50}-{s4,ms3,avss}, ced-mini), vggish "
+                                               "or sam-vit-base (the maskige generator).", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """Fetch models into the caches ahead (an offline machine, a cluster node); COMBO and VCT checkpoints are
-    converted."""
+    """Fetch models into the caches ahead (an offline machine, a cluster node); COMBO, VCT and AVSegFormer
+    checkpoints are converted."""
     from av2ts_cli import download as downloader  # local: huggingface_hub and the converters: only this command
 
     show = None if as_json else (lambda result: console.print(downloader.describe(result), highlight=False,
@@ -408,8 +408,10 @@ def eval_command(
                                                   "labelled frame at the label's path relative to the split.")] = None,
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
     protocol: Annotated[str, typer.Option("--protocol", help="av2ts (F-score per video as COMBO/AV2TS, AVSS real "
-                                          "frames only) or avsbench (F-score per 4 videos in CSV order, AVSS v1 clips "
-                                          "padded to 10 frames).")] = "av2ts",
+                                          "frames only), avsbench (F-score per 4 videos in CSV order, AVSS v1 clips "
+                                          "padded to 10 frames) or avsegformer (AVSegFormer's own: S4/MS3 at "
+                                          "512x512 against labels upsampled from 224, F-score per 2 videos, AVSS "
+                                          "padded).")] = "av2ts",
     save_pred: Annotated[Path | None, typer.Option("--save-pred", help="Also write the model's predictions there "
                                                    "(the --pred-dir format).")] = None,
     shuffle_audio: Annotated[bool, typer.Option("--shuffle-audio", help="Give each clip another clip's audio (a "

@@ -4,13 +4,16 @@ Predictions on disk (``--pred-dir``, and what ``--save-pred`` writes): one 8-bit
 ground-truth label's path relative to the split (S4 ``<category>/<video>/<video>_<k>.png``, MS3
 ``<video>/<video>_<k>.png``, AVSS ``<label>/<uid>/<frame>.png``). S4/MS3 pixels are the foreground probability x 255
 (rounded); AVSS pixels are class indices (a palette PNG, so it also looks right). A prediction has its label's
-size (AVSS: the label file's, resized nearest as the label is, or the 224 x 224 AVSS is scored at); any other size
-is an error naming the file and both sizes: a resized prediction would be scored as if it were right.
+size (AVSS: the label file's, resized nearest as the label is, or the 224 x 224 AVSS is scored at; S4/MS3 under
+``--protocol avsegformer``: 512 x 512, the size that protocol scores at, as AVSegFormer's own predictions are); any
+other size is an error naming the file and both sizes: a resized prediction would be scored as if it were right.
 The predictions folder is an input: ``metrics.json`` goes to a new ``runs/eval/expN`` (or ``out``), as for a model
 (with ``--save-pred``: beside the predictions it wrote).
 
-A model's semantic map (``AV2TS.segment``, at its input size) is resized bilinearly to the label size, then turned
-into the foreground probability (S4/MS3, softmax over the two channels as COMBO/AV2TS) or the class map (AVSS).
+A model's semantic map (``AV2TS.segment``, at its input size) is resized bilinearly to the label size (S4/MS3
+under ``--protocol avsegformer``: to 512 x 512, the labels upsampled to it, ``metrics.upsample_labels``), then
+turned into the foreground probability (S4/MS3, softmax over the two channels as COMBO/AV2TS) or the class map
+(AVSS). The protocol (``metrics.PROTOCOLS``) also sets the F-score grouping and whether AVSS's padded frames count.
 ``--shuffle-audio`` feeds each clip the audio of another clip (a fixed, seeded derangement): a control showing how
 much the model uses sound.
 
@@ -40,7 +43,7 @@ from av2ts_cli.data.layout import SUBSET_TITLES, check_split, check_subset
 from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError, UsageError, describe_os_error
 from av2ts_cli.files import write_json
-from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics
+from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics, upsample_labels
 from av2ts_cli.predictor import Predictor, load_predictor
 from av2ts_cli.processes import Processes, environment
 from av2ts_cli.runs import numbered_run_folder
@@ -211,6 +214,9 @@ def _score_clip(item: dict, clip_map: torch.Tensor, dataset: AVSDataset, metric,
     if len(annotated) == 0:
         return
     gt = item["masks"][annotated]
+    size = PROTOCOLS[protocol].binary_size
+    if dataset.subset != "avss" and size is not None:
+        gt = upsample_labels(gt, size)
     semseg = clip_map[annotated.to(clip_map.device)].float()
     if semseg.shape[-2:] != gt.shape[-2:]:
         semseg = F.interpolate(semseg, size=gt.shape[-2:], mode="bilinear", align_corners=False)
@@ -218,7 +224,7 @@ def _score_clip(item: dict, clip_map: torch.Tensor, dataset: AVSDataset, metric,
     if dataset.subset == "avss":
         pred = class_map(semseg).cpu()
         metric.update(pred, gt)
-        if protocol == "avsbench":
+        if PROTOCOLS[protocol].avss_padding:
             metric.add_padding(AVSS_PADDED_LENGTH - len(item["mask_paths"]), gt[0].numel())
         if save_pred is not None:
             for name, labels in zip(names, pred.numpy().astype(np.uint8), strict=True):
@@ -238,6 +244,7 @@ def score_prediction_folder(dataset: AVSDataset, pred_dir: Path, protocol: str =
     """Score the PNGs under ``pred_dir`` against the dataset's labels (see the module docstring for the format)."""
     metric = SemanticMetrics(dataset.num_classes) if dataset.subset == "avss" else BinaryMetrics()
     palette = avss_palette(dataset.num_classes)
+    size = PROTOCOLS[protocol].binary_size
     with _Progress(progress, len(dataset), "scoring") as advance:
         for video in dataset.videos:
             annotated, gt = dataset.eval_labels(video)
@@ -250,12 +257,16 @@ def score_prediction_folder(dataset: AVSDataset, pred_dir: Path, protocol: str =
                 pred = np.stack([_read_class_prediction(p, label, gt.shape[1:], palette)
                                  for p, label in zip(paths, labels, strict=True)])
                 metric.update(torch.from_numpy(pred), torch.from_numpy(gt).long())
-                if protocol == "avsbench":
+                if PROTOCOLS[protocol].avss_padding:
                     metric.add_padding(AVSS_PADDED_LENGTH - video.num_frames, gt[0].size)
             else:
-                prob = torch.stack([_read_probability(p, label, gt.shape[1:])
+                truth = torch.from_numpy(gt == 1)
+                scored_at = None
+                if size is not None:
+                    truth, scored_at = upsample_labels(truth, size), f"protocol {protocol} scores at {size}x{size}"
+                prob = torch.stack([_read_probability(p, label, truth.shape[1:], scored_at)
                                     for p, label in zip(paths, labels, strict=True)])
-                metric.update(prob, torch.from_numpy(gt == 1))
+                metric.update(prob, truth)
             advance()
     return metric.result() if isinstance(metric, SemanticMetrics) else metric.result(protocol)
 
@@ -276,12 +287,14 @@ def _wh(size: tuple[int, int]) -> str:
     return f"{size[1]}x{size[0]}"
 
 
-def _read_probability(path: Path, label: Path, size: tuple[int, int]) -> torch.Tensor:
-    """An S4/MS3 prediction PNG -> float32 [h, w] probability (pixel / 255); ``size`` (h, w): its label's, the only
-    size accepted (a DataError naming the file, both sizes and the label otherwise)."""
+def _read_probability(path: Path, label: Path, size: tuple[int, int], scored_at: str | None = None) -> torch.Tensor:
+    """An S4/MS3 prediction PNG -> float32 [h, w] probability (pixel / 255); ``size`` (h, w): its label's, or the
+    size the protocol scores at (``scored_at`` says which, in words), the only size accepted (a DataError naming
+    the file, both sizes and the label otherwise)."""
     image = _prediction_image(path)
     if (image.height, image.width) != tuple(size):
-        raise DataError(path, f"prediction is {image.width}x{image.height} but its label {label} is {_wh(size)}")
+        expected = f"{scored_at} (its label {label} upsampled)" if scored_at else f"its label {label} is {_wh(size)}"
+        raise DataError(path, f"prediction is {image.width}x{image.height} but {expected}")
     pixels = np.asarray(image if image.mode == "L" else image.convert("L")).astype(np.float32) / 255.0
     return torch.from_numpy(pixels)
 

@@ -3,6 +3,7 @@
 - ``peak_rss_mib()``: the kernel's high-water mark of this process (``getrusage``), and of its reaped children
   (ffmpeg) with ``children=True``. Exact, but only ever grows: right for "the peak of this whole run" in a fresh
   process, which is how the benchmarks that compare peaks run each case.
+- ``available_mib()``: the free memory a size option is checked against before the work starts.
 - ``PeakWatch``: the peak over one stretch of work inside a long-lived process (one video, one kernel call): it
   samples the resident size in a thread (every 0.5 ms, short enough for a 2 ms kernel call) and reads the CUDA
   allocator's own peak on CUDA devices.
@@ -25,6 +26,19 @@ def peak_rss_mib(children: bool = False) -> float:
     """Peak resident memory (MiB) of this process so far, or of its finished children with ``children``."""
     peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / MIB  # KiB on Linux, bytes on macOS
+
+
+def available_mib(device=None) -> float | None:
+    """Free memory in MiB that a size option is bounded by: the CPU's available memory (``psutil``, the kernel's
+    MemAvailable), or a CUDA device's free memory (``device``: a ``torch.device`` of type cuda); None if unknown."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch  # local: only a CUDA device's free memory needs it (its caller has loaded torch already)
+
+        return torch.cuda.mem_get_info(device)[0] / MIB
+    try:
+        return psutil.virtual_memory().available / MIB
+    except (OSError, RuntimeError):
+        return None
 
 
 def rss_bytes() -> int:

@@ -9,8 +9,8 @@ S4/MS3 (``BinaryMetrics``), per frame, from the foreground probability p and the
   so the last is exactly 1.0), pred = p >= t, P = TP / (|pred| + 1e-20), R = TP / (|G| + 1e-20), NaN -> 0; frames
   with an empty G are skipped. Curves are averaged over the counted frames of a group, the group scores the max over
   thresholds (0 when it has no counted frame), and the dataset value is the mean over groups. A group is one video
-  in the ``av2ts`` protocol (COMBO/AV2TS evaluate one video per batch) and 4 consecutive videos in CSV order in the
-  ``avsbench`` protocol (the official test batch size).
+  in the ``av2ts`` protocol (COMBO/AV2TS evaluate one video per batch), 4 consecutive videos in CSV order in the
+  ``avsbench`` protocol (the official test batch size) and 2 in the ``avsegformer`` protocol (its test batch).
 
 AVSS (``SemanticMetrics``), per frame and class c: inter, pred and GT areas; IoU = inter / (union + 2.22e-16);
 F = 1.3 P R / (0.3 P + R) with P = inter / pred, R = inter / GT, NaN -> 0; the class counter n_c grows only when
@@ -18,18 +18,43 @@ union > 0. Sums run over every frame of the split; the result is the mean over a
 of sum / n_c, with 0 for a class never seen (n_c = 0) still counted in the mean. Pixels labelled 255 are left out.
 The ``avsbench`` protocol pads 5-frame (v1) clips to 10 frames with black frames, which the model is taken to
 predict as background against an all-background label (``add_padding``).
+
+``PROTOCOLS`` holds the one definition of each named protocol (``Protocol``); ``av2ts eval --protocol`` picks one:
+
+- ``av2ts`` (the default, for comparisons across families): F per video; AVSS on its real frames;
+- ``avsbench``: F per 4 videos; AVSS with the padded frames;
+- ``avsegformer``: what AVSegFormer's test scripts compute (vvvb-github/AVSegFormer at 7083cb6): S4/MS3 at
+  512 x 512, the labels upsampled from their 224 x 224 with PIL's nearest rule (``upsample_labels``) and the
+  prediction resized to 512 (an AVSegFormer model's map is 512 already), F per 2 videos (its test batch); AVSS
+  with the padded frames, at 224 x 224 as every protocol.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from av2ts_cli.avsbench import IGNORE_INDEX
 
-PROTOCOLS = ("av2ts", "avsbench")
-F_GROUP_SIZE = {"av2ts": 1, "avsbench": 4}
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a split is scored, where published numbers differ (docs/data-and-metrics.md, 'Protocols')."""
+
+    name: str
+    fscore_group_size: int  # S4/MS3: videos per F-score group (consecutive in CSV order)
+    avss_padding: bool  # AVSS: count the black frames that pad 5-frame (v1) clips to 10
+    binary_size: int | None = None  # S4/MS3: scored at this square size, labels upsampled to it; None: theirs
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "av2ts": Protocol("av2ts", fscore_group_size=1, avss_padding=False),
+    "avsbench": Protocol("avsbench", fscore_group_size=4, avss_padding=True),
+    "avsegformer": Protocol("avsegformer", fscore_group_size=2, avss_padding=True, binary_size=512),
+}
 NUM_THRESHOLDS = 255
 BETA2 = 0.3
 IOU_EPS = 1e-7
@@ -41,6 +66,16 @@ AVSS_PADDED_LENGTH = 10  # official AVSS clips: v1 clips are padded to 10 frames
 def fscore_thresholds() -> torch.Tensor:
     """The 255 official F-score thresholds (float32; the last one rounds to 1.0)."""
     return torch.linspace(0, 1 - 1e-10, NUM_THRESHOLDS)
+
+
+def upsample_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, H, W] labels (0/1 or class indices) -> [N, size, size], nearest with PIL's rule (output pixel i takes
+    input pixel floor((i + 0.5) * H / size), torch's "nearest-exact"): what ``Resize`` does to AVSegFormer's mask
+    images (PIL forces nearest for mode '1' and 'P'). The same dtype."""
+    if tuple(labels.shape[-2:]) == (size, size):
+        return labels
+    resized = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0]
+    return resized.to(labels.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- S4 / MS3
@@ -108,7 +143,7 @@ class BinaryMetrics:
 
     def result(self, protocol: str = "av2ts") -> dict:
         """{"miou", "fscore", "videos", "frames", "fscore_group_size"}."""
-        group = F_GROUP_SIZE[protocol]
+        group = PROTOCOLS[protocol].fscore_group_size
         if not self.ious:
             return {"miou": float("nan"), "fscore": float("nan"), "videos": 0, "frames": 0,
                     "fscore_group_size": group}

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from av2ts_cli import media
+from av2ts_cli import locks, media
 from av2ts_cli.avsbench import frame_time
 from av2ts_cli.classes import AVSS_NUM_CLASSES, avss_palette
 from av2ts_cli.console import warn
@@ -83,10 +83,9 @@ def read_mask_track(masks_dir: str | os.PathLike) -> MaskTrack:
         track = MaskTrack([times[i] for i in order], [paths[i] for i in order])
     else:
         files = [p for p in masks_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")]
-        files.sort(key=lambda p: (_trailing_number(p), p.name))
-        warn(f"{masks_dir}: no {FRAMES_FILE} beside it; assuming one mask per second (at k + 15/16 s) in file-name "
-             "order")
-        track = MaskTrack([frame_time(k) for k in range(len(files))], files)
+        track = _numbered_track(masks_dir, files)
+        warn(f"{masks_dir}: no {FRAMES_FILE} beside it; mask number k is taken at second k + 15/16 (numbers from 0, "
+             "or from 1 as AVSBench names its masks)")
     if not track.paths:
         raise DataError(masks_dir, "no mask images (*.png)")
     return track
@@ -95,6 +94,41 @@ def read_mask_track(masks_dir: str | os.PathLike) -> MaskTrack:
 def _trailing_number(path: Path) -> int:
     match = re.search(r"(\d+)$", path.stem)
     return int(match.group(1)) if match else -1
+
+
+def _numbered_track(masks_dir: Path, files: list[Path]) -> MaskTrack:
+    """Masks paired with times by the number that ends each name (000003.png, clip_4.png): number k (counted from
+    the first, 0 or 1) is shown at k + 15/16 s. A name without a number, two masks with one number, or a number
+    missing between the first and the last is a DataError naming them: pairing by order would shift every later
+    mask in time."""
+    numbers: dict[int, list[Path]] = {}
+    unnumbered = []
+    for path in files:
+        number = _trailing_number(path)
+        if number < 0:
+            unnumbered.append(path.name)
+        else:
+            numbers.setdefault(number, []).append(path)
+    if unnumbered:
+        raise DataError(masks_dir, f"{len(unnumbered)} masks without a number at the end of their name "
+                                   f"({', '.join(sorted(unnumbered)[:3])}) and no {FRAMES_FILE} to give their times")
+    twice = sorted(number for number, paths in numbers.items() if len(paths) > 1)
+    if twice:
+        names = ", ".join(p.name for p in sorted(numbers[twice[0]]))
+        raise DataError(masks_dir, f"two masks for number {twice[0]} ({names}): which is shown when is unknown")
+    if not numbers:
+        return MaskTrack([], [])
+    first, last = min(numbers), max(numbers)
+    if first not in (0, 1):
+        raise DataError(masks_dir, f"the masks are numbered from {first}; without {FRAMES_FILE}, numbers start at 0 "
+                                   "(predict) or 1 (AVSBench)")
+    gaps = [k for k in range(first, last + 1) if k not in numbers]
+    if gaps:
+        shown = ", ".join(str(k) for k in gaps[:5]) + (f" and {len(gaps) - 5} more" if len(gaps) > 5 else "")
+        raise DataError(masks_dir, f"masks {shown} are missing between {first} and {last}: every later mask would be "
+                                   "shown at the wrong time")
+    return MaskTrack([frame_time(k - first) for k in range(first, last + 1)],
+                     [numbers[k][0] for k in range(first, last + 1)])
 
 
 def read_mask(path: Path) -> tuple[np.ndarray, str]:
@@ -314,12 +348,14 @@ def overlay_command(video: str | os.PathLike, masks: str | os.PathLike, out: str
                     **style) -> dict:
     """``av2ts overlay VIDEO MASKS -o OUT``: ``render_overlay`` with the rules of every output of av2ts, checked
     before any work: an existing ``OUT`` is replaced only if av2ts wrote it (its folder's record) or with ``force``
-    (never the input itself: ``media``'s outputs refuse that), and it is recorded as av2ts's before it is
-    written."""
+    (never the input itself: ``media``'s outputs refuse that), and once written it is recorded as av2ts's."""
     video, out = Path(video), Path(out)
     check_overlay_path(out)
     if out.exists() and not force and out.name not in (owned_files(out.parent) or []):
         raise UsageError(f"-o {out}: the file exists and av2ts did not write it; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    record_owned(out.parent, [out.name])
-    return render_overlay(video, masks, out, **style)
+    with locks.held(out.parent, label=out.parent):  # one overlay at a time into a folder: its temps are its own
+        locks.sweep_temps(out.parent, recursive=False, stem=out.stem)  # what a killed overlay of this name left
+        report = render_overlay(video, masks, out, **style)  # written whole or not at all (media's atomic output)
+        record_owned(out.parent, [out.name])
+    return report

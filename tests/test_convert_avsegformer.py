@@ -2,56 +2,33 @@
 (avsegformer-keys-*.tsv, measured on vvvb-github/AVSegFormer at 7083cb6) convert with no av2ts key missing, exactly
 the never-run modules unused, and load strictly; old-layout, wrong-backbone and wrong-class checkpoints are refused.
 
+Through the app, ``av2ts convert FILE --kind avsegformer`` imports checkpoint files in those layouts (avsegformer-tiny's
+in the reference's names in a second, the full-size R50 MS3 one in float16), ``resolve_model`` loads the result, and
+every refusal is one error line.
+
 The layout files are read from tests/data, else from the spec folder; without them the layout tests skip (the rename
 unit tests and the refusals still run)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from pathlib import Path
+import json
 
 import pytest
 import torch
+from _avsegformer_keys import UNBUILT, meta_state, pool_state, random_state, tiny_reference_state
+from conftest import one_line
+from typer.testing import CliRunner
 
+from av2ts_cli import cli
 from av2ts_cli.config import get_preset
 from av2ts_cli.model import build_model
 from av2ts_cli.weights.convert_avsegformer import convert_avsegformer, rename, target_layout
+from av2ts_cli.weights.resolve import resolve_model
 
-LAYOUT_DIRS = (Path(__file__).parent / "data", Path("/work/shared/spec"))
 LAYOUTS = [("avsegformer-keys-pvt-s4.tsv", "avsegformer-pvt", "s4"),
            ("avsegformer-keys-r50-ms3.tsv", "avsegformer-r50", "ms3"),
            ("avsegformer-keys-pvt-avss.tsv", "avsegformer-pvt", "avss")]
-UNBUILT = ("head.fpn.", "head.attn_fc.", "backbone.layer3_2.", "backbone.layer4_2.")
-
-
-def layout(name: str) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    for folder in LAYOUT_DIRS:
-        if (folder / name).is_file():
-            rows = []
-            for line in (folder / name).read_text().splitlines()[1:]:
-                key, dtype, shape, _ = line.split("\t")
-                rows.append((key, getattr(torch, dtype), tuple(int(x) for x in shape.strip("[]").split(",") if x)))
-            return rows
-    pytest.skip(f"{name} is not in tests/data or the spec folder")
-
-
-def meta_state(name: str) -> dict[str, torch.Tensor]:
-    """The layout as meta tensors: keys, shapes and dtypes without memory (the converter never reads values)."""
-    return {key: torch.empty(shape, dtype=dtype, device="meta") for key, dtype, shape in layout(name)}
-
-
-def random_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, dtype, shape in layout(name):
-        if dtype == torch.int64:
-            state[key] = torch.randint(0, 1000, shape, generator=g)
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]) or 1)
-    return state
 
 
 # ------------------------------------------------------------------------------------------------------ layouts

@@ -28,6 +28,7 @@ from av2ts_cli.predict import options, outputs
 from av2ts_cli.predict import runner as predict_runner
 from av2ts_cli.predict import video as one_video
 from av2ts_cli.predictor import load_predictor, make_predictor
+from av2ts_cli.runs import OWNED_FILE
 from av2ts_cli.sources import collect_videos
 from av2ts_cli.weights import checkpoint, registry
 
@@ -150,14 +151,12 @@ def _check_overlay(clip: Path, overlay: Path) -> None:
     assert out.has_audio == source.has_audio
     if not source.has_audio:
         return
-    # AAC is re-encoded (AAC 192 kb/s, as media.encode_video muxes): the samples agree to within AAC's error of
-    # this 440 Hz tone (< 0.02 of full scale, correlation > 0.999; tests/test_media.py measures the same bounds)
+    # every audio stream is copied as it is (media.replace_video): the same samples, as long as the input's (audio
+    # shorter than the video stays so)
     original, muxed = media.decode_audio(clip), media.decode_audio(overlay)
-    assert abs(len(muxed) / 16000 - source.duration) <= 1 / source.fps + 1024 / 16000
-    n = min(len(original), len(muxed)) - 800  # the last AAC frame fades
+    assert abs(len(muxed) - len(original)) <= 1024
+    n = min(len(original), len(muxed))
     assert np.corrcoef(original[:n], muxed[:n])[0, 1] > 0.999 and np.abs(original[:n] - muxed[:n]).max() < 0.02
-    if len(muxed) > len(original) + 1600:  # audio shorter than the video: silence after it
-        assert np.abs(muxed[len(original) + 800:]).max() < 1e-3
 
 
 def test_semantic_model_writes_palette_pngs(make_clip, tmp_path):
@@ -196,7 +195,7 @@ def test_require_audio_and_formats(make_clip, tiny_predictor, tmp_path):
         predict.run([silent], _options(tmp_path / "a", require_audio=True), predictor=tiny_predictor)
     report = predict.run([silent], _options(tmp_path / "b", formats=("rle",)), predictor=tiny_predictor)
     folder = Path(report.videos[0].folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["masks.coco.json", "summary.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [OWNED_FILE, "masks.coco.json", "summary.json"]
     with pytest.raises(UsageError, match="--overlay paints the PNG masks"):
         predict.run([silent], _options(tmp_path / "c", formats=("json",), overlay=""), predictor=tiny_predictor)
 
@@ -491,7 +490,7 @@ def test_fps_above_the_frame_rate_and_window_beyond_the_video_are_usage_errors(m
 
 def test_a_window_that_cannot_fit_in_memory_is_refused(make_clip, tiny_predictor, tmp_path, monkeypatch):
     clip = make_clip("short-memory", duration=1.0)
-    monkeypatch.setattr(one_video, "available_mb", lambda device: 100.0)  # 15.3 MB a frame at 128 px
+    monkeypatch.setattr(one_video, "available_mib", lambda device: 100.0)  # 15.3 MB a frame at 128 px
     with pytest.raises(UsageError) as caught:
         predict.run([clip], _options(tmp_path / "run", window=5, batch=4), predictor=tiny_predictor)
     assert caught.value.message == ("--window 5 with --batch 4: needs over 306 MB, 100 MB free on cpu; at most "

@@ -62,11 +62,24 @@ def test_mask_track_from_frames_jsonl_and_from_names(tmp_path):
         render.read_mask_track(masks_dir)
     named = tmp_path / "b" / "masks"
     named.mkdir(parents=True)
-    for k in (10, 2, 1):  # AVSBench-style names: numeric order, one per second at k + 15/16
+    for k in (3, 2, 1):  # AVSBench-style names, from 1: mask k at second k - 1 + 15/16
         Image.fromarray(np.zeros((3, 3), np.uint8)).save(named / f"clip_{k}.png")
     track = render.read_mask_track(named)
-    assert [p.name for p in track.paths] == ["clip_1.png", "clip_2.png", "clip_10.png"]
+    assert [p.name for p in track.paths] == ["clip_1.png", "clip_2.png", "clip_3.png"]
     assert list(track.times) == [0.9375, 1.9375, 2.9375]
+    # by their numbers, never by their order: a gap or an extra picture is refused, naming it
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(named / "clip_10.png")
+    with pytest.raises(DataError) as caught:
+        render.read_mask_track(named)
+    assert str(caught.value) == (f"{named}: masks 4, 5, 6, 7, 8 and 1 more are missing between 1 and 10: every later "
+                                 "mask would be shown at the wrong time")
+    (named / "clip_10.png").rename(named / "clip_3-again_3.png")
+    with pytest.raises(DataError, match=r"two masks for number 3 \(clip_3-again_3.png, clip_3.png\)"):
+        render.read_mask_track(named)
+    (named / "clip_3-again_3.png").rename(named / "cover.png")
+    with pytest.raises(DataError, match=r"1 masks without a number at the end of their name \(cover.png\)"):
+        render.read_mask_track(named)
+    (named / "cover.png").unlink()
     (tmp_path / "c" / "masks").mkdir(parents=True)
     with pytest.raises(DataError, match="no mask images"):
         render.read_mask_track(tmp_path / "c" / "masks")

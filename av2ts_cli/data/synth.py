@@ -44,6 +44,7 @@ from av2ts_cli.data.layout import AVSS_SETS, DATA_FOLDERS, LABEL2IDX, METADATA, 
 from av2ts_cli.data.scene import CATEGORIES, Scene, sample_times, write_video_clip
 from av2ts_cli.errors import DataError, UsageError
 from av2ts_cli.media import write_wav
+from av2ts_cli.memory import available_mib
 
 DEFAULT_VIDEOS = {"s4": 48, "ms3": 32, "avss": 36}  # training videos; val and test get a quarter each (min 2)
 ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"  # YouTube id characters
@@ -263,6 +264,21 @@ def clip_masks_folder(video: str | os.PathLike) -> Path:
     return video.with_name(f"{video.stem}-masks")
 
 
+# Peak memory of write_clip per pixel of the frame side squared: 17.6 GB for a 20000 px clip (killed there), about
+# 15 copies of one RGB frame in flight (the scene's float layers, the frame, the encoder's pipe buffer)
+_CLIP_BYTES_PER_PIXEL = 3 * 15
+
+
+def _check_clip_size(size: int) -> None:
+    """A UsageError before any work when a clip of ``size`` px cannot fit in the free memory."""
+    free = available_mib()
+    needed = size * size * _CLIP_BYTES_PER_PIXEL / 2**20
+    if free is not None and needed > free:
+        fits = int((free * 2**20 / _CLIP_BYTES_PER_PIXEL) ** 0.5)
+        raise UsageError(f"--size {size}: a clip that large needs about {needed:.0f} MB, {free:.0f} MB are free; "
+                         f"at most --size {fits}")
+
+
 def write_clip(out: str | os.PathLike, *, kind: str = "s4", seconds: int = 15, size: int = 256, fps: float = 25.0,
                seed: int = 0, categories: int = len(CATEGORIES), force: bool = False) -> dict:
     """One synthetic clip to run ``predict`` on (the bundled demo is one): ``out``, an H.264 MP4 with its sound, and
@@ -274,6 +290,7 @@ def write_clip(out: str | os.PathLike, *, kind: str = "s4", seconds: int = 15, s
         raise UsageError(f"--kind must be one of {', '.join(CLIP_KINDS)}, got {kind!r}")
     if not 2 <= categories <= len(CATEGORIES) or seconds < 1 or size < 32 or fps <= 0:
         raise UsageError(f"a clip needs 2-{len(CATEGORIES)} categories, at least 1 s, 32 px and fps > 0")
+    _check_clip_size(size)
     masks = clip_masks_folder(out)
     for path in (out, masks):
         if path.exists() and not force:

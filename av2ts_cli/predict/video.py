@@ -31,7 +31,7 @@ from av2ts_cli import __version__, media
 from av2ts_cli.avsbench import FRAME_OFFSET, SAMPLE_RATE
 from av2ts_cli.errors import MediaError, UsageError
 from av2ts_cli.files import write_json
-from av2ts_cli.memory import PeakWatch
+from av2ts_cli.memory import PeakWatch, available_mib
 from av2ts_cli.predict.maskiges import LazyGenerator, folder_of, make_auto, maskige_warning
 from av2ts_cli.predict.options import PredictOptions
 from av2ts_cli.predict.outputs import MaskOutputs, clear_outputs, output_names
@@ -79,21 +79,6 @@ _MB_PER_FRAME_AT_128 = 15.3
 _IMAGE_CODECS = frozenset({"png", "mjpeg", "jpeg2000", "bmp", "tiff", "webp", "jpegls", "pam", "ppm", "pgm", "qoi"})
 
 
-def available_mb(device) -> float | None:
-    """Free memory on ``device`` in MB (CPU: MemAvailable; CUDA: the driver's free memory), None if unknown."""
-    if getattr(device, "type", "cpu") == "cuda":
-        import torch  # local: the stream has loaded it already; only the CUDA branch needs it here
-
-        return torch.cuda.mem_get_info(device)[0] / 2**20
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_bounds(video: Path, info: media.Probe, options: PredictOptions, predictor: Predictor) -> None:
     """UsageError (exit 2) naming the limit for options this video cannot take: ``--fps`` above its frame rate
     (every mask past it repeats a frame, at the cost of a pass each), ``--window`` longer than both the video and
@@ -110,7 +95,7 @@ def check_bounds(video: Path, info: media.Probe, options: PredictOptions, predic
         raise UsageError(f"--window {options.window}: {video} has {seconds} sampled second"
                          f"{'s' if seconds != 1 else ''} and the model's clip is {predictor.cfg.num_frames}; at "
                          f"most --window {longest}")
-    free = available_mb(predictor.device)
+    free = available_mib(predictor.device)
     per_frame = _MB_PER_FRAME_AT_128 * (predictor.cfg.input_size / 128) ** 2
     if free is not None and options.window * options.batch * per_frame > free:
         fits = max(1, int(free // (per_frame * options.batch)))
@@ -133,7 +118,7 @@ def _read_audio(video: Path, info: media.Probe, duration: float, require_audio: 
         if require_audio:
             raise MediaError(video, "no audio stream (--require-audio)")
         return np.zeros(0, np.float32), ["no audio stream: the model heard silence"]
-    wave = media.decode_audio(video, SAMPLE_RATE)
+    wave = media.decode_audio(video, SAMPLE_RATE, info=info)
     seconds = len(wave) / SAMPLE_RATE
     if seconds < duration - 0.5:
         return wave, [f"the audio ends at {seconds:.2f} s, before the video ({duration:.2f} s): silence after it"]
@@ -195,9 +180,9 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
     model_done = time.perf_counter()
     if overlay is not None:
         start = time.perf_counter()
+        render_overlay(video, outputs.track(), overlay, info=info)  # written whole or not at all
         if overlay.parent != folder:  # the folder's record says av2ts wrote it (a later run may replace it; a
             record_owned(overlay.parent, [overlay.name])  # folder source skips it as an input)
-        render_overlay(video, outputs.track(), overlay, info=info)
         timer.add("overlay", start)
 
     windows = len(schedule.windows)

@@ -105,7 +105,7 @@ def _vct_entry(subset: str, j: float, f: float, match: str) -> RegistryEntry:
                  f"F {f}); converted from the VCT code's checkpoint on first use, needs maskiges at 384 px (Siam "
                  "encoder); the heaviest network here",
         convert_kind="vct", hub_folder="", hub_match=match, hub_file="model_best.pth", convert_preset="vct-swinb",
-        published={"subset": subset, "J": j, "F": f}, licence=VCT_LICENCE, authors="VCT authors")
+        convert_subset=subset, published={"subset": subset, "J": j, "F": f}, licence=VCT_LICENCE, authors="VCT authors")
 
 
 # AVSegFormer (AAAI'24, vvvb-github/AVSegFormer at 7083cb6, README L42-54; docs/model.md, 'AVSegFormer'): one bare
