@@ -1,4 +1,5 @@
-"""What ``av2ts info`` reports: versions, devices, ffmpeg, the deformable-attention backend, caches."""
+"""What ``av2ts info`` reports: versions, devices, the CPU's measured precision, ffmpeg, the deformable-attention
+backend, caches."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.table import Table
 from av2ts_cli import __version__, media
 from av2ts_cli.console import console
 from av2ts_cli.errors import MediaError
+from av2ts_cli.processes import cpu_precision
 from av2ts_cli.weights.resolve import describe_parameters
 
 
@@ -80,6 +82,7 @@ def environment_report() -> dict:
         **{package: _installed_version(package) for package in ("torchaudio", "timm")},
     }
     report.update(_cuda_report())
+    report["cpu_precision"] = cpu_precision()  # measured once per machine, torch version and thread count
     report.update(_ffmpeg_report())
     try:
         report["deform_attn_backend"] = ops.active_backend()
@@ -97,10 +100,22 @@ def print_environment_report(report: dict) -> None:
     for key, value in report.items():
         if key == "devices":
             value = ", ".join(f"cuda:{d['index']} {d['name']} ({d['memory_gib']} GiB)" for d in value) or "none"
+        elif key == "cpu_precision":
+            value = describe_cpu_precision(value)
         elif key == "env":
             value = " ".join(f"{k}={v}" for k, v in value.items()) or "(no AV2TS_/HF_HUB_ variables set)"
         table.add_row(key, str(value))
     console.print(table)
+
+
+def describe_cpu_precision(choice: dict) -> str:
+    """One line for ``processes.cpu_precision()``: the choice and the figures it was made from."""
+    figures = choice["figures"]
+    matmul, conv = figures["matmul_gflops"], figures["conv_gflops"]
+    how = f"cached in {choice['cache']}" if choice.get("cached") else "measured now"
+    return (f"{choice['precision']} (the default on this CPU; bf16 {figures['bf16_speedup']}x fp32: matmul "
+            f"{matmul['fp32']} vs {matmul['bf16']} GFLOP/s, 3x3 conv {conv['fp32']} vs {conv['bf16']} GFLOP/s "
+            f"fp32 vs bf16; {how}, {choice.get('measured_at', '?')})")
 
 
 def model_report(name_or_path: str) -> dict:

@@ -103,7 +103,8 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
                                      save_pred=save_pred, progress=progress and processes.main, processes=processes)
         finally:
             processes.stop()
-        source = {"model": str(model), "shuffle_audio": shuffle_audio, "precision": predictor.precision}
+        source = {"model": str(model), "shuffle_audio": shuffle_audio, "precision": predictor.precision,
+                  "precision_basis": predictor.precision_basis}
         folder = Path(save_pred) if save_pred is not None else None
 
     report = {"subset": subset, "split": split, "protocol": protocol, "videos": metrics["videos"],

@@ -38,6 +38,7 @@ class Predictor:
     precision: str  # "fp32", "bf16" or "fp16" (model.inference: bf16 on a CPU is the whole forward in bf16)
     trained_on: dict | str | None = None  # config.json's "trained_on" (Siam models: which maskiges, see predict)
     weights_sha256: str | None = None  # the weights file's content hash (None: a preset's random weights)
+    precision_basis: dict | None = None  # processes.resolve_precision: what was asked, the CPU's measured figures
 
     @property
     def binary(self) -> bool:
@@ -70,19 +71,21 @@ class Predictor:
         return {"name": self.name, "preset": self.cfg.preset, "subset": self.cfg.subset,
                 "num_classes": self.cfg.num_classes, "classes": self.class_names, "input_size": self.cfg.input_size,
                 "num_frames": self.cfg.num_frames, "siam": self.cfg.siam, "device": str(self.device),
-                "precision": self.precision, "weights_sha256": self.weights_sha256}
+                "precision": self.precision, "precision_basis": self.precision_basis,
+                "weights_sha256": self.weights_sha256}
 
 
 def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], name: str,
                    device: str | torch.device = "auto",
                    half: bool = False, trained_on: dict | str | None = None, precision: str | None = None
                    ) -> Predictor:
-    """Move ``model`` to the device, pick the precision (``--precision``, None: the default; ``--half``: the fast
-    path) and prepare the model for it (``model.inference.choose_precision`` and ``prepare_for_inference``)."""
+    """Move ``model`` to the device, pick the precision (``--precision``, None: the default, measured on a CPU;
+    ``--half``: the fast path) and prepare the model for it (``processes.resolve_precision`` and
+    ``prepare_for_inference``)."""
     target = resolve_device(device)
-    precision = resolve_precision(precision, target, half)
+    precision, basis = resolve_precision(precision, target, half)
     model = prepare_for_inference(model, precision, target)
-    return Predictor(model, cfg, list(class_names), name, target, precision, trained_on)
+    return Predictor(model, cfg, list(class_names), name, target, precision, trained_on, precision_basis=basis)
 
 
 def load_predictor(name: str | None, device: str | torch.device = "auto", half: bool = False,

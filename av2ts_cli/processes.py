@@ -8,15 +8,24 @@ objects (reports, per-video scores) and gloo also runs across nodes without GPUs
 GPU of its LOCAL_RANK (``device_for``).
 
 The environment check and ``device_for`` load no torch: ``data maskiges --masks-from`` shards frames without it.
+
+The precision choice: ``auto`` on a CPU is the faster of fp32 and bf16 *as measured* on this machine
+(``model.inference.measure_precisions``, a fraction of a second), measured once per CPU model, torch version and
+thread count and kept in ``<av2ts cache>/precision.json`` (``cpu_precision``), like cuDNN's benchmark mode;
+``--precision`` forces one.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import platform
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from av2ts_cli import files
+from av2ts_cli.config import cache_root
 from av2ts_cli.console import warn
 from av2ts_cli.errors import UsageError
 from av2ts_cli.interrupts import ignore_sigterm
@@ -161,16 +170,74 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def resolve_precision(precision: str | None, device: torch.device, half: bool = False) -> str:
-    """The precision ``eval`` and ``predict`` run at for ``--precision`` (None: the device's default) and ``--half``
-    (``model.inference.choose_precision``): a choice the device cannot run is a UsageError, and the note on a
-    choice that was changed (``--half`` on a CPU without native bf16) is shown as a warning."""
+PRECISION_CACHE = "precision.json"  # under config.cache_root(): {machine key: {"precision", "figures", ...}}
+
+
+def cpu_model() -> str:
+    """This CPU's model string (``/proc/cpuinfo``'s model name; elsewhere ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_key() -> str:
+    """What a CPU precision measurement holds for: the CPU model, torch's version and its thread count, and the
+    measurement's method."""
+    import torch  # local: see the module docstring
+
+    from av2ts_cli.model.inference import MEASURE_VERSION  # local: the network package imports torch
+
+    return (f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+            f"measure v{MEASURE_VERSION}")
+
+
+def cpu_precision() -> dict:
+    """The CPU's faster precision, measured once per ``machine_key`` and cached: {"precision": "fp32" or "bf16",
+    "figures": ``measure_precisions``' figures, "key", "measured_at", "cached": whether it came from the cache,
+    "cache": the file}. An unreadable cache is measured anew; an unwritable one only loses the reuse."""
+    from av2ts_cli.model import inference  # local: the network package imports torch
+
+    path = cache_root() / PRECISION_CACHE
+    key = machine_key()
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        entries = {}
+    entries = entries if isinstance(entries, dict) else {}
+    entry = entries.get(key)
+    if (isinstance(entry, dict) and entry.get("precision") in ("fp32", "bf16")
+            and isinstance(entry.get("figures"), dict)):
+        return {**entry, "key": key, "cached": True, "cache": str(path)}
+    figures = inference.measure_precisions()
+    entry = {"precision": inference.precision_from_figures(figures), "figures": figures,
+             "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        files.write_json(path, {**entries, key: entry})
+    except OSError as err:
+        warn(f"{path}: the precision measurement is not cached ({err.strerror or err})")
+    return {**entry, "key": key, "cached": False, "cache": str(path)}
+
+
+def resolve_precision(precision: str | None, device: torch.device, half: bool = False) -> tuple[str, dict]:
+    """The precision ``eval`` and ``predict`` run at for ``--precision`` (None: ``auto``) and ``--half``
+    (``model.inference.choose_precision``), and its basis: {"asked": "auto", "--half" or "--precision P",
+    "measured": ``cpu_precision()`` on a CPU where the choice depends on it, else None}. A choice the device cannot
+    run is a UsageError; the note on a choice that was changed (``--half`` where bf16 is not faster) is shown as a
+    warning."""
     from av2ts_cli.model.inference import choose_precision  # local: the network package imports torch
 
+    # the choice depends on the measurement only for auto, --half and bf16 (a --half with fp32 or fp16 is refused)
+    measured = cpu_precision() if device.type == "cpu" and precision in (None, "bf16") else None
     try:
-        chosen, note = choose_precision(precision, device, half)
+        chosen, note = choose_precision(precision, device, half, measured["precision"] if measured else None)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if note:
         warn(note)
-    return chosen
+    asked = "--half" if half else ("auto" if precision is None else f"--precision {precision}")
+    return chosen, {"asked": asked, "measured": measured}

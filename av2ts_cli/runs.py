@@ -135,18 +135,20 @@ def foreign_entries(folder: Path) -> list[str]:
         return []
 
 
-def claim_folder(folder: Path, force: bool = False) -> list[str]:
+_FORCE_HINT = "pass --force to write into it (av2ts replaces only the files it writes)"
+
+
+def claim_folder(folder: Path, force: bool = False, hint: str = _FORCE_HINT) -> list[str]:
     """Make sure av2ts may write into ``folder`` (made if missing) and return the files it wrote there before: a
     folder it made (its record, or an older av2ts's summary), an empty one, or with ``force`` any folder (whose
-    files av2ts then still never removes). Anything else is a UsageError naming the folder."""
+    files av2ts then still never removes). Anything else is a UsageError naming the folder, with ``hint``."""
     folder.mkdir(parents=True, exist_ok=True)
     owned = owned_files(folder)
     if owned is None:
         foreign = foreign_entries(folder)
         if foreign and not force:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise UsageError(f"{folder}: a folder av2ts did not make (it holds {shown}); pass --force to write "
-                             "into it (av2ts replaces only the files it writes)")
+            raise UsageError(f"{folder}: a folder av2ts did not make (it holds {shown}); {hint}")
         owned = []
     record_owned(folder, owned)
     return owned

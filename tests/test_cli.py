@@ -84,6 +84,10 @@ def test_info_json_reports_the_environment():
         assert key in report
     assert report["av2ts"] == __version__
     assert report["ffmpeg"] and "ffmpeg version" in report["ffmpeg_version"]
+    choice = report["cpu_precision"]  # the CPU's measured default precision and its figures (processes.py)
+    assert choice["precision"] in ("fp32", "bf16") and choice["figures"]["matmul_gflops"]["fp32"] > 0
+    text = runner.invoke(cli.app, ["info"])
+    assert text.exit_code == 0 and "cpu_precision" in text.output and "GFLOP/s" in text.output
 
 
 def test_real_subprocess_entry_points():
@@ -106,3 +110,22 @@ def test_command_summaries_are_one_paragraph_lines():
             assert "\n" not in doc.split("\n\n")[0], node.name
             checked += 1
     assert checked >= len(SUBCOMMANDS)
+
+
+def test_info_names_a_bad_backend_variable_and_still_reports(monkeypatch):
+    monkeypatch.setenv("AV2TS_DEFORM_ATTN", "bogus")
+    result = runner.invoke(cli.app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["deform_attn_backend"] == ("none: AV2TS_DEFORM_ATTN='bogus': expected one of "
+                                             "auto, cpp, cuda, torch")
+    assert report["env"]["AV2TS_DEFORM_ATTN"] == "bogus" and report["torch"]
+
+
+def test_a_clip_too_large_for_the_memory_is_refused_before_any_work(tmp_path):
+    cli._state["debug"] = False
+    result = runner.invoke(cli.app, ["data", "clip", str(tmp_path / "big.mp4"), "--size", "100000"])
+    assert result.exit_code == EXIT_USAGE
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --size 100000: a clip that large needs about 429153 MB, ")
+    assert "are free; at most --size " in lines[0] and list(tmp_path.iterdir()) == []

@@ -139,3 +139,159 @@ def test_data_parallel_prefix_is_tolerated():
     state = {"module." + k: v for k, v in meta_state("avsegformer-keys-r50-ms3.tsv").items()}
     _, unused, missing = convert_avsegformer(state, get_preset("avsegformer-r50", "ms3"))
     assert missing == [] and all(k.startswith(UNBUILT) for k in unused)
+
+
+# ----------------------------------------------------------------------------------------- av2ts convert (the app)
+runner = CliRunner()
+OLD_LAYOUT_LINE = (
+    "the checkpoint has no head.query_generator.* keys (head.query_generator.query.weight and its layers): it was "
+    "made by AVSegFormer's code before commit b2f40e2 (2023-08-14), whose network had no audio query generator. "
+    "av2ts builds the later network; use the checkpoints linked by the README at 7083cb6 (2023-08-14 17:33)")
+
+
+def convert_cli(path, out, *options: str):
+    cli._state["debug"] = False
+    return runner.invoke(cli.app, ["convert", str(path), "--kind", "avsegformer", "--out", str(out), *options])
+
+
+def assert_loaded(folder, state: dict[str, torch.Tensor], preset: str, subset: str) -> None:
+    """``resolve_model(folder)`` holds every used tensor of the reference ``state`` under its av2ts name."""
+    model, cfg, _ = resolve_model(folder)
+    assert (cfg.family, cfg.preset, cfg.subset, cfg.siam) == ("avsegformer", preset, subset, False)
+    loaded = model.state_dict()
+    used = {rename(key)[0]: tensor for key, tensor in state.items() if not key.startswith(UNBUILT)}
+    assert set(used) == set(loaded)
+    for key, tensor in used.items():
+        assert torch.equal(loaded[key], tensor.to(loaded[key].dtype)), key
+
+
+@pytest.mark.parametrize("subset", ["s4", "avss"])
+def test_cli_converts_a_reference_checkpoint_and_resolve_model_loads_it(tmp_path, subset):
+    """avsegformer-tiny's tensors in the reference's names: the JSON report lists every unused key under its reason,
+    the checkpoint loads through the one resolver with the same tensors; AVSS's 71 channels say the subset."""
+    state = tiny_reference_state(subset, seed=1)
+    path = tmp_path / "AVSS_miou_best.pth"
+    torch.save(state, path)
+    options = ["--preset", "avsegformer-tiny"] + (["--subset", subset] if subset == "s4" else [])
+    result = convert_cli(path, tmp_path / "out", *options, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    unused = {key for keys in report["unused_keys"].values() for key in keys}
+    assert unused == {key for key in state if key.startswith(UNBUILT)} and len(unused) == 4
+    assert sum(report["dropped"].values()) == 4 and report["source_tensors_used"] == len(state) - 4
+    assert report["filled_tensors"] == len(state) - 4 and report["subset"] == subset
+    assert_loaded(tmp_path / "out", state, "avsegformer-tiny", subset)
+
+
+def test_cli_report_names_the_unused_keys(tmp_path):
+    path = tmp_path / "S4_best.pth"
+    torch.save(tiny_reference_state("s4"), path)
+    result = convert_cli(path, tmp_path / "out", "--preset", "avsegformer-tiny", "--subset", "s4")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for key in ("head.fpn.up1.1.weight", "head.attn_fc.4.weight", "backbone.layer3_2.0.conv1.weight"):
+        assert key in text
+    assert "dropped 2 source tensors: the reference ResNet-50's second branch" in text
+
+
+def test_cli_refuses_an_old_layout_in_one_line_with_or_without_subset(tmp_path):
+    """A checkpoint of the code before the query generator: exit 1, one line, before any question of --subset."""
+    state = {k: v for k, v in tiny_reference_state("s4").items() if not k.startswith("head.query_generator.")}
+    path = tmp_path / "old.pth"
+    torch.save(state, path)
+    for options in ([], ["--subset", "ms3"]):
+        result = convert_cli(path, tmp_path / "out", *options)
+        assert result.exit_code == 1
+        assert one_line(result.output) == f"error: {path}: {OLD_LAYOUT_LINE}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_s4_or_ms3_without_subset_is_one_usage_line(tmp_path):
+    path = tmp_path / "best.pth"
+    torch.save(tiny_reference_state("s4"), path)
+    result = convert_cli(path, tmp_path / "out", "--preset", "avsegformer-tiny")
+    assert result.exit_code == 2
+    assert one_line(result.output) == (f"error: {path}: an S4 or MS3 checkpoint (one output channel; the two look "
+                                       "alike): pass --subset s4 or --subset ms3")
+    result = convert_cli(path, tmp_path / "out", "--preset", "combo-tiny", "--subset", "s4")
+    assert result.exit_code == 2
+    assert one_line(result.output) == ("error: --preset combo-tiny: not an AVSegFormer preset; choose from "
+                                       "avsegformer-r50, avsegformer-pvt, avsegformer-tiny")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_cli_empty_or_truncated_file_is_one_line_naming_it(tmp_path, damage):
+    """An interrupted download: one line naming the file and what is wrong, no EOFError or zip-reader text."""
+    whole = tmp_path / "whole.pth"
+    torch.save(tiny_reference_state("s4"), whole)
+    path = tmp_path / f"{damage}.pth"
+    path.write_bytes(b"" if damage == "empty" else whole.read_bytes()[: whole.stat().st_size // 2])
+    result = convert_cli(path, tmp_path / "out", "--subset", "s4")
+    assert result.exit_code == 1
+    line = one_line(result.output)
+    expected = {"empty": f"error: {path}: empty file (0 bytes), not a checkpoint: an interrupted download or copy? "
+                         "fetch or copy it again",
+                "truncated": f"error: {path}: truncated: the zip archive torch.save writes ends early, its directory "
+                             f"missing ({path.stat().st_size:,} bytes): an interrupted download or copy? fetch or "
+                             "copy it again"}[damage]
+    assert line == expected
+    for raw in ("EOFError", "PytorchStreamReader", "central directory", "miniz"):
+        assert raw not in result.output
+
+
+@pytest.fixture(scope="module")
+def r50_ms3_file(tmp_path_factory):
+    """A full-size checkpoint in the R50 MS3 layout (random float16 tensors: 300 MB, not 600), written once."""
+    state = pool_state("avsegformer-keys-r50-ms3.tsv", seed=5)
+    path = tmp_path_factory.mktemp("avsegformer") / "MS3_best.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.slow
+def test_cli_converts_the_full_size_r50_ms3_layout(r50_ms3_file, tmp_path):
+    """The R50 MS3 layout through ``av2ts convert``: every used tensor lands in the resolved model (float16 -> float32
+    exactly), the second ResNet branch and the head's never-run modules are reported unused."""
+    path, state = r50_ms3_file
+    result = convert_cli(path, tmp_path / "out", "--subset", "ms3", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {key for keys in report["unused_keys"].values() for key in keys} == \
+        {key for key in state if key.startswith(UNBUILT)}
+    assert report["preset"] == "avsegformer-r50" and report["filled_tensors"] == 668
+    assert_loaded(tmp_path / "out", state, "avsegformer-r50", "ms3")
+
+
+@pytest.mark.slow
+def test_the_registry_name_resolves_from_a_stand_in_for_google_drive(r50_ms3_file, tmp_path, monkeypatch):
+    """``resolve_model("avsegformer-r50-ms3")``: the authors' file id is fetched once (a local stand-in for
+    ``upstream.fetch_from_gdrive`` copies the R50 MS3 file; the rest is real), converted with the entry's preset and
+    subset, loaded; a second use, offline, neither fetches nor converts."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from av2ts_cli.weights import upstream
+
+    path, state = r50_ms3_file
+    calls = []
+
+    def google_drive(file_id, out):
+        calls.append(file_id)
+        shutil.copyfile(path, out)
+
+    monkeypatch.setenv("AV2TS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(upstream, "fetch_from_gdrive", google_drive)
+    model, cfg, doc = resolve_model("avsegformer-r50-ms3")
+    assert calls == ["1MRk5gQnUtiWwYDpPfB20fO07SVLhfuIV"]
+    assert (cfg.preset, cfg.subset, cfg.num_classes) == ("avsegformer-r50", "ms3", 2)
+    assert doc["trained_on"]["published"] == {"J": 53.81, "F": 65.6, "protocol": "avsegformer"}
+    assert doc["meta"]["registry"]["licence"] == "none stated"
+    loaded = model.state_dict()
+    for key in ("backbone.layer4_1.2.conv3.weight", "vggish.embeddings.0.weight", "head.fc.4.weight",
+                "head.query_generator.layers.5.cross_attn.in_proj_weight", "backbone.bn1.running_var"):
+        assert torch.equal(loaded[rename(key)[0]], state[key].float()), key
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    again = upstream.prepare_registry_checkpoint("avsegformer-r50-ms3")
+    assert not again.converted and calls == ["1MRk5gQnUtiWwYDpPfB20fO07SVLhfuIV"]

@@ -1,6 +1,7 @@
 """av2ts_cli/download.py (`av2ts download`): with HF_HUB_OFFLINE=1 and empty caches every name fails in one line that
-names its repository (or URL) and says it needs a network; unknown names are a usage error; a cached VGGish file is
-reported where it is. (Fetching a COMBO checkpoint from a cache and converting it once: tests/test_weights.py.)"""
+names its repository (or URL, or Google Drive file id) and says it needs a network; unknown names are a usage error;
+a cached VGGish file is reported where it is. (Fetching a COMBO checkpoint from a cache and converting it once, and an
+AVSegFormer file from a stand-in for Google Drive: tests/test_weights_resolve.py.)"""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def _download(tmp_path, *names: str, **env) -> subprocess.CompletedProcess:
     ("ced-mini", ["hf://mispeech/ced-mini", "HF_HUB_OFFLINE is set", "fetch it once online"]),
     ("vggish", ["https://github.com/harritaylor/torchvggish/", "HF_HUB_OFFLINE is set", "needs a network"]),
     ("sam-vit-base", ["facebook/sam-vit-base", "HF_HUB_OFFLINE is set", "prefetch it once online"]),
+    ("avsegformer-r50-ms3", ["Google Drive file 1MRk5gQnUtiWwYDpPfB20fO07SVLhfuIV", "HF_HUB_OFFLINE is set",
+                             "av2ts convert FILE --kind avsegformer --subset ms3 --out DIR"]),
 ])
 def test_offline_and_missing_is_one_line_naming_the_source(tmp_path, name, names):
     proc = _download(tmp_path, name)
@@ -44,6 +47,7 @@ def test_unknown_names_are_a_usage_error_listing_the_known_ones(tmp_path):
     assert proc.returncode == 2
     line = one_line(proc.stdout + proc.stderr)
     assert "unknown name(s) combo-r50-avss" in line and "combo-pvt-s4" in line and "vggish" in line
+    assert all(f"avsegformer-{b}-{s}" in line for b in ("pvt", "r50") for s in ("s4", "ms3", "avss"))
 
 
 def test_a_cached_vggish_is_reported_where_it_is_offline(tmp_path):

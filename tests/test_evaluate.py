@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -173,6 +174,43 @@ def test_model_predictions_saved_and_rescored(synth_data, random_models, tmp_pat
     shuffled = eval_json(*data, "--model", str(random_models["s4"]), "--shuffle-audio")
     saved = json.loads((tmp_path / "runs" / "eval" / "exp2" / "metrics.json").read_text())
     assert shuffled["videos"] == 3 and saved["shuffle_audio"] is True and saved["miou"] == shuffled["miou"]
+
+
+def test_avsegformer_protocol_scores_s4_at_512_against_upsampled_labels(synth_data, tmp_path):
+    """--protocol avsegformer: S4 predictions at 512 x 512 equal to the labels upsampled with PIL's nearest (what
+    AVSegFormer's loader does to its masks) score 1; a prediction at the label's size is one line naming both sizes;
+    a model's map (here a hard one, the label itself) is scored and saved at 512 x 512 against the upsampled label."""
+    from av2ts_cli.evaluate import _score_clip
+    from av2ts_cli.metrics import BinaryMetrics, upsample_labels
+
+    videos = list_videos(resolve_root(synth_data, "s4"), "s4", "test")
+    for video in videos:
+        for i in video.annotated:
+            target = tmp_path / "pred" / video.mask_names[i]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(video.masks[i]).convert("L").resize((512, 512), Image.NEAREST).save(target)
+    data = ["--subset", "s4", "--data", str(synth_data)]
+    report = eval_json(*data, "--pred-dir", str(tmp_path / "pred"), "--protocol", "avsegformer")
+    assert report["miou"] == pytest.approx(1.0, abs=1e-6) and report["fscore"] == pytest.approx(1.0, abs=1e-6)
+    assert report["protocol"] == "avsegformer" and report["frames"] == 15
+
+    copy_labels(synth_data, "s4", "test", tmp_path / "labels")
+    first = videos[0].annotated[0]
+    line = one_line_error(["eval", *data, "--pred-dir", str(tmp_path / "labels"), "--protocol", "avsegformer"])
+    assert line == (f"error: {tmp_path / 'labels' / videos[0].mask_names[first]}: prediction is 64x64 but protocol "
+                    f"avsegformer scores at 512x512 (its label {videos[0].masks[first]} upsampled)")
+
+    # a model's side (evaluate_model's per-clip scoring): an AVSegFormer map is 512 x 512; one equal to the upsampled
+    # label scores 1 under avsegformer (as is) and under av2ts (resized to 64: every 8 x 8 block is one label pixel)
+    truth = torch.from_numpy((np.asarray(Image.open(videos[0].masks[first]).convert("L")) > 127).astype(np.int64))
+    item = {"supervised": torch.tensor([True]), "masks": truth[None], "mask_paths": [videos[0].mask_names[first]]}
+    big = upsample_labels(truth[None], 512)[0]
+    semseg = torch.stack([1 - big, big]).float()[None]  # [T = 1, 2, 512, 512]
+    for protocol, size in (("avsegformer", 512), ("av2ts", 64)):
+        metric = BinaryMetrics()
+        _score_clip(item, semseg, SimpleNamespace(subset="s4"), metric, protocol, tmp_path / protocol, None)
+        assert metric.ious[0].tolist() == [pytest.approx(1.0, abs=1e-6)]
+        assert Image.open(tmp_path / protocol / videos[0].mask_names[first]).size == (size, size)
 
 
 def test_avss_model_with_mixed_clip_lengths_and_padding(synth_data, random_models, tmp_path):

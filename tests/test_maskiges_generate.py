@@ -17,7 +17,7 @@ from conftest import one_line
 
 from av2ts_cli.data.datasets import AVSDataset
 from av2ts_cli.data.synth import SynthOptions, synthesize
-from av2ts_cli.errors import Av2tsError
+from av2ts_cli.errors import Av2tsError, CheckpointError
 from av2ts_cli.maskiges.generate import (
     DEFAULT_REPO,
     DEFAULT_REVISION,
@@ -49,6 +49,86 @@ def test_generates_masks_of_the_frame_size(tiny_models, kind):
     assert described["model_type"] == kind and described["settings"]["points_per_side"] == 4
     strict = MaskGenerator(tiny_models[kind], GeneratorSettings(points_per_side=4), device="cpu").generate(image)
     assert strict.shape[1:] == (48, 80) and len(strict) <= len(masks)  # COMBO's thresholds keep fewer, maybe none
+
+
+def test_a_folder_with_a_whole_processor_saved_loads(tiny_models, tmp_path):
+    """transformers 5's save_pretrained of a SamProcessor writes processor_config.json, not
+    preprocessor_config.json: such a folder loads, and gives the same masks; one with neither is refused."""
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "whole-processor"
+    shutil.copytree(tiny_models["sam"], folder)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    (folder / "preprocessor_config.json").unlink()
+    transformers.SamProcessor(image_processor).save_pretrained(folder)
+    assert (folder / "processor_config.json").is_file() and not (folder / "preprocessor_config.json").exists()
+    image = (np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8)
+    expected = MaskGenerator(tiny_models["sam"], LOOSE, device="cpu").generate(image)
+    np.testing.assert_array_equal(MaskGenerator(folder, LOOSE, device="cpu").generate(image), expected)
+    (folder / "processor_config.json").unlink()
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: missing"):
+        MaskGenerator(folder, LOOSE, device="cpu")
+
+
+def _reference_masks(processor, batches, frame, reshaped, s: GeneratorSettings) -> np.ndarray:
+    """The processor's own post-processing of decoder batches, as generate.py ran it before: the IoU test, the
+    upscaling of the kept masks, ``filter_masks`` (stability, boxes, RLE), ``post_process_for_mask_generation``."""
+    import torch
+
+    rles, scores, boxes = [], [], []
+    whole = torch.tensor([0.0, 0.0, frame[1], frame[0]])
+    for low, iou in batches:
+        keep = iou > s.pred_iou_thresh if s.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+        if not keep.any():
+            continue
+        masks = processor.post_process_masks([low[keep][:, None]], [list(frame)], reshaped_input_sizes=[reshaped],
+                                             binarize=False)[0]
+        batch_rles, batch_scores, batch_boxes = processor.filter_masks(
+            masks, iou[keep][:, None], frame, whole, s.pred_iou_thresh, s.stability_score_thresh, s.mask_threshold,
+            s.stability_score_offset)
+        rles += batch_rles
+        scores.append(batch_scores)
+        boxes.append(batch_boxes)
+    if not rles:
+        return np.zeros((0, *frame), dtype=bool)
+    masks, _, _, _ = processor.post_process_for_mask_generation(rles, torch.cat(scores), torch.cat(boxes),
+                                                                s.box_nms_thresh)
+    return np.stack([np.asarray(m, dtype=bool) for m in masks])
+
+
+@pytest.mark.parametrize(("iou_thresh", "stability_thresh"), [(0.0, 0.0), (0.5, 0.6), (0.2, 0.7)])
+def test_the_filtering_keeps_the_processors_masks_in_its_order(iou_thresh, stability_thresh):
+    """select_masks + KeptMasks (IoU test before upscaling, vectorised stability and boxes, packed masks) against
+    the processor's post-processing on random smooth logits of three decoder batches: the same masks, same order."""
+    import torch
+    import transformers
+
+    from av2ts_cli.maskiges.generate import KeptMasks, Upscaler, select_masks
+
+    processor = transformers.SamImageProcessor()  # SAM's: pad to 1024, decoder masks of 256
+    frame, reshaped = (45, 80), [576, 1024]  # a 16:9 frame, its long side resized to 1024
+    g = torch.Generator().manual_seed(7)
+    s = GeneratorSettings(points_per_side=4, pred_iou_thresh=iou_thresh, stability_score_thresh=stability_thresh)
+    batches = []
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, 256), torch.linspace(0, 1, 256), indexing="ij")
+    for n in (12, 9, 15):  # blobs of random place, size and sharpness, with smooth noise
+        centre, radius = torch.rand(n, 2, 1, 1, generator=g) * 0.6, torch.rand(n, 1, 1, generator=g) * 0.25 + 0.03
+        distance = ((xs - centre[:, 0]) ** 2 + (ys - centre[:, 1]) ** 2).sqrt()
+        sharpness = torch.rand(n, 1, 1, generator=g) * 60 + 5
+        noise = torch.nn.functional.interpolate(torch.randn(n, 1, 8, 8, generator=g), (256, 256), mode="bicubic")
+        batches.append(((radius - distance) * sharpness + noise[:, 0], torch.rand(n, generator=g)))
+    expected = _reference_masks(processor, batches, frame, reshaped, s)
+    upscale = Upscaler(processor, frame, reshaped)
+    upscale.chunk = 4  # several chunks per batch
+    kept = KeptMasks(frame)
+    for low, iou in batches:
+        kept.add(*select_masks(low, iou, upscale, s))
+    got = kept.after_nms(s.box_nms_thresh)
+    assert got.dtype == bool and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    assert len(got) >= {0.0: 10, 0.5: 3, 0.2: 1}[iou_thresh]  # the comparison has masks to compare
 
 
 def test_small_holes_and_islands_are_removed():

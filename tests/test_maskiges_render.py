@@ -138,3 +138,30 @@ def test_avss_fit_train_crops_the_centre_and_val_squashes():
     big = fit_avss(palette_image(id_map(np.stack([_rect(720, 1280, 0, 0, 720, 40)])), size=None), train=True)
     # 1280 x 720 -> 398 x 224 (int truncation), crop from round(87.0) = 87: the 40 px left band falls outside
     assert big.size == (224, 224) and (np.asarray(big) == GREY).all()
+
+
+@pytest.mark.parametrize(("family", "subset", "name", "input_side", "size"), [
+    ("combo", "s4", "square-224", 224, 224), ("combo", "ms3", "square-224", 224, 224),
+    ("av2ts", "s4", "square-224", 224, 224), ("av2ts", "ms3", "square-224", 224, 224),
+    ("combo", "avss", "source-224", None, 224), ("av2ts", "avss", "source-224", None, 224),
+    ("vct", "s4", "source-384", None, 384), ("vct", "avss", "source-384", None, 384)])
+def test_the_geometry_follows_the_maskiges_the_model_trained_on(family, subset, name, input_side, size):
+    from av2ts_cli.maskiges.render import geometry_for
+
+    geometry = geometry_for(family, subset)
+    assert (geometry.name, geometry.input_side, geometry.size) == (name, input_side, size)
+    described = geometry.describe()
+    assert described["name"] == name and str(size) in described["maskige"]
+    assert ("squashed to 224x224" in described["generator_input"]) is (input_side == 224)
+
+
+def test_a_vct_maskige_is_the_source_size_id_map_resized_to_384_nearest():
+    from av2ts_cli.maskiges.render import id_map, maskige_image, palette_image
+
+    rng = np.random.default_rng(3)
+    masks = rng.random((4, 90, 160)) > 0.6
+    image = maskige_image(masks, "s4", size=384)
+    assert image.size == (384, 384) and image.mode == "P"
+    expected = Image.fromarray(id_map(masks)).resize((384, 384), Image.NEAREST)  # vct.md section 1: PIL NEAREST
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+    assert np.array_equal(np.asarray(maskige_image(masks, "s4")), np.asarray(palette_image(id_map(masks))))

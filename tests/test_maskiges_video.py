@@ -88,3 +88,41 @@ def test_a_video_another_run_holds_is_left_to_it(tmp_path, make_clip):
     assert [Path(v["input"]).name for v in report["videos"]] == ["free.mp4"]
     assert (out / "free" / "000000.png").is_file() and not left.exists()
     assert not (out / "held").exists()  # the holder made it; released, and nothing in it
+
+
+class _SeeingGenerator:
+    """A generator that records the frames it is given and returns one mask: the left half of the frame."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, ...]] = []
+
+    def describe(self) -> dict:
+        return {"generator": "test", "repo": None, "revision": None, "model_type": "sam", "settings": {}}
+
+    def generate(self, image: np.ndarray) -> np.ndarray:
+        self.seen.append(image.shape)
+        mask = np.zeros((1, *image.shape[:2]), bool)
+        mask[0, :, : image.shape[1] // 2] = True
+        return mask
+
+
+@pytest.mark.parametrize(("geometry", "seen", "size"), [("square-224", (224, 224, 3), 224),
+                                                        ("source-224", (48, 80, 3), 224),
+                                                        ("source-384", (48, 80, 3), 384)])
+def test_the_generator_sees_the_frame_as_the_geometry_says(tmp_path, make_clip, geometry, seen, size):
+    """square-224 (COMBO/AV2TS S4 and MS3): the 224 x 224 squash of the frame; source-224 (AVSS) and source-384
+    (VCT): the frame at its source size, the maskige resized after; the record says which, and another geometry
+    remakes the maskiges."""
+    from av2ts_cli.maskiges.video import video_maskiges
+
+    clip = make_clip("geometry", duration=1.0, size=(80, 48))
+    generator = _SeeingGenerator()
+    folder = tmp_path / "out"
+    result = video_maskiges(clip, folder, generator, geometry=geometry)
+    assert result["written"] == 1 and generator.seen == [seen]
+    assert np.asarray(Image.open(folder / "000000.png")).shape == (size, size)
+    record = json.loads((folder / MASKIGES_RECORD).read_text())
+    assert record["geometry"]["name"] == geometry and record["complete"]
+    assert video_maskiges(clip, folder, generator, geometry=geometry)["skipped"] == 1  # the same: reused
+    other = "source-224" if geometry == "square-224" else "square-224"
+    assert video_maskiges(clip, folder, generator, geometry=other)["written"] == 1  # another geometry: remade

@@ -10,12 +10,14 @@ import torch
 
 from av2ts_cli.metrics import (
     AVSS_EPS,
+    PROTOCOLS,
     BinaryMetrics,
     SemanticMetrics,
     class_areas,
     frame_iou,
     fscore_curves,
     fscore_thresholds,
+    upsample_labels,
 )
 
 
@@ -191,3 +193,52 @@ def test_avss_padding_frames_add_background_only():
 
 def test_empty_metrics_are_nan_not_an_error():
     assert math.isnan(BinaryMetrics().result()["miou"])
+
+
+# ------------------------------------------------------------------------------------- the avsegformer protocol
+def test_labels_are_upsampled_with_pils_nearest_rule():
+    """Output pixel j takes input pixel floor((j + 0.5) * H / size): 3 -> 4 repeats the middle row and column
+    (0, 1, 1, 2), where floor(j * H / size) would repeat the first (0, 0, 1, 2)."""
+    labels = torch.tensor([[[1, 2, 3], [4, 5, 6], [7, 8, 9]]], dtype=torch.uint8)
+    assert upsample_labels(labels, 4).tolist() == [[[1, 2, 2, 3], [4, 5, 5, 6], [4, 5, 5, 6], [7, 8, 8, 9]]]
+    assert upsample_labels(labels, 4).dtype == torch.uint8
+    two = torch.tensor([[[True, False], [False, False]]])
+    assert upsample_labels(two, 4)[0].int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert upsample_labels(two, 2) is two  # already at the size: untouched
+
+
+def test_the_avsegformer_protocol_on_a_hand_checked_case():
+    """Three one-frame videos in CSV order, 2 x 2 labels scored at 4 x 4 (the protocol's 512 x 512 in miniature),
+    F grouped per 2 videos. By hand (F(P, R) = 1.3 P R / (0.3 P + R)):
+
+    A: label [[1, 0], [0, 0]] -> the top-left 2 x 2 block (4 of 16 pixels); p = 0.9 on it, 0.6 on two more pixels.
+       J: p > 0.5 marks 6 pixels, 4 of them right: 4/6. F curve: t <= 0.6: P = 4/6, R = 1, F = 0.8667/1.2 = 0.72222;
+       0.6 < t <= 0.9: P = R = 1, F = 1; t > 0.9: 0.
+    B: label [[0, 1], [1, 1]] -> 12 of 16 pixels; p = 0.7 everywhere. J: 12/16 = 0.75. F: t <= 0.7: P = 0.75, R = 1,
+       F = 0.975/1.225 = 0.795918; t > 0.7: 0.
+    C: an empty label, p = 0 everywhere. J: the true negatives over all pixels, 16/16 = 1. F: not counted.
+
+    J = (2/3 + 0.75 + 1) / 3 = 0.805556 under every protocol.
+    F, avsegformer, groups [A, B] and [C]: the mean of A's and B's curves peaks at 0.6 < t <= 0.7 with
+    (1 + 0.795918) / 2 = 0.897959; [C] has no counted frame and scores 0: F = 0.897959 / 2 = 0.448980.
+    F, av2ts (per video): (1 + 0.795918 + 0) / 3 = 0.598639. F, avsbench ([A, B, C] one group): 0.897959.
+    """
+    protocol = PROTOCOLS["avsegformer"]
+    assert (protocol.fscore_group_size, protocol.binary_size, protocol.avss_padding) == (2, 512, True)
+    label_a = torch.tensor([[[1, 0], [0, 0]]])
+    prob_a = torch.zeros(1, 4, 4)
+    prob_a[0, :2, :2] = 0.9
+    prob_a[0, 3, 2:] = 0.6
+    label_b = torch.tensor([[[0, 1], [1, 1]]])
+    prob_b = torch.full((1, 4, 4), 0.7)
+    label_c = torch.zeros(1, 2, 2, dtype=torch.int64)
+    prob_c = torch.zeros(1, 4, 4)
+    metric = BinaryMetrics()
+    for prob, label in ((prob_a, label_a), (prob_b, label_b), (prob_c, label_c)):
+        metric.update(prob, upsample_labels(label, 4) == 1)
+    result = metric.result("avsegformer")
+    assert result["miou"] == pytest.approx((2 / 3 + 0.75 + 1) / 3, abs=1e-6)
+    assert result["miou"] == pytest.approx(0.805556, abs=1e-6)
+    assert result["fscore"] == pytest.approx(0.448980, abs=1e-6) and result["fscore_group_size"] == 2
+    assert metric.result("av2ts")["fscore"] == pytest.approx(0.598639, abs=1e-6)
+    assert metric.result("avsbench")["fscore"] == pytest.approx(0.897959, abs=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from av2ts_cli import cli, evaluate
+from av2ts_cli import cli, evaluate, processes
 from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS, get_preset
 from av2ts_cli.model import build_model, inference
 from av2ts_cli.model.backbone import create_backbone
@@ -49,6 +49,20 @@ def test_default_precision_is_bf16_only_on_cpus_with_native_bf16(native, monkeyp
     assert choose_precision("fp32", "cpu") == ("fp32", None)  # fp32 stays available
     precision, note = choose_precision("bf16", "cpu")  # asked for: honoured, with a warning where it is emulated
     assert precision == "bf16" and (note is None) == native
+
+
+@pytest.mark.parametrize("measured", ["bf16", "fp32"])
+def test_a_measured_cpu_precision_overrides_the_flags(measured, monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: measured == "fp32")  # the flags say the opposite
+    assert default_precision("cpu", measured) == measured and default_precision("cuda", measured) == "fp32"
+    assert choose_precision(None, "cpu", cpu_precision=measured) == (measured, None)
+    precision, note = choose_precision(None, "cpu", half=True, cpu_precision=measured)
+    assert precision == measured and (note is None) == (measured == "bf16")
+    precision, note = choose_precision("bf16", "cpu", cpu_precision=measured)
+    assert precision == "bf16" and (note is None) == (measured == "bf16")
+    fast = {"bf16_speedup": inference.BF16_MARGIN}
+    assert inference.precision_from_figures(fast) == "bf16"
+    assert inference.precision_from_figures({"bf16_speedup": 0.56}) == "fp32"  # the Xeon of issue 21
 
 
 def test_precision_validation():
@@ -154,12 +168,13 @@ def test_fast_path_agrees_with_fp32(preset):
 def test_fast_path_on_the_demo_model_and_synthetic_eval(synth_data, monkeypatch, tmp_path):
     """The bundled demo model (trained weights) evaluated on synthetic S4 in fp32 and in the default bf16 path:
     mIoU within 0.005, F-score within 0.01."""
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)  # the bf16 path even where it is emulated
+    monkeypatch.setattr(processes, "cpu_precision", lambda: {"precision": "bf16", "figures": {}})  # the bf16 path
     reports = {precision: evaluate.evaluate("s4", synth_data, model=str(DEMO_MODEL_DIR), device="cpu",
                                             precision=precision, workers=0, progress=False,
                                             out=tmp_path / str(precision))
                for precision in ("fp32", None)}
     fp32, default = reports["fp32"], reports[None]
     assert (fp32["precision"], default["precision"]) == ("fp32", "bf16")
+    assert default["precision_basis"]["asked"] == "auto" and fp32["precision_basis"]["measured"] is None
     assert abs(fp32["miou"] - default["miou"]) <= 0.005
     assert abs(fp32["fscore"] - default["fscore"]) <= 0.01

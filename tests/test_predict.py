@@ -20,10 +20,10 @@ from conftest import wait_until
 from PIL import Image
 from typer.testing import CliRunner
 
-from av2ts_cli import cli, media, predict
+from av2ts_cli import cli, media, predict, processes
 from av2ts_cli.config import get_preset
 from av2ts_cli.errors import EXIT_PARTIAL, EXIT_USAGE, MediaError, UsageError
-from av2ts_cli.model import build_model, inference
+from av2ts_cli.model import build_model
 from av2ts_cli.predict import options, outputs
 from av2ts_cli.predict import runner as predict_runner
 from av2ts_cli.predict import video as one_video
@@ -380,29 +380,42 @@ def test_cli_subprocess_single_video(make_clip, tiny_checkpoint, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- precision and memory
+def _measured(monkeypatch, precision: str) -> None:
+    """The CPU's measured faster precision, injected (processes.cpu_precision; tests/test_processes.py measures)."""
+    speedup = 1.5 if precision == "bf16" else 0.7
+    figures = {"matmul_gflops": {"fp32": 1.0, "bf16": speedup}, "conv_gflops": {"fp32": 1.0, "bf16": speedup},
+               "bf16_speedup": speedup, "seconds": 0.1}
+    monkeypatch.setattr(processes, "cpu_precision", lambda: {"precision": precision, "figures": figures,
+                                                              "key": "test", "cached": True, "cache": "-"})
+
+
 def test_half_on_cpu_is_bf16_where_the_cpu_has_it(make_clip, tiny_checkpoint, tmp_path, monkeypatch):
     clip = make_clip("half", duration=1.0)
     fp32 = predict.run([clip], _options(tmp_path / "fp32", model=str(tiny_checkpoint), device="cpu",
                                         precision="fp32"))
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    _measured(monkeypatch, "bf16")
     half = predict.run([clip], _options(tmp_path / "bf16", model=str(tiny_checkpoint), device="cpu", half=True))
     assert half.model["precision"] == "bf16" and fp32.model["precision"] == "fp32"
     (a,), (b,) = (_lines(Path(r.videos[0].folder) / "frames.jsonl") for r in (fp32, half))
     assert a["sounding_area"] == pytest.approx(b["sounding_area"], abs=0.05)  # bf16 rounding, same masks
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    _measured(monkeypatch, "fp32")
     plain = make_predictor(build_model(get_preset("av2ts-tiny")), get_preset("av2ts-tiny"), ["b", "s"],
                                    "x", device="cpu", half=True)
-    assert plain.precision == "fp32"  # with a warning: no native bf16
+    assert plain.precision == "fp32"  # with a warning: bf16 measured no faster here
+    assert plain.describe()["precision_basis"]["asked"] == "--half"
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_default_precision_follows_the_cpu(native, monkeypatch):
-    """No --precision: bf16 (the weights cast, the whole forward in bf16) on a CPU with native bf16, else fp32; only
-    the capability check is mocked, the model really runs in that precision."""
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    """No --precision: bf16 (the weights cast, the whole forward in bf16) on a CPU where bf16 measured faster, else
+    fp32; only the measurement is injected, the model really runs in that precision, and the summary's model record
+    says what was measured."""
+    _measured(monkeypatch, "bf16" if native else "fp32")
     cfg = get_preset("av2ts-tiny")
     predictor = make_predictor(build_model(cfg), cfg, ["b", "s"], "x", device="cpu")
     assert predictor.precision == ("bf16" if native else "fp32")
+    basis = predictor.describe()["precision_basis"]
+    assert basis["asked"] == "auto" and basis["measured"]["precision"] == predictor.precision
     assert next(predictor.model.decoder.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
     frames = np.random.default_rng(0).integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8)
     scores = predictor.segment_pictures(frames, torch.randn(1, 2, 96, 64))

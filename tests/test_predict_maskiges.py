@@ -108,6 +108,7 @@ def test_predict_makes_caches_and_reuses_the_maskiges_of_a_siam_model(make_clip,
     assert (made["mode"], made["folder"], made["written"], made["reused"]) == (AUTO, str(cache), 2, 0)
     assert (made["repo"], made["revision"], made["model_type"]) == (DEFAULT_REPO, DEFAULT_REVISION, "sam")
     assert made["settings"]["points_per_side"] == 32 and made["settings"]["pred_iou_thresh"] == 0.88
+    assert made["geometry"]["name"] == "square-224"  # an S4 model: the generator saw the 224 x 224 squash
     assert any("training maskiges are not recorded" in w for w in summary["warnings"])
     assert counted == {"loads": 1, "frames": 2}
     mtimes = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.png")}
@@ -181,3 +182,12 @@ def test_a_lazy_generator_describes_itself_without_loading(tmp_path, counted):
     masks = lazy.generate(np.zeros((48, 64, 3), np.uint8))
     assert masks.dtype == bool and masks.shape[1:] == (48, 64) and counted == {"loads": 1, "frames": 1}
     assert description == lazy.loaded.describe()  # what a cache check compares is what the loaded model says
+
+
+def test_maskiges_of_another_geometry_are_warned_about():
+    from av2ts_cli.predict.maskiges import geometry_warning
+
+    assert geometry_warning({"geometry": {"name": "square-224"}}, "square-224") is None
+    assert geometry_warning({"mode": "folder", "generator": None}, "square-224") is None  # unknown: nothing said
+    warning = geometry_warning({"geometry": {"name": "source-224"}}, "square-224")
+    assert "source-224" in warning and "squashed to 224x224" in warning

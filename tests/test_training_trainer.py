@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from av2ts_cli.config import get_preset
 from av2ts_cli.model import build_model
+from av2ts_cli.runs import record_owned
 from av2ts_cli.training.checkpoint import TRAINER_FILE, read_trainer_state
 from av2ts_cli.training.log import LOG_FILE, read_log
 
@@ -264,6 +265,21 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_a_folder_the_comm
     assert line.startswith(f"error: {broken}") and ": unreadable frame" in line
     assert not run.exists()  # it made the folder; with no checkpoint in it, the folder is gone
     run.mkdir()
-    (run / LOG_FILE).write_text("iteration,loss\n")  # what an older failed start left: a log, no checkpoint
+    (run / LOG_FILE).write_text("iteration,loss\n")  # a log.csv that no record says av2ts wrote: someone else's
+    line = train_error(["--data", str(small_s4), *args], 2)
+    assert line == f"error: {run}: a folder av2ts did not make (it holds {LOG_FILE}); choose another --out"
+    assert (run / LOG_FILE).read_text() == "iteration,loss\n"
+    record_owned(run, [LOG_FILE])  # what a start killed before its first checkpoint leaves: its log, recorded
     invoke_cli(["train", "--data", str(small_s4), *args])
     assert (run / "last" / TRAINER_FILE).is_file() and read_log(run / LOG_FILE)[-1]["iteration"] == 1
+
+
+def test_a_folder_holding_only_best_is_never_trained_into(small_s4, straight_run, tmp_path):
+    """Deleting last/ to save space is common: the best/ left is a trained model, never replaced by a new run."""
+    import shutil
+
+    run = tmp_path / "pruned"
+    shutil.copytree(straight_run / "best", run / "best")
+    before = (run / "best" / "model.safetensors").read_bytes()
+    train_error(["--subset", "s4", "--data", str(small_s4), *SMALL_RUN, "--out", str(run)], 2, str(run), "--resume")
+    assert (run / "best" / "model.safetensors").read_bytes() == before

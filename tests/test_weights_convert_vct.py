@@ -263,6 +263,11 @@ def check_report(report: dict, state: dict, cfg, filled: int) -> None:
         "detectron2 trainer state (optimizer, scheduler, hooks), not model weights": 1,
         "detectron2 training iteration counter, not model weights": 1}
     assert "other" not in report["filled_per_part"] and sum(report["filled_per_part"].values()) == filled
+    unused = report["unused_keys"]  # the keys themselves, by reason
+    assert unused["VGGish's linear layers: loaded by the reference but never run (VCT reads the conv map)"] == \
+        sorted(f"audio_backbone.embeddings.{i}.{p}" for i in (0, 2, 4) for p in ("bias", "weight"))
+    assert unused["detectron2 trainer state (optimizer, scheduler, hooks), not model weights"] == ["trainer"]
+    assert sum(len(keys) for keys in unused.values()) == sum(report["dropped"].values())
 
 
 def check_converted(folder: Path, report: dict, state: dict, cfg_expected) -> None:
@@ -427,7 +432,8 @@ def test_registry_entries_pick_their_file():
     for name, path in zip(("vct-s4", "vct-ms3", "vct-avss"), VCT_FILES, strict=True):
         entry = registry.REGISTRY[name]
         assert entry.source == f"hf://{VCT_REPO}@main" and entry.convert_kind == "vct" and entry.converted_on_use
-        assert (entry.licence, entry.convert_preset) == ("apache-2.0", "vct-swinb")
+        assert (entry.licence, entry.convert_preset, entry.convert_subset) == \
+            ("apache-2.0", "vct-swinb", entry.published["subset"])
         assert upstream.pick_hub_file(listing, entry, name) == path
     assert registry.REGISTRY["vct-avss"].published == {"subset": "avss", "J": 52.5, "F": 56.9}
     with pytest.raises(CheckpointError, match=r"no a model_best.pth in a ms3 model folder under the repository's "

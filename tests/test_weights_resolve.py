@@ -480,3 +480,150 @@ def test_predict_with_nan_weights_is_an_error_naming_the_model(make_clip, tmp_pa
     assert errors == [f"error: {nan}: the network's output is NaN or infinite; 1 of its weight tensors hold NaN or "
                       "infinite values (decoder.class_embed.weight): a broken checkpoint"], result.output
     assert "Traceback" not in result.output and not list(tmp_path.glob("out/**/*.png"))
+
+
+# --------------------------------------------------------------------------- Google Drive entries (AVSegFormer)
+DRIVE_NAME = "avsegformer-tiny-s4"
+DRIVE_ID = "tiny-file-id"
+
+
+class DriveStandIn:
+    """Google Drive, locally: stands in for ``upstream.fetch_from_gdrive`` (the one call of gdown) and copies the
+    file the test wrote, or fails as gdown does without a network (requests' ConnectionError over a failed name
+    lookup). Everything after it is av2ts's own code."""
+
+    def __init__(self, source: Path):
+        self.source, self.calls, self.network = source, [], True
+
+    def __call__(self, file_id: str, out: Path) -> None:
+        import socket
+
+        self.calls.append(file_id)
+        if not self.network:
+            raise ConnectionError("HTTPSConnectionPool(host='drive.google.com', port=443): Max retries exceeded") \
+                from socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        shutil.copyfile(self.source, out)
+
+
+@pytest.fixture
+def drive(tmp_path, monkeypatch):
+    """A registry entry for an avsegformer-tiny checkpoint in the reference's layout on 'Google Drive' (the stand-in),
+    av2ts's cache in tmp_path, online."""
+    from _avsegformer_keys import tiny_reference_state
+    from huggingface_hub import constants
+
+    source = tmp_path / "S4_best.pth"
+    torch.save(tiny_reference_state("s4", seed=2), source)
+    entry = registry.RegistryEntry(
+        registry.gdrive_page(DRIVE_ID), "avsegformer-tiny, a test entry", convert_kind="avsegformer",
+        convert_preset="avsegformer-tiny", convert_subset="s4", gdrive_id=DRIVE_ID,
+        published={"subset": "s4", "J": 1.5, "F": 2.5, "protocol": "avsegformer"}, licence="none stated",
+        authors="test authors")
+    monkeypatch.setitem(registry.REGISTRY, DRIVE_NAME, entry)
+    monkeypatch.setenv("AV2TS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    stand_in = DriveStandIn(source)
+    monkeypatch.setattr(upstream, "fetch_from_gdrive", stand_in)
+    return stand_in
+
+
+def test_a_drive_entry_is_fetched_converted_once_and_used_offline(drive, tmp_path, monkeypatch):
+    """`av2ts download NAME` fetches the file into av2ts's cache and converts it once, keyed by its sha256; then, with
+    HF_HUB_OFFLINE set and the network gone, resolve_model loads the converted checkpoint and nothing is fetched or
+    converted again."""
+    import hashlib
+
+    from _avsegformer_keys import UNBUILT
+    from huggingface_hub import constants
+
+    from av2ts_cli.weights.convert_avsegformer import rename
+
+    cli._state["debug"] = False
+    result = runner.invoke(cli.app, ["download", DRIVE_NAME, "--json"])
+    assert result.exit_code == 0, result.output
+    (fetched,) = json.loads(result.stdout)["downloads"]
+    sha256 = hashlib.sha256(drive.source.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    folder = cache / "converted" / f"avsegformer-{sha256[:32]}"
+    kept = cache / "downloads" / "gdrive" / f"{DRIVE_ID}.pth"
+    assert drive.calls == [DRIVE_ID] and fetched["converted"] and fetched["sha256"] == sha256
+    assert fetched["path"] == str(folder) and fetched["source_file"] == str(kept)
+    assert fetched["source"] == f"https://drive.google.com/file/d/{DRIVE_ID}/view"
+    assert kept.read_bytes() == drive.source.read_bytes()
+    assert kept.with_name(kept.name + ".sha256").read_text().strip() == sha256
+    assert sorted(p.name for p in kept.parent.iterdir()) == [kept.name, kept.name + ".sha256"]  # no lock, no partial
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert set(stamps) == {"config.json", "model.safetensors"}
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    drive.network = False
+    model, cfg, doc = resolve.resolve_model(DRIVE_NAME)
+    assert drive.calls == [DRIVE_ID] and (cfg.preset, cfg.subset) == ("avsegformer-tiny", "s4")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # loaded, not converted again
+    state = torch.load(drive.source, weights_only=True)
+    assert doc["meta"]["registry"] == {"name": DRIVE_NAME, "source": fetched["source"], "sha256": sha256,
+                                       "licence": "none stated",
+                                       "unused_source_entries": sorted(k for k in state if k.startswith(UNBUILT))}
+    assert doc["trained_on"]["published"] == {"J": 1.5, "F": 2.5, "protocol": "avsegformer"}
+    loaded = model.state_dict()
+    for key, tensor in state.items():
+        if not key.startswith(UNBUILT):
+            assert torch.equal(loaded[rename(key)[0]], tensor), key
+    again = upstream.prepare_registry_checkpoint(DRIVE_NAME)
+    assert not again.converted and again.sha256 == sha256 and again.folder == folder and drive.calls == [DRIVE_ID]
+
+
+def _manual_route(subset: str = "s4") -> str:
+    return (f"download https://drive.google.com/file/d/{DRIVE_ID}/view by hand and run: av2ts convert FILE --kind "
+            f"avsegformer --subset {subset} --out DIR, then pass --model DIR")
+
+
+def test_a_drive_entry_offline_or_without_a_network_is_one_line_naming_the_file_id(drive, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cli._state["debug"] = False
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = runner.invoke(cli.app, ["download", DRIVE_NAME])
+    assert result.exit_code == 1 and drive.calls == []
+    folder = tmp_path / "cache" / "downloads" / "gdrive"
+    assert one_line(result.output) == (
+        f"error: {DRIVE_NAME}: Google Drive file {DRIVE_ID} is not in av2ts's cache ({folder}) and HF_HUB_OFFLINE "
+        f"is set (offline mode: it needs a network once); or {_manual_route()}")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    drive.network = False
+    with pytest.raises(CheckpointError) as info:
+        resolve.resolve_model(DRIVE_NAME)
+    assert drive.calls == [DRIVE_ID]
+    assert info.value.message == (
+        f"{DRIVE_NAME}: could not download Google Drive file {DRIVE_ID} (its host name could not be resolved (no "
+        f"network, or no DNS)); without a network, {_manual_route()}")
+    assert list(folder.iterdir()) == []  # nothing half-fetched is kept
+
+
+def test_a_drive_download_that_is_a_web_page_is_refused_and_not_kept(drive, tmp_path):
+    drive.source.write_text("<!DOCTYPE html><html><title>Google Drive - Quota exceeded</title></html>")
+    with pytest.raises(CheckpointError) as info:
+        upstream.prepare_registry_checkpoint(DRIVE_NAME)
+    assert info.value.message.startswith(f"{DRIVE_NAME}: the download of Google Drive file {DRIVE_ID} is not a "
+                                         "checkpoint (a web page, not a checkpoint")
+    assert _manual_route() in info.value.message
+    assert list((tmp_path / "cache" / "downloads" / "gdrive").iterdir()) == []
+
+
+def test_the_avsegformer_registry_entries_carry_the_published_table():
+    """Six names, each the authors' Google Drive file (spec: avsegformer.md, section 7), its published J and F under
+    protocol avsegformer, no licence stated."""
+    expected = {"r50-s4": (76.38, 86.7, "1nvIfR-1XZ_BgP8ZSUDuAsGhAwDJRxgC3"),
+                "pvt-s4": (83.06, 90.5, "1ZJ55jxoHP1ur-hLBkGcha8sjptE_shfw"),
+                "r50-ms3": (53.81, 65.6, "1MRk5gQnUtiWwYDpPfB20fO07SVLhfuIV"),
+                "pvt-ms3": (61.33, 73.0, "1iKTxWtehAgCkNVty-4H1zVyAOaNxipHv"),
+                "r50-avss": (26.58, 31.5, "1RvL6psDsINuUwd9V1ESgE2Kixh9MXIke"),
+                "pvt-avss": (37.31, 42.8, "1P8a2dJSUoW0EqFyxyP8B1-Rnscxnh0YY")}
+    for suffix, (j, f, file_id) in expected.items():
+        backbone, subset = suffix.split("-")
+        entry = registry.REGISTRY[f"avsegformer-{suffix}"]
+        assert entry.converted_on_use and entry.gdrive_id == file_id and entry.convert_kind == "avsegformer"
+        assert (entry.convert_preset, entry.convert_subset) == (f"avsegformer-{backbone}", subset)
+        assert entry.published == {"subset": subset, "J": j, "F": f, "protocol": "avsegformer"}
+        assert entry.licence == "none stated" and entry.source == f"https://drive.google.com/file/d/{file_id}/view"

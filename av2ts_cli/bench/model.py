@@ -34,6 +34,7 @@ from rich.table import Table
 from av2ts_cli.config import EXAMPLE_FRAMES, MEL_BANDS
 from av2ts_cli.console import console
 from av2ts_cli.model.ops import active_backend
+from av2ts_cli.processes import cpu_precision
 from av2ts_cli.weights.resolve import resolve_model
 
 # Top-level modules of both families grouped into the parts reported: "audio" is CED (AV2TS) or VGGish (COMBO),
@@ -254,7 +255,7 @@ def time_levers(name: str, input_size: int, frames: int = 5, repeats: int = 3, c
                 seed: int = 0, progress=None) -> dict:
     """The ladder of ``lever_steps`` on ``name`` (random init): median wall and CPU seconds of ``segment`` per
     clip, each step's gain over the previous, its ratio to fp32 eager and its argmax agreement with fp32."""
-    from av2ts_cli.model.inference import compile_seconds, default_precision, precision_context  # local: as above
+    from av2ts_cli.model.inference import compile_seconds, precision_context  # local: as above
 
     torch.manual_seed(seed)
     model, cfg, _ = resolve_model(name, presets=True)
@@ -296,7 +297,7 @@ def time_levers(name: str, input_size: int, frames: int = 5, repeats: int = 3, c
         rows.append({"step": step.name, "lever": step.lever, "median_s": median, "runs_s": wall[i],
                      "cpu_s": statistics.median(cpu[i]), "gain": previous / median, "x_fp32": fp32 / median,
                      "argmax_agreement": agreement(outputs[i], outputs[0])})
-    default = _default_step(steps, default_precision("cpu"))
+    default = _default_step(steps, cpu_precision()["precision"])  # measured (cached) at this thread count
     return {"name": name, "preset": cfg.preset, "input_size": input_size, "frames": frames, "siam": cfg.siam,
             "threads": threads, "steps": rows, "default_step": steps[default].name,
             "default_median_s": rows[default]["median_s"], "fp32_median_s": fp32,
@@ -317,12 +318,12 @@ def demo_agreement(frames: int = 5) -> dict:
     from av2ts_cli import media  # local: ffmpeg plumbing, only for this measurement
     from av2ts_cli.avsbench import frame_time
     from av2ts_cli.model.audio import waveform_to_examples
-    from av2ts_cli.model.inference import default_precision, precision_context, prepare_for_inference
+    from av2ts_cli.model.inference import precision_context, prepare_for_inference
     from av2ts_cli.weights.registry import DEMO_MODEL_DIR
 
     video = DEMO_MODEL_DIR.parent / "demo.mp4"
     model, cfg, _ = resolve_model(str(DEMO_MODEL_DIR))
-    precision = default_precision("cpu")
+    precision = cpu_precision()["precision"]
     fast = prepare_for_inference(copy.deepcopy(model), precision, "cpu")
     model.eval()
     info = media.probe(video)
@@ -345,14 +346,16 @@ def run_levers(cases: list[tuple[str, int]] | None = None, frames: int = 5, repe
                compile_backbones: bool = False, threads: int | None = None, demo: bool = True,
                progress=None) -> dict:
     """``time_levers`` for every (preset, input size) case (default ``LEVER_CASES``) and the demo model's agreement."""
-    from av2ts_cli.model.inference import cpu_has_native_bf16, default_precision  # local: as above
+    from av2ts_cli.model.inference import cpu_has_native_bf16  # local: as above
 
     if threads:
         torch.set_num_threads(threads)
+    choice = cpu_precision()  # the default path's precision, measured at this thread count
     results = [time_levers(name, size, frames, repeats, compile_backbones, progress=progress)
                for name, size in (cases or LEVER_CASES)]
     return {"deform_attn_backend": active_backend(), "threads": torch.get_num_threads(),
-            "native_bf16": cpu_has_native_bf16(), "default_precision": default_precision("cpu"),
+            "native_bf16": cpu_has_native_bf16(), "default_precision": choice["precision"],
+            "precision_figures": choice["figures"],
             "frames_per_clip": frames, "repeats": repeats, "levers": results,
             "demo": demo_agreement(frames) if demo else None}
 
@@ -360,7 +363,9 @@ def run_levers(cases: list[tuple[str, int]] | None = None, frames: int = 5, repe
 def print_levers(report: dict) -> None:
     console.print(f"CPU forward (segment) per clip of {report['frames_per_clip']} frames, {report['threads']} threads, "
                   f"native bf16: {'yes' if report['native_bf16'] else 'no'}, default precision "
-                  f"{report['default_precision']}, deform-attn backend: {report['deform_attn_backend']}; median of "
+                  f"{report['default_precision']} (measured: bf16 "
+                  f"{report['precision_figures']['bf16_speedup']}x fp32), "
+                  f"deform-attn backend: {report['deform_attn_backend']}; median of "
                   f"{report['repeats']} interleaved runs", highlight=False, soft_wrap=True)
     for case in report["levers"]:
         title = f"{case['preset']}{' + Siam' if case['siam'] else ''}, {case['input_size']} px"

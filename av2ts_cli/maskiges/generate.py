@@ -15,7 +15,8 @@ were. Filtering on IoU before upscaling gives the same masks as the processor's 
 on the resolution) and upscales only the survivors: at 1920 x 1080 a batch of 64 points is 1.6 GB of float masks.
 
 Weights come only through huggingface_hub and its cache (``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``), as
-safetensors; a local folder written by ``save_pretrained`` (model and image processor) is accepted too.
+safetensors; a local folder written by ``save_pretrained`` (the model, and its image processor or, in
+``transformers`` 5, its whole processor: ``processor_config.json``) is accepted too.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ DEFAULT_GENERATOR = f"hf://{DEFAULT_REPO}@{DEFAULT_REVISION}"
 INSTALL_HINT = "pip install 'transformers>=5.0'"
 SUPPORTED_TYPES = ("sam", "sam_hq")  # model_type of config.json -> SamModel, SamHQModel
 MODEL_FILES = ["*.json", "*.safetensors"]  # config, image processor, weights (never pickled .bin weights)
+# the image processor's settings: save_pretrained of an image processor, or (transformers 5) of a whole processor
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ def import_transformers():
 
 @dataclass(frozen=True)
 class ResolvedGenerator:
-    folder: Path  # holds config.json, preprocessor_config.json, the safetensors weights
+    folder: Path  # holds config.json, preprocessor_config.json or processor_config.json, the safetensors weights
     source: str  # what the user gave
     repo: str | None  # owner/name for hub models
     revision: str | None  # the commit the cache resolved (hub), None for a local folder
@@ -116,10 +119,13 @@ class MaskGenerator:
         self.resolved = resolve_generator(spec)
         self.device = resolve_device(device)
         folder = self.resolved.folder
-        for name in ("config.json", "preprocessor_config.json"):
-            if not (folder / name).is_file():
-                raise CheckpointError(folder / name, "missing: a generator folder needs the model and its image "
-                                                     "processor (save_pretrained of both)")
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(folder / "config.json", "missing: a generator folder needs the model and its "
+                                                          "image processor (save_pretrained of both)")
+        if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+            raise CheckpointError(folder / PROCESSOR_FILES[0], "missing (nor processor_config.json): a generator "
+                                                               "folder needs the model and its image processor "
+                                                               "(save_pretrained of both)")
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # its load reports would break the CLI's output
         transformers.logging.disable_progress_bar()
@@ -161,33 +167,121 @@ class MaskGenerator:
             prompt = {"image_embeddings": embeddings}
             if isinstance(embeddings, tuple):  # SAM-HQ: (embeddings, intermediate ViT features)
                 prompt = {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
-            crop_boxes, points, _, labels = self.processor.generate_crop_boxes(
+            _, points, _, labels = self.processor.generate_crop_boxes(
                 image, self.target_size, crop_n_layers=0, points_per_crop=s.points_per_side, device=self.device)
-            rles, scores, boxes = [], [], []
+            upscale = Upscaler(self.processor, (h, w), inputs["reshaped_input_sizes"][0].tolist())
+            kept = KeptMasks((h, w))
             for start in range(0, points.shape[1], s.points_per_batch):
                 out = self.model(input_points=points[:, start:start + s.points_per_batch],
                                  input_labels=labels[:, start:start + s.points_per_batch],
                                  multimask_output=True, **prompt)
-                low = out.pred_masks[0].flatten(0, 1).float()  # [points * 3, h', w'] logits
-                iou = out.iou_scores[0].flatten(0, 1).float()  # [points * 3]
-                keep = iou > s.pred_iou_thresh if s.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
-                if not keep.any():
-                    continue
-                masks = self.processor.post_process_masks(
-                    [low[keep][:, None]], inputs["original_sizes"].tolist(),
-                    reshaped_input_sizes=inputs["reshaped_input_sizes"].tolist(), binarize=False)[0]
-                batch_rles, batch_scores, batch_boxes = self.processor.filter_masks(
-                    masks, iou[keep][:, None], (h, w), crop_boxes[0], s.pred_iou_thresh,
-                    s.stability_score_thresh, s.mask_threshold, s.stability_score_offset)
-                rles += batch_rles
-                scores.append(batch_scores.cpu())
-                boxes.append(batch_boxes.cpu())
-            if not rles:
-                return np.zeros((0, h, w), dtype=bool)
-            masks, _, _, _ = self.processor.post_process_for_mask_generation(
-                rles, torch.cat(scores), torch.cat(boxes), s.box_nms_thresh)
-        stacked = np.stack([np.asarray(m, dtype=bool) for m in masks])
-        return remove_small_regions(stacked, s.min_region, s.box_nms_thresh)
+                kept.add(*select_masks(out.pred_masks[0].flatten(0, 1), out.iou_scores[0].flatten(0, 1), upscale,
+                                       s))
+            masks = kept.after_nms(s.box_nms_thresh)
+        return remove_small_regions(masks, s.min_region, s.box_nms_thresh)
+
+
+# ------------------------------------------------------------------------------------------- the masks kept
+# The processor's own post-processing (post_process_masks, filter_masks, post_process_for_mask_generation) gives
+# these masks too, but at a cost far above the arithmetic: it upscales every mask, encodes each kept one as an RLE
+# in a Python loop that scans every other mask's changes (quadratic in the masks of a batch), and decodes each NMS
+# survivor run by run. Here the IoU test runs on the decoder's output (its result does not depend on the
+# resolution), only the survivors are upscaled (in chunks of bounded memory), the stability score and the boxes
+# are whole-tensor operations, the kept masks are stored bit-packed, and only NMS survivors are unpacked. The
+# order and the masks are the processor's (tests/test_maskiges_generate.py compares them on random logits).
+UPSCALE_CHUNK_PIXELS = 1 << 25  # float pixels upscaled at once (128 MB), whatever the frame's size
+
+
+class Upscaler:
+    """The processor's ``post_process_masks`` (logits at the decoder's size -> the model's padded input -> crop ->
+    the frame's size, bilinear), in chunks of at most ``UPSCALE_CHUNK_PIXELS``."""
+
+    def __init__(self, processor, frame_size: tuple[int, int], reshaped_size: list[int]):
+        self.processor, self.frame_size, self.reshaped_size = processor, frame_size, reshaped_size
+        pad = processor.pad_size
+        self.chunk = max(1, UPSCALE_CHUNK_PIXELS // max(pad["height"] * pad["width"], frame_size[0] * frame_size[1]))
+
+    def chunks(self, low):
+        """low: float [N, h', w'] logits -> float [n, H, W] logits, chunk by chunk."""
+        for start in range(0, len(low), self.chunk):
+            yield self.processor.post_process_masks([low[start:start + self.chunk, None]], [list(self.frame_size)],
+                                                    reshaped_input_sizes=[self.reshaped_size], binarize=False)[0][:, 0]
+
+
+def stability_scores(logits, mask_threshold: float, offset: float):
+    """SAM's stability score of each mask (float [N, H, W] logits): the area above ``mask_threshold + offset`` over
+    the area above ``mask_threshold - offset``, counted as the processor counts them."""
+    import torch  # local: see generate
+
+    high = (logits > mask_threshold + offset).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    low = (logits > mask_threshold - offset).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    return high / low
+
+
+def mask_boxes(masks):
+    """bool [N, H, W] -> int64 [N, 4] XYXY boxes (inclusive), [0, 0, 0, 0] for an empty mask."""
+    import torch  # local: see generate
+
+    rows, cols = masks.any(-1), masks.any(-2)  # [N, H], [N, W]
+    height, width = masks.shape[-2:]
+    top, left = rows.int().argmax(-1), cols.int().argmax(-1)
+    bottom = height - 1 - rows.flip(-1).int().argmax(-1)
+    right = width - 1 - cols.flip(-1).int().argmax(-1)
+    boxes = torch.stack([left, top, right, bottom], -1).long()
+    return boxes * rows.any(-1, keepdim=True)
+
+
+def select_masks(low_logits, iou, upscale: Upscaler, settings: GeneratorSettings):
+    """One decoder batch: low_logits [N, h', w'] and iou [N] -> (bool [k, H, W] masks, float [k] scores, int64
+    [k, 4] boxes) of the masks that pass the IoU test (on the decoder's output), then the stability test (on the
+    upscaled logits), in their order: what the processor's ``filter_masks`` keeps (one crop, the whole frame)."""
+    import torch  # local: see generate
+
+    s = settings
+    iou = iou.float()
+    keep = iou > s.pred_iou_thresh if s.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+    low_logits, iou = low_logits[keep].float(), iou[keep]
+    masks, scores = [], []
+    for start, logits in zip(range(0, len(low_logits), upscale.chunk), upscale.chunks(low_logits), strict=True):
+        chunk_iou = iou[start:start + len(logits)]
+        if s.stability_score_thresh > 0:
+            stable = stability_scores(logits, s.mask_threshold, s.stability_score_offset) > s.stability_score_thresh
+            logits, chunk_iou = logits[stable], chunk_iou[stable]
+        masks.append(logits > s.mask_threshold)
+        scores.append(chunk_iou)
+    if not masks:
+        h, w = upscale.frame_size
+        return torch.zeros(0, h, w, dtype=torch.bool), torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64)
+    masks = torch.cat(masks)
+    return masks, torch.cat(scores), mask_boxes(masks)
+
+
+class KeptMasks:
+    """The masks every batch kept, bit-packed (1/8 of a bool mask), with their scores and boxes; ``after_nms``: the
+    box NMS of the processor's ``post_process_for_mask_generation`` and the survivors unpacked, in its order."""
+
+    def __init__(self, frame_size: tuple[int, int]):
+        self.frame_size = frame_size
+        self.packed: list[np.ndarray] = []
+        self.scores, self.boxes = [], []
+
+    def add(self, masks, scores, boxes) -> None:
+        if len(masks):
+            self.packed.append(np.packbits(masks.cpu().numpy().reshape(len(masks), -1), axis=1))
+            self.scores.append(scores.cpu())
+            self.boxes.append(boxes.cpu())
+
+    def after_nms(self, nms_thresh: float) -> np.ndarray:
+        import torch  # local: see generate
+        from torchvision.ops import batched_nms  # local: as torch
+
+        h, w = self.frame_size
+        if not self.packed:
+            return np.zeros((0, h, w), dtype=bool)
+        boxes, scores = torch.cat(self.boxes), torch.cat(self.scores)
+        keep = batched_nms(boxes.float(), scores, torch.zeros(len(boxes)), nms_thresh).numpy()
+        packed = np.concatenate(self.packed)[keep]
+        return np.unpackbits(packed, axis=1, count=h * w).reshape(len(keep), h, w).astype(bool)
 
 
 def _clean(mask: np.ndarray, min_area: int) -> np.ndarray:

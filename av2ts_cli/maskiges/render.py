@@ -17,11 +17,20 @@ Sizes: S4 and MS3 (and video frames) are resized to 224 x 224 with nearest neigh
 rendered at the frame's size, converted to RGB and fitted: training frames short side to 224 then the centre
 224 x 224 crop, val/test squashed to 224 x 224, nearest (the reader, ``av2ts_cli.data.datasets``, maps them back
 onto the frame: the crop into the centre for training, a plain resize otherwise).
+
+The geometry rule (``GEOMETRIES``, ``geometry_for``): a model gets, at predict time, maskiges made the way the ones
+it trained on were. COMBO made its S4 and MS3 maskiges from AVSBench's stored frames, which the official
+preprocessing squashed to 224 x 224 (``make_SAM_mask.py`` reads ``s4_data/visual_frames``), so for COMBO and AV2TS
+S4/MS3 models the generator sees the frame squashed to 224 x 224 (``square-224``; also far cheaper to post-process
+than a 1080p frame); AVSS maskiges came from frames at their source size, then squashed to 224 x 224 as
+``process_avssimg2fixsize.py`` does for val/test (``source-224``); VCT resizes the source-size maskige to 384 x 384,
+nearest (spec ``vct.md`` section 1, ``source-384``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +53,38 @@ _ADE20K_HEX = (  # the standard ADE20K visualisation palette, 150 colours, RGB
     "b8ff000085ffffd60019c2c266ff005c00ff"
 )
 ADE20K_PALETTE = np.frombuffer(bytes.fromhex(_ADE20K_HEX), dtype=np.uint8).reshape(150, 3)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a frame becomes a maskige: what the generator sees and the maskige's size."""
+
+    name: str
+    input_side: int | None  # the generator sees the frame squashed to input_side x input_side (None: source size)
+    size: int  # the maskige's side (the id map resized nearest)
+    made_by: str  # what the reference did
+
+    def describe(self) -> dict:
+        """The provenance record's ``geometry``."""
+        seen = (f"the frame squashed to {self.input_side}x{self.input_side}" if self.input_side
+                else "the frame at its source size")
+        return {"name": self.name, "generator_input": seen, "maskige": f"{self.size}x{self.size}, nearest",
+                "as": self.made_by}
+
+
+GEOMETRIES = {g.name: g for g in (
+    Geometry("square-224", MASKIGE_SIZE, MASKIGE_SIZE, "COMBO's S4/MS3 maskiges, made from AVSBench's 224x224 frames"),
+    Geometry("source-224", None, MASKIGE_SIZE, "COMBO's AVSS maskiges (process_avssimg2fixsize.py, val/test)"),
+    Geometry("source-384", None, 384, "VCT's maskiges: the source-size maskige resized to 384x384, nearest"),
+)}
+DEFAULT_GEOMETRY = "square-224"  # S4's, the maskige form of ``av2ts maskiges clip.mp4``
+
+
+def geometry_for(family: str, subset: str) -> Geometry:
+    """THE geometry rule: the maskige geometry a model of ``family`` trained on ``subset`` was trained with."""
+    if family == "vct":
+        return GEOMETRIES["source-384"]
+    return GEOMETRIES["source-224" if subset == "avss" else "square-224"]
 
 
 def check_masks(masks: np.ndarray) -> np.ndarray:
@@ -107,13 +148,15 @@ def fit_avss(image: Image.Image, train: bool, size: int = MASKIGE_SIZE) -> Image
     return image.crop((left, top, left + size, top + size))
 
 
-def maskige_image(masks: np.ndarray, subset: str = "s4", train: bool = False) -> Image.Image:
+def maskige_image(masks: np.ndarray, subset: str = "s4", train: bool = False,
+                  size: int = MASKIGE_SIZE) -> Image.Image:
     """masks (N, H, W) -> the maskige as the ``subset``'s datasets store it: S4/MS3 (and videos, ``subset="s4"``)
-    an indexed 224 x 224 image; AVSS an RGB 224 x 224 image fitted for the split (``train``)."""
+    an indexed ``size`` x ``size`` image (224, or VCT's 384); AVSS an RGB 224 x 224 image fitted for the split
+    (``train``)."""
     ids = id_map(masks)
     if subset == "avss":
         return fit_avss(palette_image(ids, size=None), train)
-    return palette_image(ids)
+    return palette_image(ids, size)
 
 
 def maskige_rgb(masks: np.ndarray, subset: str = "s4", train: bool = False) -> np.ndarray:
@@ -121,10 +164,11 @@ def maskige_rgb(masks: np.ndarray, subset: str = "s4", train: bool = False) -> n
     return np.asarray(maskige_image(masks, subset, train).convert("RGB"))
 
 
-def write_maskige(path: str | os.PathLike, masks: np.ndarray, subset: str = "s4", train: bool = False) -> Path:
+def write_maskige(path: str | os.PathLike, masks: np.ndarray, subset: str = "s4", train: bool = False,
+                  size: int = MASKIGE_SIZE) -> Path:
     """Render ``masks`` (N, H, W) and write the PNG at ``path`` atomically (a reader sees no half-written file)."""
     path = Path(path)
-    image = maskige_image(masks, subset, train)
+    image = maskige_image(masks, subset, train, size)
     with files.atomic_path(path) as temp:
         image.save(temp, format="PNG")
     return path

@@ -5,8 +5,11 @@ schedule ``predict`` runs with the same ``--fps``), an indexed 224 x 224 maskige
 ``predict --maskiges DIR`` reads it. ``<name>`` is the folder name ``predict`` gives the video in a fresh run
 (its stem; stem-2, ... for repeated stems). ``maskiges.json`` beside the pictures records the video, ``--fps``,
 the generator, its revision and settings; a re-run with the same ones skips the pictures that exist, and with
-other ones remakes them all. Frames are decoded at the video's own size (SAM resizes to its 1024 input; the
-224 x 224 squash comes after the masks, as COMBO's resize of its id maps).
+other ones remakes them all. The geometry (``render.GEOMETRIES``, ``geometry``; recorded in ``maskiges.json``)
+says what the generator sees: by default (``square-224``, S4's) the frame squashed to 224 x 224 as the network sees
+it (decoded at that size), as COMBO's S4/MS3 maskiges were made from AVSBench's 224 px frames; ``source-224``
+(AVSS) and ``source-384`` (VCT) decode the frame at the video's own size and resize the id map after the masks
+(SAM resizes its input to 1024 either way). ``predict`` picks the model's (``render.geometry_for``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from av2ts_cli import __version__, files, media
 from av2ts_cli.batch import VideoBatch
 from av2ts_cli.console import make_progress
 from av2ts_cli.maskiges.dataset import RENDERER
-from av2ts_cli.maskiges.render import write_maskige
+from av2ts_cli.maskiges.render import DEFAULT_GEOMETRY, GEOMETRIES, write_maskige
 from av2ts_cli.runs import MASKIGES_RECORD, claim_folder, folder_names, owned_files, record_owned, remove_owned
 from av2ts_cli.sampling import video_schedule
 from av2ts_cli.sources import collect_videos
@@ -36,7 +39,7 @@ def _video_identity(video: Path) -> dict:
 
 def _same_run(previous: dict | None, record: dict) -> bool:
     keys = ("input", "input_bytes", "input_mtime_ns", "fps", "repo", "revision", "generator", "model_type",
-            "settings")
+            "settings", "geometry")
     return previous is not None and all(previous.get(k) == record.get(k) for k in keys)
 
 
@@ -50,15 +53,18 @@ def _read_record(path: Path) -> dict | None:
 
 
 def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bool = False,
-                   on_start=None, on_frame=None, info: media.Probe | None = None) -> dict:
+                   on_start=None, on_frame=None, info: media.Probe | None = None,
+                   geometry: str = DEFAULT_GEOMETRY) -> dict:
     """The maskiges of one video into ``folder``; ``generator``: a loaded ``MaskGenerator``. Returns {"input",
     "folder", "frames", "written", "skipped", "seconds"}. Progress: ``on_start(frames to make)``, then
-    ``on_frame()`` after each. ``info``: the caller's probe of ``video`` (predict's), else it is probed here."""
+    ``on_frame()`` after each. ``info``: the caller's probe of ``video`` (predict's), else it is probed here.
+    ``geometry``: a name of ``render.GEOMETRIES`` (what the generator sees, the maskige's size)."""
     started = time.perf_counter()
     info = info or media.probe(video)
     schedule = video_schedule(info, fps, 1)
     record = {"made_by": f"av2ts {__version__} maskiges", **_video_identity(video), "fps": fps,
-              **generator.describe(), "renderer": RENDERER, "frames": len(schedule.frames),
+              **generator.describe(), "renderer": RENDERER, "geometry": GEOMETRIES[geometry].describe(),
+              "frames": len(schedule.frames),
               "times": [frame.time for frame in schedule.frames], "complete": False}
     record_path = folder / MASKIGES_RECORD
     reuse = not force and _same_run(_read_record(record_path), record)
@@ -75,10 +81,12 @@ def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bo
         # iter_frames_at yields in ascending time; the schedule's times ascend with the index, and sorted()
         # keeps equal (clamped) times in index order, so the pairs line up
         frames = sorted(needed, key=lambda f: f.time)
-        decoded = media.iter_frames_at(video, [f.time for f in frames], info=info)
+        side = GEOMETRIES[geometry].input_side
+        decoded = media.iter_frames_at(video, [f.time for f in frames], (side, side) if side else None, info=info)
         try:
             for frame, (_, rgb) in zip(frames, decoded, strict=True):
-                write_maskige(folder / f"{frame.index:06d}.png", generator.generate(rgb), "s4")
+                write_maskige(folder / f"{frame.index:06d}.png", generator.generate(rgb), "s4",
+                              size=GEOMETRIES[geometry].size)
                 written += 1
                 if on_frame is not None:
                     on_frame()
@@ -90,7 +98,8 @@ def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bo
 
 
 def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=None, settings=None, fps: int = 1,
-        device: str = "auto", force: bool = False, recursive: bool = False, progress: bool = True) -> dict:
+        device: str = "auto", force: bool = False, recursive: bool = False, progress: bool = True,
+        geometry: str = DEFAULT_GEOMETRY) -> dict:
     """The maskiges of every video of ``sources`` (files, folders, globs as ``predict`` takes them) under
     ``out``, each under its folder's lock (``batch.VideoBatch``): one failing video is reported and the others go
     on; one that another run holds is left to it. Returns {"out", "videos": [...], "failures": [{"input",
@@ -112,7 +121,7 @@ def run(sources: Sequence[str | os.PathLike], out: str | os.PathLike, generator=
 
         def one_video(video: Path, folder: Path) -> dict:
             return video_maskiges(
-                video, folder, model, fps=fps, force=force,
+                video, folder, model, fps=fps, force=force, geometry=geometry,
                 on_start=(lambda n: bar.update(task, description=f"maskiges · {escape(video.name)}", completed=0,
                                                total=n)) if bar else None,
                 on_frame=(lambda: bar.advance(task)) if bar else None)

@@ -4,8 +4,12 @@ the README ('Benchmarks', from ``av2ts bench model``).
 
 ``prepare_for_inference(model, precision, device)`` is what predict, eval and ``bench model`` call on a model they will
 only run forward; ``precision_context(precision, device)`` is the context its forward runs in. The default precision
-(``default_precision``) is bf16 on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX: ``cpu_has_native_bf16``, the
-one capability check, so tests can mock it) and fp32 elsewhere, GPUs included (their figures are not measured here).
+on a CPU is the faster one *as measured*: ``measure_precisions`` times a matrix product and a 3x3 convolution in fp32
+and bf16 (a fraction of a second) and ``precision_from_figures`` picks bf16 only where it is at least ``BF16_MARGIN``
+faster (a CPU that reports AVX512-BF16 without AMX can run bf16 slower than fp32). The app measures once per machine,
+torch version and thread count and caches the figures (``processes.cpu_precision``); the network package alone,
+given no measurement, falls back to the CPU's flags (``cpu_has_native_bf16``). GPUs default to fp32 (their figures
+are not measured here).
 
 On a CPU, bf16 means the whole forward in bf16: the weights are cast once (autocast would cast every weight at every
 call, and it leaves the pixel decoder in fp32), the backbones' FrozenBatchNorms are folded into their convolutions
@@ -37,15 +41,93 @@ def cpu_has_native_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def default_precision(device: torch.device | str) -> str:
-    """bf16 on a CPU with native bf16, fp32 elsewhere (other CPUs emulate bf16 and run slower than fp32)."""
-    return "bf16" if torch.device(device).type == "cpu" and cpu_has_native_bf16() else "fp32"
+BF16_MARGIN = 1.1  # bf16 is the CPU's default where it measures at least this much faster than fp32
+MEASURE_VERSION = 2  # the method of measure_precisions: another version is measured anew, not read from a cache
+MATMUL_SIDE = 768  # [n, n] @ [n, n]: 0.9 GFLOP, like the transformer layers' products
+CONV_SHAPE = (64, 40)  # channels in and out, side: a 3x3 convolution of 0.24 GFLOP
 
 
-def choose_precision(requested: str | None, device: torch.device | str, half: bool = False) -> tuple[str, str | None]:
+def _fastest_runs(fns: dict, budget_s: float) -> dict:
+    """{name: the fastest timed run of fns[name]}: each warmed up once, then run in turn (so a busy machine slows
+    them alike), at least twice each and on until ``budget_s`` has passed."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while rounds < 2 or (time.perf_counter() - start < budget_s and rounds < 50):
+        for name, fn in fns.items():
+            begin = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - begin)
+        rounds += 1
+    return best
+
+
+@torch.inference_mode()
+def measure_precisions(budget_s: float = 0.06) -> dict:
+    """This CPU's arithmetic in fp32 and in bf16, measured now with torch's current thread count: a
+    ``MATMUL_SIDE`` square matrix product and a 3x3 convolution (``CONV_SHAPE``; channels_last in bf16, as
+    ``prepare_for_inference`` runs it, contiguous in fp32, as the fp32 path does), each warmed up, then the two
+    precisions run in turn for about ``budget_s`` (the fastest run of each counts). Returns {"matmul_gflops":
+    {"fp32", "bf16"}, "conv_gflops": {"fp32", "bf16"}, "bf16_speedup": the geometric mean of the two bf16/fp32
+    ratios, "seconds": the whole measurement, "version": MEASURE_VERSION}. About 0.3 s on 2 quiet cores."""
+    started = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    n = MATMUL_SIDE
+    channels, side = CONV_SHAPE
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    x = torch.randn(1, channels, side, side, generator=g)
+    matmuls, convs = {}, {}
+    for precision in ("fp32", "bf16"):
+        dtype = DTYPES[precision]
+        layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
+        ad, bd = a.to(dtype), b.to(dtype)
+        conv = nn.Conv2d(channels, channels, 3, padding=1).eval().to(dtype).to(memory_format=layout)
+        xd = x.to(dtype).contiguous(memory_format=layout)
+        matmuls[precision] = lambda ad=ad, bd=bd: ad @ bd
+        convs[precision] = lambda conv=conv, xd=xd: conv(xd)
+    flops = {"matmul_gflops": 2 * n ** 3, "conv_gflops": 2 * channels * channels * 9 * side * side}
+    figures: dict = {}
+    for key, fns in (("matmul_gflops", matmuls), ("conv_gflops", convs)):
+        figures[key] = {p: flops[key] / seconds / 1e9 for p, seconds in _fastest_runs(fns, budget_s).items()}
+    ratios = [figures[k]["bf16"] / figures[k]["fp32"] for k in ("matmul_gflops", "conv_gflops")]
+    for key in ("matmul_gflops", "conv_gflops"):
+        figures[key] = {p: round(v, 1) for p, v in figures[key].items()}
+    figures["bf16_speedup"] = round(float((ratios[0] * ratios[1]) ** 0.5), 3)
+    figures["seconds"] = round(time.perf_counter() - started, 3)
+    figures["version"] = MEASURE_VERSION
+    return figures
+
+
+def precision_from_figures(figures: dict, margin: float = BF16_MARGIN) -> str:
+    """The CPU's default precision from ``measure_precisions``' figures: bf16 where it is at least ``margin``
+    faster than fp32 (geometric mean of the matrix product and the convolution), else fp32."""
+    return "bf16" if figures["bf16_speedup"] >= margin else "fp32"
+
+
+def default_precision(device: torch.device | str, cpu_precision: str | None = None) -> str:
+    """On a CPU, ``cpu_precision`` (the measured faster precision, ``precision_from_figures``), or, without a
+    measurement, bf16 where the CPU has native bf16; fp32 on other devices."""
+    if torch.device(device).type != "cpu":
+        return "fp32"
+    if cpu_precision is not None:
+        return cpu_precision
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def _slow_bf16(cpu_precision: str | None) -> str | None:
+    """Why bf16 is not the fast path on this CPU (None: it is)."""
+    if cpu_precision is None:
+        return None if cpu_has_native_bf16() else "this CPU has no native bf16 (AVX512-BF16 or AMX)"
+    return None if cpu_precision == "bf16" else "bf16 measured no faster than fp32 on this CPU (see av2ts info)"
+
+
+def choose_precision(requested: str | None, device: torch.device | str, half: bool = False,
+                     cpu_precision: str | None = None) -> tuple[str, str | None]:
     """(precision, a warning or None) for ``--precision`` (None: the default) and ``--half`` (the fast path: fp16 on
-    CUDA, bf16 on a CPU with native bf16, else fp32 with a warning). ValueError for an unknown precision, for fp16 on
-    a CPU, or for ``--half`` with another ``--precision`` than the fast path's."""
+    CUDA, bf16 on a CPU where bf16 is faster, else fp32 with a warning). ``cpu_precision``: the CPU's measured
+    faster precision (None: judged from its flags, ``default_precision``). ValueError for an unknown precision, for
+    fp16 on a CPU, or for ``--half`` with another ``--precision`` than the fast path's."""
     kind = torch.device(device).type
     if requested is not None and requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}; choose from {', '.join(PRECISIONS)}")
@@ -53,16 +135,18 @@ def choose_precision(requested: str | None, device: torch.device | str, half: bo
         fast = "fp16" if kind == "cuda" else "bf16"
         if requested is not None and requested != fast:
             raise ValueError(f"--half is --precision {fast} on {kind}; it contradicts --precision {requested}")
-        if kind != "cuda" and not cpu_has_native_bf16():
-            return "fp32", "--half: this CPU has no native bf16 (AVX512-BF16 or AMX); running in fp32"
+        slow = _slow_bf16(cpu_precision) if kind != "cuda" else None
+        if slow:
+            return "fp32", f"--half: {slow}; running in fp32"
         return fast, None
     if requested is None:
-        return default_precision(device), None
+        return default_precision(device, cpu_precision), None
     if requested == "fp16" and kind == "cpu":
         raise ValueError("--precision fp16 needs a CUDA device (CPUs compute fp16 by conversion, slower than fp32); "
                          "use bf16 or fp32 on the CPU")
-    if requested == "bf16" and kind == "cpu" and not cpu_has_native_bf16():
-        return "bf16", "--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); expect it slower than fp32"
+    slow = _slow_bf16(cpu_precision) if requested == "bf16" and kind == "cpu" else None
+    if slow:
+        return "bf16", f"--precision bf16: {slow}; expect it slower than fp32"
     return requested, None
 
 

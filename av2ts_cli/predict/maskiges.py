@@ -19,6 +19,7 @@ from pathlib import Path
 
 from av2ts_cli.errors import UsageError
 from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings, resolve_generator
+from av2ts_cli.maskiges.render import DEFAULT_GEOMETRY, GEOMETRIES
 from av2ts_cli.maskiges.video import video_maskiges
 from av2ts_cli.runs import MASKIGES_RECORD
 
@@ -82,9 +83,10 @@ def auto_folder(video_folder: Path, fps: int) -> Path:
 
 
 def make_auto(video: Path, video_folder: Path, generator: LazyGenerator, fps: int, progress=None,
-              task=None, info=None) -> tuple[Path, dict]:
+              task=None, info=None, geometry: str = DEFAULT_GEOMETRY) -> tuple[Path, dict]:
     """The cached maskiges of ``video``'s sampled frames (made where missing): (folder, the summary's record).
-    ``info``: predict's ``media.Probe`` of the video (it is probed once per video)."""
+    ``info``: predict's ``media.Probe`` of the video (it is probed once per video); ``geometry``: the model's
+    (``render.geometry_for``)."""
     folder = auto_folder(video_folder, fps)
 
     def started(count: int) -> None:
@@ -92,8 +94,10 @@ def make_auto(video: Path, video_folder: Path, generator: LazyGenerator, fps: in
             progress.update(task, total=count, completed=0, description=f"maskiges · {video.name}")
 
     result = video_maskiges(video, folder, generator, fps=fps, on_start=started,
-                            on_frame=(lambda: progress.advance(task)) if progress is not None else None, info=info)
-    return folder, {"mode": AUTO, "folder": str(folder), **generator.describe(), "written": result["written"],
+                            on_frame=(lambda: progress.advance(task)) if progress is not None else None, info=info,
+                            geometry=geometry)
+    return folder, {"mode": AUTO, "folder": str(folder), **generator.describe(),
+                    "geometry": GEOMETRIES[geometry].describe(), "written": result["written"],
                     "reused": result["skipped"]}
 
 
@@ -112,7 +116,7 @@ def folder_of(option: Path, video_name: str, video: Path, times: list[float]) ->
     except (OSError, ValueError):
         record["generator"] = None
         return folder, record
-    record.update({k: made.get(k) for k in ("generator", "repo", "revision", "model_type", "settings")})
+    record.update({k: made.get(k) for k in ("generator", "repo", "revision", "model_type", "settings", "geometry")})
     if made.get("input") and Path(made["input"]) != video.resolve():
         raise UsageError(f"--maskiges {folder}: made for {made['input']}, not for {video} "
                          f"({MASKIGES_RECORD} there says so); give the folder of this video's maskiges")
@@ -160,3 +164,14 @@ def maskige_warning(trained_on, used: dict, family: str = "combo") -> str | None
     if _identity(trained) != _identity(used):
         return f"maskiges by {_label(used)}; the model trained on maskiges by {_label(trained)}"
     return None
+
+
+def geometry_warning(used: dict, geometry: str) -> str | None:
+    """A warning when the maskiges of this run (``used``: the summary's record) were made in another geometry than
+    the model's (``render.geometry_for``); None when they match or the record does not say."""
+    made = (used.get("geometry") or {}).get("name")
+    if made is None or made == geometry:
+        return None
+    return (f"maskiges made in the {made} geometry ({GEOMETRIES[made].describe()['generator_input']}); the model "
+            f"trained on {geometry} maskiges ({GEOMETRIES[geometry].describe()['generator_input']})"
+            if made in GEOMETRIES else f"maskiges made in an unknown geometry {made!r}; the model's is {geometry}")

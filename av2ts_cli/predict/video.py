@@ -31,8 +31,9 @@ from av2ts_cli import __version__, media
 from av2ts_cli.avsbench import FRAME_OFFSET, SAMPLE_RATE
 from av2ts_cli.errors import MediaError, UsageError
 from av2ts_cli.files import write_json
+from av2ts_cli.maskiges.render import geometry_for
 from av2ts_cli.memory import PeakWatch, available_mib
-from av2ts_cli.predict.maskiges import LazyGenerator, folder_of, make_auto, maskige_warning
+from av2ts_cli.predict.maskiges import LazyGenerator, folder_of, geometry_warning, make_auto, maskige_warning
 from av2ts_cli.predict.options import PredictOptions
 from av2ts_cli.predict.outputs import MaskOutputs, clear_outputs, output_names
 from av2ts_cli.predict.stream import Timer, maskige_reader, stream_masks
@@ -150,15 +151,17 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
     maskige_for, maskiges = None, None
     if cfg.siam:
         start = time.perf_counter()
+        geometry = geometry_for(cfg.family, cfg.subset).name  # the maskiges the model trained on
         if options.makes_maskiges:
             if generator is None:
                 raise UsageError("a Siam model with --maskiges auto needs the run's maskige generator")
-            maskige_folder, maskiges = make_auto(video, folder, generator, options.fps, progress, task, info)
+            maskige_folder, maskiges = make_auto(video, folder, generator, options.fps, progress, task, info, geometry)
         else:
             maskige_folder, maskiges = folder_of(options.maskige_source, folder.name, video,
                                                  [frame.time for frame in schedule.frames])
         maskige_for = maskige_reader(maskige_folder, cfg.input_size)
-        warnings += [w for w in [maskige_warning(predictor.trained_on, maskiges, predictor.cfg.family)] if w]
+        warnings += [w for w in [maskige_warning(predictor.trained_on, maskiges, predictor.cfg.family),
+                                 geometry_warning(maskiges, geometry)] if w]
         timer.add("maskiges", start)
     if progress is not None:
         progress.update(task, total=len(schedule.windows), completed=0,

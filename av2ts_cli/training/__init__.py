@@ -9,7 +9,7 @@
 - ``rng``: seeding and the global RNG states saved with a checkpoint;
 - ``checkpoint``: ``last/`` and ``best/``, ``trainer.pt`` (written, found, read);
 - ``log``: ``log.csv``;
-- ``trainer``: the loop (``Trainer``), the stop signals, ``train`` and ``print_report``.
+- ``trainer``: the loop (``Trainer``, set up in ``_setup_*`` steps), ``train`` and ``print_report``.
 
 The names below are loaded on first use, so ``import av2ts_cli.training.recipes`` (the CLI's help texts) does not
 import torch.

@@ -47,8 +47,9 @@ from av2ts_cli.data import build_dataset
 from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
 from av2ts_cli.evaluate import evaluate_model
 from av2ts_cli.interrupts import Interrupted, StopSignals
+from av2ts_cli.predictor import Predictor
 from av2ts_cli.processes import Processes
-from av2ts_cli.runs import numbered_run_folder
+from av2ts_cli.runs import OWNED_FILE, claim_folder, numbered_run_folder, owned_files, record_owned, remove_owned
 from av2ts_cli.training.checkpoint import (
     BEST,
     LAST,
@@ -191,14 +192,18 @@ class Trainer:
                 run = Path(self.options.out)
                 # made if missing; removed again if the run leaves it empty (a refused or failed start)
                 self._held.enter_context(locks.held(run, remove_empty_folder=True))
-                if has_checkpoint(run):  # a log.csv alone is a run that failed before its first checkpoint: reused
+                if has_checkpoint(run) or (run / BEST).exists():  # best/ alone: a trained model all the same
                     raise UsageError(f"{run} already holds a training run; continue it with --resume {run} or "
                                      f"choose another --out")
+                # a folder av2ts did not make (a user's log.csv, anything) is refused, naming it; a log.csv av2ts
+                # wrote is a run that failed before its first checkpoint: reused
+                claim_folder(run, hint="choose another --out")
                 # files only: a checkpoint's temp folder may be the newest complete one (find_resume_checkpoint)
                 locks.sweep_temps(run, recursive=False, folders=False)
             else:
                 run = numbered_run_folder(RUNS_FOLDER)
                 self._held.enter_context(locks.held(run, remove_empty_folder=True))
+            record_owned(run, [LOG_FILE])  # before the log is written
         return Path(self.processes.gather(str(run) if run else None)[0])
 
     def discard_unsaved(self) -> None:
@@ -206,7 +211,9 @@ class Trainer:
         its lock is released) does not look like a run, and the same command starts again in it."""
         run = getattr(self, "run", None)
         if self.processes.main and run is not None and self.start == 0 and not has_checkpoint(run):
-            (run / LOG_FILE).unlink(missing_ok=True)
+            remove_owned(run, [LOG_FILE])
+            if owned_files(run) == []:  # nothing of av2ts's left: the record goes too, and the empty folder after it
+                (run / OWNED_FILE).unlink(missing_ok=True)
 
     def _restore(self, state: dict) -> None:
         try:
@@ -318,9 +325,12 @@ class Trainer:
         """Rank 0 scores the evaluation split; the others wait at the barrier."""
         if self.processes.main:
             task = bar.add_task(f"evaluating {self.options.eval_split}", total=None) if bar is not None else None
+            # the model under training, as it is (no inference preparation: it trains on): the run's autocast, if
+            # any, covers the forward (the predictor's own precision is fp32, a null context)
+            predictor = Predictor(self.model, self.cfg, [], "the model under training", self.processes.device, "fp32")
             with preserved_rng(), self._autocast():
-                metrics = evaluate_model(self.model, self.eval_set, "av2ts", batch=max(1, self.options.batch),
-                                         device=self.processes.device, workers=min(self.options.workers, 2))
+                metrics = evaluate_model(predictor, self.eval_set, "av2ts", batch=max(1, self.options.batch),
+                                         workers=min(self.options.workers, 2))
             if task is not None:
                 bar.remove_task(task)
             row["val_miou"], row["val_fscore"] = float(metrics["miou"]), float(metrics["fscore"])

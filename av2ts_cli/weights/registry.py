@@ -108,12 +108,13 @@ def _vct_entry(subset: str, j: float, f: float, match: str) -> RegistryEntry:
         convert_subset=subset, published={"subset": subset, "J": j, "F": f}, licence=VCT_LICENCE, authors="VCT authors")
 
 
-# AVSegFormer (AAAI'24, vvvb-github/AVSegFormer at 7083cb6, README L42-54; docs/model.md, 'AVSegFormer'): one bare
-# state dict per model, each a Google Drive file (the folder 1ZYZOWAfoXcGPDsocswEN7ZYvcAn4H8kY holds them; the file
-# names are not published). J = mIoU, F = F-score in %, as the README publishes them, computed under av2ts's
-# `--protocol avsegformer` (S4/MS3 at 512 x 512 against labels upsampled from 224, F per 2 videos; AVSS with the
-# padded frames). The repository states no licence, so av2ts does not re-host the files: they are fetched from
-# Google Drive on request only (with gdown), converted once and kept in av2ts's cache, keyed by their sha256.
+# AVSegFormer (AAAI'24, vvvb-github/AVSegFormer at 7083cb6, its README L42-54; av2ts's README, 'Models and weights'):
+# one bare state dict per model, each a Google Drive file (the folder 1ZYZOWAfoXcGPDsocswEN7ZYvcAn4H8kY holds them;
+# the file names are not published). J = mIoU, F = F-score in %, as that README publishes them, computed by the
+# authors' test code, whose protocol `av2ts eval --protocol avsegformer` reproduces (S4/MS3 at 512 x 512 against
+# labels upsampled from 224, F per 2 videos; AVSS with the padded frames). The repository states no licence, so av2ts
+# does not re-host the files: they are fetched from Google Drive on request only (gdown, upstream.gdrive_file),
+# converted once and kept in av2ts's cache, keyed by their sha256.
 AVSEGFORMER_LICENCE = "none stated"  # no LICENSE file, no licence in the README (spec: avsegformer.md, section 8)
 AVSEGFORMER_PUBLISHED = {
     # name: (preset, subset, J, F, Google Drive file id)
