@@ -100,6 +100,7 @@ def _reported(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         show_library_messages()
+        _state["json_printed"] = False
         try:
             with stop_on_signals():  # SIGINT and SIGTERM alike in every command: cleanup, one line, 130 / 143
                 return func(*args, **kwargs)
@@ -108,7 +109,7 @@ def _reported(func):
         except KeyboardInterrupt as stop:  # a command without its own words for it: the finally blocks cleaned up
             err = Interrupted(signum_of(stop), "stopped; what it was writing was removed")
             error_line(err.message)
-            if kwargs.get("as_json"):
+            if kwargs.get("as_json") and not _state["json_printed"]:
                 print_json({"error": err.message, "exit_code": err.exit_code})
             raise typer.Exit(err.exit_code) from None
         except Exception as err:
@@ -121,7 +122,7 @@ def _reported(func):
             else:  # a bug: still one line, the traceback behind --debug
                 line, code = f"{_bug_line(err)} (run with --debug for the traceback)", EXIT_FAILURE
             error_line(line)
-            if kwargs.get("as_json"):  # --json: the failure as JSON on stdout too, for a script reading it
+            if kwargs.get("as_json") and not _state["json_printed"]:  # --json: the failure as JSON on stdout too
                 print_json({"error": printable(line), "exit_code": code})
             raise typer.Exit(code) from None
 

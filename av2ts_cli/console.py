@@ -23,7 +23,9 @@ from rich.progress import (
 )
 
 console = Console(stderr=True, highlight=False)
-state = {"debug": False}  # `av2ts --debug`: tracebacks are shown, also for the failures a batch records and goes on
+# `av2ts --debug`: tracebacks are shown, also for the failures a batch records and goes on; "json_printed": this
+# command's one JSON document is out (an error after it adds none: stdout holds one document)
+state = {"debug": False, "json_printed": False}
 
 
 def show_traceback(err: BaseException) -> None:
@@ -85,6 +87,7 @@ def print_json(obj) -> None:
     import sys  # local: as above
 
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    state["json_printed"] = True
 
 
 _PACKAGE = str(Path(__file__).resolve().parent)  # a warning whose frame is in this folder is av2ts's own

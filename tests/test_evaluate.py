@@ -390,7 +390,7 @@ def test_torchrun_eval_equals_one_process_to_the_last_bit(synth_data, random_mod
 
 
 def test_predictions_are_never_saved_into_the_data_or_the_model(synth_data, random_models, tmp_path):
-    """--save-pred (and --out) inside the dataset scored against, or inside the model, is refused before any work:
+    """--save-pred inside the dataset scored against, or inside the model, is refused before any work:
     the labels would be replaced and the next eval would score against its own output."""
     labels = resolve_root(synth_data, "s4")
     before = _listing(synth_data)
@@ -398,9 +398,9 @@ def test_predictions_are_never_saved_into_the_data_or_the_model(synth_data, rand
     line = one_line_error(["eval", "--subset", "s4", "--data", str(synth_data), "--model", str(random_models["s4"]),
                            "--save-pred", str(inside)], code=2)
     assert line == f"error: --save-pred {inside}: is inside --data {synth_data}, an input; write it elsewhere"
-    model_inside = random_models["s4"] / "metrics"
+    model_inside = random_models["s4"] / "pred"
     line = one_line_error(["eval", "--subset", "s4", "--data", str(synth_data), "--model", str(random_models["s4"]),
-                           "--out", str(model_inside)], code=2)
-    assert line == (f"error: --out {model_inside}: is inside --model {random_models['s4']}, an input; write it "
-                    "elsewhere")
+                           "--save-pred", str(model_inside)], code=2)
+    assert line == (f"error: --save-pred {model_inside}: is inside --model {random_models['s4']}, an input; write "
+                    "it elsewhere")
     assert _listing(synth_data) == before and not model_inside.exists() and not (tmp_path / "runs").exists()

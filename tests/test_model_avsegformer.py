@@ -249,6 +249,7 @@ def test_parameters_equal_the_reference_minus_the_modules_not_built(preset, subs
     with torch.device("meta"):  # full size, no memory; drop path has no tensors (and a meta build cannot set it)
         model = build_model(dataclasses.replace(get_preset(preset, subset), drop_path_rate=0.0))
     assert sum(p.numel() for p in model.parameters()) == total - unbuilt
+    assert sum(model.reference_only_parameters().values()) == unbuilt  # what `av2ts info --model` adds back
     assert not any(p.requires_grad for p in model.audio_encoder.parameters())
     rows = layout_rows(tsv)
     if rows is None:

@@ -71,6 +71,22 @@ class AVSegFormer(AV2TS):
         self.head = AVSegFormerHead(cfg, backbone_channels(self.backbone), output_channels(cfg))
         self._register_pixel_statistics()
 
+    def reference_only_parameters(self) -> dict[str, int]:
+        """{what: parameters} that the reference builds and saves but never runs and this network leaves out:
+        ``head.fpn`` (3 x Conv3x3 d -> d with bias), ``head.attn_fc`` (``head.fc``'s layout) and, with ResNet-50,
+        B2_ResNet's second branch (``layer3``/``layer4``'s layout). ``av2ts info --model`` adds them to state the
+        reference's count (PVT S4 186,053,504; R50 MS3 150,902,528). Empty for avsegformer-tiny (no reference
+        network has its backbone)."""
+        if self.cfg.backbone not in ("pvt_v2_b5", "resnet50"):
+            return {}
+        d = self.cfg.hidden_dim
+        left_out = {"head.fpn, never run": 3 * (d * d * 9 + d),
+                    "head.attn_fc, never run": sum(p.numel() for p in self.head.fc.parameters())}
+        if self.cfg.backbone == "resnet50":
+            left_out["the ResNet's second branch (layer3_2, layer4_2), never run"] = sum(
+                p.numel() for name in ("layer3", "layer4") for p in getattr(self.backbone, name).parameters())
+        return left_out
+
     def freeze_backbone(self, frozen: bool = True) -> None:
         """Switch the backbone's gradients off or on (the reference trains it frozen for its first epochs)."""
         self.backbone.requires_grad_(not frozen)
