@@ -131,8 +131,9 @@ def _reported(func):
 
 # model.inference.PRECISIONS (a test keeps them equal): spelled here so that a wrong value fails before torch loads
 _PRECISIONS = ("fp32", "bf16", "fp16")
-_PRECISION_HELP = ("fp32, bf16 or fp16 (CUDA only). Default: bf16 on CPUs with AVX512-BF16 or AMX (the whole "
-                   "forward in bf16), fp32 elsewhere.")
+_PRECISION_HELP = ("fp32, bf16 or fp16 (CUDA only). Default: on a CPU the faster of fp32 and bf16 as measured "
+                   "once on this machine (av2ts info shows the figures; bf16: the whole forward in bf16), fp32 on "
+                   "CUDA.")
 
 
 def _check_precision(value: str | None) -> str | None:
@@ -221,8 +222,8 @@ def predict(
                                         rich_help_panel="Performance")] = "auto",
     precision: Annotated[str | None, typer.Option("--precision", metavar="fp32|bf16|fp16", help=_PRECISION_HELP,
                                                   rich_help_panel="Performance", show_default=False)] = None,
-    half: Annotated[bool, typer.Option("--half", help="The fast path: fp16 on CUDA, bf16 on CPUs with AVX512-BF16 "
-                                       "or AMX.", rich_help_panel="Performance")] = False,
+    half: Annotated[bool, typer.Option("--half", help="The fast path: fp16 on CUDA, bf16 on CPUs where it measured "
+                                       "faster than fp32.", rich_help_panel="Performance")] = False,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Windows per forward pass.",
                                        rich_help_panel="Performance")] = 1,
 ) -> None:
@@ -285,6 +286,10 @@ def maskiges(
                                              "--maskiges DIR reads.")] = None,
     fps: Annotated[int, typer.Option("--fps", min=1, help="Videos: masks per second, as predict's --fps.")] = 1,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Videos: also search subfolders.")] = False,
+    geometry: Annotated[str | None, typer.Option("--geometry", metavar="square-224|source-224|source-384",
+                                                 help="Videos: the maskiges' geometry, as the model trained on: "
+                                                 "square-224 (default; COMBO and AV2TS on S4 or MS3: the frame "
+                                                 "squashed to 224x224), source-224 (AVSS), source-384 (VCT).")] = None,
     generator: Annotated[str | None, typer.Option("--generator", "-g", help="hf://owner/repo\\[@rev] or a "
                                                   "save_pretrained folder (default: SAM ViT-B, pinned).")] = None,
     points_per_side: Annotated[int | None, typer.Option("--points-per-side", min=1, help="Point grid side "
@@ -311,7 +316,7 @@ def maskiges(
     settings = {k: v for k, v in (("points_per_side", points_per_side), ("points_per_batch", points_per_batch),
                                   ("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_thresh),
                                   ("box_nms_thresh", box_nms_thresh), ("min_region", min_region)) if v is not None}
-    code = run_command(sources, subset=subset, data=data, masks_from=masks_from, out=out, fps=fps,
+    code = run_command(sources, subset=subset, data=data, masks_from=masks_from, out=out, fps=fps, geometry=geometry,
                        generator=generator, settings=settings, device=device, force=force, recursive=recursive,
                        as_json=as_json)
     if code:
@@ -376,6 +381,18 @@ def convert(
 
 @app.command(rich_help_panel="Models")
 @_reported
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """List every model name av2ts can fetch: family, backbone, subset, published J/F, parameters, licence, cached."""
+    from av2ts_cli.weights import zoo  # local: the registry's caches and, once, the parameter counts (torch)
+
+    listing = zoo.list_models()
+    print_json({"models": listing}) if as_json else zoo.print_models(listing)
+
+
+@app.command(rich_help_panel="Models")
+@_reported
 def download(
     names: Annotated[list[str], typer.Argument(help="Registry models (combo-r50-s4, combo-pvt-s4, vct-s4, vct-ms3, "
                                                "vct-avss, avsegformer-{pvt,r50}-{s4,ms3,avss}, ced-mini), vggish "
@@ -421,8 +438,8 @@ def eval_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str | None, typer.Option("--precision", metavar="fp32|bf16|fp16", help=_PRECISION_HELP,
                                                   show_default=False)] = None,
-    half: Annotated[bool, typer.Option("--half", help="The fast path: fp16 on CUDA, bf16 on CPUs with AVX512-BF16 "
-                                       "or AMX.")] = False,
+    half: Annotated[bool, typer.Option("--half", help="The fast path: fp16 on CUDA, bf16 on CPUs where it measured "
+                                       "faster than fp32.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --shuffle-audio pairing.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
@@ -751,8 +768,9 @@ def bench_predict(
 @bench_app.command("maskiges")
 @_reported
 def bench_maskiges(
-    generator: Annotated[str | None, typer.Option("--generator", "-g", help="hf://owner/repo\\[@rev] or a "
-                                                  "save_pretrained folder (default: SAM ViT-B, pinned).")] = None,
+    generator: Annotated[list[str] | None, typer.Option("--generator", "-g", help="hf://owner/repo\\[@rev] or a "
+                                                        "save_pretrained folder (SAM, SAM-HQ, SAM 2), repeatable "
+                                                        "(default: SAM ViT-B, pinned).")] = None,
     points: Annotated[list[int] | None, typer.Option("--points-per-side", min=1, help="Point grid side, "
                                                      "repeatable (default: 32 and 16).")] = None,
     frames: Annotated[int, typer.Option("--frames", min=1, help="Timed frames per setting (median).")] = 3,
@@ -768,8 +786,11 @@ def bench_maskiges(
     options = {"frames": 1, "size": bench.QUICK_SIZE, "repeats": 1} if quick else {"frames": frames}
     with make_progress(transient=True) as progress:
         task = progress.add_task("timing", total=None)
-        report = bench.run(generator, tuple(points or bench.DEFAULT_POINTS), devices=tuple(device) if device else None,
-                           threads=threads, progress=lambda text: progress.update(task, description=text), **options)
+        options.update(points=tuple(points or bench.DEFAULT_POINTS), devices=tuple(device) if device else None,
+                       threads=threads, progress=lambda text: progress.update(task, description=text))
+        generators = generator or [None]
+        report = bench.run(generators[0], **options) if len(generators) == 1 else \
+            bench.run_generators(tuple(generators), **options)
     print_json(report) if as_json else bench.print_report(report)
 
 

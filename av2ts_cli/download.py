@@ -107,7 +107,7 @@ def download(names: list[str], on_done: Callable[[dict], None] | None = None) ->
     unknown = [name for name in names if name not in known]
     if unknown or not names:
         what = f"unknown name(s) {', '.join(unknown)}" if unknown else "no name given"
-        raise UsageError(f"{what}; av2ts download fetches {', '.join(known)}")
+        raise UsageError(f"{what}; av2ts download fetches {', '.join(known)} (`av2ts models` describes them)")
     results = []
     for name in dict.fromkeys(names):
         if name == "vggish":

@@ -1,6 +1,7 @@
 """Tiny randomly initialised SAM and SAM-HQ models built from transformers' own config classes (64 px input,
-2 ViT blocks of width 32: ~80 k parameters, saved in ~0.3 MB), and the Hugging Face cache layout to serve one as
-hf://owner/repo offline. Used by the maskiges tests; the real transformers model code runs on them."""
+2 ViT blocks of width 32: ~80 k parameters, saved in ~0.3 MB), a tiny SAM 2 (Hiera of 5 blocks, 128 px input),
+and the Hugging Face cache layout to serve one as hf://owner/repo offline. Used by the maskiges tests; the real
+transformers model code runs on them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SIDE = 64  # model input side (the processor resizes the longest edge to it)
+SIDE2 = 128  # the tiny SAM 2's input side (its processor squashes the frame to the square)
 
 
 def save_tiny_sam(folder: Path, hq: bool = False, seed: int = 0) -> Path:
@@ -33,6 +35,32 @@ def save_tiny_sam(folder: Path, hq: bool = False, seed: int = 0) -> Path:
     processor = T.SamImageProcessor(size={"longest_edge": SIDE}, pad_size={"height": SIDE, "width": SIDE},
                                     mask_size={"longest_edge": SIDE // 4},
                                     mask_pad_size={"height": SIDE // 4, "width": SIDE // 4})
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sam2(folder: Path, seed: int = 0) -> Path:
+    """A tiny Sam2Model (Hiera of 5 blocks, 128 px square input, decoder width 32) and its Sam2ImageProcessor,
+    written by save_pretrained into ``folder``."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    hiera = T.Sam2HieraDetConfig(
+        hidden_size=16, num_attention_heads=1, image_size=[SIDE2, SIDE2], blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[4, 4, 4, 4], global_attention_blocks=[3],  # not a stage's first block
+        window_positional_embedding_background_size=[4, 4])
+    vision = T.Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
+                                backbone_feature_sizes=[[SIDE2 // 4] * 2, [SIDE2 // 8] * 2, [SIDE2 // 16] * 2],
+                                fpn_hidden_size=32)
+    prompt = T.Sam2PromptEncoderConfig(hidden_size=32, image_size=SIDE2, patch_size=16, mask_input_channels=4)
+    decoder = T.Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+    model = T.Sam2Model(T.Sam2Config(vision_config=vision, prompt_encoder_config=prompt,
+                                     mask_decoder_config=decoder)).eval()
+    processor = T.Sam2ImageProcessor(size={"height": SIDE2, "width": SIDE2},
+                                     mask_size={"height": SIDE2 // 4, "width": SIDE2 // 4})
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

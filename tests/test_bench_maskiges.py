@@ -10,7 +10,7 @@ from conftest import invoke_cli, one_line
 
 pytest.importorskip("transformers")  # the av2ts[sam] extra (part of dev)
 
-from _tiny_sam import save_tiny_sam  # noqa: E402
+from _tiny_sam import save_tiny_sam, save_tiny_sam2  # noqa: E402
 
 
 def test_bench_maskiges_quick_json(tmp_path):
@@ -37,3 +37,24 @@ def test_bench_maskiges_quick_json(tmp_path):
 def test_a_missing_generator_is_one_line(tmp_path):
     result = invoke_cli(["bench", "maskiges", "--generator", str(tmp_path / "nothing"), "--quick"], expect=1)
     assert "no such generator folder" in one_line(result.output)
+
+
+def test_bench_maskiges_times_each_generator_in_one_run(tmp_path):
+    """Repeated --generator: one report per generator (SAM and SAM 2 here), each with its time per frame, its
+    encoder's time and the ratio, from the same process."""
+    sam, sam2 = save_tiny_sam(tmp_path / "sam"), save_tiny_sam2(tmp_path / "sam2")
+    result = invoke_cli(["bench", "maskiges", "--generator", str(sam), "--generator", str(sam2), "--quick",
+                         "--device", "cpu", "--points-per-side", "2", "--json"])
+    reports = json.loads(result.stdout)["generators"]
+    assert [(r["generator"], r["model_type"]) for r in reports] == [(str(sam), "sam"), (str(sam2), "sam2")]
+    for report in reports:
+        (cpu,) = report["results"]
+        (case,) = cpu["cases"]
+        assert cpu["encoder_s"] > 0 and case["seconds_per_frame"] > 0
+        assert case["ratio_to_encoder"] == pytest.approx(case["seconds_per_frame"] / cpu["encoder_s"])
+    from av2ts_cli.bench.maskiges import print_report
+    from av2ts_cli.console import console
+
+    with console.capture() as captured:
+        print_report({"generators": reports})
+    assert captured.get().count("x encoder") == 2 and "sam2" in captured.get()

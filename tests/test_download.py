@@ -48,6 +48,7 @@ def test_unknown_names_are_a_usage_error_listing_the_known_ones(tmp_path):
     line = one_line(proc.stdout + proc.stderr)
     assert "unknown name(s) combo-r50-avss" in line and "combo-pvt-s4" in line and "vggish" in line
     assert all(f"avsegformer-{b}-{s}" in line for b in ("pvt", "r50") for s in ("s4", "ms3", "avss"))
+    assert line.endswith("(`av2ts models` describes them)")
 
 
 def test_a_cached_vggish_is_reported_where_it_is_offline(tmp_path):

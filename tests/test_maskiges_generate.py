@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _tiny_sam import FAKE_COMMIT, hub_cache_with, save_tiny_sam
+from _tiny_sam import FAKE_COMMIT, SIDE2, hub_cache_with, save_tiny_sam, save_tiny_sam2
 from conftest import one_line
 
 from av2ts_cli.data.datasets import AVSDataset
@@ -35,10 +35,11 @@ LOOSE = GeneratorSettings(points_per_side=4, points_per_batch=5, pred_iou_thresh
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-sam")
-    return {"sam": save_tiny_sam(root / "sam"), "sam_hq": save_tiny_sam(root / "sam-hq", hq=True)}
+    return {"sam": save_tiny_sam(root / "sam"), "sam_hq": save_tiny_sam(root / "sam-hq", hq=True),
+            "sam2": save_tiny_sam2(root / "sam2")}
 
 
-@pytest.mark.parametrize("kind", ["sam", "sam_hq"])
+@pytest.mark.parametrize("kind", ["sam", "sam_hq", "sam2"])
 def test_generates_masks_of_the_frame_size(tiny_models, kind):
     image = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
     generator = MaskGenerator(tiny_models[kind], LOOSE, device="cpu")
@@ -49,6 +50,17 @@ def test_generates_masks_of_the_frame_size(tiny_models, kind):
     assert described["model_type"] == kind and described["settings"]["points_per_side"] == 4
     strict = MaskGenerator(tiny_models[kind], GeneratorSettings(points_per_side=4), device="cpu").generate(image)
     assert strict.shape[1:] == (48, 80) and len(strict) <= len(masks)  # COMBO's thresholds keep fewer, maybe none
+
+
+def test_the_sam2_point_grid_covers_the_squashed_frame(tiny_models):
+    """SAM 2's processor squashes the frame to its square input (size height/width, no longest_edge): the grid of
+    point prompts is the frame's grid scaled to that square, not the stock pipeline's long-side one."""
+    generator = MaskGenerator(tiny_models["sam2"], LOOSE, device="cpu")
+    assert generator.target_size == SIDE2
+    points, labels = generator._points(np.zeros((48, 80, 3), np.uint8), 2)
+    assert points.shape == (1, 4, 1, 2) and labels.shape == (1, 4, 1) and bool((labels == 1).all())
+    expected = [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
+    np.testing.assert_allclose(points[0, :, 0].numpy(), np.array(expected) * SIDE2)
 
 
 def test_a_folder_with_a_whole_processor_saved_loads(tiny_models, tmp_path):

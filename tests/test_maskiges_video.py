@@ -126,3 +126,15 @@ def test_the_generator_sees_the_frame_as_the_geometry_says(tmp_path, make_clip, 
     assert video_maskiges(clip, folder, generator, geometry=geometry)["skipped"] == 1  # the same: reused
     other = "source-224" if geometry == "square-224" else "square-224"
     assert video_maskiges(clip, folder, generator, geometry=other)["written"] == 1  # another geometry: remade
+
+
+def test_the_geometry_option_is_checked_before_any_work(tmp_path, make_clip):
+    from conftest import invoke_cli
+
+    clip = make_clip("ok", duration=1.0, size=(64, 48))
+    bad = invoke_cli(["maskiges", str(clip), "--out", str(tmp_path / "out"), "--geometry", "square-999"], expect=2)
+    assert "--geometry square-999: not one of square-224, source-224, source-384" in bad.output
+    dataset = invoke_cli(["maskiges", "--subset", "s4", "--data", str(tmp_path), "--geometry", "source-224"],
+                         expect=2)
+    assert "--geometry is for videos" in dataset.output
+    assert not (tmp_path / "out").exists()

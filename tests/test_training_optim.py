@@ -88,3 +88,25 @@ def test_a_restored_poly_schedule_with_its_own_horizon_is_unchanged():
         scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in straight[0].param_groups]
     assert scheduler.state_dict() == straight[1].state_dict()
+
+
+def test_avsegformer_groups_are_adamw_over_every_trainable_parameter():
+    """The reference's ``AdamW(model.parameters(), lr=2e-5)``: one LR and weight decay for every parameter, norms
+    included (``decay_norms``); the frozen VGGish has no gradient, so leaving it out changes nothing."""
+    from av2ts_cli.training.optim import build_optimizer
+
+    model = build_model(get_preset("avsegformer-tiny", "s4"))
+    optimizer = build_optimizer(model, 2e-5, weight_decay=0.01, backbone_lr_mult=1.0, decay_norms=True)
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(2e-5, 0.01)]
+    held = {id(p) for p in optimizer.param_groups[0]["params"]}
+    expected = {id(p) for n, p in model.named_parameters() if not n.startswith("audio_encoder.")}
+    assert held == expected and len(held) == len(optimizer.param_groups[0]["params"])
+    # a backbone frozen before the groups are made would be left out of the optimizer: the trainer freezes after
+    model.freeze_backbone(True)
+    frozen = {id(p) for g in parameter_groups(model, 2e-5, 0.01, 1.0, decay_norms=True) for p in g["params"]}
+    assert not frozen & {id(p) for p in model.backbone.parameters()}
+
+
+def test_poly_power_0_is_a_constant_lr():
+    schedule = PolySchedule(10, 0.0)
+    assert [schedule(i) for i in (0, 5, 10, 20)] == [1.0, 1.0, 1.0, 1.0]

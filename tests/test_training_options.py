@@ -56,3 +56,23 @@ def test_resume_may_change_only_the_free_options():
     assert set(RESUME_FREE) == {"data", "workers", "device", "iters", "eval_every", "log_every"}
     with pytest.raises(UsageError, match="--lr 0.5 contradicts"):
         merge_resume_options(saved, {"lr": 0.5})
+
+
+def test_avsegformer_epochs_become_iterations_of_the_batch_and_training_set():
+    """The reference counts epochs (S4 30 with the backbone frozen for 5, MS3 60 / 10, AVSS 30 / 0): ``counted``
+    turns them into iterations of the run's batch over the training set (rounded up), unless given."""
+    cpu = torch.device("cpu")
+    s4 = new_options({"subset": "s4", "data": "d"}).resolved("avsegformer-pvt", cpu)
+    assert s4.iters is None and (s4.epochs, s4.frozen_epochs, s4.batch) == (30, 5, 2)
+    assert (s4.lr, s4.weight_decay, s4.decay_norms, s4.poly_power, s4.clip_norm, s4.backbone_lr_mult) == \
+        (2e-5, 0.01, True, 0.0, 0.0, 1.0)
+    counted = s4.counted(3452)  # AVSBench S4's training set: 1726 iterations an epoch
+    assert (counted.iters, counted.unfreeze_at) == (30 * 1726, 5 * 1726)
+    ms3 = new_options({"subset": "ms3", "data": "d"}).resolved("avsegformer-r50", cpu).counted(296)
+    assert (ms3.iters, ms3.unfreeze_at) == (60 * 148, 10 * 148)
+    avss = new_options({"subset": "avss", "data": "d"}).resolved("avsegformer-r50", cpu).counted(7)
+    assert (avss.batch, avss.iters, avss.unfreeze_at) == (4, 53, 0)  # ceil(30 * 7 / 4); never frozen
+    given = new_options({"subset": "s4", "data": "d", "iters": 100, "frozen_epochs": 1})
+    assert given.resolved("avsegformer-r50", cpu).counted(5).iters == 100  # --iters wins over the epochs
+    assert given.resolved("avsegformer-r50", cpu).counted(5).unfreeze_at == 3  # ceil(5 / 2)
+    assert new_options({"subset": "s4", "data": "d"}).resolved("av2ts-r50", cpu).counted(5).unfreeze_at == 0

@@ -283,3 +283,88 @@ def test_a_folder_holding_only_best_is_never_trained_into(small_s4, straight_run
     before = (run / "best" / "model.safetensors").read_bytes()
     train_error(["--subset", "s4", "--data", str(small_s4), *SMALL_RUN, "--out", str(run)], 2, str(run), "--resume")
     assert (run / "best" / "model.safetensors").read_bytes() == before
+
+
+# ------------------------------------------------------------------------ AVSegFormer: the frozen first epochs
+@pytest.fixture(scope="session")
+def avsegformer_start(tmp_path_factory) -> Path:
+    """avsegformer-tiny at 64 px (a quarter of its 128 px step), as a checkpoint to start from: its recipe, loss and
+    freezing are the preset's, only the frames are smaller."""
+    import dataclasses
+
+    from av2ts_cli.weights.checkpoint import save_checkpoint
+
+    cfg = dataclasses.replace(get_preset("avsegformer-tiny", "s4"), input_size=64)
+    torch.manual_seed(0)
+    return save_checkpoint(build_model(cfg), cfg, tmp_path_factory.mktemp("avsegformer") / "start")
+
+
+def _avsegformer_run(small_s4: Path, start: Path, run: Path, **options) -> dict:
+    from av2ts_cli.training import train
+
+    return train(progress=False, subset="s4", data=small_s4, model=str(start), workers=0, seed=1, eval_every=0,
+                 log_every=1, out=str(run), **options)
+
+
+def test_the_avsegformer_backbone_trains_from_the_iteration_its_frozen_epochs_end(small_s4, avsegformer_start,
+                                                                                  tmp_path):
+    """One frozen epoch of small_s4 (6 clips, batch 2) is 3 iterations: steps 1-3 leave the backbone's weights and
+    AdamW state alone, step 4 trains it; the optimizer holds its parameters from the start (one group: the
+    reference's AdamW over model.parameters()), and the run records the iteration."""
+    from av2ts_cli.processes import Processes
+    from av2ts_cli.training.trainer import Trainer
+
+    given = {"subset": "s4", "data": str(small_s4), "model": str(avsegformer_start), "iters": 4, "frozen_epochs": 1,
+             "workers": 0, "eval_every": 0, "seed": 1, "out": str(tmp_path / "run")}
+    with contextlib.ExitStack() as held:
+        trainer = Trainer(given, None, Processes.start("cpu"), progress=False, held=held)
+        model = trainer.model
+        assert trainer.options.unfreeze_at == 3 and trainer.options.poly_power == 0.0
+        backbone = list(model.backbone.parameters())
+        assert not any(p.requires_grad for p in backbone)
+        assert all(p.requires_grad for p in [*model.head.parameters(), *model.audio_proj.parameters()])
+        assert not any(p.requires_grad for p in model.audio_encoder.parameters())
+        groups = trainer.optimizer.param_groups
+        assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.01)]
+        held_ids = {id(p) for p in groups[0]["params"]}
+        assert {id(p) for p in backbone} <= held_ids
+        assert not held_ids & {id(p) for p in model.audio_encoder.parameters()}
+
+        initial = [p.detach().clone() for p in backbone]
+        seen = []
+        step = trainer._run_step
+
+        def watched(batch):
+            seen.append(all(p.requires_grad for p in backbone))
+            result = step(batch)
+            unchanged = all(torch.equal(p, q) for p, q in zip(backbone, initial, strict=True))
+            stateless = not any(p in trainer.optimizer.state for p in backbone)
+            seen[-1] = (seen[-1], unchanged, stateless)
+            return result
+
+        trainer._run_step = watched
+        report = trainer.fit()
+    assert seen == [(False, True, True)] * 3 + [(True, False, False)]
+    assert report["backbone_unfrozen_at"] == 3
+    doc = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert doc["meta"]["training"]["backbone_unfrozen_at"] == 3
+    assert read_trainer_state(tmp_path / "run" / "last" / TRAINER_FILE)["options"]["unfreeze_at"] == 3
+
+
+def test_an_avsegformer_run_resumed_on_either_side_of_the_unfreezing_is_bit_for_bit(small_s4, avsegformer_start,
+                                                                                 tmp_path):
+    """5 iterations straight == 2, resume to 4 (the backbone unfreezes at 3), resume to 5 (its state restored
+    from the iteration: trainable); the constant LR does not depend on --iters."""
+    straight = tmp_path / "straight"
+    _avsegformer_run(small_s4, avsegformer_start, straight, iters=5, frozen_epochs=1)
+    split = tmp_path / "split"
+    _avsegformer_run(small_s4, avsegformer_start, split, iters=2, frozen_epochs=1)
+    from av2ts_cli.training import train
+
+    for iters in (4, 5):
+        report = train(resume=str(split), progress=False, iters=iters, workers=0)
+    assert report["iterations"] == 5 and report["backbone_unfrozen_at"] == 3
+    _assert_identical(_weights(straight), _weights(split))
+    rows, straight_rows = read_log(split / LOG_FILE), read_log(straight / LOG_FILE)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+    assert {r["lr"] for r in rows} == {1e-3}

@@ -1,6 +1,7 @@
 """``av2ts bench maskiges``: seconds per frame of automatic maskige masks, as a ratio to one image-encoder forward.
 
-One ``MaskGenerator`` per device (``--generator``, default the pinned SAM ViT-B) makes the masks of ``frames``
+One ``MaskGenerator`` per device and generator (``--generator``, repeatable: SAM, SAM-HQ or SAM 2 folders or hub
+references; default the pinned SAM ViT-B) makes the masks of ``frames``
 frames of ffmpeg's testsrc2 pattern (``media.synthesize_clip``, at ``size``) for each points-per-side setting
 (default 32, COMBO's, and 16); the median per frame is reported with the masks it kept. The baseline is one
 forward of the same model's image encoder (``get_image_embeddings`` on the preprocessed frame) timed in the same
@@ -117,7 +118,18 @@ def run(generator: str | None = None, points: tuple[int, ...] = DEFAULT_POINTS, 
             "results": results}
 
 
+def run_generators(generators: tuple[str | None, ...], **options) -> dict:
+    """``run`` for each of ``generators`` in one process (so their ratios compare): {"generators": [reports]}."""
+    return {"generators": [run(generator, **options) for generator in generators]}
+
+
 def print_report(report: dict) -> None:
+    """One generator's report, or each of ``run_generators``'."""
+    for one in report.get("generators", [report]):
+        _print_one(report=one)
+
+
+def _print_one(report: dict) -> None:
     settings = {k: v for k, v in report["settings"].items() if k != "points_per_side"}
     console.print(f"automatic masks of {report['generator']} ({report['model_type']}, "
                   f"{report['parameters'] / 1e6:.1f} M parameters, image encoder "

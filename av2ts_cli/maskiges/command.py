@@ -9,20 +9,25 @@ from av2ts_cli.data.layout import check_subset
 from av2ts_cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from av2ts_cli.maskiges import dataset, video
 from av2ts_cli.maskiges.generate import GeneratorSettings
+from av2ts_cli.maskiges.render import DEFAULT_GEOMETRY, GEOMETRIES
 
 
 def run_command(sources: list[str] | None, *, subset: str | None, data: Path | None, masks_from: Path | None,
                 out: Path | None, fps: int, generator: str | None, settings: dict, device: str, force: bool,
-                recursive: bool, as_json: bool) -> int:
+                recursive: bool, as_json: bool, geometry: str | None = None) -> int:
     """Run the form the options name; print the report (``as_json``: one JSON object on stdout). Returns the exit
-    code: 0, or EXIT_PARTIAL when some frames or videos failed (each named on its own line)."""
+    code: 0, or EXIT_PARTIAL when some frames or videos failed (each named on its own line). ``geometry``: videos
+    only (``render.GEOMETRIES``; None: S4's)."""
+    if geometry is not None and geometry not in GEOMETRIES:
+        raise UsageError(f"--geometry {geometry}: not one of {', '.join(GEOMETRIES)}")
     if sources:
         if subset is not None or data is not None or masks_from is not None:
             raise UsageError("give videos (with --out) or --subset and --data, not both")
         if out is None:
             raise UsageError("maskiges of videos need --out DIR (the folder predict --maskiges DIR reads)")
         report = video.run(sources, out, generator=generator, settings=GeneratorSettings(**settings), fps=fps,
-                           device=device, force=force, recursive=recursive, progress=not as_json)
+                           device=device, force=force, recursive=recursive, progress=not as_json,
+                           geometry=geometry or DEFAULT_GEOMETRY)
         _print_videos(report, as_json)
         return EXIT_PARTIAL if report["failures"] else EXIT_OK
     if subset is None or data is None:
@@ -31,6 +36,8 @@ def run_command(sources: list[str] | None, *, subset: str | None, data: Path | N
         raise UsageError("--masks-from and --generator exclude each other (the masks are made already)")
     if out is not None:
         raise UsageError("--out is for videos; dataset maskiges go to the dataset's pre_SAM_mask/ folder")
+    if geometry is not None:
+        raise UsageError("--geometry is for videos; a dataset's maskiges are made from its frames as stored")
     check_subset(subset)
     report = dataset.pregenerate(subset, data, masks_from=masks_from, generator=generator,
                                  settings=None if masks_from else GeneratorSettings(**settings), device=device,

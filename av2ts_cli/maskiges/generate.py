@@ -2,7 +2,9 @@
 
 COMBO made its maskiges with Semantic-SAM (Swin-L, granularity level 3), which is not pip-installable; the
 ``transformers`` models are the nearest ones a user can install: SAM (``SamModel``, default
-``hf://facebook/sam-vit-base`` at a pinned commit) and SAM-HQ (``SamHQModel``). The settings default to COMBO's
+``hf://facebook/sam-vit-base`` at a pinned commit; SAM-architecture checkpoints such as SlimSAM too), SAM-HQ
+(``SamHQModel``) and SAM 2 (``Sam2Model``: facebook/sam2.1-hiera-tiny, -small, -base-plus, -large), chosen by the
+folder's ``config.json`` (``model_type``). The settings default to COMBO's
 Semantic-SAM run, not to the ``transformers`` pipeline's (stability 0.95, no small-region clean-up).
 
 One frame: the image encoder runs once; a grid of ``points_per_side`` x ``points_per_side`` single-point prompts
@@ -40,7 +42,8 @@ DEFAULT_REPO = "facebook/sam-vit-base"
 DEFAULT_REVISION = "70c1a07f894ebb5b307fd9eaaee97b9dfc16068f"  # main on 2026-08-10 (Apache-2.0, 375 MB)
 DEFAULT_GENERATOR = f"hf://{DEFAULT_REPO}@{DEFAULT_REVISION}"
 INSTALL_HINT = "pip install 'transformers>=5.0'"
-SUPPORTED_TYPES = ("sam", "sam_hq")  # model_type of config.json -> SamModel, SamHQModel
+MODEL_CLASSES = {"sam": "SamModel", "sam_hq": "SamHQModel", "sam2": "Sam2Model"}  # config.json's model_type
+SUPPORTED_TYPES = tuple(MODEL_CLASSES)
 MODEL_FILES = ["*.json", "*.safetensors"]  # config, image processor, weights (never pickled .bin weights)
 # the image processor's settings: save_pretrained of an image processor, or (transformers 5) of a whole processor
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -133,8 +136,8 @@ class MaskGenerator:
             config = transformers.AutoConfig.from_pretrained(folder)
             if config.model_type not in SUPPORTED_TYPES:
                 raise UsageError(f"{self.resolved.source}: a {config.model_type!r} model; automatic maskiges support "
-                                 f"{', '.join(SUPPORTED_TYPES)} (SamModel, SamHQModel)")
-            model_class = transformers.SamModel if config.model_type == "sam" else transformers.SamHQModel
+                                 f"{', '.join(SUPPORTED_TYPES)} ({', '.join(MODEL_CLASSES.values())})")
+            model_class = getattr(transformers, MODEL_CLASSES[config.model_type])
             self.model = model_class.from_pretrained(folder, use_safetensors=True).to(self.device).eval()
             self.processor = transformers.AutoImageProcessor.from_pretrained(folder)
         except (OSError, ValueError) as err:
@@ -144,8 +147,10 @@ class MaskGenerator:
             transformers.logging.set_verbosity(verbosity)
             transformers.logging.enable_progress_bar()
         self.model_type = config.model_type
-        size = self.processor.size  # SAM: {"longest_edge": 1024}; the point grid is scaled to it
-        self.target_size = int(size.get("longest_edge", size.get("height")))
+        # SAM: {"longest_edge": 1024}, the frame resized on its long side and padded; SAM 2: {"height": 1024,
+        # "width": 1024}, the frame squashed to the square (the point grid follows, see _points)
+        size = self.processor.size
+        self.target_size = int(size.get("longest_edge") or size.get("height"))
 
     def describe(self) -> dict:
         """What made the masks (the provenance record)."""
@@ -167,9 +172,9 @@ class MaskGenerator:
             prompt = {"image_embeddings": embeddings}
             if isinstance(embeddings, tuple):  # SAM-HQ: (embeddings, intermediate ViT features)
                 prompt = {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
-            _, points, _, labels = self.processor.generate_crop_boxes(
-                image, self.target_size, crop_n_layers=0, points_per_crop=s.points_per_side, device=self.device)
-            upscale = Upscaler(self.processor, (h, w), inputs["reshaped_input_sizes"][0].tolist())
+            points, labels = self._points(image, s.points_per_side)
+            reshaped = inputs["reshaped_input_sizes"][0].tolist() if "reshaped_input_sizes" in inputs else None
+            upscale = Upscaler(self.processor, (h, w), reshaped)
             kept = KeptMasks((h, w))
             for start in range(0, points.shape[1], s.points_per_batch):
                 out = self.model(input_points=points[:, start:start + s.points_per_batch],
@@ -179,6 +184,22 @@ class MaskGenerator:
                                        s))
             masks = kept.after_nms(s.box_nms_thresh)
         return remove_small_regions(masks, s.min_region, s.box_nms_thresh)
+
+    def _points(self, image: np.ndarray, per_side: int):
+        """The grid of single-point prompts in the model's input coordinates: ([1, n*n, 1, 2] points, [1, n*n, 1]
+        labels). SAM: the processor's own grid (its coordinates follow the long-side resize); SAM 2: the same grid
+        of the frame scaled to the squashed square (its processor's grid assumes the long-side resize)."""
+        import torch  # local: see generate
+
+        if self.model_type != "sam2":
+            _, points, _, labels = self.processor.generate_crop_boxes(
+                image, self.target_size, crop_n_layers=0, points_per_crop=per_side, device=self.device)
+            return points, labels
+        offset = 1 / (2 * per_side)
+        side = torch.linspace(offset, 1 - offset, per_side)
+        grid = torch.stack([side[None, :].expand(per_side, -1), side[:, None].expand(-1, per_side)], -1)
+        points = (grid.reshape(1, -1, 1, 2) * self.target_size).to(self.device)
+        return points, torch.ones(points.shape[:3], dtype=torch.int64, device=self.device)
 
 
 # ------------------------------------------------------------------------------------------- the masks kept
@@ -193,19 +214,22 @@ UPSCALE_CHUNK_PIXELS = 1 << 25  # float pixels upscaled at once (128 MB), whatev
 
 
 class Upscaler:
-    """The processor's ``post_process_masks`` (logits at the decoder's size -> the model's padded input -> crop ->
-    the frame's size, bilinear), in chunks of at most ``UPSCALE_CHUNK_PIXELS``."""
+    """The processor's ``post_process_masks`` (SAM: logits at the decoder's size -> the model's padded input ->
+    crop -> the frame's size, bilinear; SAM 2, ``reshaped_size`` None: straight to the frame's size), in chunks of
+    at most ``UPSCALE_CHUNK_PIXELS``."""
 
-    def __init__(self, processor, frame_size: tuple[int, int], reshaped_size: list[int]):
+    def __init__(self, processor, frame_size: tuple[int, int], reshaped_size: list[int] | None):
         self.processor, self.frame_size, self.reshaped_size = processor, frame_size, reshaped_size
-        pad = processor.pad_size
-        self.chunk = max(1, UPSCALE_CHUNK_PIXELS // max(pad["height"] * pad["width"], frame_size[0] * frame_size[1]))
+        pad = getattr(processor, "pad_size", None) if reshaped_size is not None else None
+        largest = max(pad["height"] * pad["width"] if pad else 0, frame_size[0] * frame_size[1])
+        self.chunk = max(1, UPSCALE_CHUNK_PIXELS // largest)
 
     def chunks(self, low):
         """low: float [N, h', w'] logits -> float [n, H, W] logits, chunk by chunk."""
+        extra = {} if self.reshaped_size is None else {"reshaped_input_sizes": [self.reshaped_size]}
         for start in range(0, len(low), self.chunk):
             yield self.processor.post_process_masks([low[start:start + self.chunk, None]], [list(self.frame_size)],
-                                                    reshaped_input_sizes=[self.reshaped_size], binarize=False)[0][:, 0]
+                                                    binarize=False, **extra)[0][:, 0]
 
 
 def stability_scores(logits, mask_threshold: float, offset: float):
@@ -286,20 +310,24 @@ class KeptMasks:
 
 def _clean(mask: np.ndarray, min_area: int) -> np.ndarray:
     """One bool [H, W] mask without holes and islands under ``min_area`` pixels (8-connectivity); if every island
-    is small, the largest stays."""
+    is small, the largest stays. The components are picked by a lookup table over their labels (one gather per
+    pass, whatever their number)."""
     import cv2  # local: OpenCV takes ~0.2 s to import; only generated masks are cleaned
 
     out = mask.copy()
     count, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=8)
-    small = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] < min_area]
-    if small:
-        out |= np.isin(labels, small)
+    holes = stats[:, cv2.CC_STAT_AREA] < min_area
+    holes[0] = False  # label 0: the mask itself
+    if holes.any():
+        out |= holes[labels]
     count, labels, stats, _ = cv2.connectedComponentsWithStats(out.astype(np.uint8), connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
-    small = [i + 1 for i, area in enumerate(areas) if area < min_area]
-    if small:
-        keep = [i + 1 for i, area in enumerate(areas) if area >= min_area] or [int(np.argmax(areas)) + 1]
-        out = np.isin(labels, keep)
+    if (areas < min_area).any():
+        keep = np.zeros(count, dtype=bool)
+        keep[1:] = areas >= min_area
+        if not keep.any():
+            keep[int(np.argmax(areas)) + 1] = True
+        out = keep[labels]
     return out
 
 

@@ -35,13 +35,18 @@ from torch import nn
 from av2ts_cli.avsbench import IGNORE_INDEX
 from av2ts_cli.config import LossConfig, ModelConfig
 from av2ts_cli.errors import UsageError
+from av2ts_cli.training.criterion_avsegformer import AVSegFormerCriterion
 
 _EPS = 1e-6  # floor of a sum of point weights (all points of a mask fell on ignore pixels)
 
 
-def build_criterion(cfg: ModelConfig, ignore_padding: bool = False) -> SetCriterion:
+def build_criterion(cfg: ModelConfig, ignore_padding: bool = False) -> SetCriterion | AVSegFormerCriterion:
     """The training criterion for a model config (its class count and ``cfg.loss`` settings); ``ignore_padding``:
-    pixels labelled 255 do not count (default: they are negatives, as in the reference)."""
+    pixels labelled 255 do not count (default: they are negatives, as in the reference). The AVSegFormer family has
+    its own (``criterion_avsegformer``: Dice or masked cross-entropy plus the mix loss); every other family the
+    Hungarian-matched set losses."""
+    if cfg.family == "avsegformer":
+        return AVSegFormerCriterion(cfg.num_classes, ignore_padding=ignore_padding)
     return SetCriterion(cfg.num_classes, cfg.loss, ignore_padding=ignore_padding)
 
 

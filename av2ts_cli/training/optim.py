@@ -14,17 +14,21 @@ import contextlib
 import torch
 from torch import nn
 
-LOSS_GROUPS = ("loss_ce", "loss_mask", "loss_dice", "loss_cosine")  # each summed over the decoder layers
+LOSS_GROUPS = ("loss_ce", "loss_mask", "loss_dice", "loss_cosine", "loss_mix")  # each summed over decoder layers;
+# loss_mix: AVSegFormer's mix loss (training.criterion_avsegformer)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm,
               nn.LocalResponseNorm)
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float,
+                     decay_norms: bool = False) -> list[dict]:
     """detectron2/Mask2Former ``build_optimizer`` groups: every trainable parameter gets ``lr`` (x
     ``backbone_lr_mult`` inside a module whose name contains "backbone": our ``backbone`` and ``siam_backbone``,
     the reference's ``backbone`` and ``pre_sam_backbone``) and ``weight_decay`` (0 for parameters of normalisation
-    layers and embeddings). Parameters with equal settings share a group (the reference has one group per
-    parameter; AdamW's update is per element, so that changes nothing)."""
+    layers and embeddings, unless ``decay_norms``: AVSegFormer's ``AdamW(model.parameters())`` decays every
+    parameter alike). Parameters with equal settings share a group (the reference has one group per parameter;
+    AdamW's update is per element, so that changes nothing). "Trainable" is ``requires_grad`` when called: a
+    backbone frozen for the first iterations (``Recipe.frozen_epochs``) must still be trainable here."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -34,23 +38,24 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_
             seen.add(id(param))
             group_lr = lr * backbone_lr_mult if "backbone" in module_name else lr
             decay = weight_decay
-            if isinstance(module, (*NORM_TYPES, nn.Embedding)) or name in ("relative_position_bias_table",
-                                                                            "absolute_pos_embed"):
+            if not decay_norms and (isinstance(module, (*NORM_TYPES, nn.Embedding))
+                                    or name in ("relative_position_bias_table", "absolute_pos_embed")):
                 decay = 0.0
             groups.setdefault((group_lr, decay), []).append(param)
     return [{"params": params, "lr": group_lr, "weight_decay": decay}
             for (group_lr, decay), params in groups.items()]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, backbone_lr_mult: float = 0.1
-                    ) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, lr, weight_decay, backbone_lr_mult), lr=lr,
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, backbone_lr_mult: float = 0.1,
+                    decay_norms: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(model, lr, weight_decay, backbone_lr_mult, decay_norms), lr=lr,
                              weight_decay=weight_decay)
 
 
 class PolySchedule:
     """detectron2 ``WarmupPolyLR`` without warm-up: the LR factor at iteration ``it`` is (1 - it / iters) ** power.
-    A class (not a lambda) so ``LambdaLR.state_dict`` can store it."""
+    Power 0 is a constant LR (the factor is exactly 1.0 at every iteration: AVSegFormer's recipe). A class (not a
+    lambda) so ``LambdaLR.state_dict`` can store it."""
 
     def __init__(self, iters: int, power: float = 0.9):
         self.iters = int(iters)

@@ -28,15 +28,19 @@ class TrainOptions:
     batch: int | None = None  # clips per iteration, all processes together
     lr: float | None = None
     backbone_lr_mult: float | None = None
-    weight_decay: float = 0.05
+    weight_decay: float | None = None
+    decay_norms: bool | None = None  # weight decay on normalisation layers and embeddings too (AVSegFormer)
     clip_norm: float | None = None  # L2 norm of all gradients together; 0 turns clipping off
-    poly_power: float = 0.9
+    poly_power: float | None = None  # 0: a constant LR
     amp: bool | None = None  # fp16 autocast + GradScaler, CUDA only
     bf16: bool = False  # bf16 autocast (CPU or CUDA)
     eval_every: int | None = None  # evaluate and save every N iterations (0: only at the end)
     eval_split: str = "val"
     augment: bool | None = None  # the reference's training augmentation; False: frames only resized
     ignore_padding: bool | None = None  # 255 pixels weigh 0 in the losses; False: negatives (the reference)
+    epochs: int | None = None  # > 0 and no --iters: the run's length in epochs of the training set (``counted``)
+    frozen_epochs: int | None = None  # the backbone is frozen for this many epochs (``counted``: unfreeze_at)
+    unfreeze_at: int | None = None  # the first iteration that trains the backbone (0: all); from frozen_epochs
     log_every: int = 20
     workers: int = 2
     seed: int = 0
@@ -53,8 +57,16 @@ class TrainOptions:
             amp = recipe.amp and device.type == "cuda" and not self.bf16
         elif amp and device.type != "cuda":
             raise UsageError("--amp needs a CUDA device (fp16 autocast); on CPU use --bf16")
+        epochs = recipe.epochs if self.epochs is None else self.epochs
+        iters = self.iters
+        if iters is None and not epochs:
+            iters = recipe.iters
         out = dataclasses.replace(
-            self, iters=recipe.iters if self.iters is None else self.iters,
+            self, iters=iters, epochs=epochs,
+            frozen_epochs=recipe.frozen_epochs if self.frozen_epochs is None else self.frozen_epochs,
+            weight_decay=recipe.weight_decay if self.weight_decay is None else self.weight_decay,
+            decay_norms=recipe.decay_norms if self.decay_norms is None else self.decay_norms,
+            poly_power=recipe.poly_power if self.poly_power is None else self.poly_power,
             batch=recipe.batch if self.batch is None else self.batch, lr=recipe.lr if self.lr is None else self.lr,
             backbone_lr_mult=recipe.backbone_lr_mult if self.backbone_lr_mult is None else self.backbone_lr_mult,
             clip_norm=recipe.clip_norm if self.clip_norm is None else self.clip_norm, amp=bool(amp),
@@ -62,8 +74,12 @@ class TrainOptions:
             ignore_padding=recipe.ignore_padding if self.ignore_padding is None else self.ignore_padding,
             eval_every=recipe.eval_every if self.eval_every is None else self.eval_every)
         problems = []
-        if out.iters < 1:
+        if out.iters is not None and out.iters < 1:
             problems.append(f"--iters must be at least 1 (got {out.iters})")
+        if out.epochs < 0 or out.frozen_epochs < 0 or (out.unfreeze_at is not None and out.unfreeze_at < 0):
+            problems.append("the epochs, frozen epochs and unfreezing iteration must be >= 0")
+        if out.poly_power < 0:
+            problems.append(f"the poly power must be >= 0 (got {out.poly_power})")
         if out.batch < 1:
             problems.append(f"--batch must be at least 1 (got {out.batch})")
         if not out.lr > 0 or not math.isfinite(out.lr):
@@ -77,6 +93,21 @@ class TrainOptions:
         if problems:
             raise UsageError("; ".join(problems))
         return out
+
+    def counted(self, clips: int) -> TrainOptions:
+        """A copy of resolved options with the epoch counts in iterations of a training set of ``clips`` clips at the
+        run's batch: ``iters`` from ``epochs`` (when not given) and ``unfreeze_at`` from ``frozen_epochs`` (when not
+        given). An epoch is ``clips / batch`` iterations of ``data_order.ClipOrder``'s stream, rounded up: iteration
+        ``ceil(e * clips / batch)`` is the first one that takes no clip of epochs before e (the reference's loader
+        gives ``ceil(clips / batch)`` batches per epoch, its last one short)."""
+        def iterations(epochs: int) -> int:
+            return -(-epochs * clips // self.batch)
+
+        iters = self.iters if self.iters is not None else iterations(self.epochs)
+        unfreeze_at = self.unfreeze_at if self.unfreeze_at is not None else iterations(self.frozen_epochs)
+        if iters < 1:
+            raise UsageError(f"--iters must be at least 1 (got {iters}: {self.epochs} epochs of {clips} clips)")
+        return dataclasses.replace(self, iters=iters, unfreeze_at=unfreeze_at)
 
 
 def new_options(given: dict) -> TrainOptions:
@@ -102,6 +133,6 @@ def merge_resume_options(saved: TrainOptions, given: dict) -> TrainOptions:
         if name not in RESUME_FREE and value != getattr(saved, name):
             raise UsageError(f"--{name.replace('_', '-')} {value} contradicts the run being resumed "
                              f"({getattr(saved, name)}); leave it out")
-    if "iters" in free and free["iters"] != saved.iters:
+    if "iters" in free and free["iters"] != saved.iters and saved.poly_power != 0:
         warn(f"--iters {free['iters']} changes the run's LR schedule (it had --iters {saved.iters})")
     return dataclasses.replace(saved, **free)

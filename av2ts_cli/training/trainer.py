@@ -127,33 +127,44 @@ class Trainer:
         # recorded in config.json: predict compares the maskiges it is given with these (a Siam model sees
         # different masks when another generator or other settings made them)
         self.maskiges = maskige_provenance(options.subset, options.data) if cfg.siam else None
-        if self.start >= options.iters:
-            raise UsageError(f"the run is already at iteration {self.start} of --iters {options.iters}; give a larger "
-                             f"--iters to train on")
         return state, model
 
     def _setup_data(self) -> None:
-        """The training set (and, on rank 0, the evaluation set) and the data order."""
+        """The training set (and, on rank 0, the evaluation set), the options' epochs in iterations of it
+        (``TrainOptions.counted``: the run's length, the iteration that unfreezes the backbone) and the data order."""
         options, processes = self.options, self.processes
         self.train_set = self._dataset("train", train=options.augment)
         self.eval_set = self._dataset(options.eval_split, train=False) if processes.main else None
         if len(self.train_set) == 0:
             raise UsageError(f"{options.data}: the train split of {options.subset} has no videos")
+        self.options = options = options.counted(len(self.train_set))
+        if self.start >= options.iters:
+            raise UsageError(f"the run is already at iteration {self.start} of --iters {options.iters}; give a larger "
+                             f"--iters to train on")
         self.order = ClipOrder(len(self.train_set), options.batch, options.seed, processes.rank,
                                processes.world_size)
 
     def _setup_model(self, model: nn.Module) -> None:
         """The model on its device (SyncBatchNorm under DDP on CUDA), the criterion, the optimizer, the LR schedule
-        and the gradient scaler, all new (``_setup_run`` restores a resumed run's states into them)."""
+        and the gradient scaler, all new (``_setup_run`` restores a resumed run's states into them). The optimizer
+        holds the backbone's parameters even when the run starts with it frozen (as the reference's
+        ``AdamW(model.parameters())``; AdamW skips a parameter without a gradient), and the backbone is frozen when
+        the run stands before ``unfreeze_at`` (a resumed run too: the state follows from its iteration)."""
         options, device = self.options, self.processes.device
         if self.processes.distributed and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
         self.model = model.to(device).train()
         self.criterion = build_criterion(self.cfg, ignore_padding=options.ignore_padding).to(device)
-        self.optimizer = build_optimizer(self.model, options.lr, options.weight_decay, options.backbone_lr_mult)
+        self.optimizer = build_optimizer(self.model, options.lr, options.weight_decay, options.backbone_lr_mult,
+                                         options.decay_norms)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            PolySchedule(options.iters, options.poly_power))
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.amp)
+        if options.unfreeze_at:
+            if not callable(getattr(self.model, "freeze_backbone", None)):
+                raise UsageError(f"{self.cfg.preset} cannot train with a frozen backbone (its network has no "
+                                 f"freeze_backbone); leave the frozen epochs at 0")
+            self.model.freeze_backbone(self.start < options.unfreeze_at)
 
     def _setup_run(self, state: dict | None) -> None:
         """Resume: the optimizer, schedule, scaler, best and elapsed time of the run (``_restore``). New: the
@@ -262,6 +273,8 @@ class Trainer:
                 stack.enter_context(bar)
                 task = bar.add_task("training", total=options.iters, completed=self.start)
             for batch in self._loader():
+                if iteration == options.unfreeze_at and iteration > 0:  # the first iteration that trains it
+                    self._unfreeze_backbone()
                 losses = self._run_step(batch)
                 iteration += 1
                 # one small all-reduce per iteration: the loss terms, and whether any process was signalled
@@ -306,6 +319,13 @@ class Trainer:
         ``av2ts bench train`` times."""
         return optimisation_step(self.network, self.criterion, self.optimizer, self.scheduler, self.scaler, batch,
                                  self.processes.device, self.cfg.siam, self.options.clip_norm, self._autocast())
+
+    def _unfreeze_backbone(self) -> None:
+        """The backbone trains from now on (``unfreeze_at``). DistributedDataParallel reduces only the gradients of
+        the parameters that required one when it was built, so it is built again."""
+        self.model.freeze_backbone(False)
+        if self.processes.distributed:
+            self._setup_distributed()
 
     def _autocast(self):
         device = self.processes.device
@@ -362,6 +382,8 @@ class Trainer:
                                "videos": len(self.train_set), "maskiges": self.maskiges},
                 "training": {"iteration": iteration, "iters": options.iters, "batch": options.batch,
                              "lr": options.lr, "seed": options.seed, "started_from": options.model}}
+        if options.unfreeze_at:
+            meta["training"]["backbone_unfrozen_at"] = options.unfreeze_at
         if row is not None and row.get("val_miou") is not None:
             meta["evaluation"] = {"split": options.eval_split, "protocol": "av2ts", "miou": row["val_miou"],
                                   "fscore": row["val_fscore"]}
@@ -372,6 +394,7 @@ class Trainer:
                 "last": str(self.run / LAST), "best": str(self.run / BEST) if self.best["miou"] is not None else None,
                 "best_miou": self.best["miou"], "best_iteration": self.best["iteration"],
                 "eval_split": self.options.eval_split, "processes": self.processes.world_size,
+                "backbone_unfrozen_at": self.options.unfreeze_at,
                 "device": str(self.processes.device)}
 
 

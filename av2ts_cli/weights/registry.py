@@ -80,7 +80,7 @@ def _combo_entry(preset: str, subset: str, j: float, f: float, match: str) -> Re
         COMBO_HUB, f"COMBO (CVPR'24) {_BACKBONE_NAMES[preset]} trained on AVSBench {subset.upper()} by its authors "
                    f"(published J {j}, F {f}); converted from the COMBO code's checkpoint on first use, needs "
                    "maskiges (Siam encoder)",
-        convert_kind="combo", hub_folder=COMBO_HUB_FOLDER, hub_match=match,
+        convert_kind="combo", hub_folder=COMBO_HUB_FOLDER, hub_match=match, convert_preset=preset,
         published={"subset": subset, "J": j, "F": f}, licence=COMBO_LICENCE,
         authors="COMBO authors")
 

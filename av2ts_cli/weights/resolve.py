@@ -79,7 +79,7 @@ def resolve_model(name: str | os.PathLike, *, subset: str | None = None, presets
         return build_model(cfg).to(device).eval(), cfg, checkpoint_config(cfg)
     if not (exists or text.startswith(HF_PREFIX) or text in REGISTRY):
         forms = "a checkpoint folder or .safetensors file, hf://owner/repo[@revision][/subfolder], or a model name " \
-                f"({', '.join(sorted(REGISTRY))})"
+                f"({', '.join(sorted(REGISTRY))}; `av2ts models` lists them)"
         if presets:
             raise UsageError(f"--model {text}: no such file or folder, and neither a preset "
                              f"({', '.join(PRESET_NAMES)}) nor a checkpoint ({forms})")
