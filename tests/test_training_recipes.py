@@ -18,12 +18,18 @@ def test_recipe_for_falls_back_to_the_presets_s4_row_then_the_default():
 
 
 def test_recipe_defaults_state_the_table():
-    assert recipe_defaults("lr") == "0.0001; av2ts-tiny 0.001; combo-tiny 0.001"
     assert recipe_defaults("amp") == "off; av2ts-r50 avss on; av2ts-pvt avss on"  # COMBO: AMP off everywhere
     # no value shared by more than half of the rows
-    assert recipe_defaults("batch") == "av2ts-r50 8; av2ts-pvt 4; av2ts-tiny 2; combo-r50 8; combo-pvt 8; combo-tiny 2"
+    assert recipe_defaults("lr") == "av2ts-r50 0.0001; av2ts-pvt 0.0001; av2ts-tiny 0.001; combo-r50 0.0001; " \
+                                    "combo-pvt 0.0001; combo-tiny 0.001; avsegformer-r50 2e-05; avsegformer-pvt 2e-05; " \
+                                    "avsegformer-tiny 0.001"
+    assert recipe_defaults("batch") == "av2ts-r50 8; av2ts-pvt 4; av2ts-tiny 2; combo-r50 8; combo-pvt 8; " \
+                                       "combo-tiny 2; avsegformer-r50 s4 2, ms3 2, avss 4; avsegformer-pvt s4 2, " \
+                                       "ms3 2, avss 4; avsegformer-tiny 2"
     assert recipe_defaults("eval_every") == "100; combo-r50 s4 5000, ms3 400, avss 5000; combo-pvt s4 5000, " \
-                                            "ms3 400, avss 5000"
+                                            "ms3 400, avss 5000; avsegformer-r50 s4 1726, ms3 148, avss 4249; " \
+                                            "avsegformer-pvt s4 1726, ms3 148, avss 4249"
+    assert "avsegformer-pvt s4 30 epochs, ms3 60 epochs, avss 30 epochs" in recipe_defaults("iters")
     for field in dataclasses.fields(Recipe):
         text = recipe_defaults(field.name)
         for (preset, subset), recipe in RECIPES.items():
@@ -35,7 +41,7 @@ def test_recipe_defaults_state_the_table():
 
 
 def test_train_help_shows_the_table_not_a_copy(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    monkeypatch.setenv("COLUMNS", "600")  # one line per option
     text = " ".join(invoke_cli(["train", "--help"]).output.split())
     for field in ("iters", "batch", "lr", "backbone_lr_mult", "clip_norm", "amp", "augment", "ignore_padding",
                   "eval_every"):
@@ -125,3 +131,16 @@ def test_combo_tiny_trains_resumes_learns_and_listens(tmp_path_factory):
     assert miou == pytest.approx(report["best_miou"], abs=1e-3)
     assert miou >= 0.8, (miou, shuffled)
     assert shuffled <= miou - 0.3, (miou, shuffled)
+
+
+def test_avsegformer_recipes_are_the_references():
+    """Spec: AdamW over every parameter at 2e-5 (weight decay 0.01, torch's default), no schedule, no clipping, no
+    AMP, no augmentation; batch 2 (AVSS 4); 30 epochs (MS3 60), the backbone frozen for 5 (MS3 10, AVSS 0)."""
+    for preset in ("avsegformer-r50", "avsegformer-pvt"):
+        for subset, batch, epochs, frozen in (("s4", 2, 30, 5), ("ms3", 2, 60, 10), ("avss", 4, 30, 0)):
+            recipe = recipe_for(preset, subset)
+            assert (recipe.batch, recipe.epochs, recipe.frozen_epochs) == (batch, epochs, frozen), (preset, subset)
+            assert (recipe.lr, recipe.weight_decay, recipe.decay_norms, recipe.poly_power, recipe.backbone_lr_mult,
+                    recipe.clip_norm, recipe.amp, recipe.augment) == (2e-5, 0.01, True, 0.0, 1.0, 0.0, False, False)
+    tiny = recipe_for("avsegformer-tiny", "s4")
+    assert (tiny.poly_power, tiny.decay_norms, tiny.weight_decay, tiny.epochs) == (0.0, True, 0.01, 0)

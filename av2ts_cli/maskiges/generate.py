@@ -4,17 +4,18 @@ COMBO made its maskiges with Semantic-SAM (Swin-L, granularity level 3), which i
 ``transformers`` models are the nearest ones a user can install: SAM (``SamModel``, default
 ``hf://facebook/sam-vit-base`` at a pinned commit; SAM-architecture checkpoints such as SlimSAM too), SAM-HQ
 (``SamHQModel``) and SAM 2 (``Sam2Model``: facebook/sam2.1-hiera-tiny, -small, -base-plus, -large), chosen by the
-folder's ``config.json`` (``model_type``). The settings default to COMBO's
-Semantic-SAM run, not to the ``transformers`` pipeline's (stability 0.95, no small-region clean-up).
+folder's ``config.json`` (``model_type``). The settings default to COMBO's Semantic-SAM run, not to the
+``transformers`` pipeline's (stability 0.95, no small-region clean-up).
 
 One frame: the image encoder runs once; a grid of ``points_per_side`` x ``points_per_side`` single-point prompts
 goes through the prompt encoder and mask decoder ``points_per_batch`` at a time, three masks per point. Masks whose
 predicted IoU passes ``pred_iou_thresh`` are upscaled to the frame (the processor's ``post_process_masks``), then
-filtered on stability and deduplicated by box NMS (the processor's ``filter_masks`` and
-``post_process_for_mask_generation``). Last, as SAM's automatic generator with ``min_mask_region_area``, holes and
-islands under ``min_region`` pixels are removed, and a second box NMS prefers the masks that clean-up left as they
-were. Filtering on IoU before upscaling gives the same masks as the processor's order (the IoU test does not depend
-on the resolution) and upscales only the survivors: at 1920 x 1080 a batch of 64 points is 1.6 GB of float masks.
+filtered on stability and deduplicated by box NMS: the masks and the order of the processor's ``filter_masks`` and
+``post_process_for_mask_generation``, without their overhead (see "the masks kept" below). Last, as SAM's
+automatic generator with ``min_mask_region_area``, holes and islands under ``min_region`` pixels are removed, and a
+second box NMS prefers the masks that clean-up left as they were. Filtering on IoU before upscaling gives the same
+masks (the IoU test does not depend on the resolution) and upscales only the survivors: at 1920 x 1080 a batch of
+64 points is 1.6 GB of float masks.
 
 Weights come only through huggingface_hub and its cache (``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``), as
 safetensors; a local folder written by ``save_pretrained`` (the model, and its image processor or, in

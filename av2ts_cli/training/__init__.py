@@ -4,6 +4,7 @@
 - ``options``: ``TrainOptions``, a new run's options, which options ``--resume`` may change;
 - ``optim``: the parameter groups, AdamW, the poly schedule, ``optimisation_step``;
 - ``criterion``: the loss (Hungarian-matched set losses); with training, not in ``model/``, as in SAM 2;
+- ``criterion_avsegformer``: AVSegFormer's own loss (Dice or masked cross-entropy, plus the mix loss);
 - ``data_order``: which clips each iteration trains on, and the DataLoader;
 - ``processes``: one process or one rank of a torchrun job (DDP), and its device;
 - ``rng``: seeding and the global RNG states saved with a checkpoint;

@@ -26,6 +26,10 @@ Exit on SIGINT/SIGTERM: the current iteration finishes, ``last`` is saved, and t
 128 + signal (130 for SIGINT, 143 for SIGTERM); ``--resume`` continues it. A second SIGINT stops at once
 (``interrupts.StopSignals``). ``--resume`` with a larger ``--iters`` goes on along the poly schedule of the new length,
 from where the run stands (``optim.set_poly_horizon``).
+
+A recipe's frozen epochs (AVSegFormer's) keep the visual backbone frozen up to ``options.unfreeze_at``, an iteration
+counted from the training set when the run starts (``TrainOptions.counted``) and recorded with the run; a resumed
+run takes the frozen or trained state of its iteration.
 """
 
 from __future__ import annotations
