@@ -399,8 +399,7 @@ def download(
                                                "or sam-vit-base (the maskige generator).", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """Fetch models into the caches ahead (an offline machine, a cluster node); COMBO, VCT and AVSegFormer
-    checkpoints are converted."""
+    """Fetch models into the caches ahead (an offline machine, a cluster node); upstream checkpoints are converted."""
     from av2ts_cli import download as downloader  # local: huggingface_hub and the converters: only this command
 
     show = None if as_json else (lambda result: console.print(downloader.describe(result), highlight=False,

@@ -165,7 +165,7 @@ def record_owned(folder: Path, names: Iterable[str]) -> None:
 def remove_owned(folder: Path, names: Iterable[str] | None = None) -> list[str]:
     """Remove the files of ``names`` (all of the record when None) that av2ts's record says it wrote in
     ``folder``; a name not in the record is left alone. The summary goes first (the folder stops counting as
-    done at once). Returns what was removed."""
+    done at once); a record left empty is removed too. Returns what was removed."""
     owned = owned_files(folder) or []
     wanted = set(owned if names is None else names) & set(owned)
     order = sorted(wanted, key=lambda name: name != SUMMARY_FILE)
@@ -176,6 +176,8 @@ def remove_owned(folder: Path, names: Iterable[str] | None = None) -> list[str]:
             path.unlink()
             removed.append(name)
     record = [name for name in owned if name not in wanted]
-    if (folder / OWNED_FILE).exists() or record:
+    if record:
         write_json(folder / OWNED_FILE, {"made_by": "av2ts", "files": record})
+    else:  # nothing of av2ts's left: no record either, so a folder av2ts made and emptied can go
+        (folder / OWNED_FILE).unlink(missing_ok=True)
     return removed

@@ -14,7 +14,6 @@ from av2ts_cli.errors import UsageError
 from av2ts_cli.files import temp_name_for, write_json
 from av2ts_cli.runs import (
     NAME_LIMIT_BYTES,
-    OWNED_FILE,
     claim_folder,
     folder_names,
     numbered_run_folder,
@@ -109,7 +108,7 @@ def test_a_folder_av2ts_did_not_make_is_refused_and_left_as_it_was(tmp_path):
                                     "--force to write into it (av2ts replaces only the files it writes)")
     assert _listing(folder) == before
     assert claim_folder(folder, force=True) == []  # allowed in, and still owns nothing there
-    assert remove_owned(folder) == [] and _listing(folder) == {**before, OWNED_FILE: (folder / OWNED_FILE).read_bytes()}
+    assert remove_owned(folder) == [] and _listing(folder) == before
 
 
 def test_only_what_av2ts_recorded_is_removed(tmp_path):
@@ -122,8 +121,8 @@ def test_only_what_av2ts_recorded_is_removed(tmp_path):
     (folder / "summary.json").write_text("{}")
     assert claim_folder(folder) == ["summary.json", "masks/000000.png"]
     assert sorted(remove_owned(folder)) == ["masks/000000.png", "summary.json"]
-    assert _listing(folder) == {"masks/000001.png": b"the user's", OWNED_FILE: (folder / OWNED_FILE).read_bytes()}
-    assert owned_files(folder) == []
+    assert _listing(folder) == {"masks/000001.png": b"the user's"}  # the emptied record went too
+    assert owned_files(folder) is None
 
 
 def test_a_folder_an_older_av2ts_made_is_still_its_own(tmp_path):

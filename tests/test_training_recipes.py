@@ -21,8 +21,8 @@ def test_recipe_defaults_state_the_table():
     assert recipe_defaults("amp") == "off; av2ts-r50 avss on; av2ts-pvt avss on"  # COMBO: AMP off everywhere
     # no value shared by more than half of the rows
     assert recipe_defaults("lr") == "av2ts-r50 0.0001; av2ts-pvt 0.0001; av2ts-tiny 0.001; combo-r50 0.0001; " \
-                                    "combo-pvt 0.0001; combo-tiny 0.001; avsegformer-r50 2e-05; avsegformer-pvt 2e-05; " \
-                                    "avsegformer-tiny 0.001"
+                                    "combo-pvt 0.0001; combo-tiny 0.001; avsegformer-r50 2e-05; " \
+                                    "avsegformer-pvt 2e-05; avsegformer-tiny 0.001"
     assert recipe_defaults("batch") == "av2ts-r50 8; av2ts-pvt 4; av2ts-tiny 2; combo-r50 8; combo-pvt 8; " \
                                        "combo-tiny 2; avsegformer-r50 s4 2, ms3 2, avss 4; avsegformer-pvt s4 2, " \
                                        "ms3 2, avss 4; avsegformer-tiny 2"
@@ -144,3 +144,51 @@ def test_avsegformer_recipes_are_the_references():
                     recipe.clip_norm, recipe.amp, recipe.augment) == (2e-5, 0.01, True, 0.0, 1.0, 0.0, False, False)
     tiny = recipe_for("avsegformer-tiny", "s4")
     assert (tiny.poly_power, tiny.decay_norms, tiny.weight_decay, tiny.epochs) == (0.0, True, 0.01, 0)
+
+
+# avsegformer-tiny on COMBO's synthetic S4 (the same videos, categories and seed) at 64 px, its frames and the
+# network's input (a 64 px start checkpoint of the preset: a quarter of the 128 px step, which costs 5-11 s on the
+# shared 2-core machine under load), trained with the preset's recipe (constant lr 1e-3, AdamW on every parameter,
+# Dice on frame 0 plus the mix loss) for AVSEGFORMER_ITERS iterations, resumed half-way, scored by `av2ts eval`.
+# Measured 2026-12-07 (seed 0, load 5-7): val mIoU 0.270 after 50 iterations (the same figure straight and resumed),
+# 0.289 after 100 with 0.290 for shuffled audio (443 s for the whole test); at 128 px 0.32 after 100 (1117 s of
+# training). It does not learn the task within the test's budget: strict xfail, the bar kept (see the recipe's
+# comments in training/recipes.py).
+AVSEGFORMER_SYNTH = [*COMBO_SYNTH[:COMBO_SYNTH.index("--size")], "--size", "64",
+                     *COMBO_SYNTH[COMBO_SYNTH.index("--size") + 2:]]
+AVSEGFORMER_ITERS = 50
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="measured: val mIoU 0.270 after 50 iterations (0.289, shuffled audio 0.290, after 100); "
+                          "avsegformer-tiny does not learn synthetic S4 within the test's budget")
+def test_avsegformer_tiny_trains_resumes_learns_and_listens(tmp_path_factory):
+    """The av2ts-tiny bar for AVSegFormer: val mIoU >= 0.8 with the clips' own audio, at least 0.3 lower with each
+    clip given another clip's audio, after a run that was resumed half-way."""
+    import torch
+
+    from av2ts_cli.config import get_preset
+    from av2ts_cli.model import build_model
+    from av2ts_cli.weights.checkpoint import save_checkpoint
+
+    data = tmp_path_factory.mktemp("avsegformer-synthetic-s4")
+    invoke_cli(["data", "synth", "--subset", "s4", "--out", str(data), *AVSEGFORMER_SYNTH])
+    cfg = dataclasses.replace(get_preset("avsegformer-tiny", "s4"), input_size=64)
+    torch.manual_seed(0)
+    start = save_checkpoint(build_model(cfg), cfg, tmp_path_factory.mktemp("avsegformer-start") / "start")
+    run = tmp_path_factory.mktemp("avsegformer-trained") / "run"
+    options = ["--model", str(start), "--eval-every", "0", "--workers", "1", "--seed", "0"]
+    invoke_cli(["train", "--subset", "s4", "--data", str(data), *options, "--iters", str(AVSEGFORMER_ITERS // 2),
+                "--out", str(run), "--json"])
+    result = invoke_cli(["train", "--resume", str(run), "--iters", str(AVSEGFORMER_ITERS), "--workers", "1",
+                         "--json"])
+    report = json.loads(result.stdout)
+    assert report["iterations"] == AVSEGFORMER_ITERS and report["backbone_unfrozen_at"] == 0
+    doc = json.loads((run / "best" / "config.json").read_text())
+    assert doc["preset"] == "avsegformer-tiny" and doc["model"]["family"] == "avsegformer"
+    miou = _val_miou(run / "best", data)
+    shuffled = _val_miou(run / "best", data, "--shuffle-audio")
+    assert miou == pytest.approx(report["best_miou"], abs=1e-3)
+    assert miou >= 0.8, (miou, shuffled)
+    assert shuffled <= miou - 0.3, (miou, shuffled)

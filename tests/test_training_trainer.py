@@ -349,21 +349,25 @@ def test_the_avsegformer_backbone_trains_from_the_iteration_its_frozen_epochs_en
     doc = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
     assert doc["meta"]["training"]["backbone_unfrozen_at"] == 3
     assert read_trainer_state(tmp_path / "run" / "last" / TRAINER_FILE)["options"]["unfreeze_at"] == 3
+    with contextlib.ExitStack() as held:  # resumed past the unfreezing: the backbone trains from the first step
+        resumed = Trainer({"iters": 5}, tmp_path / "run", Processes.start("cpu"), progress=False, held=held)
+        assert resumed.start == 4 and resumed.options.unfreeze_at == 3
+        assert all(p.requires_grad for p in resumed.model.backbone.parameters())
+        del resumed
 
 
-def test_an_avsegformer_run_resumed_on_either_side_of_the_unfreezing_is_bit_for_bit(small_s4, avsegformer_start,
+def test_an_avsegformer_run_resumed_across_the_unfreezing_is_bit_for_bit(small_s4, avsegformer_start,
                                                                                  tmp_path):
-    """5 iterations straight == 2, resume to 4 (the backbone unfreezes at 3), resume to 5 (its state restored
-    from the iteration: trainable); the constant LR does not depend on --iters."""
+    """3 iterations straight (the backbone unfreezes at 2) == 1, then resumed to 3 (restored frozen, unfrozen on
+    the way); the constant LR does not depend on --iters."""
     straight = tmp_path / "straight"
-    _avsegformer_run(small_s4, avsegformer_start, straight, iters=5, frozen_epochs=1)
+    _avsegformer_run(small_s4, avsegformer_start, straight, iters=3, unfreeze_at=2)
     split = tmp_path / "split"
-    _avsegformer_run(small_s4, avsegformer_start, split, iters=2, frozen_epochs=1)
+    _avsegformer_run(small_s4, avsegformer_start, split, iters=1, unfreeze_at=2)
     from av2ts_cli.training import train
 
-    for iters in (4, 5):
-        report = train(resume=str(split), progress=False, iters=iters, workers=0)
-    assert report["iterations"] == 5 and report["backbone_unfrozen_at"] == 3
+    report = train(resume=str(split), progress=False, iters=3, workers=0)
+    assert report["iterations"] == 3 and report["backbone_unfrozen_at"] == 2
     _assert_identical(_weights(straight), _weights(split))
     rows, straight_rows = read_log(split / LOG_FILE), read_log(straight / LOG_FILE)
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]

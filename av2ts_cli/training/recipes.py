@@ -68,10 +68,14 @@ _AVSEGFORMER = {"lr": 2e-5, "backbone_lr_mult": 1.0, "clip_norm": 0.0, "augment"
 _AVSEGFORMER_S4 = Recipe(0, 2, eval_every=1726, epochs=30, frozen_epochs=5, **_AVSEGFORMER)
 _AVSEGFORMER_MS3 = Recipe(0, 2, eval_every=148, epochs=60, frozen_epochs=10, **_AVSEGFORMER)
 _AVSEGFORMER_AVSS = Recipe(0, 4, eval_every=4249, epochs=30, frozen_epochs=0, **_AVSEGFORMER)
-# avsegformer-tiny: the reference's recipe (constant LR, AdamW on every parameter, the frozen first epoch(s), the
-# losses) with av2ts-tiny's departures for random weights on synthetic data: a larger LR and a fixed length in
-# iterations (measured on synthetic S4, tests/test_training_recipes.py).
-_AVSEGFORMER_TINY = Recipe(300, 2, eval_every=100, **{**_AVSEGFORMER, "lr": 1e-3})
+# avsegformer-tiny: the reference's recipe (constant LR, AdamW on every parameter, its losses) with the other tiny
+# presets' departures for random weights on synthetic data: lr 1e-3, a length in iterations (3,000), no frozen
+# epochs (its backbone is random). Measured on the CI's synthetic S4 (seed 0, 2026-12-07, the shared 2-core machine
+# under a load of 5-7; tests/test_training_recipes.py): it has not learned the task within 100 iterations: val mIoU
+# 0.46 / 0.29 / 0.32 / 0.32 after 25 / 50 / 75 / 100 iterations at 128 px (5-11 s a step), 0.23 / 0.27 / 0.26
+# after 25 / 50 / 75 at 64 px; lr 3e-4 was no better (0.22 after 50 at 64 px). One batch is overfitted (Dice 0.70
+# -> 0.06 in 30 steps), so the loss and the step work; the task needs more steps than the test budget holds.
+_AVSEGFORMER_TINY = Recipe(3_000, 2, **{**_AVSEGFORMER, "lr": 1e-3})
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("av2ts-r50", "s4"): Recipe(90_000, 8),
     ("av2ts-r50", "ms3"): Recipe(20_000, 8),

@@ -53,7 +53,7 @@ from av2ts_cli.evaluate import evaluate_model
 from av2ts_cli.interrupts import Interrupted, StopSignals
 from av2ts_cli.predictor import Predictor
 from av2ts_cli.processes import Processes
-from av2ts_cli.runs import OWNED_FILE, claim_folder, numbered_run_folder, owned_files, record_owned, remove_owned
+from av2ts_cli.runs import claim_folder, numbered_run_folder, record_owned, remove_owned
 from av2ts_cli.training.checkpoint import (
     BEST,
     LAST,
@@ -226,9 +226,7 @@ class Trainer:
         its lock is released) does not look like a run, and the same command starts again in it."""
         run = getattr(self, "run", None)
         if self.processes.main and run is not None and self.start == 0 and not has_checkpoint(run):
-            remove_owned(run, [LOG_FILE])
-            if owned_files(run) == []:  # nothing of av2ts's left: the record goes too, and the empty folder after it
-                (run / OWNED_FILE).unlink(missing_ok=True)
+            remove_owned(run, [LOG_FILE])  # with its record when nothing else is av2ts's: the empty folder can go
 
     def _restore(self, state: dict) -> None:
         try:
