@@ -12,6 +12,7 @@ from av2ts_cli import runs, sampling
 from av2ts_cli.errors import UsageError
 from av2ts_cli.predict import outputs as predict_outputs
 from av2ts_cli.predict.masks import FrameMask, rle_decode
+from av2ts_cli.predict.options import PredictOptions
 
 
 def test_output_folder_names_never_mix_two_inputs(tmp_path):
@@ -60,5 +61,5 @@ def test_mask_outputs_write_each_frame_and_commit_only_a_whole_video(tmp_path):
     with pytest.raises(ValueError, match="mask 1 given where mask 0 comes next"), predict_outputs.MaskOutputs(
             partial, schedule, ["background", "sounding"], True, (4, 3), ("json",)) as outputs:
         outputs.add(schedule.frames[1], mask)
-    with pytest.raises(UsageError, match="add png to --format"):
-        outputs.track()
+    with pytest.raises(UsageError, match="add png to --format"):  # the rule's one home: the options, before work
+        PredictOptions(overlay="", formats=("json",)).check()
