@@ -557,7 +557,8 @@ def train_command(
                                               f"{recipe_defaults('iters')}).")] = None,
     batch: Annotated[int | None, typer.Option("--batch", "-b", help="Clips per iteration, all processes together "
                                               f"(default: the recipe's: {recipe_defaults('batch')}).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate of the poly schedule (default: "
+    lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate (poly schedule; "
+                                             "AVSegFormer's is constant) (default: "
                                              f"{recipe_defaults('lr')}).")] = None,
     backbone_lr_mult: Annotated[float | None, typer.Option("--backbone-lr-mult", help="LR factor of the visual "
                                                            "backbone and Siam encoder (default: "
@@ -593,9 +594,9 @@ def train_command(
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default auto).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")] = False,
 ) -> None:
-    """Train AV2TS: checkpoints last/ and best/ (by val mIoU), resumable bit for bit, torchrun for several processes.
+    """Train a model: checkpoints last/ and best/ (by val mIoU), resumable bit for bit, torchrun for several processes.
 
-    AdamW, the reference's parameter groups and poly schedule. SIGINT/SIGTERM save last/ and exit 130/143.
+    AdamW with each family's reference recipe. SIGINT/SIGTERM save last/ and exit 130/143.
     """
     from av2ts_cli import training  # local: the trainer imports torch (seconds); `--help` must not wait for it
 

@@ -159,7 +159,7 @@ AVSEGFORMER_SYNTH = [*COMBO_SYNTH[:COMBO_SYNTH.index("--size")], "--size", "64",
 AVSEGFORMER_ITERS = 50
 
 
-@pytest.mark.slow
+@pytest.mark.learning  # about 7.5 minutes of training for a known failure: out of the default run (pytest -m learning)
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="measured: val mIoU 0.270 after 50 iterations (0.289, shuffled audio 0.290, after 100); "
                           "avsegformer-tiny does not learn synthetic S4 within the test's budget")
