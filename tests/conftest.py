@@ -370,11 +370,16 @@ def run_train(args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
 
 
 def train_error(args: list[str], code: int, *fragments: str) -> str:
-    """`av2ts train ARGS` must fail with exit ``code`` and one line "error: ..." holding every fragment (whitespace
-    normalised); -> that line."""
+    """`av2ts train ARGS` must fail with exit ``code`` and one line "error: ..." on stderr holding every fragment
+    (whitespace normalised; with --json the same error as a JSON object on stdout, else nothing there); -> that
+    line."""
     result = invoke_cli(["train", *args], expect=code)
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    if "--json" in args:  # the failure as one JSON object on stdout too, the same words
+        assert json.loads(result.stdout) == {"error": lines[0].removeprefix("error: "), "exit_code": code}
+    else:
+        assert not result.stdout.strip(), result.stdout
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in " ".join(result.output.split()), result.output
