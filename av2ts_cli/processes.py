@@ -105,6 +105,16 @@ class Processes:
                                     timeout=COLLECTIVE_TIMEOUT)
         return cls(rank, world_size, local_rank, requested)
 
+    def finish_together(self) -> None:
+        """Every process ignores SIGTERM, then waits at a barrier until all of them do: past this point no process
+        is cut off when another exits first. torchrun stops the whole job (SIGTERM) as soon as one process exits
+        non-zero; without this, a rank still between its last collective and its exit was reported as killed
+        (exitcode -15) instead of with its own exit code (seen once in CI on 2 loaded cores). Call it only where
+        every process arrives (after a collective all of them reached), never on an error path."""
+        if self.distributed:
+            ignore_sigterm()
+            self.barrier()
+
     def stop(self) -> None:
         """Leave the group. From here on a SIGTERM is ignored: this process's work is done and combined, and
         torchrun stops every process of the job (SIGTERM) as soon as one exits non-zero, which would cut rank 0 off

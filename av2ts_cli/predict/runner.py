@@ -120,7 +120,9 @@ def _run(videos: list[Path], options: PredictOptions, predictor: Predictor | Non
                 _merge_failures(run_dir, report)  # each process its own, under the run folder's lock
                 merged = True
             if processes.distributed:  # every process waits for the others here and gets the combined report
-                return _combined(processes.gather(report), videos, processes.rank)
+                combined = _combined(processes.gather(report), videos, processes.rank)
+                processes.finish_together()
+                return combined
             return report
         except KeyboardInterrupt as stop:
             done = len(report.videos) + len(report.failures) + len(report.busy) if report else 0
