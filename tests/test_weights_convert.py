@@ -24,6 +24,7 @@ from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.model import build_model
 from av2ts_cli.weights import checkpoint, convert, convert_av2ts, resolve
 from av2ts_cli.weights import mapping as key_mapping
+from av2ts_cli.weights.rules import Rule, apply_rules
 
 runner = CliRunner()
 
@@ -255,7 +256,7 @@ def test_d2_resnet_pickle_fills_backbone_and_siam_encoder(tmp_path):
     for prefix in ("backbone.", "siam_backbone."):
         for key in (k for k in loaded if k.startswith(prefix)):  # every backbone tensor came from the pickle
             name = key.removeprefix(prefix)
-            d2 = key_mapping._apply_rules(name, INVERSE_RESNET)[0]
+            d2 = apply_rules(name, INVERSE_RESNET)[0]
             assert np.array_equal(loaded[key].numpy(), arrays[d2]), key
     for key in (k for k in loaded if not k.startswith(("backbone.", "siam_backbone."))):
         assert torch.equal(loaded[key], before[key]), key  # the rest is the base's
@@ -267,12 +268,12 @@ def test_d2_resnet_pickle_fills_backbone_and_siam_encoder(tmp_path):
 
 # timm -> detectron2, written independently of the converter's rules (used to check every filled tensor)
 INVERSE_RESNET = [
-    key_mapping.Rule(r"bn1\.", "stem.conv1.norm."),
-    key_mapping.Rule(r"layer([1-4])\.(\d+)\.bn([1-3])\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
-    key_mapping.Rule(r"layer([1-4])\.(\d+)\.conv([1-3])\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
-    key_mapping.Rule(r"layer([1-4])\.(\d+)\.downsample\.0\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut."),
-    key_mapping.Rule(r"layer([1-4])\.(\d+)\.downsample\.1\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm."),
-    key_mapping.Rule(r"conv1\.", "stem.conv1."),
+    Rule(r"bn1\.", "stem.conv1.norm."),
+    Rule(r"layer([1-4])\.(\d+)\.bn([1-3])\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
+    Rule(r"layer([1-4])\.(\d+)\.conv([1-3])\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
+    Rule(r"layer([1-4])\.(\d+)\.downsample\.0\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut."),
+    Rule(r"layer([1-4])\.(\d+)\.downsample\.1\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm."),
+    Rule(r"conv1\.", "stem.conv1."),
 ]
 
 

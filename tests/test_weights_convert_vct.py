@@ -176,7 +176,8 @@ def test_a_whole_checkpointer_dict_is_accepted():
 
 
 def test_the_mapping_imports_only_what_it_may():
-    """The key mapping is pure: at module level the standard library, torch, av2ts_cli.config and av2ts_cli.errors;
+    """The key mapping is pure: at module level the standard library, torch, av2ts_cli.config, av2ts_cli.errors and
+    the shared rename rules (weights/rules.py, itself the standard library only);
     the network (``convert_vct_state``, on the meta device) and the file readers (``convert_vct_kind``) are imported
     inside the functions that need them."""
     tree = ast.parse(Path(convert_vct.__file__).read_text())
@@ -186,7 +187,7 @@ def test_the_mapping_imports_only_what_it_may():
     top = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)} | {
         a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     assert top <= {"__future__", "re", "collections.abc", "dataclasses", "torch", "av2ts_cli.config",
-                   "av2ts_cli.errors"}, top
+                   "av2ts_cli.errors", "av2ts_cli.weights.rules"}, top
     assert local["convert_vct_state"] == {"av2ts_cli.model"}
     assert all(m == "av2ts_cli.model" or m.startswith(("av2ts_cli.errors", "av2ts_cli.weights."))
                for m in local["convert_vct_kind"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 from av2ts_cli.errors import UsageError
 from av2ts_cli.weights.mapping import (
     ARCH_PRESET,
-    Rule,
     backbone_of,
     config_from_keys,
     conversion_meta,
@@ -25,8 +24,8 @@ from av2ts_cli.weights.mapping import (
     fill_model,
     map_state_dict,
     read_state_dict_file,
-    stage,
 )
+from av2ts_cli.weights.rules import DECODER_RULES, PIXEL_DECODER_RULES, Rule, stage
 
 AV2TS_KINDS = ("reference", "detectron2", "ced", "ced-hf")
 
@@ -74,7 +73,6 @@ CED_HF_RULES = [
 # reference (OrigamiSL/AV2TS MaskFormer) -> av2ts, after the backbone / CED prefixes (see model/av2ts.py)
 _PIXEL = r"sem_seg_head\.pixel_decoder\."
 _FUSION = r"sem_seg_head\.fusion_module\."
-_PRED = r"sem_seg_head\.predictor\."
 REFERENCE_RULES = [
     Rule(r"criterion\.", None, "a constant of the loss (no-object weight), rebuilt from the config"),
     Rule(_PIXEL + r"input_proj\.", None, "built by the reference pixel decoder but never used in its forward"),
@@ -86,15 +84,7 @@ REFERENCE_RULES = [
     Rule(r"visual_project\.(\d+)\.", r"visual_attention.projections.\1."),
     Rule(r"time_visual_attn_blocks\.(\d+)\.", r"visual_attention.blocks.\1."),
     Rule(r"time_visual_norm\.(\d+)\.", r"visual_attention.norms.\1."),
-    Rule(_PIXEL + r"transformer\.level_embed", "pixel_decoder.level_embed"),
-    Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"pixel_decoder.layers.\1.attn."),
-    Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.linear([12])\.", r"pixel_decoder.layers.\1.fc\2."),
-    Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.(norm[12])\.", r"pixel_decoder.layers.\1.\2."),
-    Rule(_PIXEL + r"mask_features\.", "pixel_decoder.mask_projection."),
-    Rule(_PIXEL + r"adapter_1\.norm\.", "pixel_decoder.lateral.norm."),
-    Rule(_PIXEL + r"adapter_1\.", "pixel_decoder.lateral.conv."),
-    Rule(_PIXEL + r"layer_1\.norm\.", "pixel_decoder.output.norm."),
-    Rule(_PIXEL + r"layer_1\.", "pixel_decoder.output.conv."),
+    *PIXEL_DECODER_RULES,
     Rule(_FUSION + r"(audio_pos|level_embed)\.", r"fusion.\1."),
     Rule(_FUSION + r"conv_proj_1\.", "fusion.reduce."),
     Rule(_FUSION + r"b_attn\.layer_norm_v_list\.0\.", "fusion.norm_visual."),
@@ -103,14 +93,7 @@ REFERENCE_RULES = [
     Rule(_FUSION + r"b_attn\.attn_list\.0\.norm\.", "fusion.norm."),
     Rule(_FUSION + r"b_attn\.gamma_v_list\.0$", "fusion.gamma_visual"),
     Rule(_FUSION + r"b_attn\.gamma_a$", "fusion.gamma_audio"),
-    Rule(_PRED + r"transformer_self_attention_layers\.(\d+)\.self_attn\.", r"decoder.layers.\1.self_attn."),
-    Rule(_PRED + r"transformer_self_attention_layers\.(\d+)\.norm\.", r"decoder.layers.\1.self_norm."),
-    Rule(_PRED + r"transformer_cross_attention_layers\.(\d+)\.multihead_attn\.", r"decoder.layers.\1.cross_attn."),
-    Rule(_PRED + r"transformer_cross_attention_layers\.(\d+)\.norm\.", r"decoder.layers.\1.cross_norm."),
-    Rule(_PRED + r"transformer_ffn_layers\.(\d+)\.linear([12])\.", r"decoder.layers.\1.fc\2."),
-    Rule(_PRED + r"transformer_ffn_layers\.(\d+)\.norm\.", r"decoder.layers.\1.ffn_norm."),
-    Rule(_PRED + r"decoder_norm\.", "decoder.norm."),
-    Rule(_PRED + r"(query_feat|query_embed|level_embed|class_embed|mask_embed)\.", r"decoder.\1."),
+    *DECODER_RULES,
 ]
 
 # where each group of source keys goes: (source prefix, av2ts prefix, inner rules)

@@ -22,51 +22,45 @@ layout), so that the app's ``av2ts convert`` and the tests can both call it on a
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 
 from av2ts_cli.config import ModelConfig
+from av2ts_cli.weights.rules import Rule, apply_rules, stage
 
 _FPN = "built by the reference head (SimpleFPN) but never run: its only caller is commented out"
 _ATTN_FC = "built by the reference head (the old auxiliary attention-mask predictor) but never run"
 _BRANCH2 = "the reference ResNet-50's second branch (layer3_2/layer4_2), built and saved but never run"
 _PCA = "VGGish's PCA post-processor, switched off in every AVSegFormer config"
 
-
-def _stage(template: str):
-    """A target that renumbers the PVT stage of group 1 from 1-based to 0-based: ``block3.7.`` -> ``stages_2...``."""
-    return lambda m: template.format(int(m[1]) - 1, *m.groups()[1:])
-
-
-# (pattern anchored at the key's start, target template or function of the match, or None with the reason)
-RULES: list[tuple[str, object, str]] = [
-    (r"head\.fpn\.", None, _FPN),
-    (r"head\.attn_fc\.", None, _ATTN_FC),
-    (r"backbone\.layer[34]_2\.", None, _BRANCH2),
-    (r"vggish\.pproc\.", None, _PCA),
+RULES = [
+    Rule(r"head\.fpn\.", None, _FPN),
+    Rule(r"head\.attn_fc\.", None, _ATTN_FC),
+    Rule(r"backbone\.layer[34]_2\.", None, _BRANCH2),
+    Rule(r"vggish\.pproc\.", None, _PCA),
     # PVT-v2-b5: original names -> timm features_only names (stage i of the reference is stages_{i-1})
-    (r"backbone\.patch_embed1\.", "backbone.patch_embed.", ""),
-    (r"backbone\.patch_embed([2-4])\.", _stage("backbone.stages_{}.downsample."), ""),
-    (r"backbone\.block([1-4])\.(\d+)\.mlp\.dwconv\.dwconv\.", _stage("backbone.stages_{}.blocks.{}.mlp.dwconv."), ""),
-    (r"backbone\.block([1-4])\.(\d+)\.", _stage("backbone.stages_{}.blocks.{}."), ""),
-    (r"backbone\.norm([1-4])\.", _stage("backbone.stages_{}.norm."), ""),
+    Rule(r"backbone\.patch_embed1\.", "backbone.patch_embed."),
+    Rule(r"backbone\.patch_embed([2-4])\.", stage(-1, "backbone.stages_{}.downsample.")),
+    Rule(r"backbone\.block([1-4])\.(\d+)\.mlp\.dwconv\.dwconv\.",
+         stage(-1, "backbone.stages_{}.blocks.{}.mlp.dwconv.")),
+    Rule(r"backbone\.block([1-4])\.(\d+)\.", stage(-1, "backbone.stages_{}.blocks.{}.")),
+    Rule(r"backbone\.norm([1-4])\.", stage(-1, "backbone.stages_{}.norm.")),
     # ResNet-50: branch 1 is timm's layer3/layer4; the stem, layer1 and layer2 keep torchvision's (= timm's) names
-    (r"backbone\.layer([34])_1\.", r"backbone.layer\1.", ""),
-    (r"backbone\.(conv1|bn1|layer1|layer2)\.", r"backbone.\1.", ""),
-    (r"vggish\.(features|embeddings)\.", r"audio_encoder.\1.", ""),
-    (r"audio_proj\.", "audio_proj.", ""),
-    (r"head\.transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"head.encoder.\1.attn.", ""),
-    (r"head\.transformer\.encoder\.layers\.(\d+)\.linear([12])\.", r"head.encoder.\1.fc\2.", ""),
-    (r"head\.transformer\.encoder\.layers\.(\d+)\.(norm[12])\.", r"head.encoder.\1.\2.", ""),
-    (r"head\.transformer\.decoder\.layers\.(\d+)\.linear([12])\.", r"head.decoder.\1.fc\2.", ""),
-    (r"head\.transformer\.decoder\.layers\.(\d+)\.(self_attn|cross_attn|norm[123])\.", r"head.decoder.\1.\2.", ""),
-    (r"head\.fusion_block\.", "head.mixer.", ""),
-    (r"head\.mlp\.layers\.(\d+)\.", r"head.mlp.\1.", ""),
-    (r"head\.(in_proj\.|level_embed$|query_generator\.|learnable_query\.|lateral_conv\.|out_conv\.|fc\.)",
-     r"head.\1", ""),
+    Rule(r"backbone\.layer([34])_1\.", r"backbone.layer\1."),
+    Rule(r"backbone\.(conv1|bn1|layer1|layer2)\.", r"backbone.\1."),
+    Rule(r"vggish\.(features|embeddings)\.", r"audio_encoder.\1."),
+    Rule(r"audio_proj\.", "audio_proj."),
+    Rule(r"head\.transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"head.encoder.\1.attn."),
+    Rule(r"head\.transformer\.encoder\.layers\.(\d+)\.linear([12])\.", r"head.encoder.\1.fc\2."),
+    Rule(r"head\.transformer\.encoder\.layers\.(\d+)\.(norm[12])\.", r"head.encoder.\1.\2."),
+    Rule(r"head\.transformer\.decoder\.layers\.(\d+)\.linear([12])\.", r"head.decoder.\1.fc\2."),
+    Rule(r"head\.transformer\.decoder\.layers\.(\d+)\.(self_attn|cross_attn|norm[123])\.", r"head.decoder.\1.\2."),
+    Rule(r"head\.fusion_block\.", "head.mixer."),
+    Rule(r"head\.mlp\.layers\.(\d+)\.", r"head.mlp.\1."),
+    Rule(r"head\.(in_proj\.|level_embed$|query_generator\.|learnable_query\.|lateral_conv\.|out_conv\.|fc\.)",
+         r"head.\1"),
 ]
 _NO_RULE = "no counterpart in av2ts's AVSegFormer"
 
@@ -84,14 +78,10 @@ class Conversion(NamedTuple):
 
 def rename(key: str) -> tuple[str | None, str]:
     """(av2ts key, "") for a reference key, or (None, why it is not used)."""
-    for pattern, target, reason in RULES:
-        match = re.match(pattern, key)
-        if match:
-            if target is None:
-                return None, reason
-            new = target(match) if callable(target) else match.expand(target)
-            return new + key[match.end():], ""
-    return None, _NO_RULE
+    new, rule = apply_rules(key, RULES)
+    if rule is None:
+        return None, _NO_RULE
+    return (None, rule.reason) if new is None else (new, "")
 
 
 def target_layout(cfg: ModelConfig) -> dict[str, torch.Size]:

@@ -26,7 +26,6 @@ from av2ts_cli.errors import CheckpointError, UsageError
 from av2ts_cli.weights.convert_av2ts import D2_RESNET_RULES, PVT_RULES, REFERENCE_RULES
 from av2ts_cli.weights.mapping import (
     KeyMapping,
-    Rule,
     config_from_keys,
     conversion_meta,
     conversion_target,
@@ -36,6 +35,7 @@ from av2ts_cli.weights.mapping import (
     read_state_dict_file,
     read_torch_weights,
 )
+from av2ts_cli.weights.rules import PIXEL_INPUT_PROJ_RULE, Rule
 
 COMBO_KINDS = ("combo", "vggish")
 
@@ -48,7 +48,7 @@ _SHARED_RULES = [rule for rule in REFERENCE_RULES if not rule.pattern.startswith
 
 # COMBO reference (after the backbone / VGGish prefixes) -> av2ts COMBO, see model/combo.py
 COMBO_RULES = [
-    Rule(_PIXEL + r"input_proj\.(\d+)\.", r"pixel_decoder.input_proj.\1."),
+    PIXEL_INPUT_PROJ_RULE,
     *_SHARED_RULES,
     Rule(_FUSION + r"(audio_pos|level_embed)\.", r"fusion.\1."),
     Rule(_FUSION + r"b_attn\.layer_norm_v_list\.0\.", "fusion.norm_visual."),

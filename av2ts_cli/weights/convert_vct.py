@@ -20,32 +20,22 @@ patches at the end of a stage and timm at the start of the next (``layers.{i}.do
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from av2ts_cli.config import S4_CATEGORIES, SUBSET_CLASSES, ModelConfig, get_preset
 from av2ts_cli.errors import UsageError
+from av2ts_cli.weights.rules import DECODER_RULES, PIXEL_DECODER_RULES, PIXEL_INPUT_PROJ_RULE, Rule, apply_rules
 
 _UNUSED_VGGISH_FC = "VGGish's linear layers: loaded by the reference but never run (VCT reads the conv map)"
 _UNUSED_INDEX = "Swin relative-position index: a constant table that timm rebuilds (not saved by av2ts)"
 _UNUSED_CRITERION = "a constant of the loss (no-object weight), rebuilt from the config"
 
-_PIXEL = r"sem_seg_head\.pixel_decoder\."
 _PRED = r"sem_seg_head\.predictor\."
 _VQB = _PRED + r"visual_query_block\."
 _SWIN_PREFIXES = {"backbone.": "backbone.", "pre_sam_backbone.": "siam_backbone."}
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """A reference key matching ``pattern`` (from its start) becomes ``replace`` (a ``re`` template or a function
-    of the match); ``replace=None``: the key is not used, for ``why``."""
-
-    pattern: str
-    replace: str | Callable[[re.Match], str] | None
-    why: str = ""
 
 
 def _next_stage(m: re.Match) -> str:
@@ -54,48 +44,32 @@ def _next_stage(m: re.Match) -> str:
 
 # inside a Swin backbone, after its prefix
 SWIN_RULES = [
-    _Rule(r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index$", None, _UNUSED_INDEX),
-    _Rule(r"layers\.(\d+)\.downsample\.", _next_stage),
-    _Rule(r"norm([0-2])\.", r"stage_norms.\1."),
-    _Rule(r"norm3\.", "norm."),
-    _Rule(r"(patch_embed\.|layers\.\d+\.blocks\.)", r"\1"),
+    Rule(r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index$", None, _UNUSED_INDEX),
+    Rule(r"layers\.(\d+)\.downsample\.", _next_stage),
+    Rule(r"norm([0-2])\.", r"stage_norms.\1."),
+    Rule(r"norm3\.", "norm."),
+    Rule(r"(patch_embed\.|layers\.\d+\.blocks\.)", r"\1"),
 ]
 
 # everything but the backbones
 VCT_RULES = [
-    _Rule(r"criterion\.empty_weight$", None, _UNUSED_CRITERION),
-    _Rule(r"criterion\.logit_scale$", "alignment.logit_scale"),
-    _Rule(r"scale_factor_module\.(\d+)\.", r"siam_gates.gates.\1."),
-    _Rule(r"audio_backbone\.features\.", "audio_encoder.features."),
-    _Rule(r"audio_backbone\.embeddings\.", None, _UNUSED_VGGISH_FC),
-    _Rule(r"sem_seg_head\.audio_transformation\.embeddings\.", "audio_mlp.layers."),
-    # the pixel decoder, as COMBO's
-    _Rule(_PIXEL + r"input_proj\.(\d+)\.", r"pixel_decoder.input_proj.\1."),
-    _Rule(_PIXEL + r"transformer\.level_embed$", "pixel_decoder.level_embed"),
-    _Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"pixel_decoder.layers.\1.attn."),
-    _Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.linear([12])\.", r"pixel_decoder.layers.\1.fc\2."),
-    _Rule(_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.(norm[12])\.", r"pixel_decoder.layers.\1.\2."),
-    _Rule(_PIXEL + r"mask_features\.", "pixel_decoder.mask_projection."),
-    _Rule(_PIXEL + r"adapter_1\.norm\.", "pixel_decoder.lateral.norm."),
-    _Rule(_PIXEL + r"adapter_1\.", "pixel_decoder.lateral.conv."),
-    _Rule(_PIXEL + r"layer_1\.norm\.", "pixel_decoder.output.norm."),
-    _Rule(_PIXEL + r"layer_1\.", "pixel_decoder.output.conv."),
+    Rule(r"criterion\.empty_weight$", None, _UNUSED_CRITERION),
+    Rule(r"criterion\.logit_scale$", "alignment.logit_scale"),
+    Rule(r"scale_factor_module\.(\d+)\.", r"siam_gates.gates.\1."),
+    Rule(r"audio_backbone\.features\.", "audio_encoder.features."),
+    Rule(r"audio_backbone\.embeddings\.", None, _UNUSED_VGGISH_FC),
+    Rule(r"sem_seg_head\.audio_transformation\.embeddings\.", "audio_mlp.layers."),
+    # the pixel decoder and the decoder, as COMBO's
+    PIXEL_INPUT_PROJ_RULE,
+    *PIXEL_DECODER_RULES,
+    *DECODER_RULES,
     # the query generator (ProtoVCQ / VCQ)
-    _Rule(_VQB + r"prototype\.", "queries.prototypes."),
-    _Rule(_VQB + r"(pre_proj|query_mixer)\.", r"queries.\1."),
-    _Rule(_VQB + r"pre_attn\.multihead_attn\.", "queries.prototype_attn."),
-    _Rule(_VQB + r"pre_attn\.norm\.", "queries.prototype_norm."),
-    _Rule(_VQB + r"assign_attn\.(q_proj|k_proj|v_proj|proj)\.", r"queries.assign.\1."),
-    _Rule(_PRED + r"(audio_proj|proto_proj)\.", r"alignment.\1."),
-    # the decoder, as COMBO's
-    _Rule(_PRED + r"transformer_self_attention_layers\.(\d+)\.self_attn\.", r"decoder.layers.\1.self_attn."),
-    _Rule(_PRED + r"transformer_self_attention_layers\.(\d+)\.norm\.", r"decoder.layers.\1.self_norm."),
-    _Rule(_PRED + r"transformer_cross_attention_layers\.(\d+)\.multihead_attn\.", r"decoder.layers.\1.cross_attn."),
-    _Rule(_PRED + r"transformer_cross_attention_layers\.(\d+)\.norm\.", r"decoder.layers.\1.cross_norm."),
-    _Rule(_PRED + r"transformer_ffn_layers\.(\d+)\.linear([12])\.", r"decoder.layers.\1.fc\2."),
-    _Rule(_PRED + r"transformer_ffn_layers\.(\d+)\.norm\.", r"decoder.layers.\1.ffn_norm."),
-    _Rule(_PRED + r"decoder_norm\.", "decoder.norm."),
-    _Rule(_PRED + r"(query_feat|query_embed|level_embed|class_embed|mask_embed)\.", r"decoder.\1."),
+    Rule(_VQB + r"prototype\.", "queries.prototypes."),
+    Rule(_VQB + r"(pre_proj|query_mixer)\.", r"queries.\1."),
+    Rule(_VQB + r"pre_attn\.multihead_attn\.", "queries.prototype_attn."),
+    Rule(_VQB + r"pre_attn\.norm\.", "queries.prototype_norm."),
+    Rule(_VQB + r"assign_attn\.(q_proj|k_proj|v_proj|proj)\.", r"queries.assign.\1."),
+    Rule(_PRED + r"(audio_proj|proto_proj)\.", r"alignment.\1."),
 ]
 
 
@@ -118,16 +92,11 @@ def map_vct_key(key: str) -> tuple[str | None, str]:
     return _apply(VCT_RULES, key, "")
 
 
-def _apply(rules: list[_Rule], key: str, prefix: str) -> tuple[str | None, str]:
-    for rule in rules:
-        m = re.match(rule.pattern, key)
-        if m is None:
-            continue
-        if rule.replace is None:
-            return None, rule.why
-        head = rule.replace(m) if callable(rule.replace) else m.expand(rule.replace)
-        return prefix + head + key[m.end():], ""
-    return None, "no known VCT layout"
+def _apply(rules: list[Rule], key: str, prefix: str) -> tuple[str | None, str]:
+    new, rule = apply_rules(key, rules)
+    if rule is None:
+        return None, "no known VCT layout"
+    return (None, rule.reason) if new is None else (prefix + new, "")
 
 
 def vct_config_for(state: Mapping[str, torch.Tensor], preset: str = "vct-swinb") -> ModelConfig:

@@ -1,6 +1,6 @@
-"""The machinery every converter shares: safe readers of foreign weights files, rename ``Rule``s, ``map_state_dict``
-(rename a foreign state dict onto an av2ts model, every key accounted for), ``fill_model``, the conversion target
-(a fresh preset model or a ``--base`` checkpoint) and the meta an import records.
+"""The machinery every converter shares: safe readers of foreign weights files, ``map_state_dict`` (rename a
+foreign state dict onto an av2ts model by ``rules.Rule``s, every key accounted for), ``fill_model``, the conversion
+target (a fresh preset model or a ``--base`` checkpoint) and the meta an import records.
 
 Foreign files are read only with ``torch.load(weights_only=True)``, safetensors, or (detectron2 pickles) an
 unpickler that allows exactly the numpy globals needed to rebuild arrays and refuses anything else.
@@ -12,7 +12,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from av2ts_cli.weights.checkpoint import (
 )
 from av2ts_cli.weights.hub import HF_PREFIX, hub_download, parse_hub_ref
 from av2ts_cli.weights.registry import REGISTRY
+from av2ts_cli.weights.rules import Rule, apply_rules
 
 
 # ------------------------------------------------------------------------------------------- reading foreign files
@@ -124,34 +125,6 @@ def read_state_dict_file(path: str | os.PathLike) -> dict:
     return state
 
 
-# -------------------------------------------------------------------------------------------------- rename rules
-@dataclass(frozen=True)
-class Rule:
-    """Source keys matching ``pattern`` (a regex anchored at the start) are renamed by replacing the matched prefix
-    with ``target`` (a ``re`` template, or a function of the match); ``target=None`` drops them for ``reason``."""
-
-    pattern: str
-    target: str | Callable[[re.Match], str] | None
-    reason: str = ""
-
-
-def stage(offset: int, template: str) -> Callable[[re.Match], str]:
-    """A target that renumbers the first group: ``stage(-1, "layer{}.")`` turns res2 into layer1."""
-    return lambda m: template.format(int(m[1]) + offset, *m.groups()[1:])
-
-
-def _apply_rules(key: str, rules: list[Rule]) -> tuple[str | None, Rule | None]:
-    for rule in rules:
-        match = re.match(rule.pattern, key)
-        if match:
-            if rule.target is None:
-                return None, rule
-            new = rule.target(match) if callable(rule.target) else match.expand(rule.target)
-            return new + key[match.end():], rule
-    return key, None
-
-
-
 _COUNTER_DROPPED = "batch-norm update counter; av2ts keeps these statistics frozen (no counter)"
 
 
@@ -190,7 +163,7 @@ def map_state_dict(state: Mapping, groups: list[tuple[str, str, list[Rule]]], ta
         if not matching:
             unknown.append(key)
         for src_prefix, dst_prefix, rules in matching:
-            inner, rule = _apply_rules(key[len(src_prefix):], rules)
+            inner, rule = apply_rules(key[len(src_prefix):], rules)
             if rule is None:
                 unknown.append(key)
                 break
