@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +32,25 @@ def write_cached_repo(cache: Path, repo_id: str, commits: dict[str, dict[str, Pa
     for ref, commit in refs.items():
         (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
+
+
+def cached_hub_env(tmp_path: Path, cache: Path) -> dict[str, str]:
+    """The environment of a process that finds the Hub only in ``cache``: the endpoint is a closed port (a call
+    that reaches for the network fails within 2 s), av2ts's own cache is ``tmp_path/av2ts-cache``."""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
+           "AV2TS_CACHE": str(tmp_path / "av2ts-cache"), "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    env.pop("HF_HUB_OFFLINE", None)
+    return env
+
+
+def run_json_script(script: str, env: dict[str, str], cwd: Path) -> dict:
+    """Run ``python -c script`` in a fresh process (nothing cached in this one leaks in) and return the JSON object
+    its last line of stdout prints; the process must succeed."""
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def closed_port() -> int:

@@ -15,9 +15,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -477,7 +474,7 @@ def test_vct_registry_model_is_listed_picked_converted_once_and_used_offline(tmp
     `download` name it with its published scores and licence."""
     import hashlib
 
-    from _hub import write_cached_repo
+    from _hub import cached_hub_env, run_json_script, write_cached_repo
 
     torch.manual_seed(0)
     state = tiny_reference_state(build_model(get_preset("vct-tiny", "s4", siam=True)))
@@ -493,16 +490,10 @@ def test_vct_registry_model_is_listed_picked_converted_once_and_used_offline(tmp
     write_cached_repo(cache, VCT_REPO, {commit: files}, {"main": commit})
     source.unlink()  # only the cache holds it now
     av2ts_cache = tmp_path / "av2ts-cache"
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
-           "AV2TS_CACHE": str(av2ts_cache), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
-           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
-    env.pop("HF_HUB_OFFLINE", None)
+    env = cached_hub_env(tmp_path, cache)
 
     def run(**extra):
-        proc = subprocess.run([sys.executable, "-c", VCT_SCRIPT], env={**env, **extra}, capture_output=True,
-                              text=True, timeout=600, cwd=REPO)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return run_json_script(VCT_SCRIPT, {**env, **extra}, REPO)
 
     first = run()
     folder = Path(first["folder"])

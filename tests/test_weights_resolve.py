@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hub import write_cached_repo
+from _hub import cached_hub_env, run_json_script, write_cached_repo
 from conftest import ced_hf_names, one_line, tiny_cfg
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -410,16 +410,10 @@ def test_combo_registry_model_is_listed_picked_converted_once_and_used_offline(t
     write_cached_repo(cache, COMBO_REPO, {commit: {R50_FILE: source, "README.md": readme}}, {"main": commit})
     source.unlink()  # only the cache holds it now
     av2ts_cache = tmp_path / "av2ts-cache"
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
-           "AV2TS_CACHE": str(av2ts_cache), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
-           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
-    env.pop("HF_HUB_OFFLINE", None)
+    env = cached_hub_env(tmp_path, cache)
 
     def run(**extra):
-        proc = subprocess.run([sys.executable, "-c", COMBO_SCRIPT], env={**env, **extra}, capture_output=True,
-                              text=True, timeout=600, cwd=REPO)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return run_json_script(COMBO_SCRIPT, {**env, **extra}, REPO)
 
     first = run()
     folder = Path(first["folder"])
