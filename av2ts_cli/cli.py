@@ -143,6 +143,14 @@ def _check_precision(value: str | None) -> str | None:
     return value
 
 
+def _frame_size(text: str) -> tuple[int, int]:
+    """"WxH" -> (W, H), both at least 32 (a UsageError naming the value otherwise)."""
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()) or min(int(width), int(height)) < 32:
+        raise UsageError(f"--size {text}: expected WxH in pixels, each at least 32 (e.g. 1280x720)")
+    return int(width), int(height)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"av2ts {__version__}")
@@ -777,17 +785,31 @@ def bench_maskiges(
     device: Annotated[list[str] | None, typer.Option("--device", help="cpu or cuda, repeatable (default: cpu, and "
                                                      "cuda where available).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    size: Annotated[list[str] | None, typer.Option("--size", help="Frame size WxH, repeatable (default: 224x224, "
+                                                   "the S4/MS3 maskige geometry, and 1280x720).")] = None,
+    precision: Annotated[list[str] | None, typer.Option("--precision", help="fp32, bf16 or fp16, repeatable "
+                                                        "(default: fp32 and the one auto picks here, if "
+                                                        "another).")] = None,
+    keep_all: Annotated[bool, typer.Option("--keep-all", help="IoU and stability thresholds 0: every mask is "
+                                           "post-processed (the worst case).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="1 frame at 320x180, 1 encoder run: a smoke run.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Maskige masks: seconds per frame at 32 and 16 points per side, as a ratio to one image-encoder forward."""
     from av2ts_cli.bench import maskiges as bench  # local: start-up: benchmarks import torch and transformers
 
-    options = {"frames": 1, "size": bench.QUICK_SIZE, "repeats": 1} if quick else {"frames": frames}
+    sizes = tuple(_frame_size(text) for text in size) if size else None
+    for name in precision or ():
+        _check_precision(name)
+    options = {"frames": 1, "sizes": (bench.QUICK_SIZE,), "repeats": 1} if quick else {"frames": frames}
+    if sizes:
+        options["sizes"] = sizes
+    settings = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0} if keep_all else None
     with make_progress(transient=True) as progress:
         task = progress.add_task("timing", total=None)
         options.update(points=tuple(points or bench.DEFAULT_POINTS), devices=tuple(device) if device else None,
-                       threads=threads, progress=lambda text: progress.update(task, description=text))
+                       precisions=tuple(precision) if precision else None, threads=threads, settings=settings,
+                       progress=lambda text: progress.update(task, description=text))
         generators = generator or [None]
         report = bench.run(generators[0], **options) if len(generators) == 1 else \
             bench.run_generators(tuple(generators), **options)

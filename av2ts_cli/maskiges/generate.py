@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
-from av2ts_cli.processes import resolve_device
+from av2ts_cli.processes import resolve_device, resolve_precision
 from av2ts_cli.weights.hub import hub_snapshot, parse_hub_ref
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ SUPPORTED_TYPES = tuple(MODEL_CLASSES)
 MODEL_FILES = ["*.json", "*.safetensors"]  # config, image processor, weights (never pickled .bin weights)
 # the image processor's settings: save_pretrained of an image processor, or (transformers 5) of a whole processor
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch's names
 
 
 @dataclass(frozen=True)
@@ -116,12 +117,19 @@ class MaskGenerator:
     """A loaded SAM-family model and its image processor; ``generate`` gives a frame's masks."""
 
     def __init__(self, spec: str | os.PathLike | None = None, settings: GeneratorSettings | None = None,
-                 device: str | torch.device = "auto"):
+                 device: str | torch.device = "auto", precision: str | None = None):
+        """``precision``: fp32, bf16 or fp16, or None for the network's choice on this device (on a CPU the
+        measured faster of fp32 and bf16, ``processes.resolve_precision``); the model's weights are cast once."""
+        import torch  # local: see generate
+
+        from av2ts_cli.maskiges.sam_decoder import PointDecoder  # local: it imports torch (see generate)
+
         transformers = import_transformers()
 
         self.settings = settings or GeneratorSettings()
         self.resolved = resolve_generator(spec)
         self.device = resolve_device(device)
+        self.precision, self.precision_basis = resolve_precision(precision, self.device)
         folder = self.resolved.folder
         if not (folder / "config.json").is_file():
             raise CheckpointError(folder / "config.json", "missing: a generator folder needs the model and its "
@@ -140,6 +148,7 @@ class MaskGenerator:
                                  f"{', '.join(SUPPORTED_TYPES)} ({', '.join(MODEL_CLASSES.values())})")
             model_class = getattr(transformers, MODEL_CLASSES[config.model_type])
             self.model = model_class.from_pretrained(folder, use_safetensors=True).to(self.device).eval()
+            self.model.to(getattr(torch, PRECISION_DTYPES[self.precision]))
             self.processor = transformers.AutoImageProcessor.from_pretrained(folder)
         except (OSError, ValueError) as err:
             raise CheckpointError(self.resolved.source, f"cannot load the model: {str(err).splitlines()[0]}") \
@@ -148,6 +157,9 @@ class MaskGenerator:
             transformers.logging.set_verbosity(verbosity)
             transformers.logging.enable_progress_bar()
         self.model_type = config.model_type
+        # SAM's decoder recomputed without the stock path's per-point copies (sam_decoder.py); SAM-HQ and SAM 2
+        # have decoders of their own and keep the stock forward
+        self.point_decoder = PointDecoder(self.model) if self.model_type == "sam" else None
         # SAM: {"longest_edge": 1024}, the frame resized on its long side and padded; SAM 2: {"height": 1024,
         # "width": 1024}, the frame squashed to the square (the point grid follows, see _points)
         size = self.processor.size
@@ -156,7 +168,7 @@ class MaskGenerator:
     def describe(self) -> dict:
         """What made the masks (the provenance record)."""
         return {"generator": self.resolved.source, "repo": self.resolved.repo, "revision": self.resolved.revision,
-                "model_type": self.model_type, "settings": self.settings.to_dict()}
+                "model_type": self.model_type, "precision": self.precision, "settings": self.settings.to_dict()}
 
     def generate(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] RGB -> bool (N, H, W) masks, N >= 0, in the order the last NMS kept them."""
@@ -178,11 +190,14 @@ class MaskGenerator:
             upscale = Upscaler(self.processor, (h, w), reshaped)
             kept = KeptMasks((h, w))
             for start in range(0, points.shape[1], s.points_per_batch):
-                out = self.model(input_points=points[:, start:start + s.points_per_batch],
-                                 input_labels=labels[:, start:start + s.points_per_batch],
-                                 multimask_output=True, **prompt)
-                kept.add(*select_masks(out.pred_masks[0].flatten(0, 1), out.iou_scores[0].flatten(0, 1), upscale,
-                                       s))
+                batch = points[:, start:start + s.points_per_batch], labels[:, start:start + s.points_per_batch]
+                if self.point_decoder is not None:
+                    logits, iou = self.point_decoder.decode(prompt["image_embeddings"], *batch)
+                else:
+                    out = self.model(input_points=batch[0], input_labels=batch[1], multimask_output=True, **prompt)
+                    logits, iou = out.pred_masks, out.iou_scores
+                # thresholds and upscaling in fp32, whatever the precision of the network
+                kept.add(*select_masks(logits[0].flatten(0, 1).float(), iou[0].flatten(0, 1).float(), upscale, s))
             masks = kept.after_nms(s.box_nms_thresh)
         return remove_small_regions(masks, s.min_region, s.box_nms_thresh)
 
