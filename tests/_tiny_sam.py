@@ -66,6 +66,29 @@ def save_tiny_sam2(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def save_tiny_edgetam(folder: Path, seed: int = 0) -> Path:
+    """A tiny EdgeTamModel (timm's resnet10t, random, as its image encoder: EdgeTAM's RepViT is a timm model too;
+    128 px square input, decoder width 32) and a Sam2ImageProcessor, written by save_pretrained into ``folder``."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    backbone = T.TimmWrapperConfig(architecture="resnet10t",
+                                   model_args={"features_only": True, "out_indices": [1, 2, 3, 4]})
+    vision = T.EdgeTamVisionConfig(backbone_config=backbone, backbone_channel_list=[512, 256, 128, 64],
+                                   backbone_feature_sizes=[[SIDE2 // 4] * 2, [SIDE2 // 8] * 2, [SIDE2 // 16] * 2],
+                                   fpn_hidden_size=32)
+    prompt = T.EdgeTamPromptEncoderConfig(hidden_size=32, image_size=SIDE2, patch_size=16, mask_input_channels=4)
+    decoder = T.EdgeTamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+    model = T.EdgeTamModel(T.EdgeTamConfig(vision_config=vision, prompt_encoder_config=prompt,
+                                           mask_decoder_config=decoder)).eval()
+    processor = T.Sam2ImageProcessor(size={"height": SIDE2, "width": SIDE2},
+                                     mask_size={"height": SIDE2 // 4, "width": SIDE2 // 4})
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def hub_cache_with(model_folder: Path, cache: Path, repo_id: str, commit: str = FAKE_COMMIT) -> Path:
     """Lay ``model_folder``'s files out as huggingface_hub's cache holds a download of ``repo_id`` at ``commit``
     (refs/main -> commit, snapshots/<commit>/<files>); returns the snapshot folder."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _tiny_sam import FAKE_COMMIT, SIDE2, hub_cache_with, save_tiny_sam, save_tiny_sam2
+from _tiny_sam import FAKE_COMMIT, SIDE2, hub_cache_with, save_tiny_edgetam, save_tiny_sam, save_tiny_sam2
 from conftest import one_line
 
 from av2ts_cli.data.datasets import AVSDataset
@@ -36,10 +36,10 @@ LOOSE = GeneratorSettings(points_per_side=4, points_per_batch=5, pred_iou_thresh
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-sam")
     return {"sam": save_tiny_sam(root / "sam"), "sam_hq": save_tiny_sam(root / "sam-hq", hq=True),
-            "sam2": save_tiny_sam2(root / "sam2")}
+            "sam2": save_tiny_sam2(root / "sam2"), "edgetam": save_tiny_edgetam(root / "edgetam")}
 
 
-@pytest.mark.parametrize("kind", ["sam", "sam_hq", "sam2"])
+@pytest.mark.parametrize("kind", ["sam", "sam_hq", "sam2", "edgetam"])
 def test_generates_masks_of_the_frame_size(tiny_models, kind):
     image = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
     generator = MaskGenerator(tiny_models[kind], LOOSE, device="cpu")

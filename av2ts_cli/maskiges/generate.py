@@ -3,7 +3,8 @@
 COMBO made its maskiges with Semantic-SAM (Swin-L, granularity level 3), which is not pip-installable; the
 ``transformers`` models are the nearest ones a user can install: SAM (``SamModel``, default
 ``hf://facebook/sam-vit-base`` at a pinned commit; SAM-architecture checkpoints such as SlimSAM too), SAM-HQ
-(``SamHQModel``) and SAM 2 (``Sam2Model``: facebook/sam2.1-hiera-tiny, -small, -base-plus, -large), chosen by the
+(``SamHQModel``), SAM 2 (``Sam2Model``: facebook/sam2.1-hiera-tiny, -small, -base-plus, -large) and EdgeTAM
+(``EdgeTamModel``: SAM 2's decoder on a RepViT encoder), chosen by the
 folder's ``config.json`` (``model_type``). The settings default to COMBO's Semantic-SAM run, not to the
 ``transformers`` pipeline's (stability 0.95, no small-region clean-up).
 
@@ -43,7 +44,9 @@ DEFAULT_REPO = "facebook/sam-vit-base"
 DEFAULT_REVISION = "70c1a07f894ebb5b307fd9eaaee97b9dfc16068f"  # main on 2026-08-10 (Apache-2.0, 375 MB)
 DEFAULT_GENERATOR = f"hf://{DEFAULT_REPO}@{DEFAULT_REVISION}"
 INSTALL_HINT = "pip install 'transformers>=5.0'"
-MODEL_CLASSES = {"sam": "SamModel", "sam_hq": "SamHQModel", "sam2": "Sam2Model"}  # config.json's model_type
+# config.json's model_type -> the transformers class; SAM-architecture checkpoints (SlimSAM) are "sam"
+MODEL_CLASSES = {"sam": "SamModel", "sam_hq": "SamHQModel", "sam2": "Sam2Model", "edgetam": "EdgeTamModel"}
+SQUARE_INPUT_TYPES = ("sam2", "edgetam")  # their processor squashes the frame to the model's square input
 SUPPORTED_TYPES = tuple(MODEL_CLASSES)
 MODEL_FILES = ["*.json", "*.safetensors"]  # config, image processor, weights (never pickled .bin weights)
 # the image processor's settings: save_pretrained of an image processor, or (transformers 5) of a whole processor
@@ -207,7 +210,7 @@ class MaskGenerator:
         of the frame scaled to the squashed square (its processor's grid assumes the long-side resize)."""
         import torch  # local: see generate
 
-        if self.model_type != "sam2":
+        if self.model_type not in SQUARE_INPUT_TYPES:
             _, points, _, labels = self.processor.generate_crop_boxes(
                 image, self.target_size, crop_n_layers=0, points_per_crop=per_side, device=self.device)
             return points, labels

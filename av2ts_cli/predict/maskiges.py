@@ -21,6 +21,7 @@ from av2ts_cli.errors import UsageError
 from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings, resolve_generator
 from av2ts_cli.maskiges.render import DEFAULT_GEOMETRY, GEOMETRIES
 from av2ts_cli.maskiges.video import video_maskiges
+from av2ts_cli.processes import resolve_device, resolve_precision
 from av2ts_cli.runs import MASKIGES_RECORD
 
 AUTO = "auto"
@@ -56,7 +57,8 @@ class LazyGenerator:
         self._description: dict | None = None
 
     def describe(self) -> dict:
-        """As ``MaskGenerator.describe``: generator, repo, revision, model_type, settings."""
+        """As ``MaskGenerator.describe``: generator, repo, revision, model_type, precision (the one ``auto`` picks
+        on this device), settings."""
         if self._description is None:
             resolved = resolve_generator(self.spec)
             try:
@@ -64,8 +66,10 @@ class LazyGenerator:
                     "model_type")
             except (OSError, ValueError):
                 model_type = None  # loading names the problem, with the file, if a frame is ever needed
+            precision, _ = resolve_precision(None, resolve_device(self.device))  # the cached measurement
             self._description = {"generator": resolved.source, "repo": resolved.repo, "revision": resolved.revision,
-                                 "model_type": model_type, "settings": self.settings.to_dict()}
+                                 "model_type": model_type, "precision": precision,
+                                 "settings": self.settings.to_dict()}
         return self._description
 
     def generate(self, image):
