@@ -36,17 +36,18 @@ from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
 from av2ts_cli.classes import avss_palette
-from av2ts_cli.console import console, make_progress
+from av2ts_cli.console import console, make_progress, warn
 from av2ts_cli.data.datasets import AVSDataset, build_dataset
 from av2ts_cli.data.images import image_header, read_rgb, rgb_to_index, write_png
 from av2ts_cli.data.layout import SUBSET_TITLES, check_split, check_subset
 from av2ts_cli.data.transforms import resize_images
-from av2ts_cli.errors import DataError, UsageError, describe_os_error
+from av2ts_cli.errors import DataError, UsageError, describe, describe_os_error
 from av2ts_cli.files import write_json
 from av2ts_cli.metrics import AVSS_PADDED_LENGTH, PROTOCOLS, BinaryMetrics, SemanticMetrics, upsample_labels
+from av2ts_cli.plots import check_replaceable, draw_metrics
 from av2ts_cli.predictor import Predictor, load_predictor
 from av2ts_cli.processes import Processes, environment
-from av2ts_cli.runs import numbered_run_folder
+from av2ts_cli.runs import METRICS_PICTURE, numbered_run_folder, record_owned
 
 RUNS_FOLDER = Path("runs") / "eval"
 
@@ -110,7 +111,7 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
     report = {"subset": subset, "split": split, "protocol": protocol, "videos": metrics["videos"],
               "frames": metrics["frames"], "miou": metrics["miou"], "fscore": metrics["fscore"], **source}
     document = {**report, "details": metrics}
-    report["metrics_file"] = report["save_error"] = None
+    report["metrics_file"] = report["save_error"] = report["metrics_picture"] = None
     report["processes"], report["rank"] = processes.world_size, processes.rank
     if not processes.main:  # rank 0 writes metrics.json and prints; every rank has the same metrics
         return report
@@ -119,7 +120,21 @@ def evaluate(subset: str, data: str | os.PathLike, *, split: str = "test", proto
         report["metrics_file"] = str(write_json(folder / "metrics.json", document))
     except OSError as err:
         report["save_error"] = f"metrics.json not saved: {describe_os_error(err)}"
+    else:
+        report["metrics_picture"] = draw_picture(document, folder / METRICS_PICTURE, dataset.class_names)
     return report
+
+
+def draw_picture(document: dict, path: Path, class_names) -> str | None:
+    """``metrics.png`` beside ``metrics.json`` (``plots.draw_metrics``) -> its path, or None with a warning: a
+    picture that cannot be drawn (a file of the user's in its place, a full disk) leaves the metrics standing."""
+    try:
+        check_replaceable(path, hint="it is left as it is")
+        record_owned(path.parent, [path.name])  # before it is written (runs.record_owned)
+        return str(draw_metrics(document, path, class_names))
+    except Exception as err:  # the metrics are computed and saved: nothing about a picture may lose them
+        warn(f"{path.name} not drawn: {describe(err) or f'{type(err).__name__}: {err}'}")
+        return None
 
 
 def _refuse_inside_inputs(option: str, target: str | os.PathLike | None,

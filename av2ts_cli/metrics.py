@@ -142,13 +142,17 @@ class BinaryMetrics:
         return sum(len(i) for i in self.ious)
 
     def result(self, protocol: str = "av2ts") -> dict:
-        """{"miou", "fscore", "videos", "frames", "fscore_group_size"}."""
+        """{"miou", "fscore", "videos", "frames", "fscore_group_size", "video_miou", "fscore_curve"}. The last two
+        are for the picture (``plots.draw_metrics``), not scores: each video's mean J over its frames, and the
+        mean of the groups' F(t) curves [255] (the F-score takes each group's own max, so it can exceed this
+        curve's max)."""
         group = PROTOCOLS[protocol].fscore_group_size
         if not self.ious:
             return {"miou": float("nan"), "fscore": float("nan"), "videos": 0, "frames": 0,
-                    "fscore_group_size": group}
+                    "fscore_group_size": group, "video_miou": [], "fscore_curve": []}
         miou = float(torch.cat(self.ious).mean())
         scores = []
+        curves = torch.zeros(NUM_THRESHOLDS, dtype=torch.float64)
         for start in range(0, len(self.curve_sums), group):
             count = sum(self.curve_counts[start:start + group])
             if count == 0:
@@ -156,8 +160,10 @@ class BinaryMetrics:
                 continue
             curve = torch.stack(self.curve_sums[start:start + group]).sum(0) / count
             scores.append(float(curve.max()))
+            curves += curve
         return {"miou": miou, "fscore": sum(scores) / len(scores), "videos": len(self.ious), "frames": self.frames,
-                "fscore_group_size": group}
+                "fscore_group_size": group, "video_miou": [float(i.mean()) for i in self.ious],
+                "fscore_curve": (curves / len(scores)).tolist()}
 
 
 # -------------------------------------------------------------------------------------------------------- AVSS
@@ -187,6 +193,7 @@ class SemanticMetrics:
         self.iou_sum = torch.zeros(num_classes, dtype=torch.float64)
         self.f_sum = torch.zeros(num_classes, dtype=torch.float64)
         self.counts = torch.zeros(num_classes, dtype=torch.int64)
+        self.present = torch.zeros(num_classes, dtype=torch.int64)  # frames whose ground truth holds the class
         self.frames = 0
         self.padded_frames = 0
         self.videos = 0
@@ -202,6 +209,7 @@ class SemanticMetrics:
         f = torch.nan_to_num((1 + BETA2) * precision * recall / (BETA2 * precision + recall), nan=0.0)
         self.f_sum += f.sum(0)
         self.counts += (union > 0).sum(0)
+        self.present += (truth > 0).sum(0)
         self.frames += pred.shape[0]
         self.videos += 1
 
@@ -213,6 +221,7 @@ class SemanticMetrics:
         self.iou_sum[0] += frames * pixels / (pixels + AVSS_EPS)
         self.f_sum[0] += frames
         self.counts[0] += frames
+        self.present[0] += frames
         self.padded_frames += frames
 
     def merge(self, other: SemanticMetrics) -> None:
@@ -223,19 +232,22 @@ class SemanticMetrics:
         self.iou_sum += other.iou_sum
         self.f_sum += other.f_sum
         self.counts += other.counts
+        self.present += other.present
         self.frames += other.frames
         self.padded_frames += other.padded_frames
         self.videos += other.videos
 
     def result(self) -> dict:
-        """{"miou", "fscore", "videos", "frames", "padded_frames", "per_class": {"iou", "fscore", "frames"}}."""
+        """{"miou", "fscore", "videos", "frames", "padded_frames", "per_class": {"iou", "fscore", "frames",
+        "present"}}: "frames" counts the frames where the class was predicted or labelled (its mean's divisor),
+        "present" those whose ground truth holds it (0: a class never in the split)."""
         counts = self.counts.double()
         iou = torch.nan_to_num(self.iou_sum / counts, nan=0.0)
         f = torch.nan_to_num(self.f_sum / counts, nan=0.0)
         return {"miou": float(iou.mean()), "fscore": float(f.mean()), "videos": self.videos, "frames": self.frames,
                 "padded_frames": self.padded_frames,
                 "per_class": {"iou": [_finite(v) for v in iou.tolist()], "fscore": [_finite(v) for v in f.tolist()],
-                              "frames": self.counts.tolist()}}
+                              "frames": self.counts.tolist(), "present": self.present.tolist()}}
 
 
 def _finite(value: float) -> float:

@@ -158,7 +158,10 @@ def test_model_predictions_saved_and_rescored(synth_data, random_models, tmp_pat
     report = eval_json(*data, "--model", str(random_models["s4"]), "--save-pred", str(tmp_path / "pred"),
                        "--batch", "2")
     assert report["videos"] == 3 and report["frames"] == 15 and 0 <= report["miou"] <= 1
-    files = sorted(p.relative_to(tmp_path / "pred").as_posix() for p in (tmp_path / "pred").rglob("*.png"))
+    # the predictions lie at their labels' paths, in subfolders; metrics.json and metrics.png at the root
+    files = sorted(p.relative_to(tmp_path / "pred").as_posix() for p in (tmp_path / "pred").rglob("*.png")
+                   if p.parent != tmp_path / "pred")
+    assert (tmp_path / "pred" / "metrics.png").is_file()
     videos = list_videos(resolve_root(synth_data, "s4"), "s4", "test")
     assert files == sorted(name for v in videos for name in v.mask_names)
     image = Image.open(tmp_path / "pred" / files[0])
@@ -220,7 +223,7 @@ def test_avss_model_with_mixed_clip_lengths_and_padding(synth_data, random_model
     assert report["frames"] == 20 and report["videos"] == 3
     details = json.loads((tmp_path / "pred" / "metrics.json").read_text())["details"]
     assert details["padded_frames"] == 10 and len(details["per_class"]["iou"]) == 71
-    prediction = Image.open(next((tmp_path / "pred").rglob("*.png")))
+    prediction = Image.open(next(p for p in (tmp_path / "pred").rglob("*.png") if p.parent != tmp_path / "pred"))
     assert prediction.mode == "P" and prediction.size == (224, 224)
 
 
@@ -382,7 +385,8 @@ def test_torchrun_eval_equals_one_process_to_the_last_bit(synth_data, random_mod
         one = json.loads((tmp_path / f"one-{subset}" / "metrics.json").read_text())["details"]
         two = json.loads((tmp_path / f"two-{subset}" / "metrics.json").read_text())["details"]
         assert one == two
-        pngs = sorted(p.relative_to(tmp_path / f"one-{subset}") for p in (tmp_path / f"one-{subset}").rglob("*.png"))
+        root = tmp_path / f"one-{subset}"  # the predictions, not metrics.png beside metrics.json at the root
+        pngs = sorted(p.relative_to(root) for p in root.rglob("*.png") if p.parent != root)
         assert len(pngs) == single["frames"]
         assert all((tmp_path / f"one-{subset}" / p).read_bytes() == (tmp_path / f"two-{subset}" / p).read_bytes()
                    for p in pngs)

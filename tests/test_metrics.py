@@ -242,3 +242,31 @@ def test_the_avsegformer_protocol_on_a_hand_checked_case():
     assert result["fscore"] == pytest.approx(0.448980, abs=1e-6) and result["fscore_group_size"] == 2
     assert metric.result("av2ts")["fscore"] == pytest.approx(0.598639, abs=1e-6)
     assert metric.result("avsbench")["fscore"] == pytest.approx(0.897959, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- what the picture shows
+def test_the_pictures_figures_ride_along_without_changing_the_scores():
+    """``video_miou``, ``fscore_curve`` and ``present`` are for metrics.png (plots.draw_metrics): each video's
+    mean J, the mean of the groups' F(t) curves (whose max is at most the F-score: each group takes its own
+    best threshold), and the frames whose ground truth holds each class."""
+    metric = BinaryMetrics()
+    metric.update(frames(FRAME_A), frames(GT).bool())  # one video per frame: the two groups' curves differ
+    metric.update(frames(FRAME_B), frames(GT).bool())
+    result = metric.result()
+    assert result["video_miou"] == pytest.approx([1 / 3, 0.0], abs=1e-6)  # A: p > 0.5 on pixels 0 and 2 (J eps)
+    assert result["miou"] == pytest.approx(sum(result["video_miou"]) / 2, abs=1e-12)  # equal frames per video
+    curve = torch.tensor(result["fscore_curve"], dtype=torch.float64)
+    thresholds = fscore_thresholds().tolist()
+    assert len(curve) == 255 and result["fscore"] == pytest.approx((0.8125 + 1.0) / 2, abs=1e-6)
+    expected = [(curve_a(t) + (1.0 if 0 < t <= 0.2 else 0.0 if t > 0 else f_beta(0.5, 1.0))) / 2 for t in thresholds]
+    assert curve.tolist() == pytest.approx(expected, abs=1e-6)
+    assert float(curve.max()) <= result["fscore"] + 1e-9
+
+    semantic = SemanticMetrics(num_classes=4)
+    semantic.update(labels([[0, 1], [2, 2]]), labels([[0, 1], [1, 1]]))  # class 2 predicted, never labelled
+    semantic.add_padding(frames=2, pixels=4)
+    other = SemanticMetrics(num_classes=4)
+    other.update(labels([[3, 3]]), labels([[3, 0]]))
+    semantic.merge(other)
+    per_class = semantic.result()["per_class"]
+    assert per_class["present"] == [4, 1, 0, 1] and per_class["frames"] == [4, 1, 1, 1]

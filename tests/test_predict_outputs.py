@@ -50,7 +50,8 @@ def test_mask_outputs_write_each_frame_and_commit_only_a_whole_video(tmp_path):
     assert lines[1]["sounding_area"] == pytest.approx(2 / 12, abs=1e-6)
     coco = json.loads((folder / "masks.coco.json").read_text())
     assert np.array_equal(rle_decode(coco["annotations"][1]["segmentation"]), classes == 1)
-    assert outputs.sounding_frames == 2 and outputs.files == ["frames.jsonl", "masks.coco.json"]
+    assert outputs.sounding_frames == 2 and outputs.files == ["frames.jsonl", "masks.coco.json", "preview.jpg"]
+    assert (folder / "preview.jpg").is_file()  # fed no decoded frames here: the masks on grey
     assert outputs.track().times == [f.time for f in schedule.frames]
 
     partial = tmp_path / "partial"  # a stream that stops early: no whole-video file is left

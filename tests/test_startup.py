@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import run_python
 
-HEAVY = ("torch", "torchaudio", "timm", "cv2", "transformers", "huggingface_hub", "scipy")
+HEAVY = ("torch", "torchaudio", "timm", "cv2", "transformers", "huggingface_hub", "scipy", "matplotlib")
 
 CHECK = """
 import json, sys
@@ -30,7 +30,8 @@ def _start(args: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["predict", "--help"], ["train", "--help"],
-                                  ["eval", "--help"], ["data", "synth", "--help"], ["info", "--help"]])
+                                  ["eval", "--help"], ["data", "synth", "--help"], ["info", "--help"],
+                                  ["plot", "--help"]])
 def test_help_imports_nothing_heavy(args):
     started = _start(args)
     assert started["code"] == 0 and started["heavy"] == [], started["heavy"]
@@ -47,6 +48,12 @@ def test_predict_of_a_missing_file_answers_before_torch(tmp_path):
 def test_usage_errors_import_nothing_heavy(args):
     started = _start(args)
     assert started["code"] == 2 and started["heavy"] == [], started
+
+
+def test_plot_of_a_missing_run_answers_before_torch_and_matplotlib(tmp_path):
+    started = _start(["plot", str(tmp_path / "missing")])
+    assert started["code"] == 1 and started["heavy"] == [], started
+    assert started["stderr"].strip() == f"error: {tmp_path / 'missing'}: no such run folder"
 
 
 def test_predict_of_an_empty_folder_answers_before_torch(tmp_path):

@@ -2,7 +2,8 @@
 
 ``MaskOutputs`` takes the (sampled frame, mask) pairs of ``predict.stream_masks`` in presentation order and writes
 each one as it comes: ``masks/NNNNNN.png``, a line of ``frames.jsonl``, the annotations of ``masks.coco.json``
-(both files atomically: they appear complete or not at all); its ``track()`` is what the overlay paints. The rest
+(both files atomically: they appear complete or not at all) and the cells of ``preview.jpg`` (``plots.PreviewSheet``,
+whose frames come from the decoder through ``keep_frame``); its ``track()`` is what the overlay paints. The rest
 decides the folders: one per video, what counts as finished (``summary.json`` with the same settings and input),
 where an overlay goes and when an existing file may be replaced.
 """
@@ -18,13 +19,15 @@ from pathlib import Path
 from av2ts_cli import __version__
 from av2ts_cli.errors import UsageError
 from av2ts_cli.files import atomic_open
+from av2ts_cli.plots import PreviewSheet
 from av2ts_cli.predict.masks import CocoWriter, FrameMask, class_records, write_mask_png
-from av2ts_cli.render import MaskTrack
+from av2ts_cli.render import MaskPainter, MaskTrack
 from av2ts_cli.runs import (
     COCO_FILE,
     DEFAULT_OVERLAY,
     FRAMES_FILE,
     MASKS_DIR,
+    PREVIEW_FILE,
     SUMMARY_FILE,
     input_identity,
     owned_files,
@@ -55,6 +58,16 @@ class MaskOutputs:
         self._stack = contextlib.ExitStack()  # the open files, replaced in __enter__
         self._lines = None
         self._coco: CocoWriter | None = None
+        self.preview = None
+        if "preview" in self.formats:  # the overlay's colours: the sheet looks like the overlay's frames
+            colours = MaskPainter().colour_table("binary" if binary else "avss")
+            self.preview = PreviewSheet(len(schedule.frames), display, colours, self.class_names, folder.name)
+
+    def keep_frame(self, index: int, picture) -> None:
+        """A decoded frame (uint8 [S, S, 3], the model's input) for the preview; called from the decoding thread
+        (``stream.stream_masks``'s ``on_frame``)."""
+        if self.preview is not None:
+            self.preview.keep(index, picture)
 
     def __enter__(self) -> MaskOutputs:
         with contextlib.ExitStack() as stack:
@@ -92,20 +105,28 @@ class MaskOutputs:
         if self._coco is not None:
             for record in records:
                 self._coco.add(frame.index, record)
+        if self.preview is not None:
+            self.preview.add(frame.index, frame.time, mask.classes)
         self._written.append(frame)
 
     def __exit__(self, *exc) -> bool:
-        if exc[0] is None and len(self._written) != len(self.schedule.frames):
-            missing = len(self.schedule.frames) - len(self._written)
-            error = RuntimeError(f"{missing} of {len(self.schedule.frames)} masks were never given")
-            self._stack.__exit__(RuntimeError, error, None)
-            raise error
+        if exc[0] is None:
+            try:
+                if len(self._written) != len(self.schedule.frames):
+                    missing = len(self.schedule.frames) - len(self._written)
+                    raise RuntimeError(f"{missing} of {len(self.schedule.frames)} masks were never given")
+                if self.preview is not None:  # atomic, as the files the block commits
+                    self.preview.write(self.folder / PREVIEW_FILE)
+            except BaseException as error:
+                self._stack.__exit__(type(error), error, None)
+                raise
         return self._stack.__exit__(*exc)
 
     @property
     def files(self) -> list[str]:
         """The whole-video files written (the masks folder aside)."""
-        return [name for fmt, name in (("json", FRAMES_FILE), ("rle", COCO_FILE)) if fmt in self.formats]
+        return [name for fmt, name in (("json", FRAMES_FILE), ("rle", COCO_FILE), ("preview", PREVIEW_FILE))
+                if fmt in self.formats]
 
     def track(self) -> MaskTrack:
         """The written PNG masks and their times, in time order: what the overlay paints."""
@@ -134,7 +155,8 @@ def output_names(schedule: Schedule, formats: Sequence[str], overlay: Path | Non
     names = [SUMMARY_FILE]
     if "png" in formats:
         names += [mask_name(frame) for frame in schedule.frames]
-    names += [name for fmt, name in (("json", FRAMES_FILE), ("rle", COCO_FILE)) if fmt in formats]
+    names += [name for fmt, name in (("json", FRAMES_FILE), ("rle", COCO_FILE), ("preview", PREVIEW_FILE))
+              if fmt in formats]
     if overlay is not None and overlay.parent == folder:
         names.append(overlay.name)
     return names

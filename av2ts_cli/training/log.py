@@ -1,4 +1,5 @@
-"""``log.csv``: one row per logged or evaluated iteration (the losses, the LR, the time, the evaluation)."""
+"""``log.csv`` (``runs.LOG_FILE``): one row per logged or evaluated iteration (the losses, the LR, the time, the
+evaluation). Its curves are drawn by ``plots.write_results``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 from av2ts_cli.files import atomic_open
 from av2ts_cli.training.optim import LOSS_GROUPS
 
-LOG_FILE = "log.csv"
 LOG_COLUMNS = ("iteration", "loss", *LOSS_GROUPS, "lr", "seconds", "val_miou", "val_fscore")
 
 
