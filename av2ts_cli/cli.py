@@ -219,8 +219,9 @@ def predict(
                                              "...). Re-running into it skips finished videos.",
                                              rich_help_panel="Output")] = None,
     formats: Annotated[str, typer.Option("--format", help="Comma-separated: png (masks/NNNNNN.png), json "
-                                         "(frames.jsonl), rle (masks.coco.json, COCO RLE).",
-                                         rich_help_panel="Output")] = "png,json,rle",
+                                         "(frames.jsonl), rle (masks.coco.json, COCO RLE), preview (preview.jpg: "
+                                         "up to 16 frames with their masks).",
+                                         rich_help_panel="Output")] = "png,json,rle,preview",
     overlay: Annotated[str | None, typer.Option("--overlay", metavar="[PATH]", help="Also write an overlay video with "
                                                 "the audio: OUT/<video>/overlay.mp4, or PATH (a folder for several "
                                                 "videos).", rich_help_panel="Output", show_default=False)] = None,
@@ -295,9 +296,10 @@ def maskiges(
     fps: Annotated[int, typer.Option("--fps", min=1, help="Videos: masks per second, as predict's --fps.")] = 1,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Videos: also search subfolders.")] = False,
     geometry: Annotated[str | None, typer.Option("--geometry", metavar="square-224|source-224|source-384",
-                                                 help="Videos: the maskiges' geometry, as the model trained on: "
-                                                 "square-224 (default; COMBO and AV2TS on S4 or MS3: the frame "
-                                                 "squashed to 224x224), source-224 (AVSS), source-384 (VCT).")] = None,
+                                                 help="The maskiges' geometry, as the model trained on: "
+                                                 "square-224 (videos' default; COMBO and AV2TS on S4 or MS3: the frame "
+                                                 "squashed to 224x224), source-224 (AVSS), source-384 (VCT; a "
+                                                 "dataset's go to its 384 layout).")] = None,
     generator: Annotated[str | None, typer.Option("--generator", "-g", help="hf://owner/repo\\[@rev] or a "
                                                   "save_pretrained folder (default: SAM ViT-B, pinned).")] = None,
     points_per_side: Annotated[int | None, typer.Option("--points-per-side", min=1, help="Point grid side "
@@ -467,6 +469,23 @@ def eval_command(
         evaluate.print_report(report)
     if report["save_error"]:  # after the metrics: a metrics.json that cannot be written does not lose them
         raise Av2tsError(report["save_error"])
+
+
+@app.command("plot", rich_help_panel="Training and evaluation")
+@_reported
+def plot_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders of av2ts train (or their log.csv); several are "
+                                               "drawn together, one colour each.", show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The picture: .png, .pdf, .svg or .jpg (default: "
+                                             "RUN/results.png for one run, a new runs/plot/expN/compare.png for "
+                                             "several).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a file av2ts did not write.")] = False,
+) -> None:
+    """Draw training curves from log.csv: each loss group, the learning rate, val mIoU and F against iteration."""
+    from av2ts_cli import plots  # local: numpy and Pillow; matplotlib itself only when it draws
+
+    path = plots.plot_runs(runs, out, force=force)
+    console.print(f"Results saved to {path}", markup=False)
 
 
 @data_app.command("synth")

@@ -89,10 +89,11 @@ def make_predictor(model: AV2TS, cfg: ModelConfig, class_names: Sequence[str], n
 
 
 def load_predictor(name: str | None, device: str | torch.device = "auto", half: bool = False,
-                   precision: str | None = None, subset: str | None = None) -> Predictor:
-    """THE loader of a model for ``predict`` and ``eval``: ``--model`` (``resolve.resolve_model``: a checkpoint
-    folder or file, hf://..., a registry name; None: the demo model) on ``device`` in ``precision``; ``subset``:
-    the model must fit it (``eval``)."""
+                   precision: str | None = None, subset: str | None = None, presets: bool = False) -> Predictor:
+    """THE loader of a model for ``predict``, ``eval`` and ``api.load_model``: ``--model``
+    (``resolve.resolve_model``: a checkpoint folder or file, hf://..., a registry name; None: the demo model) on
+    ``device`` in ``precision``; ``subset``: the model must fit it (``eval``); ``presets``: a preset name is a
+    randomly initialised network (the API's, for a training loop of one's own; ``subset`` or s4)."""
     if name is None:
         info(DEMO_NOTE)
         source, label = str(DEMO_MODEL_DIR), "demo"
@@ -100,7 +101,7 @@ def load_predictor(name: str | None, device: str | torch.device = "auto", half: 
             raise UsageError(f"the bundled demo model is missing ({DEMO_MODEL_DIR}); pass --model")
     else:
         source, label = name, name
-    model, cfg, doc = resolve_model(source, subset=subset)
+    model, cfg, doc = resolve_model(source, subset=subset, presets=presets)
     predictor = make_predictor(model, cfg, doc.get("classes") or [], label, device, half, doc.get("trained_on"),
                                precision)
     predictor.weights_sha256 = doc.get("weights_sha256")

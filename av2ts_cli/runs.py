@@ -25,7 +25,11 @@ MASKS_DIR = "masks"
 DEFAULT_OVERLAY = "overlay.mp4"
 FAILURES_FILE = "failures.json"  # in the run folder: the inputs of a batch that failed
 MASKIGES_RECORD = "maskiges.json"  # beside a video's maskiges: what made them, for which video and times
-FORMATS = ("png", "json", "rle")  # predict --format: masks/*.png, frames.jsonl, masks.coco.json
+PREVIEW_FILE = "preview.jpg"  # a contact sheet of up to 16 sampled frames with their masks (plots.PreviewSheet)
+FORMATS = ("png", "json", "rle", "preview")  # predict --format: masks/*.png, frames.jsonl, masks.coco.json, preview
+LOG_FILE = "log.csv"  # a training run's log (training.log); its curves: RESULTS_FILE (plots.write_results)
+RESULTS_FILE = "results.png"
+METRICS_PICTURE = "metrics.png"  # beside an evaluation's metrics.json (plots.draw_metrics)
 
 
 def numbered_run_folder(base: str | os.PathLike, name: str = "exp") -> Path:

@@ -2,7 +2,8 @@
 
 - ``options.py``: ``PredictOptions``, parsed and checked once before any model loads;
 - ``runner.py``: ``run``, a batch of videos (run folder, one lock per video, torchrun's shards, the report);
-- ``video.py``: ``predict_video``, one video (bounds, audio, maskiges, the stream into the writers, the summary);
+- ``video.py``: ``predict_video``, one video (bounds, audio, maskiges, the stream into the writers, the summary),
+  and ``VideoStream``, its inputs and masks as a stream (also the Python API's ``Model.predict``);
 - ``stream.py``: the network's side, ``Predictor`` and ``stream_masks`` (the (frame, mask) stream);
 - ``outputs.py``: the stream's consumers (PNG, JSONL, COCO RLE) and "is this video done";
 - ``maskiges.py``: the maskiges of a Siam model's video (``--maskiges auto`` or a folder);

@@ -24,6 +24,7 @@ from av2ts_cli import media
 from av2ts_cli.data.images import read_rgb
 from av2ts_cli.data.transforms import resize_images
 from av2ts_cli.errors import DataError
+from av2ts_cli.model.ops import kernel_setup_seconds
 from av2ts_cli.predict.masks import FrameMask, frame_mask
 from av2ts_cli.predictor import Predictor
 from av2ts_cli.sampling import SampledFrame, Schedule, Window
@@ -51,13 +52,15 @@ class WindowFeeder:
     """A background thread that decodes frames group by group and yields the ``WindowInputs`` of every window of
     ``schedule`` in its processing order, through a queue of ``depth`` windows (so decoding runs a bounded
     distance ahead of the model). ``wave``: the 16 kHz mono audio [S]; ``maskige_for``: a sampled frame's maskige
-    (Siam models) or None; ``info``: the video's probe, handed to the decoder (``media.decoding_probe``)."""
+    (Siam models) or None; ``info``: the video's probe, handed to the decoder (``media.decoding_probe``);
+    ``on_frame(index, frame)``: called in this thread with every decoded frame, uint8 [S, S, 3] (the preview keeps
+    small copies: no second decode of the video)."""
 
     def __init__(self, video: Path, schedule: Schedule, size: int, wave: np.ndarray, timer: Timer,
                  maskige_for: Callable[[SampledFrame], np.ndarray] | None = None, depth: int = 2,
-                 info: media.Probe | None = None):
+                 info: media.Probe | None = None, on_frame: Callable[[int, np.ndarray], None] | None = None):
         self.video, self.schedule, self.size, self.wave, self.timer = video, schedule, size, wave, timer
-        self.maskige_for, self.info = maskige_for, info
+        self.maskige_for, self.info, self.on_frame = maskige_for, info, on_frame
         self.queue: queue.Queue = queue.Queue(maxsize=max(2, depth))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="av2ts-feeder", daemon=True)
@@ -81,6 +84,9 @@ class WindowFeeder:
                 start = time.perf_counter()
                 members = schedule.group_frames(group)
                 decoded = {frame.index: next(frames)[1] for frame in members}
+                if self.on_frame is not None:  # before the window is queued: a frame comes before its mask
+                    for index, picture in decoded.items():
+                        self.on_frame(index, picture)
                 maskiges = None if self.maskige_for is None else {f.index: self.maskige_for(f) for f in members}
                 start = self.timer.add("decode", start)
                 for window in schedule.group_windows(group):
@@ -125,9 +131,15 @@ def _segmented_batches(feeder: WindowFeeder, predictor: Predictor, batch: int,
         if pending and (len(pending) == batch or item is None):
             start = time.perf_counter()
             maskiges = None if pending[0][3] is None else np.stack([p[3] for p in pending])
+            setup = kernel_setup_seconds()
             scores = predictor.segment_pictures(np.stack([p[1] for p in pending]),
                                                 torch.stack([p[2] for p in pending]), maskiges)
-            timer.add("model", start)
+            # the first forward pass may build the deformable-attention kernel (10-60 s, once per machine: it
+            # says so itself); that is its own stage, and "model" (ms/window) is the network's time alone
+            setup = kernel_setup_seconds() - setup
+            if setup > 0:
+                timer.seconds["kernel_setup"] = timer.seconds.get("kernel_setup", 0.0) + setup
+            timer.add("model", start + setup)
             yield [p[0] for p in pending], scores
             pending = []
         if item is None:
@@ -137,7 +149,8 @@ def _segmented_batches(feeder: WindowFeeder, predictor: Predictor, batch: int,
 def stream_masks(video: Path, schedule: Schedule, predictor: Predictor, wave: np.ndarray,
                  display: tuple[int, int], *, threshold: float = 0.5, batch: int = 1,
                  maskige_for: Callable[[SampledFrame], np.ndarray] | None = None, timer: Timer | None = None,
-                 on_batch: Callable[[int], None] | None = None, info: media.Probe | None = None
+                 on_batch: Callable[[int], None] | None = None, info: media.Probe | None = None,
+                 on_frame: Callable[[int, np.ndarray], None] | None = None
                  ) -> Iterator[tuple[SampledFrame, FrameMask]]:
     """(sampled frame, its mask at ``display`` size (W, H)) for every frame of ``schedule``, in index (= time)
     order, each as soon as every pass of its window group has been through the network.
@@ -145,10 +158,11 @@ def stream_masks(video: Path, schedule: Schedule, predictor: Predictor, wave: np
     ``wave``: the video's 16 kHz mono audio [S] (silence where it is shorter); ``threshold``: of binary models
     (``masks.frame_mask``); ``batch``: windows per forward pass; ``maskige_for``: a frame's maskige uint8 [S, S, 3]
     for Siam models; ``on_batch(windows)`` is called after each forward pass (progress, memory samples);
-    ``info``: the video's probe (``media.probe(video, ffprobe=False)``), so decoding does not inspect it again."""
+    ``info``: the video's probe (``media.probe(video, ffprobe=False)``), so decoding does not inspect it again;
+    ``on_frame(index, frame uint8 [S, S, 3])``: every decoded frame, from the decoding thread (``WindowFeeder``)."""
     timer = timer if timer is not None else Timer()
     feeder = WindowFeeder(video, schedule, predictor.cfg.input_size, wave, timer, maskige_for, depth=2 * batch,
-                          info=info)
+                          info=info, on_frame=on_frame)
     scores: dict[int, torch.Tensor] = {}  # frame index -> semantic map [K, S, S] until its group is complete
     try:
         for windows, batch_scores in _segmented_batches(feeder, predictor, batch, timer):

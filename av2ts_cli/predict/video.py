@@ -11,8 +11,9 @@ held whole (64 kB/s). The video is probed once, here, and the probe is passed on
 
 Per video, in ``OUT/<video name>/``: ``masks/NNNNNN.png`` (grey 0/255 for binary models, indexed AVSS palette for
 semantic ones), ``frames.jsonl`` (one line per mask: time, sounding area, classes with area and box),
-``masks.coco.json`` (COCO RLE), ``summary.json`` (written last, atomically: its presence marks the video done, and
-a re-run skips it unless ``--force`` or the settings changed) and the overlay if asked. Siam models also get
+``masks.coco.json`` (COCO RLE), ``preview.jpg`` (up to 16 of the frames with their masks), ``summary.json``
+(written last, atomically: its presence marks the video done, and a re-run skips it unless ``--force`` or the
+settings changed) and the overlay if asked. Siam models also get
 ``maskiges/fps<F>/NNNNNN.png``, their maskiges, made once and reused (``maskiges.py``; ``--maskiges DIR``
 reads them from a folder instead).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +36,14 @@ from av2ts_cli.files import write_json
 from av2ts_cli.maskiges.render import geometry_for
 from av2ts_cli.memory import PeakWatch, available_mib
 from av2ts_cli.predict.maskiges import LazyGenerator, folder_of, geometry_warning, make_auto, maskige_warning
+from av2ts_cli.predict.masks import FrameMask
 from av2ts_cli.predict.options import PredictOptions
 from av2ts_cli.predict.outputs import MaskOutputs, clear_outputs, output_names
 from av2ts_cli.predict.stream import Timer, maskige_reader, stream_masks
 from av2ts_cli.predictor import Predictor
 from av2ts_cli.render import render_overlay
 from av2ts_cli.runs import MASKS_DIR, SUMMARY_FILE, input_identity, record_owned
-from av2ts_cli.sampling import sampled_seconds, video_duration, video_schedule
+from av2ts_cli.sampling import SampledFrame, sampled_seconds, video_duration, video_schedule
 
 
 # ----------------------------------------------------------------------------------------------- per video
@@ -126,6 +129,70 @@ def _read_audio(video: Path, info: media.Probe, duration: float, require_audio: 
     return wave, []
 
 
+class VideoStream:
+    """One video as the network takes it, and its masks as a stream: the one path of ``predict_video`` (which
+    writes them) and of ``api.Model.predict`` (which yields them).
+
+    Construction probes the video once (the probe, ``info``, is passed on, never re-probed), checks ``options``
+    against it (``check_bounds``), samples it (``schedule``) and reads its 16 kHz mono audio (``wave`` [S], with
+    the ``warnings`` it gives); ``use_maskiges`` gives a Siam model its maskiges; ``masks`` is the stream."""
+
+    def __init__(self, video: Path, predictor: Predictor, options: PredictOptions, timer: Timer | None = None):
+        self.video, self.predictor, self.options = video, predictor, options
+        self.timer = timer if timer is not None else Timer()
+        # ffmpeg's start time: the decoders take this probe (media.decoding_probe)
+        self.info = info = media.probe(video, ffprobe=False)
+        if info.frame_count == 0:  # before the audio: its decoder would blame the file as a whole
+            raise MediaError(video, f"no decodable video frames (a {info.video_codec} stream without frames)")
+        check_bounds(video, info, options, predictor)
+        self.schedule = video_schedule(info, options.fps, options.window or predictor.cfg.num_frames)
+        start = time.perf_counter()
+        self.wave, warnings = _read_audio(video, info, self.schedule.duration, options.require_audio)
+        self.warnings = [w for w in [still_image_warning(info)] if w] + warnings
+        self.timer.add("audio", start)
+        self.maskige_for: Callable[[SampledFrame], np.ndarray] | None = None
+
+    @property
+    def display(self) -> tuple[int, int]:
+        """The masks' size (W, H): the video's display size, rotation applied."""
+        return self.info.width, self.info.height
+
+    def use_maskiges(self, folder: Path, generator: LazyGenerator | None, progress=None, task=None) -> dict | None:
+        """A Siam model's maskiges, the summary's record of them (None for a model without the Siam encoder):
+        ``--maskiges auto`` makes them with ``generator`` into ``folder/maskiges/fps<F>/`` (reused when there),
+        ``--maskiges DIR`` reads ``DIR/<folder's name>/`` or ``DIR``. Adds the warnings when they may not be the
+        kind the model trained on."""
+        cfg, options = self.predictor.cfg, self.options
+        if not cfg.siam:
+            return None
+        start = time.perf_counter()
+        geometry = geometry_for(cfg.family, cfg.subset).name  # the maskiges the model trained on
+        if options.makes_maskiges:
+            if generator is None:
+                raise UsageError("a Siam model with --maskiges auto needs the run's maskige generator")
+            maskige_folder, maskiges = make_auto(self.video, folder, generator, options.fps, progress, task,
+                                                 self.info, geometry)
+        else:
+            maskige_folder, maskiges = folder_of(options.maskige_source, folder.name, self.video,
+                                                 [frame.time for frame in self.schedule.frames])
+        self.maskige_for = maskige_reader(maskige_folder, cfg.input_size)
+        self.warnings += [w for w in [maskige_warning(self.predictor.trained_on, maskiges, cfg.family),
+                                      geometry_warning(maskiges, geometry)] if w]
+        self.timer.add("maskiges", start)
+        return maskiges
+
+    def masks(self, on_batch: Callable[[int], None] | None = None,
+              on_frame: Callable[[int, np.ndarray], None] | None = None) -> Iterator[tuple[SampledFrame, FrameMask]]:
+        """(sampled frame, its mask at ``display`` size) in time order (``stream.stream_masks``); a Siam model
+        needs ``use_maskiges`` first. ``on_frame(index, frame uint8 [S, S, 3])``: each decoded frame (the
+        preview's)."""
+        if self.predictor.cfg.siam and self.maskige_for is None:
+            raise UsageError("a Siam model needs its maskiges (VideoStream.use_maskiges) before its masks")
+        return stream_masks(self.video, self.schedule, self.predictor, self.wave, self.display,
+                            threshold=self.options.threshold, batch=self.options.batch, maskige_for=self.maskige_for,
+                            timer=self.timer, on_batch=on_batch, info=self.info, on_frame=on_frame)
+
+
 def predict_video(video: Path, folder: Path, predictor: Predictor, options: PredictOptions, settings: dict,
                   overlay: Path | None = None, progress=None, task=None,
                   generator: LazyGenerator | None = None) -> VideoResult:
@@ -133,40 +200,17 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
     ``settings``: ``settings_of`` the run for this video (recorded in the summary); ``generator``: the run's one
     maskige generator (a Siam model with ``--maskiges auto``)."""
     started = time.perf_counter()
-    timer = Timer()
-    info = media.probe(video, ffprobe=False)  # ffmpeg's start time: the decoders take this probe (media.decoding_probe)
-    cfg = predictor.cfg
-    if info.frame_count == 0:  # before the audio: its decoder would blame the file as a whole
-        raise MediaError(video, f"no decodable video frames (a {info.video_codec} stream without frames)")
-    check_bounds(video, info, options, predictor)
-    schedule = video_schedule(info, options.fps, options.window or cfg.num_frames)
+    stream = VideoStream(video, predictor, options)
+    info, schedule, timer = stream.info, stream.schedule, stream.timer
     duration = schedule.duration
-
-    start = time.perf_counter()
-    wave, warnings = _read_audio(video, info, duration, options.require_audio)
-    warnings = [w for w in [still_image_warning(info)] if w] + warnings
-    timer.add("audio", start)
     clear_outputs(folder)  # what an earlier run wrote here, by its record; nothing else
     record_owned(folder, output_names(schedule, options.formats, overlay, folder))  # before writing any of it
-    maskige_for, maskiges = None, None
-    if cfg.siam:
-        start = time.perf_counter()
-        geometry = geometry_for(cfg.family, cfg.subset).name  # the maskiges the model trained on
-        if options.makes_maskiges:
-            if generator is None:
-                raise UsageError("a Siam model with --maskiges auto needs the run's maskige generator")
-            maskige_folder, maskiges = make_auto(video, folder, generator, options.fps, progress, task, info, geometry)
-        else:
-            maskige_folder, maskiges = folder_of(options.maskige_source, folder.name, video,
-                                                 [frame.time for frame in schedule.frames])
-        maskige_for = maskige_reader(maskige_folder, cfg.input_size)
-        warnings += [w for w in [maskige_warning(predictor.trained_on, maskiges, predictor.cfg.family),
-                                 geometry_warning(maskiges, geometry)] if w]
-        timer.add("maskiges", start)
+    maskiges = stream.use_maskiges(folder, generator, progress, task)
+    warnings = stream.warnings
     if progress is not None:
         progress.update(task, total=len(schedule.windows), completed=0,
                         description=f"windows · {escape(video.name)}")  # a description is markup
-    display = (info.width, info.height)
+    display = stream.display
     with PeakWatch(predictor.device) as memory, MaskOutputs(folder, schedule, predictor.class_names,
                                                              predictor.binary, display, options.formats) as outputs:
         def after_batch(windows: int) -> None:
@@ -174,9 +218,7 @@ def predict_video(video: Path, folder: Path, predictor: Predictor, options: Pred
             if progress is not None:
                 progress.advance(task, windows)
 
-        for frame, mask in stream_masks(video, schedule, predictor, wave, display, threshold=options.threshold,
-                                        batch=options.batch, maskige_for=maskige_for, timer=timer,
-                                        on_batch=after_batch, info=info):
+        for frame, mask in stream.masks(on_batch=after_batch, on_frame=outputs.keep_frame):
             start = time.perf_counter()
             outputs.add(frame, mask)
             timer.add("writing", start)

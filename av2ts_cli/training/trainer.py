@@ -9,6 +9,7 @@ A run lives in ``runs/train/NAME/`` (``exp``, ``exp2``, ... unless ``--out`` nam
     last/   model.safetensors + config.json (an av2ts checkpoint) + trainer.pt (everything else to continue)
     best/   the checkpoint with the best mIoU on the evaluation split (default val)
     log.csv iteration, losses, lr, seconds, val metrics
+    results.png   log.csv's curves, redrawn at every evaluation and at the end (``plots.write_results``)
 
 (``checkpoint`` and ``log``). Bit-for-bit resume rests on three rules: (1) the data order and every augmentation
 are functions of (seed, global clip position), not of any RNG state (``data_order``); (2) nothing but the training
@@ -48,12 +49,14 @@ from torch.utils.data import DataLoader
 from av2ts_cli import locks
 from av2ts_cli.console import console, make_progress, warn
 from av2ts_cli.data import build_dataset
-from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError
+from av2ts_cli.data.layout import form_for
+from av2ts_cli.errors import Av2tsError, CheckpointError, UsageError, describe
 from av2ts_cli.evaluate import evaluate_model
 from av2ts_cli.interrupts import Interrupted, StopSignals
+from av2ts_cli.plots import write_results
 from av2ts_cli.predictor import Predictor
 from av2ts_cli.processes import Processes
-from av2ts_cli.runs import claim_folder, numbered_run_folder, record_owned, remove_owned
+from av2ts_cli.runs import LOG_FILE, RESULTS_FILE, claim_folder, numbered_run_folder, record_owned, remove_owned
 from av2ts_cli.training.checkpoint import (
     BEST,
     LAST,
@@ -66,7 +69,7 @@ from av2ts_cli.training.checkpoint import (
 )
 from av2ts_cli.training.criterion import build_criterion
 from av2ts_cli.training.data_order import ClipOrder, training_loader
-from av2ts_cli.training.log import LOG_FILE, TrainLog
+from av2ts_cli.training.log import TrainLog
 from av2ts_cli.training.optim import LOSS_GROUPS, PolySchedule, build_optimizer, optimisation_step, set_poly_horizon
 from av2ts_cli.training.options import TrainOptions, merge_resume_options, new_options
 from av2ts_cli.training.rng import preserved_rng, rng_state, seed_everything, set_rng_state
@@ -130,7 +133,7 @@ class Trainer:
         self.cfg = cfg
         # recorded in config.json: predict compares the maskiges it is given with these (a Siam model sees
         # different masks when another generator or other settings made them)
-        self.maskiges = maskige_provenance(options.subset, options.data) if cfg.siam else None
+        self.maskiges = maskige_provenance(options.subset, options.data, form_for(cfg.family)) if cfg.siam else None
         return state, model
 
     def _setup_data(self) -> None:
@@ -195,6 +198,7 @@ class Trainer:
         self.log = TrainLog(self.run / LOG_FILE, resume_at=self.start if state is not None else None) \
             if self.processes.main else None
         self._rng_to_restore = state["rng"] if state is not None else None
+        self._curves_warned = False  # results.png: one warning per run when it cannot be drawn
 
     def _dataset(self, split: str, train: bool):
         return build_dataset(self.options.subset, self.options.data, split, cfg=self.cfg, train=train,
@@ -226,7 +230,8 @@ class Trainer:
         its lock is released) does not look like a run, and the same command starts again in it."""
         run = getattr(self, "run", None)
         if self.processes.main and run is not None and self.start == 0 and not has_checkpoint(run):
-            remove_owned(run, [LOG_FILE])  # with its record when nothing else is av2ts's: the empty folder can go
+            # with its record when nothing else is av2ts's: the empty folder can go
+            remove_owned(run, [LOG_FILE, RESULTS_FILE])
 
     def _restore(self, state: dict) -> None:
         try:
@@ -303,6 +308,7 @@ class Trainer:
                 if checkpoint:
                     self.elapsed = time.perf_counter() - started
                     self._save(iteration, row)
+                    self._draw_curves()
                 if bar is not None:
                     loss_text = f" loss {row['loss']:.3f}" if row and row.get("loss") is not None else ""
                     bar.update(task, completed=iteration,
@@ -357,6 +363,18 @@ class Trainer:
                 bar.remove_task(task)
             row["val_miou"], row["val_fscore"] = float(metrics["miou"]), float(metrics["fscore"])
         self.processes.barrier()
+
+    def _draw_curves(self) -> None:
+        """Rank 0 redraws ``results.png`` from ``log.csv``. A picture that cannot be drawn (a file of the user's in
+        its place, a full disk) is one warning per run, and the training goes on."""
+        if not self.processes.main:
+            return
+        try:
+            write_results(self.run)
+        except Exception as err:  # the picture is a view of log.csv: nothing about it may stop the training
+            if not self._curves_warned:
+                warn(f"{RESULTS_FILE} not drawn: {describe(err) or f'{type(err).__name__}: {err}'}")
+                self._curves_warned = True
 
     def _save(self, iteration: int, row: dict | None) -> None:
         """``last`` (+ trainer.pt) and, when the evaluation improved, ``best``. All processes take part (RNG

@@ -10,6 +10,7 @@ from av2ts_cli.model.ops.build import (
     active_backend,
     build_root,
     find_cuda_home,
+    kernel_setup_seconds,
     kernel_source_dir,
     load_kernel,
     requested_backend,
@@ -17,4 +18,5 @@ from av2ts_cli.model.ops.build import (
 from av2ts_cli.model.ops.deform_attn import ms_deform_attn, ms_deform_attn_torch
 
 __all__ = ["ENV_VAR", "KernelError", "KernelUnavailable", "active_backend", "build_root", "find_cuda_home",
-           "kernel_source_dir", "load_kernel", "ms_deform_attn", "ms_deform_attn_torch", "requested_backend"]
+           "kernel_setup_seconds", "kernel_source_dir", "load_kernel", "ms_deform_attn", "ms_deform_attn_torch",
+           "requested_backend"]

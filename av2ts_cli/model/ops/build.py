@@ -58,6 +58,7 @@ class KernelError(RuntimeError):
 _lock = threading.RLock()
 _loaded: dict[str, object] = {}  # "cpp" / "cuda" -> the torch.ops namespace of the loaded build
 _failed: dict[str, str] = {}  # "cpp" / "cuda" -> why it cannot be built (already warned about)
+_setup_seconds: dict[str, float] = {}  # "cpp" / "cuda" -> seconds its first load took here (a build, a lock wait)
 
 
 class KernelUnavailable(Exception):
@@ -133,6 +134,7 @@ def load_kernel(backend: str):
             return _loaded[backend]
         if backend in _failed:
             raise KernelUnavailable(_failed[backend])
+        started = time.perf_counter()
         try:
             ops = _load_or_build(backend)
         except KernelUnavailable as err:
@@ -143,8 +145,18 @@ def load_kernel(backend: str):
                               f"cannot be built ({err}). Install a C++ compiler{toolkit} or set {ENV_VAR}=torch to "
                               "silence this warning.", stacklevel=2)
             raise
+        finally:
+            _setup_seconds[backend] = time.perf_counter() - started
         _loaded[backend] = ops
         return ops
+
+
+def kernel_setup_seconds() -> float:
+    """Seconds this process spent getting its kernels ready (building one on first use, waiting for another
+    process's build, loading a finished one): a one-off that a timing of the network leaves out (``predict``'s
+    ms/window takes the difference across a forward pass)."""
+    with _lock:
+        return sum(_setup_seconds.values())
 
 
 # ------------------------------------------------------------------------------------------------------- build
@@ -291,7 +303,10 @@ def _load_or_build(backend: str):
             build_dir.mkdir(parents=True, exist_ok=True)
             with _exclusive_lock(lock, timeout=900):
                 if not marker.is_file():  # another process may have built it while we waited
+                    started = time.perf_counter()
                     _build(backend, name, build_dir)
+                    logger.info(f"compiled the {backend} deformable-attention kernel once: "
+                                f"{time.perf_counter() - started:.0f} s (later runs reuse it)")
         except TimeoutError:
             raise KernelUnavailable(f"another process holds {lock} for 15 minutes") from None
         except OSError as err:  # a read-only cache, or no folder there: the fallback serves, load_kernel warns
