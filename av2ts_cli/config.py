@@ -40,6 +40,7 @@ class LossConfig:
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     cosine_weight: float = 10.0  # inter-frame consistency loss on the middle masks
+    prototype_weight: float = 1.0  # VCT's PAC term (networks with prototypes only: training/criterion_vct.py)
     no_object_weight: float = 0.1
     num_points: int = 12544  # points sampled per mask for the matcher and the mask losses
     oversample_ratio: float = 3.0

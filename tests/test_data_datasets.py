@@ -130,3 +130,34 @@ def test_missing_frame_and_corrupt_mask_name_the_file(synth_data, tmp_path):
     video.masks[1].write_bytes(video.masks[1].read_bytes()[:40])
     with pytest.raises(DataError, match=f"{video.masks[1].name}: unreadable mask"):
         dataset.eval_labels(video)
+
+
+def test_a_vct_dataset_reads_the_384_layout_with_224_labels_and_each_clips_category(synth_data, tmp_path):
+    """VCT's S4 evaluation (spec vct.md sections 1 and 11): the 384 px frames of s4_data_384 go in as they are and
+    the 224 px labels are scored at their own size; every S4 item carries its clip's category (VCT's PAC term)."""
+    import shutil
+
+    from PIL import Image
+
+    from av2ts_cli.config import get_preset
+    from av2ts_cli.data.layout import list_videos
+
+    root = shutil.copytree(synth_data / "AVSBench_object" / "Single-source", tmp_path / "s4")
+    videos = list_videos(root, "s4", "val")
+    for video in videos:  # VCT's generate_data_384 output for val, made from the standard files
+        for k, (frame, mask) in enumerate(zip(video.frames, video.masks, strict=True), start=1):
+            for source, folder, side, rule in ((frame, "visual_frames_384", 384, Image.BILINEAR),
+                                               (mask, "gt_masks_224", 224, Image.NEAREST)):
+                target = root / "s4_data_384" / folder / "val" / video.group / video.name / f"{video.name}_{k}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.open(source).resize((side, side), rule).save(target)
+    cfg = get_preset("vct-tiny", "s4")
+    dataset = build_dataset("s4", root, "val", cfg=cfg, input_size=384)
+    item = dataset[0]
+    assert item["frames"].shape == (5, 3, 384, 384) and item["masks"].shape == (5, 224, 224)
+    stored = np.asarray(Image.open(dataset.videos[0].frames[2]).convert("RGB"))
+    assert (item["frames"][2].permute(1, 2, 0).numpy() == stored).all()
+    assert item["category"] == videos[0].group and item["supervised"].all()
+    standard = build_dataset("s4", root, "val", cfg=get_preset("combo-tiny", "s4"))
+    assert standard.videos == videos and standard[0]["category"] == videos[0].group
+    assert build_dataset("avss", synth_data, "val", input_size=32)[0]["category"] == ""  # S4 only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,62 @@ def test_avss_metadata_by_name_or_by_position(synth_data, tmp_path):
     csv.write_text("\n".join(["a,b,c,d,e,f,g", *lines[1:]]) + "\n")  # no names: COMBO's positions 1, 5, 6
     assert list_videos(root, "avss", "test") == before
     assert [v.group for v in before] == ["v1s", "v1m", "v2"] and [v.num_frames for v in before] == [5, 5, 10]
+
+
+def _write_384_layout(root, subset: str) -> None:
+    """What VCT's generate_data_384 tools write beside the official files (spec vct.md sections 1 and 11), made
+    from the standard ones here: 384 px frames (bilinear), 384 px training labels, 224 px evaluation labels
+    (nearest) and 384 px maskiges (nearest)."""
+    from PIL import Image
+
+    for split in ("train", "val", "test"):
+        for video in list_videos(root, subset, split):
+            data = root / f"{subset}_data_384"
+            key = Path(split, video.group, video.name) if subset == "s4" else Path(video.name)
+            label_key = key if subset == "s4" else Path(split, video.name)
+            for k in range(video.num_frames):
+                stem = f"{video.name}_{k + 1}"
+                outputs = [(video.frames[k], data / "visual_frames_384" / key / f"{stem}.png", 384, Image.BILINEAR),
+                           (video.maskiges[k], data / "pre_SAM_mask_384" / key / f"{stem}_mask_color.png", 384,
+                            Image.NEAREST)]
+                if video.masks[k] is not None:
+                    side = 384 if split == "train" else 224
+                    folder = "gt_masks_384" if split == "train" else "gt_masks_224"
+                    outputs.append((video.masks[k], data / folder / label_key / f"{stem}.png", side, Image.NEAREST))
+                for source, target, side, rule in outputs:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    Image.open(source).resize((side, side), rule).save(target)
+
+
+@pytest.mark.parametrize("subset", ["s4", "ms3"])
+def test_vcts_384_layout_is_read_where_it_exists(synth_data, tmp_path, subset):
+    """form "384" (``form_for("vct")``): the standard files while the 384 folders are missing (the dataset derives
+    VCT's inputs from them), VCT's own once they exist: frames and labels from <x>_data_384 (MS3's frames without
+    the ".mp4" infix), 224 px labels for evaluation, maskiges from pre_SAM_mask_384; the audio stays."""
+    from pathlib import Path as P
+
+    from av2ts_cli.data.layout import FORM_384, form_for, maskiges_384
+
+    assert (form_for("vct"), form_for("combo"), form_for("av2ts")) == ("384", "standard", "standard")
+    name = "Single-source" if subset == "s4" else "Multi-sources"
+    root = shutil.copytree(synth_data / "AVSBench_object" / name, tmp_path / subset)
+    standard = {split: list_videos(root, subset, split) for split in ("train", "val")}
+    assert {split: list_videos(root, subset, split, form=FORM_384) for split in standard} == standard
+    with pytest.raises(UsageError, match="unknown dataset layout 'vct'"):
+        list_videos(root, subset, "val", form="vct")
+    _write_384_layout(root, subset)
+    data = root / f"{subset}_data_384"
+    for split, videos in standard.items():
+        for before, video in zip(videos, list_videos(root, subset, split, form=FORM_384), strict=True):
+            key = P(split, video.group, video.name) if subset == "s4" else P(video.name)
+            assert video.frames[0] == data / "visual_frames_384" / key / f"{video.name}_1.png"
+            assert all(frame.is_file() for frame in video.frames)
+            assert video.maskiges == maskiges_384(root, before) and all(m.is_file() for m in video.maskiges)
+            labels = "gt_masks_384" if split == "train" else "gt_masks_224"
+            assert [m is None for m in video.masks] == [m is None for m in before.masks]
+            label_key = key if subset == "s4" else P(split, video.name)
+            assert [m for m in video.masks if m is not None] == [
+                data / labels / label_key / f"{video.name}_{k + 1}.png" for k, m in enumerate(before.masks)
+                if m is not None]
+            assert all(m.is_file() for m in video.masks if m is not None)
+            assert (video.wav, video.log_mel, video.mask_names) == (before.wav, before.log_mel, before.mask_names)

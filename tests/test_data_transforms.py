@@ -15,6 +15,7 @@ from av2ts_cli.data.transforms import (
     jitter_clip,
     resize_images,
     shortest_edge_size,
+    square_short_side,
     train_transform,
     uncrop_centre,
 )
@@ -129,3 +130,16 @@ def test_eval_transform_resizes_frames_only():
     assert eval_transform(clip, 64, (224, 224)).masks.shape == (2, 224, 224)
     labels = np.random.default_rng(0).integers(0, 5, size=(3, 20, 20)).astype(np.uint8)
     assert set(np.unique(resize_images(labels, 37, 37, nearest=True))) <= set(range(5))
+
+
+def test_vcts_avss_training_clip_is_first_squashed_to_its_short_side():
+    """VCT's AVSS mapper: frames bilinear (PIL), labels and maskiges nearest, to the square of the short side."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 30, 50, 3), dtype=np.uint8)
+    masks = rng.integers(0, 3, (2, 30, 50), dtype=np.uint8)
+    square = square_short_side(ClipArrays(frames, masks, frames.copy()))
+    assert square.frames.shape == (2, 30, 30, 3) and square.masks.shape == (2, 30, 30)
+    expected = np.asarray(Image.fromarray(frames[1]).resize((30, 30), Image.BILINEAR))
+    assert (square.frames[1] == expected).all()
+    assert (square.masks[0] == np.asarray(Image.fromarray(masks[0]).resize((30, 30), Image.NEAREST))).all()
+    assert (square.maskiges[0] == np.asarray(Image.fromarray(frames[0]).resize((30, 30), Image.NEAREST))).all()

@@ -154,3 +154,64 @@ def test_two_torchrun_processes_write_every_frame_once(tmp_path):
     assert sorted(r["frames"] for r in reports) == [total // 2, total - total // 2]
     for target, rgb in expected.items():
         assert (np.asarray(Image.open(target).convert("RGB")) == rgb).all()
+
+
+def test_vct_maskiges_of_a_dataset_go_to_its_384_layout_and_a_vct_model_reads_them(tmp_path):
+    """``--geometry source-384`` with the tiny SAM: each frame's masks (the generator sees the frame as stored) as
+    an id map resized to 384 x 384 nearest, at VCT's place (s4_data_384/pre_SAM_mask_384/...), recorded in
+    pre_SAM_mask_384.json; COMBO's pre_SAM_mask/ untouched; a VCT model's dataset reads exactly these pictures,
+    another family's the standard ones."""
+    pytest.importorskip("transformers")
+    from _tiny_sam import save_tiny_sam
+
+    from av2ts_cli.config import get_preset
+    from av2ts_cli.data.datasets import build_dataset
+    from av2ts_cli.data.images import read_rgb
+    from av2ts_cli.data.layout import FORM_384, maskiges_384
+    from av2ts_cli.maskiges.dataset import PROVENANCE_384, pregenerate, provenance_path
+    from av2ts_cli.maskiges.generate import GeneratorSettings, MaskGenerator
+    from av2ts_cli.maskiges.render import id_map
+
+    root = tmp_path / "AVS_dataset"
+    synthesize(root, SynthOptions("s4", counts={"train": 1, "val": 1, "test": 1}, seed=1, size=96, maskiges=False,
+                                  log_mel=False))
+    sam = save_tiny_sam(tmp_path / "tiny-sam")
+    settings = GeneratorSettings(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    report = pregenerate("s4", root, generator=str(sam), settings=settings, device="cpu", geometry="source-384",
+                         progress=False)
+    assert (report["written"], report["failures"], report["geometry"]) == (15, [], "source-384")
+    subset_root = resolve_root(root, "s4")
+    assert report["out"] == str(subset_root / "s4_data_384" / "pre_SAM_mask_384")
+    record = json.loads(provenance_path(subset_root, "s4", FORM_384).read_text())
+    assert provenance_path(subset_root, "s4", FORM_384).name == PROVENANCE_384
+    assert record["geometry"]["name"] == "source-384" and record["settings"]["points_per_side"] == 8
+    assert not maskige_root(subset_root, "s4").exists()  # COMBO's kind: not made
+
+    generator = MaskGenerator(str(sam), settings, "cpu")
+    cfg = get_preset("vct-tiny", "s4", siam=True)
+    for split in SPLITS:
+        video = list_videos(subset_root, "s4", split)[0]
+        targets = maskiges_384(subset_root, video)
+        assert targets[0] == (subset_root / "s4_data_384" / "pre_SAM_mask_384" / split / video.group / video.name
+                              / f"{video.name}_1_mask_color.png")
+        for i in (0, 4):
+            frame = read_rgb(video.frames[i])  # as stored: 96 x 96 here
+            expected = Image.fromarray(id_map(generator.generate(frame))).resize((384, 384), Image.NEAREST)
+            written = Image.open(targets[i])
+            assert written.size == (384, 384) and written.mode == "P"
+            assert (np.asarray(written) == np.asarray(expected)).all(), (split, i)
+        dataset = build_dataset("s4", root, split, cfg=cfg, input_size=384, train=False)
+        assert dataset.form == FORM_384 and dataset.videos[0].maskiges == targets
+        item = dataset[0]  # the pictures go in as they are (384: the input of vct-swinb, made 384 here)
+        assert (item["maskiges"][0].permute(1, 2, 0).numpy() == np.asarray(Image.open(targets[0]).convert("RGB"))
+                ).all()
+    combo = build_dataset("s4", root, "val", cfg=get_preset("combo-tiny", "s4", siam=True), train=False)
+    assert combo.videos[0].maskiges == list_videos(subset_root, "s4", "val")[0].maskiges  # the standard place
+
+    again = pregenerate("s4", root, generator=str(sam), settings=settings, device="cpu", geometry="source-384",
+                        progress=False)
+    assert (again["written"], again["skipped"]) == (0, 15)
+    refused = _cli("--subset", "s4", "--data", str(root), "--geometry", "source-224")
+    assert refused.returncode == 2
+    assert "--geometry source-224: a s4 dataset's maskiges are square-224 (COMBO, AV2TS) or source-384" \
+        in refused.stderr

@@ -135,6 +135,7 @@ def test_the_geometry_option_is_checked_before_any_work(tmp_path, make_clip):
     bad = invoke_cli(["maskiges", str(clip), "--out", str(tmp_path / "out"), "--geometry", "square-999"], expect=2)
     assert "--geometry square-999: not one of square-224, source-224, source-384" in bad.output
     dataset = invoke_cli(["maskiges", "--subset", "s4", "--data", str(tmp_path), "--geometry", "source-224"],
-                         expect=2)
-    assert "--geometry is for videos" in dataset.output
+                         expect=2)  # a dataset's maskiges are its subset's COMBO kind or VCT's (source-384)
+    assert "--geometry source-224: a s4 dataset's maskiges are square-224 (COMBO, AV2TS) or source-384" \
+        in dataset.output
     assert not (tmp_path / "out").exists()

@@ -191,3 +191,54 @@ def test_maskiges_of_another_geometry_are_warned_about():
     assert geometry_warning({"mode": "folder", "generator": None}, "square-224") is None  # unknown: nothing said
     warning = geometry_warning({"geometry": {"name": "source-224"}}, "square-224")
     assert "source-224" in warning and "squashed to 224x224" in warning
+
+
+@pytest.mark.slow
+def test_a_vct_model_gets_vct_maskiges_and_its_frames_at_384(make_clip, tmp_path, offline_hub, monkeypatch):
+    """VCT's kind end to end through predict (spec vct.md section 1) with the tiny SAM as the default generator: a
+    VCT checkpoint (vct-tiny's wiring at vct-swinb's 384 px, the Siam encoder on) gets maskiges made by the
+    generator from the frame at its source size (80 x 48 here), whose id map is resized to 384 x 384 nearest, and
+    the frames squashed to 384 x 384; the summary records the source-384 geometry and warns about none."""
+    import dataclasses
+
+    from PIL import Image
+
+    from av2ts_cli.maskiges.render import id_map
+    from av2ts_cli.predictor import Predictor
+
+    hub_cache_with(save_tiny_sam(tmp_path / "tiny-sam"), offline_hub, DEFAULT_REPO, DEFAULT_REVISION)
+    tiny = get_preset("vct-tiny", "s4", siam=True)
+    cfg = dataclasses.replace(tiny, input_size=384, backbone_kwargs={**tiny.backbone_kwargs, "img_size": 384})
+    torch.manual_seed(0)
+    model = save_checkpoint(build_model(cfg), cfg, tmp_path / "vct")
+    clip = make_clip("vct talk", duration=2.0, size=(80, 48), pattern="testsrc")
+    made, fed = [], []
+    run_generate, run_segment = generate.MaskGenerator.generate, Predictor.segment_pictures
+
+    def recording_generate(self, image):
+        masks = run_generate(self, image)  # the random tiny SAM keeps no mask at the default thresholds: two
+        boxes = np.zeros((2, *image.shape[:2]), bool)  # rectangles make the id map worth comparing
+        boxes[0, 5:30, 10:50], boxes[1, 20:45, 30:75] = True, True
+        masks = np.concatenate([masks.astype(bool), boxes])
+        made.append((image.shape, masks))
+        return masks
+
+    def recording_segment(self, frames, audio, maskiges=None):
+        fed.append((frames.shape, None if maskiges is None else maskiges.shape))
+        return run_segment(self, frames, audio, maskiges)
+
+    monkeypatch.setattr(generate.MaskGenerator, "generate", recording_generate)
+    monkeypatch.setattr(Predictor, "segment_pictures", recording_segment)
+    run = tmp_path / "run"
+    invoke_cli(["predict", str(clip), "--model", str(model), "--out", str(run), "--device", "cpu",
+                "--points-per-side", "8"])
+    summary = _summary(run, "vct talk")
+    assert summary["maskiges"]["geometry"]["name"] == "source-384" and summary["maskiges"]["written"] == 2
+    assert not any("geometry" in w for w in summary["warnings"])
+    assert [shape for shape, _ in made] == [(48, 80, 3)] * 2  # the generator saw the source-size frames
+    cache = run / "vct talk" / "maskiges" / "fps1"
+    for index, (_, masks) in enumerate(made):
+        picture = Image.open(cache / f"{index:06d}.png")
+        expected = Image.fromarray(id_map(masks)).resize((384, 384), Image.NEAREST)
+        assert picture.size == (384, 384) and (np.asarray(picture) == np.asarray(expected)).all(), index
+    assert fed and all(frames[2:] == (384, 384, 3) and maskiges[2:] == (384, 384, 3) for frames, maskiges in fed)

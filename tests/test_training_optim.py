@@ -110,3 +110,68 @@ def test_avsegformer_groups_are_adamw_over_every_trainable_parameter():
 def test_poly_power_0_is_a_constant_lr():
     schedule = PolySchedule(10, 0.0)
     assert [schedule(i) for i in (0, 5, 10, 20)] == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_vct_parameter_groups_are_the_references():
+    """VCT (spec vct.md section 11; Mask2Former's build_optimizer): both Swins (frames and maskiges) at lr x0.1;
+    weight decay 0 on every norm layer, every embedding (queries, levels, prototypes) and Swin's relative-position
+    tables; the PAC term's logit scale trained like any other parameter (lr 1e-4, decay 0.05, as the reference's
+    criterion.logit_scale); the frozen VGGish left out."""
+    model = build_model(get_preset("vct-tiny", "s4", siam=True))
+    groups = parameter_groups(model, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if id(p) not in setting} == {n for n in params
+                                                                     if n.startswith("audio_encoder.")}
+    tables = [n for n in params if n.endswith("relative_position_bias_table")]
+    assert len(tables) == 16  # 8 blocks in each of the two Swins
+    for name in tables:
+        assert setting[id(params[name])] == pytest.approx((1e-5, 0.0)), name
+    for prefix in ("backbone.", "siam_backbone."):
+        assert setting[id(params[prefix + "patch_embed.proj.weight"])] == pytest.approx((1e-5, 0.05))
+        assert setting[id(params[prefix + "patch_embed.norm.weight"])] == pytest.approx((1e-5, 0.0))
+        assert setting[id(params[prefix + "stage_norms.0.weight"])] == pytest.approx((1e-5, 0.0))  # norm0..2
+    for name in ("queries.prototypes.weight", "decoder.query_feat.weight", "decoder.query_embed.weight",
+                 "decoder.level_embed.weight", "queries.prototype_norm.weight"):
+        assert setting[id(params[name])] == pytest.approx((1e-4, 0.0)), name
+    for name in ("alignment.logit_scale", "alignment.audio_proj.weight", "queries.query_mixer.layers.0.weight",
+                 "audio_mlp.layers.0.weight", "siam_gates.gates.0.fc1.weight", "pixel_decoder.level_embed"):
+        assert setting[id(params[name])] == pytest.approx((1e-4, 0.05)), name
+    norms = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))]
+    assert norms and all(setting[id(params[f"{n}.weight"])][1] == 0.0 for n in norms)
+
+
+def test_a_per_frame_network_steps_on_its_supervised_frames_alone():
+    """VCT's frames never meet (``frames_independent``): the step runs only the supervised frames (frame 0 of an S4
+    training clip), with the losses and gradients of the whole batch."""
+    from av2ts_cli.training.criterion import build_criterion
+    from av2ts_cli.training.optim import optimisation_step, supervised_frames
+
+    cfg = get_preset("vct-tiny", "s4")
+    size = cfg.input_size
+    batch = {"frames": torch.randint(0, 256, (2, 3, 3, size, size), dtype=torch.uint8),
+             "audio": torch.randn(2, 3, 96, 64), "masks": torch.zeros(2, 3, size, size, dtype=torch.int64),
+             "supervised": torch.tensor([[True, False, False], [True, False, True]]),
+             "category": ["dog_barking", "helicopter"], "video": ["a", "b"]}
+    batch["masks"][:, :, 20:70, 30:90] = 1
+    cut = supervised_frames(batch)
+    assert cut["frames"].shape == (3, 1, 3, size, size) and cut["supervised"].all()
+    assert cut["category"] == ["dog_barking", "helicopter", "helicopter"] and cut["video"] == ["a", "b", "b"]
+    assert torch.equal(cut["frames"][2, 0], batch["frames"][1, 2])
+
+    def step(frames_independent: bool) -> tuple[torch.Tensor, dict]:
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()  # eval: no Gumbel noise, so both runs draw the same random points
+        model.frames_independent = frames_independent
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        losses = optimisation_step(model, build_criterion(cfg), optimizer, scheduler,
+                                   torch.amp.GradScaler("cpu", enabled=False), batch, torch.device("cpu"), False, 0.0)
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = step(False)
+    alone, alone_grads = step(True)
+    assert torch.allclose(alone, whole, rtol=1e-4, atol=1e-5)
+    assert whole_grads.keys() == alone_grads.keys()
+    for name, grad in whole_grads.items():
+        assert torch.allclose(alone_grads[name], grad, rtol=1e-3, atol=1e-6), name

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 
 from av2ts_cli.config import get_preset
 from av2ts_cli.model import build_model
-from av2ts_cli.runs import record_owned
+from av2ts_cli.runs import LOG_FILE, record_owned
 from av2ts_cli.training.checkpoint import TRAINER_FILE, read_trainer_state
-from av2ts_cli.training.log import LOG_FILE, read_log
+from av2ts_cli.training.log import read_log
+from av2ts_cli.training.recipes import recipe_for
 
 # The CI run: synthetic S4 with two sounding-shape categories at the tiny model's input size (every clip shows both
 # shapes, one of them sounds: looking alone gets half of the clips right), 48 validation videos (a small val set makes
@@ -325,7 +326,8 @@ def test_the_avsegformer_backbone_trains_from_the_iteration_its_frozen_epochs_en
         assert all(p.requires_grad for p in [*model.head.parameters(), *model.audio_proj.parameters()])
         assert not any(p.requires_grad for p in model.audio_encoder.parameters())
         groups = trainer.optimizer.param_groups
-        assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.01)]
+        tiny_lr = recipe_for("avsegformer-tiny", "s4").lr
+        assert [(g["lr"], g["weight_decay"]) for g in groups] == [(tiny_lr, 0.01)]
         held_ids = {id(p) for p in groups[0]["params"]}
         assert {id(p) for p in backbone} <= held_ids
         assert not held_ids & {id(p) for p in model.audio_encoder.parameters()}
@@ -371,4 +373,4 @@ def test_an_avsegformer_run_resumed_across_the_unfreezing_is_bit_for_bit(small_s
     _assert_identical(_weights(straight), _weights(split))
     rows, straight_rows = read_log(split / LOG_FILE), read_log(straight / LOG_FILE)
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
-    assert {r["lr"] for r in rows} == {1e-3}
+    assert {r["lr"] for r in rows} == {recipe_for("avsegformer-tiny", "s4").lr}

@@ -37,16 +37,19 @@ from av2ts_cli.model.ops import active_backend
 from av2ts_cli.processes import cpu_precision
 from av2ts_cli.weights.resolve import resolve_model
 
-# Top-level modules of both families grouped into the parts reported: "audio" is CED (AV2TS) or VGGish (COMBO),
-# "fusion" OSA (AV2TS) or the bilateral fusion + audio MLP (COMBO); COMBO has no DSTA (a part a network lacks is
-# left out of its parts_s).
+# Top-level modules of the families grouped into the parts reported: "audio" is CED (AV2TS) or VGGish (COMBO;
+# VCT's with its per-token audio MLP), "fusion" OSA (AV2TS) or the bilateral fusion + audio MLP (COMBO), "decoder"
+# the masked-attention decoder (VCT's with its query generator), "head" AVSegFormer's whole head (encoder, query
+# generator, decoder, mixer, prediction convs) with its audio projection; COMBO and VCT have no DSTA, VCT no fusion,
+# AVSegFormer only backbone, audio and head (a part a network lacks is left out of its parts_s).
 PARTS = {
     "backbone": ("backbone", "siam_backbone", "siam_gates"),
-    "audio": ("audio_encoder",),
+    "audio": ("audio_encoder", "audio_mlp"),
     "DSTA": ("acoustic_attention", "visual_attention"),
     "pixel decoder": ("pixel_decoder",),
     "fusion": ("fusion",),
-    "decoder": ("decoder",),
+    "decoder": ("queries", "decoder"),
+    "head": ("head", "audio_proj"),
 }
 REFERENCE_CASE = ("av2ts-r50", 224)  # timed beside every --model, so a COMBO figure has AV2TS's in the same run
 

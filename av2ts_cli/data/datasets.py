@@ -10,6 +10,7 @@ An item is one clip (docs/data-and-metrics.md, 'Dataset items')::
     supervised  bool [T]              frames with a label
     maskiges    uint8 [T, 3, S, S]    only with ``maskiges=True`` (models with the Siam encoder)
     video       str                   the video's name (AVSS: uid)
+    category    str                   S4: the clip's category (its metadata's category column); "" otherwise
     mask_paths  list of T str         each frame's label path relative to the split (the predictions' layout)
 
 T is 5 for S4/MS3; for AVSS, evaluation gives all real frames (5 for v1s/v1m, 10 for v2) and training a window of
@@ -33,15 +34,26 @@ from av2ts_cli.classes import AVSS_NUM_CLASSES, BINARY_CLASSES, avss_palette
 from av2ts_cli.data.audio import LogMelCache, fit_examples, read_log_mel_pickle
 from av2ts_cli.data.images import read_mask, read_rgb
 from av2ts_cli.data.layout import (
+    AVSS_COMBO_MASKIGES,
+    FORM_384,
+    FORM_STANDARD,
     MASK_RGB,
     Video,
     check_split,
     check_subset,
+    form_for,
     list_videos,
     read_class_names,
     resolve_root,
 )
-from av2ts_cli.data.transforms import ClipArrays, eval_transform, resize_images, train_transform, uncrop_centre
+from av2ts_cli.data.transforms import (
+    ClipArrays,
+    eval_transform,
+    resize_images,
+    square_short_side,
+    train_transform,
+    uncrop_centre,
+)
 from av2ts_cli.errors import DataError, UsageError
 
 AVSS_EVAL_SIZE = (224, 224)  # AVSBench, AVSegFormer and COMBO score AVSS at 224 x 224 (nearest-resized labels)
@@ -62,13 +74,16 @@ class AVSDataset(Dataset):
     - audio_from: per item, the index of the video whose audio to use (``--shuffle-audio``).
     - seed: None draws the augmentation from torch's RNG (seeded per DataLoader worker); an int makes it a function
       of (seed, epoch, index) (``set_epoch``).
+    - form: the layout read (``layout.FORMS``): "standard", or "384", VCT's (its files where they exist). VCT's
+      AVSS training clips are squashed to the square of their short side, then augmented as S4/MS3's (random
+      resize and crop), as its mapper does; COMBO's take the short side and the centre crop.
     """
 
     def __init__(self, data: str | os.PathLike, subset: str, split: str, input_size: int = 224, *,
                  train: bool | None = None, augment: bool = True, maskiges: bool = False, audio: str = "auto",
                  clip_frames: int = 5,
                  labels: str = "auto", cache: LogMelCache | str | None = "default",
-                 audio_from: Sequence[int] | None = None, seed: int | None = None):
+                 audio_from: Sequence[int] | None = None, seed: int | None = None, form: str = FORM_STANDARD):
         self.subset = check_subset(subset)
         self.split = check_split(split)
         if audio not in AUDIO_SOURCES:
@@ -76,7 +91,8 @@ class AVSDataset(Dataset):
         if input_size < 32 or input_size % 32:
             raise UsageError(f"input size must be a positive multiple of 32, got {input_size}")
         self.root = resolve_root(data, subset)
-        self.videos: list[Video] = list_videos(self.root, subset, split, labels)
+        self.form = form
+        self.videos: list[Video] = list_videos(self.root, subset, split, labels, form)
         self.input_size = int(input_size)
         self.train = split == "train" if train is None else bool(train)
         self.augment = bool(augment)
@@ -109,8 +125,11 @@ class AVSDataset(Dataset):
             frames = range(start, start + self.clip_frames)
         clip = self.read_clip(video, frames)
         if self.train:
+            square = self.subset == "avss" and self.form == FORM_384  # VCT's AVSS mapper
+            if square:
+                clip = square_short_side(clip)
             clip = train_transform(clip, self.input_size, rng if self.augment else None,
-                                   random_resize=self.subset != "avss")
+                                   random_resize=self.subset != "avss" or square)
         else:
             clip = eval_transform(clip, self.input_size, AVSS_EVAL_SIZE if self.subset == "avss" else None)
         audio_video = video if self.audio_from is None else self.videos[self.audio_from[index]]
@@ -121,6 +140,7 @@ class AVSDataset(Dataset):
             "masks": torch.from_numpy(clip.masks.astype(np.int64)),
             "supervised": torch.tensor([video.masks[i] is not None for i in frames]),
             "video": video.name,
+            "category": video.group if self.subset == "s4" else "",  # S4: the metadata's category (VCT's PAC term)
             "mask_paths": [video.mask_names[i] for i in frames],
         }
         if self.maskiges:
@@ -142,7 +162,9 @@ class AVSDataset(Dataset):
         labels = {i: read_mask(video.masks[i], video.mask_format, palette) for i in frames
                   if video.masks[i] is not None}
         label_shape = next(iter(labels.values())).shape if labels else images.shape[1:3]
-        if label_shape != images.shape[1:3]:  # transforms move frames and labels together: their sizes must agree
+        # training transforms move frames and labels together: their sizes must agree (evaluation scores the labels
+        # at their own size: VCT's 384 layout has 384 px frames and 224 px evaluation labels)
+        if label_shape != images.shape[1:3] and self.train:
             first = next(iter(labels))
             raise DataError(video.masks[first], f"mask is {label_shape[1]}x{label_shape[0]}, its frames are "
                                                 f"{images.shape[2]}x{images.shape[1]}")
@@ -155,10 +177,13 @@ class AVSDataset(Dataset):
         maskiges = None
         if self.maskiges:
             maskiges = np.stack([read_rgb(video.maskiges[i], "maskige") for i in frames])
-            if maskiges.shape[1:3] != images.shape[1:3]:
+            # fitted to the frames for the transforms; VCT's evaluation resizes its maskiges to the input once
+            # (its 384 ones then go in as they are, as in the reference), not through the frames' size
+            if maskiges.shape[1:3] != images.shape[1:3] and (self.train or self.form != FORM_384):
                 # COMBO's AVSS maskiges are made on the preprocessed 224 x 224 frames: the centre crop for
-                # training, the whole (squashed) frame for evaluation; nearest neighbour, as the preprocessing
-                if self.subset == "avss" and self.train:
+                # training, the whole (squashed) frame for evaluation; nearest neighbour, as the preprocessing.
+                # Every other maskige shows the whole frame (VCT's 384 ones too)
+                if self.subset == "avss" and self.train and video.maskiges[0].parent.name == AVSS_COMBO_MASKIGES:
                     maskiges = uncrop_centre(maskiges, *images.shape[1:3])
                 else:
                     maskiges = resize_images(maskiges, *images.shape[1:3], nearest=True)
@@ -192,12 +217,14 @@ def _channels_first(images: np.ndarray) -> torch.Tensor:
 
 
 def build_dataset(subset: str, data: str | os.PathLike, split: str, cfg=None, **options) -> AVSDataset:
-    """The dataset of ``split`` shaped for a model config (input size, maskiges iff the Siam encoder)."""
+    """The dataset of ``split`` shaped for a model config (input size, maskiges iff the Siam encoder, the layout of
+    its family: ``layout.form_for``)."""
     if cfg is not None:
         if not subsets_compatible(cfg.subset, subset):
             raise UsageError(f"the model is for {cfg.subset}, the data is {subset}")
         options.setdefault("input_size", cfg.input_size)
         options.setdefault("maskiges", cfg.siam)
+        options.setdefault("form", form_for(cfg.family))
     return AVSDataset(data, subset, split, **options)
 
 

@@ -8,11 +8,15 @@ is opened but the CSV (and ``label2idx.json`` for AVSS), so a record list is che
 The CSV columns are read by position where the official code does (S4: name, start, category, split; MS3: name,
 split); AVSS ``metadata.csv`` by the names ``uid``, ``split`` and ``label`` when its header has them, otherwise by
 COMBO's positions (1, 5, 6).
+
+VCT reads its own 384 px layout beside the official one (``FORMS``, ``form_for``, ``form_384``): its files where they
+exist, the standard ones otherwise.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -34,6 +38,23 @@ OBJECT_FRAMES = 5  # S4 and MS3 clips: 5 frames, 5 s
 SUBSET_TITLES = {"s4": "S4 (Single-source)", "ms3": "MS3 (Multi-sources)", "avss": "AVSS (AVSBench-semantic)"}
 
 MASK_BINARY, MASK_INDEX, MASK_RGB = "binary", "index", "rgb"  # 0/255 masks, class-index PNGs, palette PNGs
+
+# The layouts a dataset is read in (``list_videos``' ``form``; ``form_for`` says which a model family reads):
+# "standard", the official one above, and "384", VCT's: the folders its generate_data_384 tools add beside the
+# official ones (spec vct.md sections 1 and 11), read where they exist and derived from the standard files where
+# they do not (frames and labels resized by the dataset, maskiges resized nearest):
+# - S4/MS3: <x>_data_384/visual_frames_384/ (384 x 384 frames), gt_masks_384/<split>/ (training labels),
+#   gt_masks_224/<split>/ (evaluation labels), pre_SAM_mask_384/ (maskiges), each mirroring the official tree (MS3:
+#   frames named <video>_<k>.png, without the official ".mp4" infix); the audio stays in <x>_data/;
+# - AVSS: <label>/<uid>/processed_frames_384/<i>.jpg (val/test frames; training reads frames/), and maskiges in
+#   pre_SAM_mask/AVSBench_semantic/<label>/<uid>/frames/ (source size: VCT's training form) or
+#   processed_frames_384/ (384 x 384).
+FORM_STANDARD, FORM_384 = "standard", "384"
+FORMS = (FORM_STANDARD, FORM_384)
+DATA_384 = {"s4": "s4_data_384", "ms3": "ms3_data_384"}
+FRAMES_384, MASKIGES_384, AVSS_384 = "visual_frames_384", "pre_SAM_mask_384", "processed_frames_384"
+AVSS_MASKIGES = Path("pre_SAM_mask", "AVSBench_semantic")  # below the AVSS folder: <label>/<uid>/<frames folder>/
+AVSS_COMBO_MASKIGES = "processed_frames"  # COMBO's AVSS maskiges: 224 x 224, training ones a centre crop
 
 
 @dataclass(frozen=True)
@@ -166,20 +187,73 @@ def read_class_names(root: Path) -> tuple[str, ...]:
     return tuple(str(k) for k in mapping)
 
 
-def list_videos(root: Path, subset: str, split: str, labels: str = "auto") -> list[Video]:
+def form_for(family: str) -> str:
+    """THE rule of which layout a model family reads: VCT its 384 one (``FORM_384``), every other family the
+    standard one."""
+    return FORM_384 if family == "vct" else FORM_STANDARD
+
+
+def list_videos(root: Path, subset: str, split: str, labels: str = "auto", form: str = FORM_STANDARD
+                ) -> list[Video]:
     """The videos of ``split`` in CSV order. ``root``: the subset folder (``resolve_root``). ``labels`` (AVSS):
-    "semantic" (class-index PNGs, COMBO), "rgb" (palette PNGs, official) or "auto" (semantic where present)."""
+    "semantic" (class-index PNGs, COMBO), "rgb" (palette PNGs, official) or "auto" (semantic where present).
+    ``form``: the layout (``FORMS``; "384": VCT's files where they exist, see ``form_384``)."""
     check_split(split)
+    if form not in FORMS:
+        raise UsageError(f"unknown dataset layout {form!r}; choose from {', '.join(FORMS)}")
     rows = [(name, group) for name, row_split, group in read_metadata(root, subset) if row_split == split]
     if not rows:
         raise DataError(root / METADATA[subset], f"no videos in split {split!r}")
     if subset == "s4":
-        return [_s4_video(root, split, name, category) for name, category in rows]
-    if subset == "ms3":
-        return [_ms3_video(root, split, name) for name, _ in rows]
-    if labels not in ("auto", "semantic", "rgb"):
-        raise UsageError(f"unknown AVSS label kind {labels!r}; choose from auto, semantic, rgb")
-    return [_avss_video(root, split, uid, label_set, labels) for uid, label_set in rows]
+        videos = [_s4_video(root, split, name, category) for name, category in rows]
+    elif subset == "ms3":
+        videos = [_ms3_video(root, split, name) for name, _ in rows]
+    else:
+        if labels not in ("auto", "semantic", "rgb"):
+            raise UsageError(f"unknown AVSS label kind {labels!r}; choose from auto, semantic, rgb")
+        videos = [_avss_video(root, split, uid, label_set, labels) for uid, label_set in rows]
+    return [form_384(root, video) for video in videos] if form == FORM_384 else videos
+
+
+def maskiges_384(root: Path, video: Video) -> tuple[Path, ...]:
+    """Where VCT's 384 x 384 maskiges of a (standard-layout) video's frames live: ``<x>_data_384/pre_SAM_mask_384/``
+    (S4, MS3) or ``pre_SAM_mask/AVSBench_semantic/<label>/<uid>/processed_frames_384/`` (AVSS)."""
+    if video.subset == "avss":
+        folder = root / AVSS_MASKIGES / video.group / video.name / AVSS_384
+        return tuple(folder / f"{i}_mask_color.png" for i in range(video.num_frames))
+    base = root / DATA_384[video.subset] / MASKIGES_384
+    key = Path(video.split, video.group, video.name) if video.subset == "s4" else Path(video.name)
+    return tuple(base / key / f"{video.name}_{k}_mask_color.png" for k in range(1, video.num_frames + 1))
+
+
+def form_384(root: Path, video: Video) -> Video:
+    """A standard-layout video as VCT's 384 layout has it (see ``FORMS``): each kind of file (frames with their
+    labels, maskiges) from the 384 folders when the subset has them, else the standard one, which the dataset
+    resizes (frames bilinear, labels and maskiges nearest)."""
+    maskiges = maskiges_384(root, video)
+    if video.subset == "avss":
+        source = root / AVSS_MASKIGES / video.group / video.name / "frames"  # VCT's training maskiges
+        if video.split == "train" and source.is_dir():
+            maskiges = tuple(source / f"{i}_mask_color.png" for i in range(video.num_frames))
+        frames = video.frames[0].parent.parent / AVSS_384
+        changes = {"frames": tuple(frames / f"{i}.jpg" for i in range(video.num_frames))} \
+            if video.split != "train" and frames.is_dir() else {}
+        return dataclasses.replace(video, maskiges=maskiges if maskiges[0].parent.is_dir() else video.maskiges,
+                                   **changes)
+    data = root / DATA_384[video.subset]
+    changes = {}
+    if (data / FRAMES_384).is_dir():
+        key = Path(video.split, video.group, video.name) if video.subset == "s4" else Path(video.name)
+        stems = [f"{video.name}_{k}" for k in range(1, video.num_frames + 1)]
+        labels = data / ("gt_masks_384" if video.split == "train" else "gt_masks_224")
+        label_key = Path(video.split, video.group, video.name) if video.subset == "s4" else \
+            Path(video.split, video.name)
+        changes["frames"] = tuple(data / FRAMES_384 / key / f"{stem}.png" for stem in stems)
+        changes["masks"] = tuple(None if mask is None else labels / label_key / f"{stem}.png"
+                                 for mask, stem in zip(video.masks, stems, strict=True))
+    if (data / MASKIGES_384).is_dir():
+        changes["maskiges"] = maskiges
+    return dataclasses.replace(video, **changes)
 
 
 def _s4_video(root: Path, split: str, name: str, category: str) -> Video:

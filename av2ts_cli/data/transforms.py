@@ -99,6 +99,15 @@ def uncrop_centre(images: np.ndarray, height: int, width: int, fill: int = IMAGE
     return out
 
 
+def square_short_side(clip: ClipArrays) -> ClipArrays:
+    """A clip squashed to the square of its frames' short side (frames bilinear, labels and maskiges nearest): the
+    first step of VCT's AVSS training mapper, before the random resize and crop."""
+    side = min(clip.frames.shape[1:3])
+    maskiges = None if clip.maskiges is None else resize_images(clip.maskiges, side, side, nearest=True)
+    return ClipArrays(resize_images(clip.frames, side, side), resize_images(clip.masks, side, side, nearest=True),
+                      maskiges)
+
+
 def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     """detectron2 ResizeShortestEdge: scale the short side to ``short``, the long side to at most ``max_size``."""
     scale = short / min(h, w)

@@ -16,8 +16,9 @@ def run_command(sources: list[str] | None, *, subset: str | None, data: Path | N
                 out: Path | None, fps: int, generator: str | None, settings: dict, device: str, force: bool,
                 recursive: bool, as_json: bool, geometry: str | None = None) -> int:
     """Run the form the options name; print the report (``as_json``: one JSON object on stdout). Returns the exit
-    code: 0, or EXIT_PARTIAL when some frames or videos failed (each named on its own line). ``geometry``: videos
-    only (``render.GEOMETRIES``; None: S4's)."""
+    code: 0, or EXIT_PARTIAL when some frames or videos failed (each named on its own line). ``geometry``
+    (``render.GEOMETRIES``): videos, None for S4's; a dataset, None for COMBO's kind of the subset or ``source-384``
+    for VCT's (``dataset.dataset_form``)."""
     if geometry is not None and geometry not in GEOMETRIES:
         raise UsageError(f"--geometry {geometry}: not one of {', '.join(GEOMETRIES)}")
     if sources:
@@ -36,12 +37,11 @@ def run_command(sources: list[str] | None, *, subset: str | None, data: Path | N
         raise UsageError("--masks-from and --generator exclude each other (the masks are made already)")
     if out is not None:
         raise UsageError("--out is for videos; dataset maskiges go to the dataset's pre_SAM_mask/ folder")
-    if geometry is not None:
-        raise UsageError("--geometry is for videos; a dataset's maskiges are made from its frames as stored")
     check_subset(subset)
+    dataset.dataset_form(subset, geometry)  # a geometry the dataset form has no place for: refused before any work
     report = dataset.pregenerate(subset, data, masks_from=masks_from, generator=generator,
                                  settings=None if masks_from else GeneratorSettings(**settings), device=device,
-                                 force=force, progress=not as_json)
+                                 force=force, progress=not as_json, geometry=geometry)
     _print_dataset(report, as_json)
     return EXIT_PARTIAL if report["failures"] else EXIT_OK
 

@@ -3,7 +3,11 @@
 Every frame's maskige goes exactly where ``av2ts_cli.data.layout`` (and so ``train`` and ``eval``) reads it:
 ``s4_data/pre_SAM_mask/<split>/<category>/<video>/<frame>_mask_color.png``, ``ms3_data/pre_SAM_mask/<video>/...``,
 ``AVSBench_semantic/pre_SAM_mask/AVSBench_semantic/<label>/<uid>/processed_frames/<i>_mask_color.png``. The masks
-come from ``--masks-from DIR`` (``sources``) or from a SAM-family generator (``generate``).
+come from ``--masks-from DIR`` (``sources``) or from a SAM-family generator (``generate``). With ``--geometry
+source-384`` they are VCT's kind (the frame's id map resized to 384 x 384 nearest, every subset alike) and go to
+VCT's 384 layout (``layout.maskiges_384``: ``s4_data_384/pre_SAM_mask_384/...``, ``ms3_data_384/...``,
+``.../<label>/<uid>/processed_frames_384/``), recorded in ``pre_SAM_mask_384.json``; the generator sees the frames
+as the standard layout stores them, as for COMBO's kind.
 
 Resumable: a frame whose maskige exists is skipped (each file is written atomically, so an existing one is
 whole). ``pre_SAM_mask.json`` beside ``pre_SAM_mask/`` records what made the maskiges (generator, revision,
@@ -25,42 +29,71 @@ from pathlib import Path
 from av2ts_cli import __version__, files
 from av2ts_cli.console import make_progress
 from av2ts_cli.data.images import image_header, read_rgb
-from av2ts_cli.data.layout import DATA_FOLDERS, SPLITS, Video, list_videos, read_metadata, resolve_root
+from av2ts_cli.data.layout import (
+    DATA_384,
+    DATA_FOLDERS,
+    FORM_384,
+    FORM_STANDARD,
+    MASKIGES_384,
+    SPLITS,
+    Video,
+    list_videos,
+    maskiges_384,
+    read_metadata,
+    resolve_root,
+)
 from av2ts_cli.errors import DataError, UsageError
 from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings, MaskGenerator, resolve_generator
-from av2ts_cli.maskiges.render import MAX_ID, write_maskige
+from av2ts_cli.maskiges.render import GEOMETRIES, MAX_ID, geometry_for, write_maskige
 from av2ts_cli.maskiges.sources import MaskSource
 from av2ts_cli.processes import device_for, environment
 
 MASKIGE_FOLDER = "pre_SAM_mask"
 PROVENANCE_FILE = "pre_SAM_mask.json"
+PROVENANCE_384 = "pre_SAM_mask_384.json"  # VCT's 384 maskiges (layout.FORM_384): beside their folder
+VCT_GEOMETRY = "source-384"  # the geometry whose maskiges go to the 384 layout (render.geometry_for("vct", ...))
 RECORD_WAIT_S = 600.0  # how long processes other than rank 0 wait for its record (rank 0 may resolve the model)
 RENDERER = (f"COMBO mask_precess: ascending area rank (stable for ties), smaller mask wins, ADE20K palette, ids "
             f"capped at {MAX_ID}; S4/MS3 224x224 nearest, AVSS fitted to 224x224 (train: short side + centre crop)")
+RENDERER_384 = (f"COMBO mask_precess: ascending area rank (stable for ties), smaller mask wins, ADE20K palette, ids "
+                f"capped at {MAX_ID}; VCT's generate_data_384: the frame's id map resized to 384x384 nearest")
 
 
 @dataclass(frozen=True)
 class FrameJob:
-    video: Video
+    video: Video  # in the standard layout: the generator sees its frames as stored (their source size)
     index: int
-
-    @property
-    def target(self) -> Path:
-        return self.video.maskiges[self.index]
+    target: Path  # where the maskige goes
 
 
-def maskige_root(root: Path, subset: str) -> Path:
-    """``pre_SAM_mask/`` of a subset folder (``resolve_root``)."""
+def maskige_root(root: Path, subset: str, form: str = FORM_STANDARD) -> Path:
+    """The maskige folder of a subset folder (``resolve_root``): ``pre_SAM_mask/``, or for VCT's 384 layout
+    ``<x>_data_384/pre_SAM_mask_384/`` (S4, MS3; AVSS keeps its 384 maskiges below ``pre_SAM_mask/``)."""
+    if form == FORM_384 and subset != "avss":
+        return root / DATA_384[subset] / MASKIGES_384
     return (root if subset == "avss" else root / DATA_FOLDERS[subset]) / MASKIGE_FOLDER
 
 
-def frame_jobs(root: Path, subset: str, splits: tuple[str, ...] = SPLITS) -> list[FrameJob]:
-    """Every frame of the splits the metadata has, in split, CSV and frame order (the order shards are cut from)."""
+def provenance_path(root: Path, subset: str, form: str = FORM_STANDARD) -> Path:
+    """The provenance record of a subset folder's maskiges of one layout: ``pre_SAM_mask.json`` beside
+    ``pre_SAM_mask/``, ``pre_SAM_mask_384.json`` beside the 384 ones (the AVSS folder's for AVSS)."""
+    if form == FORM_384:
+        return (root if subset == "avss" else root / DATA_384[subset]) / PROVENANCE_384
+    return maskige_root(root, subset).parent / PROVENANCE_FILE
+
+
+def frame_jobs(root: Path, subset: str, splits: tuple[str, ...] = SPLITS, form: str = FORM_STANDARD
+               ) -> list[FrameJob]:
+    """Every frame of the splits the metadata has, in split, CSV and frame order (the order shards are cut from),
+    with its maskige's place in the ``form`` layout."""
     present = {split for _, split, _ in read_metadata(root, subset)}
     jobs = []
     for split in splits:
-        if split in present:
-            jobs += [FrameJob(video, i) for video in list_videos(root, subset, split) for i in range(video.num_frames)]
+        if split not in present:
+            continue
+        for video in list_videos(root, subset, split):
+            targets = maskiges_384(root, video) if form == FORM_384 else video.maskiges
+            jobs += [FrameJob(video, i, targets[i]) for i in range(video.num_frames)]
     return jobs
 
 
@@ -125,39 +158,58 @@ def _read_json(path: Path) -> dict:
         raise DataError(path, f"unreadable: {err}") from None
 
 
+def dataset_form(subset: str, geometry: str | None) -> str:
+    """The layout a dataset's maskiges of ``geometry`` go to: VCT's (``source-384``) the 384 layout; COMBO's kind of
+    the subset (None, or its name: ``square-224`` for S4/MS3, ``source-224`` for AVSS) the standard one."""
+    combo = geometry_for("combo", subset).name
+    if geometry in (None, combo):
+        return FORM_STANDARD
+    if geometry == VCT_GEOMETRY:
+        return FORM_384
+    raise UsageError(f"--geometry {geometry}: a {subset} dataset's maskiges are {combo} (COMBO, AV2TS) or "
+                     f"{VCT_GEOMETRY} (VCT)")
+
+
 def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathLike | None = None,
                 generator=None, settings=None, device: str = "auto", force: bool = False,
-                splits: tuple[str, ...] = SPLITS, progress: bool = True) -> dict:
+                splits: tuple[str, ...] = SPLITS, progress: bool = True, geometry: str | None = None) -> dict:
     """Write the maskiges of every frame of this process's shard (see the module docstring). ``generator``: an
     ``hf://`` reference, a folder, a loaded ``MaskGenerator`` or None (the default model); ignored with
-    ``masks_from``. Returns {"subset", "out", "provenance", "source", "rank", "world_size", "frames" (this
-    shard), "total_frames", "written", "skipped", "failures": [{"path", "error"}], "seconds",
+    ``masks_from``. ``geometry``: None (COMBO's kind, in ``pre_SAM_mask/``) or ``source-384`` (VCT's: the id map
+    of the frame as stored, resized to 384 x 384 nearest, in the 384 layout: ``layout.maskiges_384``). Returns
+    {"subset", "out", "provenance", "source", "geometry", "rank", "world_size", "frames" (this shard),
+    "total_frames", "written", "skipped", "failures": [{"path", "error"}], "seconds",
     "seconds_per_written_frame"}."""
     started = time.perf_counter()
+    form = dataset_form(subset, geometry)
     rank, world, local_rank = environment()
     root = resolve_root(data, subset)
-    out = maskige_root(root, subset)
-    record_path = out.parent / PROVENANCE_FILE
+    out = maskige_root(root, subset, form)
+    record_path = provenance_path(root, subset, form)
     masks = _Masks(subset, masks_from, generator, settings, device_for(device, local_rank, world))
-    record = {"made_by": f"av2ts {__version__} maskiges", **masks.record(), "renderer": RENDERER}
+    record = {"made_by": f"av2ts {__version__} maskiges", **masks.record(),
+              "renderer": RENDERER_384 if form == FORM_384 else RENDERER}
+    if form == FORM_384:
+        record["geometry"] = GEOMETRIES[VCT_GEOMETRY].describe()
     previous = _read_record(record_path)
     changed = previous is not None and _identity(previous) != _identity(record)
     if changed and not force:
         raise UsageError(f"{out}: its maskiges were made by {_describe(previous)}, this run uses "
                          f"{_describe(record)}; pass --force to remake every frame (or another --data)")
-    jobs = frame_jobs(root, subset, splits)
+    jobs = frame_jobs(root, subset, splits, form)
     shard = jobs[rank::world]
     if rank == 0:
         existing = sum(job.target.exists() for job in jobs) if previous is None and not force else 0
         if existing:
-            raise UsageError(f"{out}: {existing} maskiges of unknown origin (no {PROVENANCE_FILE}); pass --force "
+            raise UsageError(f"{out}: {existing} maskiges of unknown origin (no {record_path.name}); pass --force "
                              "to remake every frame rather than mix them with this run's")
         if previous is None or changed or force:
             files.write_json(record_path, record)
     else:  # rank 0 checks the folder first: a file of another process would look like one of unknown origin
         _wait_for_record(record_path, record)
     report = {"subset": subset, "out": str(out), "provenance": str(record_path), "source": _describe(record),
-              "rank": rank, "world_size": world, "frames": len(shard), "total_frames": len(jobs), "written": 0,
+              "geometry": VCT_GEOMETRY if form == FORM_384 else geometry_for("combo", subset).name, "rank": rank,
+              "world_size": world, "frames": len(shard), "total_frames": len(jobs), "written": 0,
               "skipped": 0, "failures": []}
 
     bar = make_progress() if progress and rank == 0 else None
@@ -172,7 +224,10 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
             else:
                 start = time.perf_counter()
                 try:
-                    write_maskige(job.target, masks(job), subset, train=job.video.split == "train")
+                    if form == FORM_384:  # the source-size id map, nearest to 384 (every subset alike)
+                        write_maskige(job.target, masks(job), "s4", size=GEOMETRIES[VCT_GEOMETRY].size)
+                    else:
+                        write_maskige(job.target, masks(job), subset, train=job.video.split == "train")
                     report["written"] += 1
                     generate_time += time.perf_counter() - start
                 except DataError as err:

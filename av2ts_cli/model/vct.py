@@ -168,6 +168,10 @@ class PrototypeAlignment(nn.Module):
 class VCT(AV2TS):
     """The VCT network for a ``ModelConfig`` with ``family="vct"`` (presets vct-swinb, vct-tiny)."""
 
+    # no operation mixes the frames of a clip (see the module docstring): a training step may run the supervised
+    # frames alone (training.optim.supervised_frames), the same losses and gradients
+    frames_independent = True
+
     def __init__(self, cfg: ModelConfig):
         nn.Module.__init__(self)  # not AV2TS.__init__: only its checks and normalisation are shared
         if cfg.family != "vct":

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from av2ts_cli.data.layout import resolve_root
+from av2ts_cli.data.layout import FORM_384, FORM_STANDARD, resolve_root
 from av2ts_cli.errors import CheckpointError, DataError
 from av2ts_cli.files import atomic_folder, atomic_path
-from av2ts_cli.maskiges.dataset import PROVENANCE_FILE, maskige_root
+from av2ts_cli.maskiges.dataset import maskige_root, provenance_path
 from av2ts_cli.weights.checkpoint import save_checkpoint
 
 LAST, BEST = "last", "best"
@@ -56,13 +56,17 @@ def write_training_checkpoint(folder: Path, model: nn.Module, cfg, meta: dict, t
 _MASKIGE_KEYS = ("source", "generator", "repo", "revision", "model_type", "settings", "masks_from", "renderer")
 
 
-def maskige_provenance(subset: str, data: str | os.PathLike) -> dict:
-    """The maskiges a Siam model trains on: ``folder`` (``pre_SAM_mask/`` of the subset) and what the
-    ``pre_SAM_mask.json`` beside it records (``source`` "generator" with generator, repo, revision, model_type and
-    settings, or "masks-from"). Without a record the source is "unknown": maskiges not made by ``av2ts maskiges``,
-    such as COMBO's published ones (Semantic-SAM) or ``av2ts data synth``'s. DataError for a broken record."""
-    folder = maskige_root(resolve_root(data, subset), subset)
-    path = folder.parent / PROVENANCE_FILE
+def maskige_provenance(subset: str, data: str | os.PathLike, form: str = FORM_STANDARD) -> dict:
+    """The maskiges a Siam model trains on: ``folder`` (``pre_SAM_mask/`` of the subset, or in VCT's 384 layout its
+    384 maskiges' folder) and what the ``pre_SAM_mask.json`` beside it (``pre_SAM_mask_384.json``) records
+    (``source`` "generator" with generator, repo, revision, model_type and settings, or "masks-from"). Without a
+    record the source is "unknown": maskiges not made by ``av2ts maskiges``, such as COMBO's published ones
+    (Semantic-SAM) or ``av2ts data synth``'s. The 384 layout without its own maskiges (or record) reads, resized,
+    the standard ones: theirs is the record. DataError for a broken record."""
+    root = resolve_root(data, subset)
+    folder, path = maskige_root(root, subset, form), provenance_path(root, subset, form)
+    if form == FORM_384 and not path.is_file() and (subset == "avss" or not folder.is_dir()):
+        folder, path = maskige_root(root, subset), provenance_path(root, subset)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

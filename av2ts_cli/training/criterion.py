@@ -36,18 +36,23 @@ from av2ts_cli.avsbench import IGNORE_INDEX
 from av2ts_cli.config import LossConfig, ModelConfig
 from av2ts_cli.errors import UsageError
 from av2ts_cli.training.criterion_avsegformer import AVSegFormerCriterion
+from av2ts_cli.training.criterion_vct import VCTCriterion
 
 _EPS = 1e-6  # floor of a sum of point weights (all points of a mask fell on ignore pixels)
 
 
-def build_criterion(cfg: ModelConfig, ignore_padding: bool = False) -> SetCriterion | AVSegFormerCriterion:
+def build_criterion(cfg: ModelConfig, ignore_padding: bool = False
+                    ) -> SetCriterion | AVSegFormerCriterion | VCTCriterion:
     """The training criterion for a model config (its class count and ``cfg.loss`` settings); ``ignore_padding``:
     pixels labelled 255 do not count (default: they are negatives, as in the reference). The AVSegFormer family has
-    its own (``criterion_avsegformer``: Dice or masked cross-entropy plus the mix loss); every other family the
-    Hungarian-matched set losses."""
+    its own (``criterion_avsegformer``: Dice or masked cross-entropy plus the mix loss); VCT adds its PAC term to the
+    set losses (``criterion_vct``); every other family the Hungarian-matched set losses."""
     if cfg.family == "avsegformer":
         return AVSegFormerCriterion(cfg.num_classes, ignore_padding=ignore_padding)
-    return SetCriterion(cfg.num_classes, cfg.loss, ignore_padding=ignore_padding)
+    criterion = SetCriterion(cfg.num_classes, cfg.loss, ignore_padding=ignore_padding)
+    if cfg.family == "vct":
+        return VCTCriterion(criterion, cfg.loss.prototype_weight)
+    return criterion
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,9 +272,10 @@ class SetCriterion(nn.Module):
     targets: "masks" int64 [B, T, H, W] class indices at the input size (255 = ignore), "supervised" bool [B, T].
 
     Keys: loss_ce, loss_mask, loss_dice (last layer), the same with _0.._{n-1} for the aux outputs, and
-    loss_cosine_0.._{m-1} for the middle masks. Class, mask and dice terms see only supervised frames (S4 train:
-    frame 0; MS3: all; AVSS: the label flags); the cosine terms see every frame. ``ignore_padding``: pixels
-    labelled 255 do not count (default: they are negatives in every class mask, as in the reference).
+    loss_cosine_0.._{m-1} for the middle masks (none with a cosine weight of 0: VCT's recipe). Class, mask and
+    dice terms see only supervised frames (S4 train: frame 0; MS3: all; AVSS: the label flags); the cosine terms see
+    every frame. ``ignore_padding``: pixels labelled 255 do not count (default: they are negatives in every class
+    mask, as in the reference).
     """
 
     def __init__(self, num_classes: int, loss: LossConfig | None = None, ignore_padding: bool = False):
@@ -298,7 +304,7 @@ class SetCriterion(nn.Module):
         if self.loss.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs") or []):
                 losses.update({f"{k}_{i}": v for k, v in self._set_losses(aux, semantic, num_masks).items()})
-        for i, middle in enumerate(outputs.get("middle_masks") or []):
+        for i, middle in enumerate((outputs.get("middle_masks") or []) if self.loss.cosine_weight else []):
             losses[f"loss_cosine_{i}"] = self.loss.cosine_weight * inter_frame_cosine_loss(middle, t)
         return losses
 

@@ -14,8 +14,9 @@ import contextlib
 import torch
 from torch import nn
 
-LOSS_GROUPS = ("loss_ce", "loss_mask", "loss_dice", "loss_cosine", "loss_mix")  # each summed over decoder layers;
-# loss_mix: AVSegFormer's mix loss (training.criterion_avsegformer)
+LOSS_GROUPS = ("loss_ce", "loss_mask", "loss_dice", "loss_cosine", "loss_mix", "loss_proto")  # each summed over
+# decoder layers; loss_mix: AVSegFormer's mix loss (training.criterion_avsegformer); loss_proto: VCT's PAC term
+# (training.criterion_vct)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm,
               nn.LocalResponseNorm)
 
@@ -80,19 +81,46 @@ def set_poly_horizon(scheduler: torch.optim.lr_scheduler.LambdaLR, iters: int, p
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what LambdaLR.step sets
 
 
+def supervised_frames(batch: dict) -> dict:
+    """The batch's supervised frames, each as a clip of one frame: frames, audio, masks, maskiges [N, 1, ...],
+    supervised all true [N, 1], and the per-clip lists ("category", "video") repeated for each of its frames. For a
+    network whose frames never see each other (``frames_independent``: VCT), the losses and their gradients are
+    those of the whole batch, at the cost of the supervised frames alone (an S4 training clip has one of five). A
+    batch without a supervised frame is returned as it is."""
+    supervised = batch["supervised"]
+    b, t = supervised.shape
+    rows = supervised.flatten().nonzero().squeeze(1)
+    if rows.shape[0] == 0 or rows.shape[0] == b * t:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (b, t):
+            out[key] = value.flatten(0, 1)[rows].unsqueeze(1)
+        elif isinstance(value, list) and len(value) == b:
+            out[key] = [value[int(row) // t] for row in rows]
+        else:
+            out[key] = value
+    return out
+
+
 def optimisation_step(network: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                       scaler: torch.amp.GradScaler, batch: dict, device: torch.device, siam: bool,
                       clip_norm: float = 0.01, autocast=None) -> torch.Tensor:
     """Forward, criterion, backward, clipping of the whole gradient's L2 norm, optimizer and scheduler step.
 
     batch: collated data items (frames uint8 [B, T, 3, S, S], audio [B, T, 96, 64], masks int64 [B, T, S, S],
-    supervised bool [B, T], maskiges when ``siam``). Returns float64 [1 + len(LOSS_GROUPS)] on the CPU: the total
-    loss, then each loss group summed over the decoder layers."""
+    supervised bool [B, T], maskiges when ``siam``, the clips' "category" names). A network with
+    ``frames_independent`` runs only the supervised frames (``supervised_frames``). Returns float64
+    [1 + len(LOSS_GROUPS)] on the CPU: the total loss, then each loss group summed over the decoder layers."""
+    if getattr(getattr(network, "module", network), "frames_independent", False):  # DDP wraps the model
+        batch = supervised_frames(batch)
     frames = batch["frames"].to(device, non_blocking=True).float()
     audio = batch["audio"].to(device, non_blocking=True)
     maskiges = batch["maskiges"].to(device, non_blocking=True).float() if siam else None
     targets = {"masks": batch["masks"].to(device, non_blocking=True),
                "supervised": batch["supervised"].to(device, non_blocking=True)}
+    if "category" in batch:
+        targets["category"] = batch["category"]
     with autocast or contextlib.nullcontext():
         outputs = network(frames, audio, maskiges)
     losses = criterion(outputs, targets)  # the criterion computes in fp32 itself
