@@ -27,9 +27,8 @@ def test_bench_maskiges_quick_json(tmp_path):
         assert case["seconds_per_frame"] > 0 and case["masks_per_frame"] >= 0 and case["size"] == [320, 180]
         assert case["ratio_to_encoder"] == pytest.approx(case["seconds_per_frame"] / case["encoder_s"])
         assert case["vs_fp32"] is None
-    # a frame is one encoder forward and then the prompts: more than the encoder alone, more with more points
-    fine, coarse = cpu["cases"]
-    assert coarse["ratio_to_encoder"] > 1 and fine["seconds_per_frame"] > coarse["seconds_per_frame"]
+    # no comparison of times here: on a tiny model they are milliseconds, below a shared machine's noise (a frame
+    # at 16 points once timed 0.35x an encoder forward that it includes)
 
     table = invoke_cli(["bench", "maskiges", "--generator", str(model), "--quick", "--device", "cpu",
                         "--points-per-side", "4"])
