@@ -164,7 +164,7 @@ class AVSDataset(Dataset):
         label_shape = next(iter(labels.values())).shape if labels else images.shape[1:3]
         # training transforms move frames and labels together: their sizes must agree (evaluation scores the labels
         # at their own size: VCT's 384 layout has 384 px frames and 224 px evaluation labels)
-        if label_shape != images.shape[1:3] and self.train:
+        if label_shape != images.shape[1:3] and (self.train or self.form != FORM_384):
             first = next(iter(labels))
             raise DataError(video.masks[first], f"mask is {label_shape[1]}x{label_shape[0]}, its frames are "
                                                 f"{images.shape[2]}x{images.shape[1]}")
