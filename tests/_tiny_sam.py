@@ -55,15 +55,7 @@ def save_tiny_sam2(folder: Path, seed: int = 0) -> Path:
     vision = T.Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
                                 backbone_feature_sizes=[[SIDE2 // 4] * 2, [SIDE2 // 8] * 2, [SIDE2 // 16] * 2],
                                 fpn_hidden_size=32)
-    prompt = T.Sam2PromptEncoderConfig(hidden_size=32, image_size=SIDE2, patch_size=16, mask_input_channels=4)
-    decoder = T.Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
-    model = T.Sam2Model(T.Sam2Config(vision_config=vision, prompt_encoder_config=prompt,
-                                     mask_decoder_config=decoder)).eval()
-    processor = T.Sam2ImageProcessor(size={"height": SIDE2, "width": SIDE2},
-                                     mask_size={"height": SIDE2 // 4, "width": SIDE2 // 4})
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return _save_square_model(folder, "Sam2", vision)
 
 
 def save_tiny_edgetam(folder: Path, seed: int = 0) -> Path:
@@ -78,10 +70,21 @@ def save_tiny_edgetam(folder: Path, seed: int = 0) -> Path:
     vision = T.EdgeTamVisionConfig(backbone_config=backbone, backbone_channel_list=[512, 256, 128, 64],
                                    backbone_feature_sizes=[[SIDE2 // 4] * 2, [SIDE2 // 8] * 2, [SIDE2 // 16] * 2],
                                    fpn_hidden_size=32)
-    prompt = T.EdgeTamPromptEncoderConfig(hidden_size=32, image_size=SIDE2, patch_size=16, mask_input_channels=4)
-    decoder = T.EdgeTamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
-    model = T.EdgeTamModel(T.EdgeTamConfig(vision_config=vision, prompt_encoder_config=prompt,
-                                           mask_decoder_config=decoder)).eval()
+    return _save_square_model(folder, "EdgeTam", vision)
+
+
+def _save_square_model(folder: Path, prefix: str, vision) -> Path:
+    """``{prefix}Model`` (Sam2 or EdgeTam) on ``vision``, with a prompt encoder and decoder of width 32, and a
+    Sam2ImageProcessor of the SIDE2 square, written by save_pretrained into ``folder``."""
+    import transformers as T
+
+    prompt = getattr(T, f"{prefix}PromptEncoderConfig")(hidden_size=32, image_size=SIDE2, patch_size=16,
+                                                        mask_input_channels=4)
+    decoder = getattr(T, f"{prefix}MaskDecoderConfig")(hidden_size=32, mlp_dim=64, num_attention_heads=2,
+                                                      iou_head_hidden_dim=32)
+    config = getattr(T, f"{prefix}Config")(vision_config=vision, prompt_encoder_config=prompt,
+                                           mask_decoder_config=decoder)
+    model = getattr(T, f"{prefix}Model")(config).eval()
     processor = T.Sam2ImageProcessor(size={"height": SIDE2, "width": SIDE2},
                                      mask_size={"height": SIDE2 // 4, "width": SIDE2 // 4})
     model.save_pretrained(folder)
