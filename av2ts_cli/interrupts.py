@@ -9,8 +9,9 @@ workers ignore SIGINT, ``training.data_order``). Which command uses which:
   ignored, so the cleanup finishes.
 - ``StopSignals`` (``train``: finish the iteration, save ``last/``, then stop). Both signals set a flag the training
   loop checks after each iteration; it then raises ``Interrupted``. A second SIGINT interrupts at once.
-- ``ignore_sigterm`` (``processes.Processes.stop``, in ``train``, ``eval`` and ``predict`` under ``torchrun``): a rank
-  that has left its group ignores SIGTERM, so it finishes and exits with its own code.
+- ``ignore_sigterm`` (``processes.Processes.finish_together`` and ``stop``, in ``train``, ``eval`` and ``predict``
+  under ``torchrun``): a rank whose work is combined ignores SIGTERM, so it finishes and exits with its own code;
+  leaving a block above keeps it ignored.
 """
 
 from __future__ import annotations
@@ -69,8 +70,7 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _restore(previous, handle)
 
 
 class StopSignals:
@@ -94,7 +94,15 @@ class StopSignals:
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
+        _restore(self._previous, self._handle)
+
+
+def _restore(previous: dict, ours) -> None:
+    """Put back the handlers ``previous`` had, for each signal whose handler is still ``ours``: one the block set
+    itself (``ignore_sigterm`` once a rank's work is combined) stays. Restoring SIGTERM's default there let torchrun
+    kill rank 0 (exitcode -15) while it printed the combined report, when rank 1 exited 3 first (seen in CI)."""
+    for signum, handler in previous.items():
+        if signal.getsignal(signum) == ours:
             signal.signal(signum, handler)
 
 
