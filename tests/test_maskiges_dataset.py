@@ -215,3 +215,37 @@ def test_vct_maskiges_of_a_dataset_go_to_its_384_layout_and_a_vct_model_reads_th
     assert refused.returncode == 2
     assert "--geometry source-224: a s4 dataset's maskiges are square-224 (COMBO, AV2TS) or source-384" \
         in refused.stderr
+
+
+def test_frames_go_to_the_generator_in_batches_and_a_bad_frame_fails_alone(tmp_path):
+    """A generator that takes 4 frames per encoder batch: every maskige equals the one its frame gets alone, and
+    an unreadable frame inside a batch is one failure while the other frames of its batch are written."""
+    pytest.importorskip("transformers")
+    from _tiny_sam import save_tiny_sam
+
+    from av2ts_cli.data.images import read_rgb
+    from av2ts_cli.maskiges.dataset import pregenerate
+    from av2ts_cli.maskiges.generate import GeneratorSettings, MaskGenerator
+
+    root = tmp_path / "AVS_dataset"
+    synthesize(root, SynthOptions("s4", counts={"train": 1, "val": 1, "test": 0}, seed=2, size=64, maskiges=False,
+                                  log_mel=False))
+    settings = GeneratorSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    generator = MaskGenerator(str(save_tiny_sam(tmp_path / "tiny-sam")), settings, "cpu")
+    generator.frames_per_batch = 4
+    subset_root = resolve_root(root, "s4")
+    videos = [list_videos(subset_root, "s4", split)[0] for split in ("train", "val")]
+    expected = {video.maskiges[i]: maskige_rgb(generator.generate(read_rgb(video.frames[i])), "s4",
+                                               train=video.split == "train")
+                for video in videos for i in range(video.num_frames)}
+    bad = videos[0].frames[2]  # the third frame of the first batch
+    bad.write_bytes(b"not a png")
+
+    report = pregenerate("s4", root, generator=generator, settings=settings, device="cpu", progress=False)
+    assert report["written"] == len(expected) - 1
+    assert [failure["path"] for failure in report["failures"]] == [str(bad)]
+    for target, rgb in expected.items():
+        if target == videos[0].maskiges[2]:
+            assert not target.exists()
+        else:
+            assert (np.asarray(Image.open(target).convert("RGB")) == rgb).all(), target

@@ -52,6 +52,35 @@ def test_generates_masks_of_the_frame_size(tiny_models, kind):
     assert strict.shape[1:] == (48, 80) and len(strict) <= len(masks)  # COMBO's thresholds keep fewer, maybe none
 
 
+@pytest.mark.parametrize("kind", ["sam", "sam_hq", "sam2", "edgetam"])
+def test_frames_in_one_encoder_batch_get_the_masks_they_get_alone(tiny_models, kind):
+    """generate_many: frames of different sizes through the image encoder as one batch, then each frame's prompts:
+    each frame's masks are its own generate's."""
+    rng = np.random.default_rng(2)
+    frames = [(rng.random(shape) * 255).astype(np.uint8) for shape in ((48, 80, 3), (64, 64, 3), (30, 90, 3))]
+    generator = MaskGenerator(tiny_models[kind], LOOSE, device="cpu")
+    batched = generator.generate_many(frames)
+    assert len(batched) == 3
+    for frame, masks in zip(frames, batched, strict=True):
+        assert masks.shape[1:] == frame.shape[:2] and len(masks) >= 1
+        np.testing.assert_array_equal(masks, generator.generate(frame))
+
+
+def test_frames_per_batch_follows_the_device_and_its_free_memory():
+    """One frame at a time on a CPU (batching there is no faster); on CUDA as many as half the free memory holds,
+    twice as many in 16-bit precision, never more than the cap and never fewer than one."""
+    import torch
+
+    from av2ts_cli.maskiges.generate import ENCODER_BYTES_PER_FRAME, MAX_FRAMES_PER_BATCH, frames_per_batch
+
+    cuda = torch.device("cuda", 0)
+    assert frames_per_batch(torch.device("cpu"), "fp32") == 1
+    assert frames_per_batch(cuda, "fp32", free_bytes=0) == 1
+    assert frames_per_batch(cuda, "fp32", free_bytes=6 * ENCODER_BYTES_PER_FRAME) == 3
+    assert frames_per_batch(cuda, "bf16", free_bytes=6 * ENCODER_BYTES_PER_FRAME) == 6
+    assert frames_per_batch(cuda, "fp16", free_bytes=100 * ENCODER_BYTES_PER_FRAME) == MAX_FRAMES_PER_BATCH
+
+
 def test_the_sam2_point_grid_covers_the_squashed_frame(tiny_models):
     """SAM 2's processor squashes the frame to its square input (size height/width, no longest_edge): the grid of
     point prompts is the frame's grid scaled to that square, not the stock pipeline's long-side one."""

@@ -91,19 +91,27 @@ def test_a_video_another_run_holds_is_left_to_it(tmp_path, make_clip):
 
 
 class _SeeingGenerator:
-    """A generator that records the frames it is given and returns one mask: the left half of the frame."""
+    """A generator that records the frames it is given, in its batches, and returns one mask: the left half of the
+    frame."""
+
+    frames_per_batch = 2
 
     def __init__(self):
         self.seen: list[tuple[int, ...]] = []
+        self.batches: list[int] = []
 
     def describe(self) -> dict:
         return {"generator": "test", "repo": None, "revision": None, "model_type": "sam", "settings": {}}
 
-    def generate(self, image: np.ndarray) -> np.ndarray:
-        self.seen.append(image.shape)
-        mask = np.zeros((1, *image.shape[:2]), bool)
-        mask[0, :, : image.shape[1] // 2] = True
-        return mask
+    def generate_many(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        self.batches.append(len(images))
+        masks = []
+        for image in images:
+            self.seen.append(image.shape)
+            mask = np.zeros((1, *image.shape[:2]), bool)
+            mask[0, :, : image.shape[1] // 2] = True
+            masks.append(mask)
+        return masks
 
 
 @pytest.mark.parametrize(("geometry", "seen", "size"), [("square-224", (224, 224, 3), 224),

@@ -46,18 +46,18 @@ def offline_hub(tmp_path, monkeypatch):
 def counted(monkeypatch):
     """How often a SAM model is loaded and a frame's masks generated (the real code runs; it is only counted)."""
     calls = {"loads": 0, "frames": 0}
-    init, run = generate.MaskGenerator.__init__, generate.MaskGenerator.generate
+    init, run = generate.MaskGenerator.__init__, generate.MaskGenerator.generate_many
 
     def counting_init(self, *args, **kwargs):
         calls["loads"] += 1
         init(self, *args, **kwargs)
 
-    def counting_generate(self, image):
-        calls["frames"] += 1
-        return run(self, image)
+    def counting_generate_many(self, images):
+        calls["frames"] += len(images)
+        return run(self, images)
 
     monkeypatch.setattr(generate.MaskGenerator, "__init__", counting_init)
-    monkeypatch.setattr(generate.MaskGenerator, "generate", counting_generate)
+    monkeypatch.setattr(generate.MaskGenerator, "generate_many", counting_generate_many)
     return calls
 
 
@@ -213,21 +213,25 @@ def test_a_vct_model_gets_vct_maskiges_and_its_frames_at_384(make_clip, tmp_path
     model = save_checkpoint(build_model(cfg), cfg, tmp_path / "vct")
     clip = make_clip("vct talk", duration=2.0, size=(80, 48), pattern="testsrc")
     made, fed = [], []
-    run_generate, run_segment = generate.MaskGenerator.generate, Predictor.segment_pictures
+    run_generate, run_segment = generate.MaskGenerator.generate_many, Predictor.segment_pictures
 
-    def recording_generate(self, image):
-        masks = run_generate(self, image)  # the random tiny SAM keeps no mask at the default thresholds: two
-        boxes = np.zeros((2, *image.shape[:2]), bool)  # rectangles make the id map worth comparing
-        boxes[0, 5:30, 10:50], boxes[1, 20:45, 30:75] = True, True
-        masks = np.concatenate([masks.astype(bool), boxes])
-        made.append((image.shape, masks))
-        return masks
+    def recording_generate(self, images):
+        out = []
+        for image, masks in zip(images, run_generate(self, images), strict=True):
+            # the random tiny SAM keeps no mask at the default thresholds: two rectangles make the id map worth
+            # comparing
+            boxes = np.zeros((2, *image.shape[:2]), bool)
+            boxes[0, 5:30, 10:50], boxes[1, 20:45, 30:75] = True, True
+            masks = np.concatenate([masks.astype(bool), boxes])
+            made.append((image.shape, masks))
+            out.append(masks)
+        return out
 
     def recording_segment(self, frames, audio, maskiges=None):
         fed.append((frames.shape, None if maskiges is None else maskiges.shape))
         return run_segment(self, frames, audio, maskiges)
 
-    monkeypatch.setattr(generate.MaskGenerator, "generate", recording_generate)
+    monkeypatch.setattr(generate.MaskGenerator, "generate_many", recording_generate)
     monkeypatch.setattr(Predictor, "segment_pictures", recording_segment)
     run = tmp_path / "run"
     invoke_cli(["predict", str(clip), "--model", str(model), "--out", str(run), "--device", "cpu",

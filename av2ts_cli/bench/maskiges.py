@@ -7,7 +7,8 @@ each points-per-side setting (default 32, COMBO's, and 16) and each precision (f
 where it is another: the bf16 column "x fp32" is the ratio of the same run); the median per frame is reported with
 the masks it kept. ``--keep-all`` sets the IoU and stability thresholds to 0: every mask reaches the
 post-processing (its worst case). The baseline is one
-forward of the same model's image encoder (``get_image_embeddings`` on the preprocessed frame) timed in the same
+forward of the same model's image encoder (``get_image_embeddings`` on the preprocessed frame, with the memory
+reuse the generator runs with: ``memory.reused_heap``) timed in the same
 process before and after the cases (the faster of the two: a process's first seconds are slow in this VM), so a
 ratio holds on a busy machine too. Every frame costs one encoder forward plus ``points_per_side**2`` point prompts
 through the prompt encoder and mask decoder (``points_per_batch`` at a time), and the upscaling, stability
@@ -31,6 +32,7 @@ from rich.table import Table
 from av2ts_cli import media
 from av2ts_cli.console import console
 from av2ts_cli.maskiges.generate import DEFAULT_GENERATOR, GeneratorSettings
+from av2ts_cli.memory import reused_heap
 
 DEFAULT_POINTS = (32, 16)
 # the S4/MS3 maskige geometry (the 224 square) and a phone video's frame (the source geometry: SAM resizes it to
@@ -66,7 +68,7 @@ def time_device(generator, frames: list, points: tuple[int, ...], repeats: int) 
     pixels = inputs["pixel_values"].to(device, generator.model.dtype)
 
     def encoder_runs() -> list[float]:
-        with torch.inference_mode():
+        with torch.inference_mode(), reused_heap():  # as the generator runs it
             _timed(lambda: generator.model.get_image_embeddings(pixels), sync)  # warm-up (allocations, kernels)
             return [_timed(lambda: generator.model.get_image_embeddings(pixels), sync) for _ in range(repeats)]
 

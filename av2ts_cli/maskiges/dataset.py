@@ -143,10 +143,26 @@ class _Masks:
                 MaskGenerator(self.spec, self.settings, self.device)
         return self._generator
 
-    def __call__(self, job: FrameJob):
-        if self.source is not None:
-            return self.source.load(job.video, job.index, image_header(job.video.frames[job.index]))
-        return self.generator().generate(read_rgb(job.video.frames[job.index]))
+    def frames_per_batch(self) -> int:
+        """Frames handled at once: the generator's encoder batch (``MaskGenerator.frames_per_batch``; asked only
+        when there are frames to make, as it loads the model), one for ``--masks-from`` files."""
+        return 1 if self.source is not None else self.generator().frames_per_batch
+
+    def many(self, jobs: list[FrameJob]) -> list:
+        """Each job's masks (bool [N, H, W]), or the ``DataError`` of its unreadable frame or mask file, in order;
+        the generator sees the readable frames as one batch."""
+        results: list = []
+        for job in jobs:
+            try:
+                results.append(self.source.load(job.video, job.index, image_header(job.video.frames[job.index]))
+                               if self.source is not None else read_rgb(job.video.frames[job.index]))
+            except DataError as err:
+                results.append(err)
+        if self.source is None:
+            frames = [i for i, result in enumerate(results) if not isinstance(result, DataError)]
+            for i, masks in zip(frames, self.generator().generate_many([results[i] for i in frames]), strict=True):
+                results[i] = masks
+        return results
 
 
 def _read_json(path: Path) -> dict:
@@ -218,28 +234,44 @@ def pregenerate(subset: str, data: str | os.PathLike, masks_from: str | os.PathL
     try:
         if bar:
             bar.start()
+        todo = []
         for job in shard:
             if job.target.exists() and not force:
                 report["skipped"] += 1
+                if bar:
+                    bar.advance(task)
             else:
-                start = time.perf_counter()
-                try:
-                    if form == FORM_384:  # the source-size id map, nearest to 384 (every subset alike)
-                        write_maskige(job.target, masks(job), "s4", size=GEOMETRIES[VCT_GEOMETRY].size)
-                    else:
-                        write_maskige(job.target, masks(job), subset, train=job.video.split == "train")
+                todo.append(job)
+        size = masks.frames_per_batch() if todo else 1
+        for chunk in (todo[i:i + size] for i in range(0, len(todo), size)):
+            start = time.perf_counter()
+            for job, result in zip(chunk, masks.many(chunk), strict=True):
+                error = result if isinstance(result, DataError) else _write(job, result, subset, form)
+                if error is None:
                     report["written"] += 1
-                    generate_time += time.perf_counter() - start
-                except DataError as err:
-                    report["failures"].append({"path": err.path, "error": err.message})
+                else:
+                    report["failures"].append({"path": error.path, "error": error.message})
+            generate_time += time.perf_counter() - start
             if bar:
-                bar.advance(task)
+                bar.advance(task, len(chunk))
     finally:
         if bar:
             bar.stop()
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["seconds_per_written_frame"] = round(generate_time / report["written"], 4) if report["written"] else None
     return report
+
+
+def _write(job: FrameJob, masks, subset: str, form: str) -> DataError | None:
+    """Write one frame's maskige from its masks (bool [N, H, W]); the ``DataError`` that refused it, else None."""
+    try:
+        if form == FORM_384:  # the source-size id map, nearest to 384 (every subset alike)
+            write_maskige(job.target, masks, "s4", size=GEOMETRIES[VCT_GEOMETRY].size)
+        else:
+            write_maskige(job.target, masks, subset, train=job.video.split == "train")
+    except DataError as err:
+        return err
+    return None
 
 
 def _wait_for_record(path: Path, record: dict, timeout: float = RECORD_WAIT_S) -> None:

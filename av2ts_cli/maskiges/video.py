@@ -15,6 +15,7 @@ it (decoded at that size), as COMBO's S4/MS3 maskiges were made from AVSBench's 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -84,12 +85,14 @@ def video_maskiges(video: Path, folder: Path, generator, fps: int = 1, force: bo
         side = GEOMETRIES[geometry].input_side
         decoded = media.iter_frames_at(video, [f.time for f in frames], (side, side) if side else None, info=info)
         try:
-            for frame, (_, rgb) in zip(frames, decoded, strict=True):
-                write_maskige(folder / f"{frame.index:06d}.png", generator.generate(rgb), "s4",
-                              size=GEOMETRIES[geometry].size)
-                written += 1
-                if on_frame is not None:
-                    on_frame()
+            pairs = zip(frames, (rgb for _, rgb in decoded), strict=True)
+            for chunk in iter(lambda: list(itertools.islice(pairs, generator.frames_per_batch)), []):
+                for (frame, _), masks in zip(chunk, generator.generate_many([rgb for _, rgb in chunk]),
+                                             strict=True):
+                    write_maskige(folder / f"{frame.index:06d}.png", masks, "s4", size=GEOMETRIES[geometry].size)
+                    written += 1
+                    if on_frame is not None:
+                        on_frame()
         finally:
             decoded.close()
     files.write_json(record_path, {**record, "complete": True})

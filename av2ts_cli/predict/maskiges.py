@@ -74,12 +74,24 @@ class LazyGenerator:
 
     def generate(self, image):
         """uint8 [H, W, 3] RGB -> bool (N, H, W) masks (``MaskGenerator.generate``)."""
+        return self._load().generate(image)
+
+    def generate_many(self, images):
+        """Frames -> each one's masks, the encoder on them as one batch (``MaskGenerator.generate_many``)."""
+        return self._load().generate_many(images)
+
+    @property
+    def frames_per_batch(self) -> int:
+        """``MaskGenerator.frames_per_batch`` (asked only when frames are to be made: it loads the model)."""
+        return self._load().frames_per_batch
+
+    def _load(self):
         if self.loaded is None:
             # local: transformers and the SAM weights (seconds); only a frame without a cached maskige needs them
             from av2ts_cli.maskiges.generate import MaskGenerator
 
             self.loaded = MaskGenerator(self.spec, self.settings, self.device)
-        return self.loaded.generate(image)
+        return self.loaded
 
 
 def auto_folder(video_folder: Path, fps: int) -> Path:
