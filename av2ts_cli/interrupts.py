@@ -54,7 +54,8 @@ def signum_of(err: KeyboardInterrupt) -> int:
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGINT and SIGTERM raise ``Stop`` in the block (the main thread only: elsewhere signal handlers cannot be
-    set, and the block runs unchanged); the previous handlers come back after it."""
+    set, and the block runs unchanged); the previous handlers come back after it, except where the block set one
+    itself (``ignore_sigterm``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -76,7 +77,7 @@ def stop_on_signals() -> Iterator[None]:
 class StopSignals:
     """SIGINT/SIGTERM set ``signum``, which the loop checks after each iteration; a second SIGINT interrupts at once
     (``KeyboardInterrupt``). In the main thread only (elsewhere signal handlers cannot be set, and nothing changes);
-    the previous handlers come back on exit."""
+    the previous handlers come back on exit, except where the block set one itself (``ignore_sigterm``)."""
 
     def __init__(self):
         self.signum = 0
