@@ -58,16 +58,18 @@ def save_tiny_sam2(folder: Path, seed: int = 0) -> Path:
     return _save_square_model(folder, "Sam2", vision)
 
 
-def save_tiny_edgetam(folder: Path, seed: int = 0) -> Path:
+def save_tiny_edgetam(folder: Path, seed: int = 0, channels: tuple[int, ...] = (512, 256, 128, 64)) -> Path:
     """A tiny EdgeTamModel (timm's resnet10t, random, as its image encoder: EdgeTAM's RepViT is a timm model too;
-    128 px square input, decoder width 32) and a Sam2ImageProcessor, written by save_pretrained into ``folder``."""
+    128 px square input, decoder width 32) and a Sam2ImageProcessor, written by save_pretrained into ``folder``.
+    ``channels``: the neck's idea of the encoder's channels (another than resnet10t's makes a model that loads but
+    cannot run)."""
     import torch
     import transformers as T
 
     torch.manual_seed(seed)
     backbone = T.TimmWrapperConfig(architecture="resnet10t",
                                    model_args={"features_only": True, "out_indices": [1, 2, 3, 4]})
-    vision = T.EdgeTamVisionConfig(backbone_config=backbone, backbone_channel_list=[512, 256, 128, 64],
+    vision = T.EdgeTamVisionConfig(backbone_config=backbone, backbone_channel_list=list(channels),
                                    backbone_feature_sizes=[[SIDE2 // 4] * 2, [SIDE2 // 8] * 2, [SIDE2 // 16] * 2],
                                    fpn_hidden_size=32)
     return _save_square_model(folder, "EdgeTam", vision)

@@ -81,6 +81,18 @@ def test_frames_per_batch_follows_the_device_and_its_free_memory():
     assert frames_per_batch(cuda, "fp16", free_bytes=100 * ENCODER_BYTES_PER_FRAME) == MAX_FRAMES_PER_BATCH
 
 
+def test_a_model_that_loads_but_cannot_run_is_one_line_naming_it(tmp_path):
+    """A generator folder whose config does not fit its own layers (the neck expects other channels than the
+    encoder gives) loads, then fails on the first frame: one line naming the folder, no exception class."""
+    folder = save_tiny_edgetam(tmp_path / "broken", channels=(256, 128, 64, 32))
+    generator = MaskGenerator(folder, LOOSE, device="cpu")
+    with pytest.raises(CheckpointError) as caught:
+        generator.generate(np.zeros((48, 80, 3), np.uint8))
+    line = caught.value.message
+    assert line.startswith(f"{folder}: the model cannot run on a frame: ") and "RuntimeError" not in line, line
+    assert "\n" not in line
+
+
 def test_the_sam2_point_grid_covers_the_squashed_frame(tiny_models):
     """SAM 2's processor squashes the frame to its square input (size height/width, no longest_edge): the grid of
     point prompts is the frame's grid scaled to that square, not the stock pipeline's long-side one."""
