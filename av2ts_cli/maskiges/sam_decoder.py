@@ -147,8 +147,8 @@ class PointDecoder:
         part of the scores comes from pe W_k (``terms``, once per image) per head, and the attention-weighted image
         goes through W_v after the weights (A (x W_v) = (A x) W_v; b_v added once, as each row of A sums to 1).
         b_k rides along in the positional term: its share of a query's scores is one constant over the image
-        positions, which the softmax ignores. At 64 points: 0.9 s of products where the keys and values took
-        0.4 s each (2 threads, fp32)."""
+        positions, which the softmax ignores. At 64 points (2 threads, fp32) the products of the second block's
+        image side and of the final attention took 0.46 s instead of 0.87 s."""
         heads = attention.num_attention_heads
         _, count, length, width = tokens.shape
         positions = image.shape[1]
