@@ -100,8 +100,9 @@ class StopSignals:
 
 def _restore(previous: dict, ours) -> None:
     """Put back the handlers ``previous`` had, for each signal whose handler is still ``ours``: one the block set
-    itself (``ignore_sigterm`` once a rank's work is combined) stays. Restoring SIGTERM's default there let torchrun
-    kill rank 0 (exitcode -15) while it printed the combined report, when rank 1 exited 3 first (seen in CI)."""
+    itself (``ignore_sigterm`` once a rank's work is combined) stays. Restoring SIGTERM's default there (the CLI's block
+    around every command) let torchrun kill rank 0 (exitcode -15) while it exited after printing the combined
+    report, when rank 1 had exited 3 first (seen twice in CI; reproduced with a sleep at rank 0's exit)."""
     for signum, handler in previous.items():
         if signal.getsignal(signum) == ours:
             signal.signal(signum, handler)
