@@ -557,16 +557,20 @@ def data_clip(
 def data_check(
     subset: Annotated[str, typer.Option("--subset", help=_SUBSET_HELP)],
     data: Annotated[Path, typer.Option("--data", help=_DATA_HELP)],
+    layout: Annotated[str, typer.Option("--layout", help="standard (what AV2TS, COMBO and AVSegFormer read) or 384 "
+                                        "(what VCT reads: its 384 px folders where they exist).")] = "standard",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Counts per split and every missing, unreadable or mis-sized file; exit 1 if there is any."""
     from av2ts_cli.data import check  # local: imports torch (seconds, through data.audio); `--help` must not wait
-    from av2ts_cli.data.layout import check_subset  # local: numpy (through classes), not for `--help`
+    from av2ts_cli.data.layout import FORMS, check_subset  # local: numpy (through classes), not for `--help`
 
     check_subset(subset)
+    if layout not in FORMS:
+        raise UsageError(f"--layout {layout}: choose from {', '.join(FORMS)}")
     with make_progress(transient=True) as progress:
         task = progress.add_task("checking videos", total=check.total_videos(data, subset))
-        report = check.check_dataset(data, subset, on_video=lambda: progress.advance(task))
+        report = check.check_dataset(data, subset, on_video=lambda: progress.advance(task), layout=layout)
     print_json(report) if as_json else check.print_report(report)
     if report["problems"]:
         raise typer.Exit(EXIT_FAILURE)

@@ -7,6 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+from _layout_384 import write_384_layout
+from PIL import Image
 from typer.testing import CliRunner
 
 from av2ts_cli import cli
@@ -132,3 +134,45 @@ def test_avss_unknown_label_sets_and_a_csv_of_only_bad_lines(synth_data, tmp_pat
     assert result.exit_code == 1
     problems = [p["problem"] for p in json.loads(result.stdout)["problems"]]
     assert problems == ["line 2: 2 columns, expected at least 7", "no videos in any split"]
+
+
+@pytest.mark.parametrize("subset", ["s4", "avss"])
+def test_the_384_layout_of_a_tree_without_it_is_the_standard_files(synth_data, subset):
+    """``--layout 384`` where no 384 folder exists: VCT's dataset reads the standard files, and they pass."""
+    result = invoke(["data", "check", "--subset", subset, "--data", str(synth_data), "--layout", "384", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["problems"] == [] and report["layout"] == "384" and report["size_384"] is None
+
+
+def test_vcts_384_layout_is_checked_by_its_own_size_rules(synth_data, tmp_path):
+    """S4 with VCT's folders: 384 px frames and maskiges (one size across the dataset), 384 px training labels
+    (their frame's size), 224 px evaluation labels (one size within a video, not their frame's); a file of another
+    size in each place is a problem, named once; the standard check does not look at these folders."""
+    root = shutil.copytree(synth_data / "AVSBench_object" / "Single-source", tmp_path / "Single-source")
+    write_384_layout(root, "s4")
+    checked = invoke(["data", "check", "--subset", "s4", "--data", str(root), "--layout", "384", "--json"])
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["problems"] == [] and report["size_384"] == [384, 384] and report["frame_size"] is None
+    assert report["splits"]["val"]["masks"] == 10 and report["splits"]["train"]["maskiges"] == 15
+
+    data = root / "s4_data_384"
+    frame = next((data / "visual_frames_384" / "train").rglob("*_2.png"))
+    maskige = next((data / "pre_SAM_mask_384" / "test").rglob("*_3_mask_color.png"))
+    train_label = next((data / "gt_masks_384" / "train").rglob("*.png"))
+    eval_label = next((data / "gt_masks_224" / "val").rglob("*_4.png"))
+    for path, side in ((frame, 300), (maskige, 200), (train_label, 224), (eval_label, 384)):
+        Image.open(path).resize((side, side)).save(path)
+    broken = invoke(["data", "check", "--subset", "s4", "--data", str(root), "--layout", "384", "--json"])
+    assert broken.exit_code == 1
+    problems = {item["path"]: item["problem"] for item in json.loads(broken.stdout)["problems"]}
+    assert problems[str(frame)] == "mis-sized: 300x300, the dataset's files of the 384 layout are 384x384"
+    assert problems[str(maskige)] == "mis-sized: 200x200, the dataset's files of the 384 layout are 384x384"
+    assert problems[str(train_label)].startswith("mis-sized: 224x224, its frame is")
+    assert problems[str(eval_label)] == "mis-sized: 384x384, the video's first label is 224x224"
+    assert len(problems) == 4, problems
+    standard = invoke(["data", "check", "--subset", "s4", "--data", str(root), "--json"])
+    assert standard.exit_code == 0 and json.loads(standard.stdout)["problems"] == []
+    refused = invoke(["data", "check", "--subset", "s4", "--data", str(root), "--layout", "512"])
+    assert refused.exit_code == 2 and "--layout 512: choose from standard, 384" in refused.output

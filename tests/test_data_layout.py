@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
+from _layout_384 import write_384_layout
 
 from av2ts_cli.data import list_videos, resolve_root
 from av2ts_cli.errors import DataError, UsageError
@@ -57,31 +57,6 @@ def test_avss_metadata_by_name_or_by_position(synth_data, tmp_path):
     assert [v.group for v in before] == ["v1s", "v1m", "v2"] and [v.num_frames for v in before] == [5, 5, 10]
 
 
-def _write_384_layout(root, subset: str) -> None:
-    """What VCT's generate_data_384 tools write beside the official files (spec vct.md sections 1 and 11), made
-    from the standard ones here: 384 px frames (bilinear), 384 px training labels, 224 px evaluation labels
-    (nearest) and 384 px maskiges (nearest)."""
-    from PIL import Image
-
-    for split in ("train", "val", "test"):
-        for video in list_videos(root, subset, split):
-            data = root / f"{subset}_data_384"
-            key = Path(split, video.group, video.name) if subset == "s4" else Path(video.name)
-            label_key = key if subset == "s4" else Path(split, video.name)
-            for k in range(video.num_frames):
-                stem = f"{video.name}_{k + 1}"
-                outputs = [(video.frames[k], data / "visual_frames_384" / key / f"{stem}.png", 384, Image.BILINEAR),
-                           (video.maskiges[k], data / "pre_SAM_mask_384" / key / f"{stem}_mask_color.png", 384,
-                            Image.NEAREST)]
-                if video.masks[k] is not None:
-                    side = 384 if split == "train" else 224
-                    folder = "gt_masks_384" if split == "train" else "gt_masks_224"
-                    outputs.append((video.masks[k], data / folder / label_key / f"{stem}.png", side, Image.NEAREST))
-                for source, target, side, rule in outputs:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    Image.open(source).resize((side, side), rule).save(target)
-
-
 @pytest.mark.parametrize("subset", ["s4", "ms3"])
 def test_vcts_384_layout_is_read_where_it_exists(synth_data, tmp_path, subset):
     """form "384" (``form_for("vct")``): the standard files while the 384 folders are missing (the dataset derives
@@ -98,7 +73,7 @@ def test_vcts_384_layout_is_read_where_it_exists(synth_data, tmp_path, subset):
     assert {split: list_videos(root, subset, split, form=FORM_384) for split in standard} == standard
     with pytest.raises(UsageError, match="unknown dataset layout 'vct'"):
         list_videos(root, subset, "val", form="vct")
-    _write_384_layout(root, subset)
+    write_384_layout(root, subset)
     data = root / f"{subset}_data_384"
     for split, videos in standard.items():
         for before, video in zip(videos, list_videos(root, subset, split, form=FORM_384), strict=True):

@@ -10,6 +10,11 @@ is reported). Sizes: the labels (and S4/MS3 maskiges) of a video must match its 
 agree, S4/MS3 frames must all have one size (a note when it is not the official 224 x 224), and so must AVSS
 maskiges (COMBO's are 224 x 224). Maskiges are checked only
 when the subset has a ``pre_SAM_mask`` folder; a WAV may be missing when its log-mel pickle is there (a note).
+
+``layout`` "384" checks what a VCT model reads (``layout.form_384``: its 384 folders where they exist, the standard
+files elsewhere): files in a 384 folder must share one size across the dataset (a note when it is not 384 x 384),
+and evaluation labels, which VCT scores at their own size (224 x 224 for S4/MS3, the source size for AVSS), must
+only agree within their video.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from av2ts_cli.console import console
 from av2ts_cli.data.audio import read_wav_info
 from av2ts_cli.data.images import image_header
 from av2ts_cli.data.layout import (
+    AVSS_384,
+    DATA_384,
     DATA_FOLDERS,
+    FORM_384,
+    FORM_STANDARD,
+    FORMS,
+    FRAMES_384,
+    MASKIGES_384,
     METADATA,
     SPLITS,
     Video,
@@ -35,25 +47,34 @@ from av2ts_cli.data.layout import (
     _columns,
     _ms3_video,
     _s4_video,
+    form_384,
     read_rows,
     resolve_root,
 )
-from av2ts_cli.errors import DataError
+from av2ts_cli.errors import DataError, UsageError
 
 OBJECT_FRAME_SIZE = (224, 224)  # S4/MS3 frames as the official preprocessing saved them
 AVSS_MASKIGE_SIZE = (224, 224)  # COMBO's maskiges are made on the 224 x 224 processed frames
+VCT_SIZE = (384, 384)  # the files of VCT's 384 folders (frames, training labels, maskiges)
+FOLDERS_384 = {FRAMES_384, MASKIGES_384, AVSS_384, "gt_masks_384"}
 
 
 def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
-                  on_video: Callable[[], None] | None = None) -> dict:
-    """{"subset", "root", "splits": {split: {"videos", "frames", "masks", "wavs", "maskiges"}}, "problems":
-    [{"path", "problem"}], "notes": [{"path", "note"}], "frame_size": [h, w] of S4/MS3 frames, "maskige_size": [h, w]
-    of AVSS maskiges}."""
+                  on_video: Callable[[], None] | None = None, layout: str = FORM_STANDARD) -> dict:
+    """{"subset", "root", "layout", "splits": {split: {"videos", "frames", "masks", "wavs", "maskiges"}},
+    "problems": [{"path", "problem"}], "notes": [{"path", "note"}], "frame_size": [h, w] of S4/MS3 frames,
+    "maskige_size": [h, w] of AVSS maskiges, "size_384": [h, w] of the frames and maskiges in the 384 layout's
+    folders}. ``layout``: a name of ``layout.FORMS``."""
+    if layout not in FORMS:
+        raise UsageError(f"--layout {layout}: choose from {', '.join(FORMS)}")
     root = resolve_root(data, subset)
-    maskige_root = _maskige_root(root, subset)
-    report = {"subset": subset, "root": str(root), "splits": {}, "problems": [], "notes": [], "frame_size": None,
-              "maskige_size": None}
+    with_maskiges = _maskige_root(root, subset).is_dir() or (
+        layout == FORM_384 and subset != "avss" and (root / DATA_384[subset] / MASKIGES_384).is_dir())
+    report = {"subset": subset, "root": str(root), "layout": layout, "splits": {}, "problems": [], "notes": [],
+              "frame_size": None, "maskige_size": None, "size_384": None}
     per_split, csv_problems = _videos_per_split(root, subset)
+    if layout == FORM_384:
+        per_split = {split: [form_384(root, video) for video in videos] for split, videos in per_split.items()}
     report["problems"] += csv_problems
     csv_path = str(root / METADATA[subset])
     for split, videos in per_split.items():
@@ -65,7 +86,7 @@ def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
         for split, videos in per_split.items():
             counts = {"videos": len(videos), "frames": 0, "masks": 0, "wavs": 0, "maskiges": 0}
             for video in videos:
-                _check_video(video, maskige_root is not None and maskige_root.is_dir(), pool, counts, report)
+                _check_video(video, with_maskiges, pool, counts, report, layout)
                 if on_video is not None:
                     on_video()
             report["splits"][split] = counts
@@ -123,7 +144,11 @@ def _videos_per_split(root: Path, subset: str) -> tuple[dict[str, list[Video]], 
     return per_split, problems
 
 
-def _maskige_root(root: Path, subset: str) -> Path | None:
+def _in_384_folder(path: Path) -> bool:
+    return not FOLDERS_384.isdisjoint(path.parts)
+
+
+def _maskige_root(root: Path, subset: str) -> Path:
     if subset == "avss":
         return root / "pre_SAM_mask"
     return root / DATA_FOLDERS[subset] / "pre_SAM_mask"
@@ -138,9 +163,13 @@ def _header(path: Path) -> tuple[tuple[int, int] | None, str | None]:
         return None, err.reason
 
 
-def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, counts: dict, report: dict) -> None:
+def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, counts: dict, report: dict,
+                 layout: str = FORM_STANDARD) -> None:
     def add(path, problem: str) -> None:
         report["problems"].append({"path": str(path), "problem": problem})
+
+    def size_384(path: Path, size: tuple[int, int]) -> None:
+        _dataset_wide_size(report, "size_384", "files of the 384 layout", size, path, VCT_SIZE, "VCT's")
 
     frames = list(pool.map(_header, video.frames))
     masks = {i: pool.submit(_header, path) for i, path in enumerate(video.masks) if path is not None}
@@ -152,12 +181,16 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
             add(path, problem)
             continue
         counts["frames"] += 1
-        if video.subset != "avss":
+        if _in_384_folder(path):
+            size_384(path, size)
+        elif video.subset != "avss":
             _dataset_wide_size(report, "frame_size", "frames", size, path, OBJECT_FRAME_SIZE, "the official")
         elif frame_size is not None and size != frame_size:
             add(path, f"mis-sized: {_wh(size)}, the video's first frame is {_wh(frame_size)}")
         frame_size = frame_size or size
 
+    own_size = layout == FORM_384 and video.split != "train"  # VCT scores evaluation labels at their own size
+    label_size = None
     for i, future in masks.items():
         size, problem = future.result()
         path = video.masks[i]
@@ -165,7 +198,11 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
             add(path, problem)
             continue
         counts["masks"] += 1
-        if frame_size is not None and size != frame_size:
+        if own_size:
+            if label_size is not None and size != label_size:
+                add(path, f"mis-sized: {_wh(size)}, the video's first label is {_wh(label_size)}")
+            label_size = label_size or size
+        elif frame_size is not None and size != frame_size:
             add(path, f"mis-sized: {_wh(size)}, its frame is {_wh(frame_size)}")
 
     for path, (size, problem) in zip(video.maskiges, maskiges, strict=False):
@@ -173,7 +210,9 @@ def _check_video(video: Video, with_maskiges: bool, pool: ThreadPoolExecutor, co
             add(path, problem)
             continue
         counts["maskiges"] += 1
-        if video.subset == "avss":
+        if _in_384_folder(path):
+            size_384(path, size)
+        elif video.subset == "avss" and path.parent.name != "frames":  # COMBO's, of the processed 224 px frames
             _dataset_wide_size(report, "maskige_size", "maskiges", size, path, AVSS_MASKIGE_SIZE, "COMBO's")
         elif frame_size is not None and size != frame_size:
             add(path, f"mis-sized: {_wh(size)}, its frame is {_wh(frame_size)}")
@@ -217,7 +256,8 @@ def _wh(size: tuple[int, int]) -> str:
 
 
 def print_report(report: dict, limit: int = 40) -> None:
-    table = Table(title=f"{report['subset'].upper()} at {report['root']}", title_justify="left")
+    layout = " (VCT's 384 layout)" if report.get("layout") == FORM_384 else ""
+    table = Table(title=f"{report['subset'].upper()} at {report['root']}{layout}", title_justify="left")
     for column in ("split", "videos", "frames", "masks", "wavs", "maskiges"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, counts in report["splits"].items():
