@@ -33,8 +33,6 @@ from av2ts_cli.data.audio import read_wav_info
 from av2ts_cli.data.images import image_header
 from av2ts_cli.data.layout import (
     AVSS_384,
-    DATA_384,
-    DATA_FOLDERS,
     FORM_384,
     FORM_STANDARD,
     FORMS,
@@ -48,6 +46,7 @@ from av2ts_cli.data.layout import (
     _ms3_video,
     _s4_video,
     form_384,
+    maskige_root,
     read_rows,
     resolve_root,
 )
@@ -68,8 +67,7 @@ def check_dataset(data: str | os.PathLike, subset: str, workers: int = 8,
     if layout not in FORMS:
         raise UsageError(f"--layout {layout}: choose from {', '.join(FORMS)}")
     root = resolve_root(data, subset)
-    with_maskiges = _maskige_root(root, subset).is_dir() or (
-        layout == FORM_384 and subset != "avss" and (root / DATA_384[subset] / MASKIGES_384).is_dir())
+    with_maskiges = any(maskige_root(root, subset, form).is_dir() for form in {FORM_STANDARD, layout})
     report = {"subset": subset, "root": str(root), "layout": layout, "splits": {}, "problems": [], "notes": [],
               "frame_size": None, "maskige_size": None, "size_384": None}
     per_split, csv_problems = _videos_per_split(root, subset)
@@ -146,12 +144,6 @@ def _videos_per_split(root: Path, subset: str) -> tuple[dict[str, list[Video]], 
 
 def _in_384_folder(path: Path) -> bool:
     return not FOLDERS_384.isdisjoint(path.parts)
-
-
-def _maskige_root(root: Path, subset: str) -> Path:
-    if subset == "avss":
-        return root / "pre_SAM_mask"
-    return root / DATA_FOLDERS[subset] / "pre_SAM_mask"
 
 
 def _header(path: Path) -> tuple[tuple[int, int] | None, str | None]:

@@ -53,6 +53,7 @@ FORM_STANDARD, FORM_384 = "standard", "384"
 FORMS = (FORM_STANDARD, FORM_384)
 DATA_384 = {"s4": "s4_data_384", "ms3": "ms3_data_384"}
 FRAMES_384, MASKIGES_384, AVSS_384 = "visual_frames_384", "pre_SAM_mask_384", "processed_frames_384"
+MASKIGE_FOLDER = "pre_SAM_mask"  # the standard layout's maskiges, below the subset's data folder
 AVSS_MASKIGES = Path("pre_SAM_mask", "AVSBench_semantic")  # below the AVSS folder: <label>/<uid>/<frames folder>/
 AVSS_COMBO_MASKIGES = "processed_frames"  # COMBO's AVSS maskiges: 224 x 224, training ones a centre crop
 
@@ -213,6 +214,14 @@ def list_videos(root: Path, subset: str, split: str, labels: str = "auto", form:
             raise UsageError(f"unknown AVSS label kind {labels!r}; choose from auto, semantic, rgb")
         videos = [_avss_video(root, split, uid, label_set, labels) for uid, label_set in rows]
     return [form_384(root, video) for video in videos] if form == FORM_384 else videos
+
+
+def maskige_root(root: Path, subset: str, form: str = FORM_STANDARD) -> Path:
+    """The maskige folder of a subset folder (``resolve_root``): ``pre_SAM_mask/``, or for VCT's 384 layout
+    ``<x>_data_384/pre_SAM_mask_384/`` (S4, MS3; AVSS keeps its 384 maskiges below ``pre_SAM_mask/``)."""
+    if form == FORM_384 and subset != "avss":
+        return root / DATA_384[subset] / MASKIGES_384
+    return (root if subset == "avss" else root / DATA_FOLDERS[subset]) / MASKIGE_FOLDER
 
 
 def maskiges_384(root: Path, video: Video) -> tuple[Path, ...]:

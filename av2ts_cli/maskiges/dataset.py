@@ -31,13 +31,12 @@ from av2ts_cli.console import make_progress
 from av2ts_cli.data.images import image_header, read_rgb
 from av2ts_cli.data.layout import (
     DATA_384,
-    DATA_FOLDERS,
     FORM_384,
     FORM_STANDARD,
-    MASKIGES_384,
     SPLITS,
     Video,
     list_videos,
+    maskige_root,
     maskiges_384,
     read_metadata,
     resolve_root,
@@ -48,15 +47,15 @@ from av2ts_cli.maskiges.render import GEOMETRIES, MAX_ID, geometry_for, write_ma
 from av2ts_cli.maskiges.sources import MaskSource
 from av2ts_cli.processes import device_for, environment
 
-MASKIGE_FOLDER = "pre_SAM_mask"
 PROVENANCE_FILE = "pre_SAM_mask.json"
 PROVENANCE_384 = "pre_SAM_mask_384.json"  # VCT's 384 maskiges (layout.FORM_384): beside their folder
 VCT_GEOMETRY = "source-384"  # the geometry whose maskiges go to the 384 layout (render.geometry_for("vct", ...))
 RECORD_WAIT_S = 600.0  # how long processes other than rank 0 wait for its record (rank 0 may resolve the model)
-RENDERER = (f"COMBO mask_precess: ascending area rank (stable for ties), smaller mask wins, ADE20K palette, ids "
-            f"capped at {MAX_ID}; S4/MS3 224x224 nearest, AVSS fitted to 224x224 (train: short side + centre crop)")
-RENDERER_384 = (f"COMBO mask_precess: ascending area rank (stable for ties), smaller mask wins, ADE20K palette, ids "
-                f"capped at {MAX_ID}; VCT's generate_data_384: the frame's id map resized to 384x384 nearest")
+# how the masks become a picture, as the provenance record states it: COMBO's painting, at COMBO's or VCT's size
+_PAINTING = (f"COMBO mask_precess: ascending area rank (stable for ties), smaller mask wins, ADE20K palette, ids "
+             f"capped at {MAX_ID}")
+RENDERER = f"{_PAINTING}; S4/MS3 224x224 nearest, AVSS fitted to 224x224 (train: short side + centre crop)"
+RENDERER_384 = f"{_PAINTING}; VCT's generate_data_384: the frame's id map resized to 384x384 nearest"
 
 
 @dataclass(frozen=True)
@@ -64,14 +63,6 @@ class FrameJob:
     video: Video  # in the standard layout: the generator sees its frames as stored (their source size)
     index: int
     target: Path  # where the maskige goes
-
-
-def maskige_root(root: Path, subset: str, form: str = FORM_STANDARD) -> Path:
-    """The maskige folder of a subset folder (``resolve_root``): ``pre_SAM_mask/``, or for VCT's 384 layout
-    ``<x>_data_384/pre_SAM_mask_384/`` (S4, MS3; AVSS keeps its 384 maskiges below ``pre_SAM_mask/``)."""
-    if form == FORM_384 and subset != "avss":
-        return root / DATA_384[subset] / MASKIGES_384
-    return (root if subset == "avss" else root / DATA_FOLDERS[subset]) / MASKIGE_FOLDER
 
 
 def provenance_path(root: Path, subset: str, form: str = FORM_STANDARD) -> Path:
